@@ -1,0 +1,31 @@
+"""Errors a user can act on. The CLI prints them as one line and exits with `exit_code`."""
+
+from __future__ import annotations
+
+
+class MloraError(Exception):
+    """A known, user-facing error: one-line message, optional hint, CLI exit code."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, *, hint: str | None = None, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class NotBuiltError(MloraError):
+    """A subcommand that exists in the CLI but whose engine part has not landed yet."""
+
+
+class AdapterError(MloraError):
+    """An adapter that cannot be read, validated or served."""
+
+
+class ConfigError(MloraError):
+    """A bad configuration value (model config, engine config, CLI flags)."""

@@ -1,0 +1,23 @@
+"""Shared CLI helpers: consoles and the one-line error convention."""
+
+from __future__ import annotations
+
+import os
+
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+DEBUG_ENV = "MLORA_DEBUG"
+
+
+def debug_enabled() -> bool:
+    return os.environ.get(DEBUG_ENV, "") not in ("", "0", "false", "False")
+
+
+def print_error(message: str, hint: str | None = None) -> None:
+    """Print a known error as one line, plus a hint line (never a traceback)."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
+    extra = f"hint: {hint}  " if hint else ""
+    err_console.print(f"[dim]{extra}(set {DEBUG_ENV}=1 for the traceback)[/]", highlight=False, soft_wrap=True)
