@@ -29,3 +29,19 @@ class AdapterError(MloraError):
 
 class ConfigError(MloraError):
     """A bad configuration value (model config, engine config, CLI flags)."""
+
+
+class AdapterNotFoundError(MloraError):
+    """A request or command named an adapter that is not registered (HTTP 404)."""
+
+
+class PromptTooLongError(MloraError):
+    """The prompt (plus max_tokens, where checked) does not fit the model's context (HTTP 400)."""
+
+
+class QueueFullError(MloraError):
+    """The engine's waiting queue is at its limit (HTTP 429 with Retry-After)."""
+
+
+class EngineStoppedError(MloraError):
+    """The engine is shutting down and accepts no new requests (HTTP 503)."""

@@ -1,0 +1,103 @@
+"""Tiny real models and real PEFT adapters for tests: built from transformers configs with
+seeded random weights and saved with `save_pretrained`, so every format on disk is the real one.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.byte_tokenizer import VOCAB_SIZE, save_byte_tokenizer
+
+ARCHS = ("llama", "mistral", "qwen2", "qwen3")
+
+_BASE: dict[str, Any] = dict(
+    vocab_size=VOCAB_SIZE + 5,  # a little larger than the tokenizer, as real models often are
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+    rms_norm_eps=1e-6,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
+
+
+def tiny_config(arch: str = "llama", **overrides: Any):
+    """A transformers config object for a tiny model of `arch` (llama, mistral, qwen2, qwen3)."""
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
+
+    kw = dict(_BASE)
+    if arch == "llama":
+        cls = LlamaConfig
+        kw.update(tie_word_embeddings=False)
+    elif arch == "mistral":
+        cls = MistralConfig
+        kw.update(sliding_window=None, tie_word_embeddings=False)
+    elif arch == "qwen2":
+        cls = Qwen2Config
+        kw.update(tie_word_embeddings=True, use_sliding_window=False)
+    elif arch == "qwen3":
+        cls = Qwen3Config
+        kw.update(tie_word_embeddings=True, head_dim=16, use_sliding_window=False)
+    else:
+        raise ValueError(f"unknown tiny arch {arch!r}; choose from {ARCHS}")
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def build_tiny_model(path: str | Path, arch: str = "llama", *, seed: int = 0, **overrides: Any) -> Path:
+    """Create a tiny seeded-random causal LM of `arch` in `path` (config, safetensors, tokenizer)."""
+    from transformers import AutoModelForCausalLM
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, **overrides))
+    model = model.to(torch.float32).eval()
+    with torch.no_grad():  # random init is small; widen it so logits are not all ties
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+    model.save_pretrained(str(path), safe_serialization=True)
+    save_byte_tokenizer(path)
+    return path
+
+
+def build_peft_adapter(
+    base_path: str | Path,
+    out_path: str | Path,
+    *,
+    seed: int = 0,
+    init_scale: float = 0.2,
+    **lora_kwargs: Any,
+) -> Path:
+    """Create a PEFT LoRA adapter for the model at `base_path` with PEFT's own code.
+
+    `lora_kwargs` go to `peft.LoraConfig` (r, lora_alpha, target_modules, use_rslora,
+    rank_pattern, alpha_pattern, layers_to_transform, use_dora, ...). LoRA B is zero at
+    PEFT's init, so all LoRA weights are re-drawn from a seeded normal to make the adapter
+    actually change the output.
+    """
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    lora_kwargs.setdefault("r", 8)
+    lora_kwargs.setdefault("lora_alpha", 16)
+    lora_kwargs.setdefault("target_modules", ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"])
+    lora_kwargs.setdefault("task_type", "CAUSAL_LM")
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), dtype=torch.float32)
+    peft_model = get_peft_model(base, LoraConfig(**lora_kwargs))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * init_scale / max(p.shape[-1], 1) ** 0.5)
+            elif "lora_magnitude_vector" in name:
+                p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+    peft_model.save_pretrained(str(out_path))
+    return Path(out_path)
