@@ -53,7 +53,7 @@ def main() -> None:
     from engine.errors import MloraError
 
     try:
-        app()
+        app(prog_name="mlora")
     except MloraError as exc:
         if debug_enabled():
             raise
