@@ -1,0 +1,406 @@
+"""Adapter tiers: device slots (LRU) <- CPU cache (LRU) <- disk. Pure bookkeeping, no torch.
+
+`AdapterCache` decides *where* each registered adapter lives and *which slot* a request
+uses; the heavy lifting is injected so this module stays torch-free and tests run in
+milliseconds with fakes:
+
+    loader(name, path) -> adapter      disk -> CPU: read, validate, check servability.
+                                       Raises an `MloraError` (AdapterError) for a bad adapter.
+    slot_writer(slot, adapter) -> None CPU -> device: copy weights into slot `slot`
+                                       (e.g. `LoraSlots.set_slot`).
+    slot_clearer(slot) -> None         optional: called when a slot is freed without a
+                                       new occupant (e.g. `LoraSlots.reset_slot`).
+
+Rules (after vLLM's adapter manager):
+  * `register` loads and validates FIRST; an invalid adapter changes nothing (no eviction,
+    no replacement).
+  * An adapter pinned by a running request (`acquire` .. `release`) is never evicted.
+  * The device tier is a subset of the CPU tier: the CPU LRU only evicts adapters that are
+    not in a slot, so `max_cpu_loras >= max_loras` always leaves room.
+  * Replacing a name (`register` again) or `remove` retires the old *version*: requests
+    that already hold it keep its slot until they `release`; new `acquire`s get the new
+    version (its own slot). A retired version's slot is freed at its last release. So a
+    replacement takes effect "once in-flight requests finish" without stalling new ones.
+  * `acquire` returns None (the request waits) when the adapter is not resident and every
+    slot is pinned.
+
+Thread safety: one lock guards all state. Disk loads run outside the lock (in the caller's
+thread or the prefetch thread); a load already in flight is awaited, never repeated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from engine.errors import AdapterNotFoundError, ConfigError
+
+log = logging.getLogger(__name__)
+
+Loader = Callable[[str, str], Any]
+SlotWriter = Callable[[int, Any], None]
+SlotClearer = Callable[[int], None]
+
+
+@dataclass
+class CacheStats:
+    """Counters since the cache was built (the server exports these)."""
+
+    disk_loads: int = 0  # disk -> CPU loads (register, prefetch, acquire), successful
+    device_loads: int = 0  # CPU -> slot copies
+    cpu_evictions: int = 0  # adapters dropped from the CPU tier to make room
+    device_evictions: int = 0  # adapters dropped from a slot to make room
+    device_hits: int = 0  # acquire found the adapter already in a slot
+    device_misses: int = 0  # acquire had to fill a slot
+    cpu_hits: int = 0  # ... from the CPU tier
+    cpu_misses: int = 0  # ... after a disk load (its own or an in-flight prefetch)
+    blocked: int = 0  # acquire returned None: every slot pinned
+    load_failures: int = 0  # loader raised
+    disk_load_seconds: list[float] = field(default_factory=list)
+    device_load_seconds: list[float] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Version:
+    """One registered incarnation of a name (identity-hashed)."""
+
+    name: str
+    path: str
+    adapter: Any = None  # CPU copy; None = on disk only
+    slot: int | None = None
+    pins: int = 0
+    retired: bool = False
+
+
+class AdapterCache:
+    """Registry name -> path plus the CPU and device LRU tiers and per-adapter pins."""
+
+    def __init__(
+        self,
+        *,
+        max_loras: int,
+        max_cpu_loras: int | None = None,
+        loader: Loader,
+        slot_writer: SlotWriter,
+        slot_clearer: SlotClearer | None = None,
+    ) -> None:
+        max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
+        if max_loras < 1:
+            raise ConfigError(f"max_loras must be >= 1, got {max_loras}")
+        if max_cpu_loras < max_loras:
+            raise ConfigError(f"max_cpu_loras ({max_cpu_loras}) must be >= max_loras ({max_loras})")
+        self.max_loras = max_loras
+        self.max_cpu_loras = max_cpu_loras
+        self._loader = loader
+        self._writer = slot_writer
+        self._clearer = slot_clearer
+        self._lock = threading.RLock()
+        self._current: dict[str, _Version] = {}
+        self._cpu: OrderedDict[_Version, None] = OrderedDict()  # LRU first, MRU last
+        self._device: OrderedDict[_Version, None] = OrderedDict()  # current versions in a slot
+        self._slots: list[_Version | None] = [None] * max_loras
+        self._inflight: dict[_Version, Future] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._stats = CacheStats()
+
+    # ------------------------------------------------------------------ registry
+    def register(self, name: str, path: str) -> None:
+        """Validate and load `path` as adapter `name`; replace an existing `name` (see module doc).
+
+        Raises the loader's error (AdapterError) and changes nothing when the adapter is bad.
+        """
+        path = str(path)
+        t0 = time.perf_counter()
+        try:
+            adapter = self._loader(name, path)
+        except Exception:
+            with self._lock:
+                self._stats.load_failures += 1
+            raise
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._stats.disk_loads += 1
+            self._stats.disk_load_seconds.append(dt)
+            old = self._current.get(name)
+            ver = _Version(name, path)
+            self._current[name] = ver
+            if old is not None:
+                self._retire(old)
+            self._cpu_insert(ver, adapter)
+
+    def remove(self, name: str) -> None:
+        """Unregister `name`; running requests that hold it finish on its slot."""
+        with self._lock:
+            ver = self._current.pop(name, None)
+            if ver is None:
+                raise AdapterNotFoundError(f"adapter {name!r} is not registered")
+            self._retire(ver)
+
+    def names(self) -> list[str]:
+        """Registered adapter names, in registration order."""
+        with self._lock:
+            return list(self._current)
+
+    def path_of(self, name: str) -> str:
+        with self._lock:
+            return self._version(name).path
+
+    def __contains__(self, name: object) -> bool:
+        with self._lock:
+            return name in self._current
+
+    # ------------------------------------------------------------------ serving
+    def acquire(self, name: str) -> int | None:
+        """Make `name` resident in a slot and pin it for one request; return the slot.
+
+        Returns None when it is not resident and every slot is pinned (the request waits).
+        Raises AdapterNotFoundError for an unknown name, the loader's error if the disk
+        copy went bad since registration.
+        """
+        loaded: tuple[_Version, Any] | None = None  # an adapter this call waited for
+        while True:
+            with self._lock:
+                ver = self._version(name)
+                if ver.slot is not None:
+                    self._touch(ver)
+                    ver.pins += 1
+                    self._stats.device_hits += 1
+                    return ver.slot
+                pick = self._pick_slot()
+                if pick is None:
+                    self._stats.blocked += 1
+                    return None
+                src = ver.adapter
+                if src is None and loaded is not None and loaded[0] is ver:
+                    src = loaded[1]  # evicted from CPU again between load and now: use ours
+                if src is not None:
+                    self._install(ver, *pick, src)
+                    ver.pins += 1
+                    self._stats.device_misses += 1
+                    if loaded is None:
+                        self._stats.cpu_hits += 1
+                    else:
+                        self._stats.cpu_misses += 1
+                    return ver.slot
+                fut = self._inflight.get(ver)
+                owner = fut is None
+                if owner:
+                    fut = self._inflight[ver] = Future()
+            adapter = self._run_load(ver, fut) if owner else fut.result()
+            loaded = (ver, adapter)
+
+    def release(self, name: str, slot: int | None = None) -> None:
+        """Unpin one request's hold on `name` (pass the slot `acquire` returned when a
+        replacement may have happened while the request ran)."""
+        with self._lock:
+            if slot is not None:
+                ver = self._slots[slot] if 0 <= slot < self.max_loras else None
+                if ver is None or ver.name != name or ver.pins <= 0:
+                    raise ValueError(f"slot {slot} is not held for adapter {name!r}")
+            else:
+                held = [v for v in self._slots if v is not None and v.name == name and v.pins > 0]
+                if len(held) != 1:
+                    raise ValueError(
+                        f"adapter {name!r} has {len(held)} pinned versions; pass the slot to release"
+                    )
+                ver = held[0]
+            ver.pins -= 1
+            if ver.pins == 0 and ver.retired:
+                self._free_slot(ver)
+
+    def prefetch(self, names: Iterable[str], *, background: bool = True) -> int:
+        """Start disk -> CPU loads for `names` (highest priority first) so a later `acquire`
+        skips the disk. Loads only what fits in the CPU tier next to the adapters that are in
+        slots; unknown names are ignored. Returns the number of loads started."""
+        todo: list[tuple[_Version, Future]] = []
+        with self._lock:
+            room = self.max_cpu_loras - sum(1 for v in self._cpu if v.slot is not None)
+            seen: set[str] = set()
+            for name in names:
+                ver = self._current.get(name)
+                if ver is None or name in seen or ver.slot is not None:
+                    continue
+                seen.add(name)
+                if room <= 0:
+                    break
+                room -= 1
+                if ver.adapter is not None:
+                    self._cpu.move_to_end(ver)
+                elif ver not in self._inflight:
+                    fut = self._inflight[ver] = Future()
+                    todo.append((ver, fut))
+            if todo and background and self._executor is None:
+                self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlora-prefetch")
+        for ver, fut in todo:
+            if background:
+                assert self._executor is not None
+                self._executor.submit(self._run_load_quiet, ver, fut)
+            else:
+                self._run_load_quiet(ver, fut)
+        return len(todo)
+
+    def close(self) -> None:
+        """Wait for background prefetches and stop the prefetch thread."""
+        with self._lock:
+            ex, self._executor = self._executor, None
+        if ex is not None:
+            ex.shutdown(wait=True)
+
+    # ------------------------------------------------------------------ queries
+    def slot_of(self, name: str) -> int | None:
+        """The slot holding the current version of `name`, or None."""
+        with self._lock:
+            ver = self._current.get(name)
+            return None if ver is None else ver.slot
+
+    def can_acquire(self, name: str) -> bool:
+        """Whether `acquire(name)` would get a slot now (no side effects)."""
+        with self._lock:
+            ver = self._current.get(name)
+            return ver is not None and (ver.slot is not None or self._pick_slot() is not None)
+
+    def free_slots(self) -> int:
+        """Slots that are empty or hold an unpinned adapter (i.e. could be taken now)."""
+        with self._lock:
+            return sum(1 for v in self._slots if v is None or v.pins == 0)
+
+    def resident(self) -> list[str]:
+        """Names whose current version is in a slot, least recently used first."""
+        with self._lock:
+            return [v.name for v in self._device]
+
+    def cpu_resident(self) -> list[str]:
+        """Names whose current version is in the CPU tier, least recently used first."""
+        with self._lock:
+            return [v.name for v in self._cpu]
+
+    def pins(self) -> dict[str, int]:
+        """Running requests per adapter name (all versions)."""
+        with self._lock:
+            out: dict[str, int] = {}
+            for v in self._slots:
+                if v is not None and v.pins:
+                    out[v.name] = out.get(v.name, 0) + v.pins
+            return out
+
+    def stats(self) -> CacheStats:
+        """A snapshot of the counters."""
+        with self._lock:
+            s = self._stats
+            return replace(s, disk_load_seconds=list(s.disk_load_seconds), device_load_seconds=list(s.device_load_seconds))
+
+    def drain_load_seconds(self) -> list[float]:
+        """Disk load durations recorded since the last call (for a histogram exporter)."""
+        with self._lock:
+            out, self._stats.disk_load_seconds = self._stats.disk_load_seconds, []
+            return out
+
+    # ------------------------------------------------------------------ internals
+    def _version(self, name: str) -> _Version:
+        ver = self._current.get(name)
+        if ver is None:
+            raise AdapterNotFoundError(f"adapter {name!r} is not registered")
+        return ver
+
+    def _touch(self, ver: _Version) -> None:
+        if ver in self._device:
+            self._device.move_to_end(ver)
+        if ver in self._cpu:
+            self._cpu.move_to_end(ver)
+
+    def _pick_slot(self) -> tuple[int, _Version | None] | None:
+        """A free slot, else the least recently used unpinned one (with its occupant)."""
+        for i, v in enumerate(self._slots):
+            if v is None:
+                return i, None
+        for v in self._device:
+            if v.pins == 0:
+                assert v.slot is not None
+                return v.slot, v
+        return None
+
+    def _install(self, ver: _Version, slot: int, victim: _Version | None, adapter: Any) -> None:
+        """Evict `victim` (if any) from `slot`, keep `adapter` in the CPU tier, write the slot."""
+        if victim is not None:
+            del self._device[victim]
+            victim.slot = None
+            self._slots[slot] = None
+            self._stats.device_evictions += 1
+        if ver.adapter is None:
+            self._cpu_insert(ver, adapter)
+        t0 = time.perf_counter()
+        self._writer(slot, adapter)  # on error the slot stays free and the error propagates
+        self._stats.device_load_seconds.append(time.perf_counter() - t0)
+        self._stats.device_loads += 1
+        ver.slot = slot
+        self._slots[slot] = ver
+        self._device[ver] = None
+        self._touch(ver)
+
+    def _cpu_insert(self, ver: _Version, adapter: Any) -> bool:
+        """Put `adapter` in the CPU tier as MRU, evicting the LRU adapter not in a slot."""
+        if ver in self._cpu:
+            self._cpu.move_to_end(ver)
+            return True
+        if len(self._cpu) >= self.max_cpu_loras:
+            victim = next((v for v in self._cpu if v.slot is None), None)
+            if victim is None:
+                return False
+            del self._cpu[victim]
+            victim.adapter = None
+            self._stats.cpu_evictions += 1
+        ver.adapter = adapter
+        self._cpu[ver] = None
+        return True
+
+    def _retire(self, ver: _Version) -> None:
+        """Detach an old version from the tiers; its slot lives on while it is pinned."""
+        ver.retired = True
+        if ver in self._cpu:
+            del self._cpu[ver]
+        ver.adapter = None
+        if ver in self._device:
+            del self._device[ver]
+        if ver.slot is not None and ver.pins == 0:
+            self._free_slot(ver)
+
+    def _free_slot(self, ver: _Version) -> None:
+        slot = ver.slot
+        assert slot is not None
+        self._slots[slot] = None
+        ver.slot = None
+        if self._clearer is not None:
+            self._clearer(slot)
+
+    def _run_load(self, ver: _Version, fut: Future) -> Any:
+        """Disk -> CPU for `ver` in this thread; resolves `fut` for anyone waiting on it."""
+        t0 = time.perf_counter()
+        try:
+            adapter = self._loader(ver.name, ver.path)
+        except BaseException as e:
+            with self._lock:
+                self._inflight.pop(ver, None)
+                self._stats.load_failures += 1
+            fut.set_exception(e)
+            raise
+        dt = time.perf_counter() - t0
+        with self._lock:
+            self._inflight.pop(ver, None)
+            self._stats.disk_loads += 1
+            self._stats.disk_load_seconds.append(dt)
+            if not ver.retired and ver.adapter is None:
+                self._cpu_insert(ver, adapter)
+        fut.set_result(adapter)
+        return adapter
+
+    def _run_load_quiet(self, ver: _Version, fut: Future) -> None:
+        try:
+            self._run_load(ver, fut)
+        except Exception as e:  # the future carries it to any waiting acquire
+            log.warning("prefetch of adapter %r failed: %s", ver.name, e)
