@@ -1,0 +1,115 @@
+"""The base model's LoRA-able linear shapes, read from its HF config.json (for `validate --base`).
+
+Only json is read (no weights, no transformers import): `--base` may be a model directory, a
+config.json file, or a Hugging Face Hub id (config.json fetched with huggingface_hub).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from engine.adapters.config import SERVABLE_MODULES
+from engine.adapters.files import looks_like_hub_id, read_json_file
+from engine.errors import AdapterError, ConfigError
+
+
+@dataclass(frozen=True)
+class BaseDims:
+    """Decoder dimensions of a Llama-family base model."""
+
+    name: str  # what the user passed (path or hub id)
+    source: str  # the config.json that was read
+    model_type: str
+    hidden: int
+    intermediate: int
+    num_layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+
+    @property
+    def module_names(self) -> tuple[str, ...]:
+        return SERVABLE_MODULES
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """(in_features, out_features) of one decoder linear."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return {
+            "q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv), "o_proj": (q, self.hidden),
+            "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
+            "down_proj": (self.intermediate, self.hidden),
+        }[module]
+
+    def same_name(self, other: str) -> bool:
+        """Whether an adapter's base_model_name_or_path plausibly names this base."""
+        return _canon(other) == _canon(self.name) or (os.path.exists(other) and _same_path(other, self.name))
+
+
+def _same_path(a: str, b: str) -> bool:
+    try:
+        pa, pb = Path(a).resolve(), Path(b).resolve()
+        return pa == pb or (pb.name == "config.json" and pa == pb.parent)
+    except OSError:
+        return False
+
+
+def _canon(name: str) -> str:
+    """'meta-llama/Llama-3.1-8B', '.../models--meta-llama--Llama-3.1-8B/snapshots/abc', '/x/Llama-3.1-8B/' -> 'llama-3.1-8b'."""
+    m = re.search(r"models--[^/]+--([^/]+)", name)
+    if m:
+        return m.group(1).lower()
+    parts = [p for p in re.split(r"[\\/]", name) if p and p != "config.json"]
+    return parts[-1].lower() if parts else name.lower()
+
+
+def _int(cfg: dict[str, Any], key: str, src: str, default: int | None = None) -> int:
+    v = cfg.get(key, default)
+    if v is None:
+        v = default
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ConfigError(f"{src}: '{key}' must be a positive integer, got {v!r} (is this a Llama-family decoder config?)")
+    return v
+
+
+def dims_from_config(cfg: Any, *, name: str, source: str) -> BaseDims:
+    """BaseDims from a decoded HF config dict (a multimodal config's text_config is used if present)."""
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{source} does not hold a JSON object")
+    if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
+        cfg = cfg["text_config"]
+    hidden = _int(cfg, "hidden_size", source)
+    heads = _int(cfg, "num_attention_heads", source)
+    return BaseDims(
+        name=name, source=source, model_type=str(cfg.get("model_type", "unknown")), hidden=hidden,
+        intermediate=_int(cfg, "intermediate_size", source), num_layers=_int(cfg, "num_hidden_layers", source),
+        heads=heads, kv_heads=_int(cfg, "num_key_value_heads", source, heads),
+        head_dim=_int(cfg, "head_dim", source, hidden // heads),
+    )
+
+
+def read_base_dims(base: str | Path) -> BaseDims:
+    """BaseDims for `base`: a model directory, its config.json, or a hub id; ConfigError if unreadable."""
+    name = str(base)
+    p = Path(base).expanduser()
+    if p.is_dir():
+        cfg_path = p / "config.json"
+    elif p.exists() or os.path.lexists(p):
+        cfg_path = p
+    elif looks_like_hub_id(name):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            cfg_path = Path(hf_hub_download(repo_id=name, filename="config.json"))
+        except Exception as exc:  # noqa: BLE001 - network/auth/not-found: one line for the user
+            raise ConfigError(f"--base {name!r} is not a local path and its config.json could not be fetched: {type(exc).__name__}") from None
+    else:
+        raise ConfigError(f"--base {name}: no such model directory or config.json")
+    try:
+        cfg = read_json_file(cfg_path, "base config")
+    except AdapterError as exc:
+        raise ConfigError(f"--base {name}: {exc.message}") from None
+    return dims_from_config(cfg, name=name, source=str(cfg_path))

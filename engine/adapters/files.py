@@ -1,0 +1,272 @@
+"""Reading adapter files defensively: the config JSON, the safetensors header, legacy .bin.
+
+Every function here either returns what it read or raises AdapterError with a one-line reason a
+user can act on. Files are treated as hostile: only regular files are opened (a FIFO or
+/dev/zero symlink cannot hang us), sizes are capped before reading, the safetensors header is
+parsed and bounds-checked in Python before the Rust reader memory-maps the file, and `.bin`
+files are only ever read with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import stat
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from engine.errors import AdapterError
+
+if TYPE_CHECKING:
+    import torch
+
+CONFIG_NAME = "adapter_config.json"
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+
+MAX_CONFIG_BYTES = 16 * 1024 * 1024
+MAX_HEADER_BYTES = 100_000_000  # the safetensors format's own limit
+
+# safetensors dtype tag -> (torch dtype name, bytes per element)
+ST_DTYPES: dict[str, tuple[str, int]] = {
+    "F64": ("float64", 8), "F32": ("float32", 4), "F16": ("float16", 2), "BF16": ("bfloat16", 2),
+    "F8_E4M3": ("float8_e4m3fn", 1), "F8_E5M2": ("float8_e5m2", 1),
+    "I64": ("int64", 8), "I32": ("int32", 4), "I16": ("int16", 2), "I8": ("int8", 1),
+    "U64": ("uint64", 8), "U32": ("uint32", 4), "U16": ("uint16", 2), "U8": ("uint8", 1), "BOOL": ("bool", 1),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*/[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+@dataclass(frozen=True)
+class TensorMeta:
+    """What the file says about one tensor, before any data is read."""
+
+    dtype: str  # torch dtype name, e.g. "float32"
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def _stat_regular(path: Path, what: str) -> os.stat_result:
+    """stat() a path that must be a regular file; AdapterError otherwise (missing, loop, FIFO, dir)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        if os.path.lexists(path):
+            raise AdapterError(f"{what} {path} is a broken symlink") from None
+        raise AdapterError(f"{what} not found: {path}") from None
+    except OSError as exc:
+        raise AdapterError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise AdapterError(f"{what} {path} is {kind}")
+    return st
+
+
+def looks_like_hub_id(s: str) -> bool:
+    """`org/name` with no path-like parts; only such strings are ever sent to the Hugging Face Hub."""
+    return bool(_HUB_ID.match(s)) and ".." not in s
+
+
+def resolve_adapter_dir(path_or_hub_id: str | Path) -> Path:
+    """A local adapter directory for `path_or_hub_id`.
+
+    A local path wins; a file inside the adapter (e.g. adapter_config.json) means its directory.
+    Otherwise an `org/name` id is downloaded with huggingface_hub (config and weights only).
+    """
+    p = Path(path_or_hub_id).expanduser()
+    try:
+        exists, is_dir = p.exists(), p.is_dir()
+    except OSError as exc:
+        raise AdapterError(f"adapter path {p} cannot be read: {exc.strerror or exc}") from None
+    if exists:
+        return p if is_dir else p.parent
+    if os.path.lexists(p):
+        raise AdapterError(f"adapter path {p} is a broken symlink or a symlink loop")
+    s = str(path_or_hub_id)
+    if isinstance(path_or_hub_id, str) and looks_like_hub_id(s):
+        try:
+            from huggingface_hub import snapshot_download
+
+            local = snapshot_download(repo_id=s, allow_patterns=[CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME])
+        except Exception as exc:  # noqa: BLE001 - network/auth/not-found: one line for the user
+            raise AdapterError(
+                f"adapter {s!r} is not a local directory and could not be fetched from the Hugging Face Hub: "
+                f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            ) from None
+        return Path(local)
+    raise AdapterError(f"adapter directory not found: {p}")
+
+
+def read_json_file(path: Path, what: str) -> Any:
+    """Decode a small JSON file; AdapterError on missing, oversized, binary or malformed content."""
+    st = _stat_regular(path, what)
+    if st.st_size > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{what} {path} is {st.st_size} bytes; a config should be a few KB")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise AdapterError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise AdapterError(f"{what} {path} is not valid JSON: it is not UTF-8 text (binary file?)") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise AdapterError(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise AdapterError(f"{what} {path} is not valid JSON: nested too deeply") from None
+
+
+def read_adapter_config_json(adapter_dir: Path) -> Any:
+    """The decoded adapter_config.json of `adapter_dir` (not yet checked for fields)."""
+    return read_json_file(adapter_dir / CONFIG_NAME, CONFIG_NAME)
+
+
+def find_weights_file(adapter_dir: Path) -> Path:
+    """adapter_model.safetensors if present, else the legacy adapter_model.bin; AdapterError if neither."""
+    for name in (SAFETENSORS_NAME, BIN_NAME):
+        p = adapter_dir / name
+        if os.path.lexists(p):
+            return p
+    raise AdapterError(
+        f"no weights in {adapter_dir}: expected {SAFETENSORS_NAME} (or a legacy {BIN_NAME})",
+        hint="save the adapter with peft's save_pretrained(), which writes adapter_model.safetensors",
+    )
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
+    """Parse and bounds-check a safetensors header without reading tensor data.
+
+    Rejects: files shorter than the length prefix, header lengths past the file end or the
+    format's 100 MB limit, non-JSON headers, unknown dtypes, byte ranges that disagree with
+    shape x dtype, overlap or gaps, and data that would extend past the end of the file.
+    """
+    st = _stat_regular(path, path.name)
+    size = st.st_size
+    name = path.name
+    try:
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise AdapterError(f"{name} is truncated: {size} bytes, not even the 8-byte header length")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > MAX_HEADER_BYTES:
+                raise AdapterError(f"{name} has a corrupt header: it claims a {n}-byte header (limit {MAX_HEADER_BYTES})")
+            if 8 + n > size:
+                raise AdapterError(f"{name} is truncated: the header claims {n} bytes but the file has only {size - 8} after the length prefix")
+            raw = f.read(n)
+    except OSError as exc:
+        raise AdapterError(f"{name} cannot be read: {exc.strerror or exc}") from None
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise AdapterError(f"{name} is not a safetensors file: its header is not valid JSON (corrupt or wrong format)") from None
+    if not isinstance(header, dict):
+        raise AdapterError(f"{name} is not a safetensors file: its header is not a JSON object")
+    data_len = size - 8 - n
+    out: dict[str, TensorMeta] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        if not isinstance(info, dict):
+            raise AdapterError(f"{name}: header entry for {key!r} is not an object (corrupt header)")
+        dtype, shape, offs = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if dtype not in ST_DTYPES:
+            raise AdapterError(f"{name}: tensor {key!r} has unknown dtype {dtype!r} (corrupt header)")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise AdapterError(f"{name}: tensor {key!r} has an invalid shape {shape!r} (corrupt header)")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offs)):
+            raise AdapterError(f"{name}: tensor {key!r} has invalid data_offsets {offs!r} (corrupt header)")
+        begin, end = offs
+        torch_dtype, itemsize = ST_DTYPES[dtype]
+        numel = 1
+        for d in shape:
+            numel *= d
+        if not 0 <= begin <= end or end - begin != numel * itemsize:
+            raise AdapterError(
+                f"{name}: tensor {key!r} claims {end - begin} bytes but shape {shape} of {dtype} needs {numel * itemsize} (corrupt header)"
+            )
+        if end > data_len:
+            raise AdapterError(
+                f"{name} is truncated: tensor {key!r} ends at byte {8 + n + end} but the file has {size} bytes"
+            )
+        spans.append((begin, end, key))
+        out[key] = TensorMeta(torch_dtype, tuple(shape), end - begin)
+    pos = 0
+    for begin, end, key in sorted(spans):
+        if begin != pos:
+            raise AdapterError(f"{name}: tensor {key!r} {'overlaps another' if begin < pos else 'leaves a gap'} in the data buffer (corrupt header)")
+        pos = end
+    if pos != data_len:
+        raise AdapterError(f"{name}: {data_len - pos} stray bytes after the last tensor (corrupt or concatenated file)")
+    return out
+
+
+def load_bin_state_dict(path: Path) -> dict[str, Any]:
+    """A legacy adapter_model.bin read with torch.load(weights_only=True): never unpickles code.
+
+    Memory-maps when the file is in torch's zip format; anything that is not a flat
+    {str: Tensor} mapping is rejected.
+    """
+    import torch
+
+    _stat_regular(path, path.name)
+    try:
+        try:
+            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as exc:  # legacy (non-zip) serialisation cannot be mmapped
+            if "mmap" not in str(exc) and "zip" not in str(exc).lower():
+                raise
+            sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - hostile pickles raise many types; all mean "refused"
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise AdapterError(
+            f"{path.name} could not be loaded safely (weights_only): {type(exc).__name__}: {first}",
+            hint="convert the adapter to adapter_model.safetensors with peft's save_pretrained()",
+        ) from None
+    if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
+        raise AdapterError(f"{path.name} does not hold a state dict of named tensors")
+    return sd
+
+
+class WeightsFile:
+    """Uniform, lazy access to adapter_model.safetensors (memory-mapped) or a legacy .bin:
+    names, shapes and dtypes from metadata; tensor data only when asked for."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        if path.name.endswith(".safetensors") or path.name == SAFETENSORS_NAME:
+            self.meta: dict[str, TensorMeta] = read_safetensors_header(path)
+            from safetensors import SafetensorError, safe_open
+
+            try:
+                self._st = safe_open(str(path), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as exc:
+                raise AdapterError(f"{path.name} cannot be opened: {exc}") from None
+            self._sd = None
+        else:
+            self._sd = load_bin_state_dict(path)
+            self.meta = {
+                k: TensorMeta(str(v.dtype).removeprefix("torch."), tuple(v.shape), v.numel() * v.element_size())
+                for k, v in self._sd.items()
+            }
+
+    def keys(self) -> list[str]:
+        return list(self.meta)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return self.meta[key].shape
+
+    def get(self, key: str) -> "torch.Tensor":
+        if self._sd is not None:
+            return self._sd[key]
+        try:
+            return self._st.get_tensor(key)
+        except Exception as exc:  # noqa: BLE001 - a corrupt file surfaces as one line
+            raise AdapterError(f"{self.path.name}: tensor {key!r} cannot be read: {exc}") from None

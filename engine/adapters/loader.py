@@ -1,0 +1,181 @@
+"""Load a PEFT LoRA adapter and normalise it to per-(layer, module) A, B and scaling.
+
+Used by the engine (registration), `mlora validate` and `mlora merge` alike, so that every
+consumer reads an adapter exactly as PEFT wrote it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.adapters.config import AdapterConfig, parse_adapter_config
+from engine.adapters.files import WeightsFile, find_weights_file, read_adapter_config_json, resolve_adapter_dir
+from engine.adapters.keys import LoraKey, parse_lora_key
+from engine.adapters.servable import DORA_WARNING, servability_issues
+from engine.errors import AdapterError
+
+
+@dataclass
+class LoraModuleWeights:
+    """One LoRA'd linear: y += scaling * (x @ lora_a.T) @ lora_b.T (+ bias)."""
+
+    lora_a: torch.Tensor  # [r, in]
+    lora_b: torch.Tensor  # [out, r]
+    scaling: float
+    module_path: str = ""  # PEFT's module key, e.g. "model.layers.3.self_attn.q_proj"
+    magnitude: torch.Tensor | None = None  # [out]  DoRA's lora_magnitude_vector
+    bias: torch.Tensor | None = None  # [out]  lora_bias
+
+    @property
+    def rank(self) -> int:
+        return int(self.lora_a.shape[0])
+
+    @property
+    def in_features(self) -> int:
+        return int(self.lora_a.shape[1])
+
+    @property
+    def out_features(self) -> int:
+        return int(self.lora_b.shape[0])
+
+    def delta_weight(self) -> torch.Tensor:
+        """scaling * B @ A in float32, [out, in]: what PEFT's get_delta_weight returns (non-DoRA)."""
+        return (self.lora_b.float() @ self.lora_a.float()) * self.scaling
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [t for t in (self.lora_a, self.lora_b, self.magnitude, self.bias) if t is not None]
+
+
+@dataclass
+class LoraAdapter:
+    """A normalised LoRA adapter.
+
+    `modules` holds only what a slot can serve: decoder-layer q/k/v/o/gate/up/down linears.
+    `other_keys` names every tensor in the file that is not in `modules` (embedding LoRA,
+    modules_to_save, base biases, LoRA on other modules); `unservable_reasons()` says why.
+    """
+
+    name: str
+    path: Path
+    config: AdapterConfig
+    modules: dict[tuple[int, str], LoraModuleWeights]
+    weights_file: Path
+    all_keys: tuple[str, ...] = field(default=(), repr=False)
+
+    @property
+    def other_keys(self) -> list[str]:
+        """Tensor names in the file that are not decoder-linear LoRA (so not in `modules`)."""
+        return [k for k in self.all_keys if (lk := parse_lora_key(k)) is None or lk.layer is None]
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.rank for m in self.modules.values()), default=0)
+
+    @property
+    def num_params(self) -> int:
+        return sum(t.numel() for m in self.modules.values() for t in m.tensors())
+
+    @property
+    def size_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for m in self.modules.values() for t in m.tensors())
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of most LoRA A/B tensors (adapters are normally uniform)."""
+        counts = Counter(t.dtype for m in self.modules.values() for t in (m.lora_a, m.lora_b))
+        return counts.most_common(1)[0][0] if counts else torch.float32
+
+    @property
+    def module_names(self) -> list[str]:
+        """Sorted distinct module names, e.g. ["k_proj", "q_proj", "v_proj"]."""
+        return sorted({mod for _, mod in self.modules})
+
+    @property
+    def layers(self) -> list[int]:
+        return sorted({layer for layer, _ in self.modules})
+
+    def unservable_reasons(self, *, allow_dora: bool = False) -> list[str]:
+        """Why the engine cannot serve this adapter in a slot (empty list: it can)."""
+        return [
+            msg
+            for status, msg in servability_issues(self.config, self.all_keys)
+            if status == "fail" or (msg == DORA_WARNING and not allow_dora)
+        ]
+
+
+def _group(keys: list[str]) -> dict[str, dict[str, LoraKey]]:
+    """module_path -> role -> key, for decoder-linear LoRA keys only."""
+    groups: dict[str, dict[str, LoraKey]] = {}
+    for k in keys:
+        lk = parse_lora_key(k)
+        if lk is not None and lk.layer is not None:
+            groups.setdefault(lk.module_path, {})[lk.role] = lk
+    return groups
+
+
+def check_module_shapes(config: AdapterConfig, path: str, shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """A message if one module's tensor shapes disagree with each other or with the config's rank."""
+    if "A" not in shapes:
+        return f"{path}: has lora_B but no lora_A"
+    if "B" not in shapes:
+        return f"{path}: has lora_A but no lora_B"
+    a, b = shapes["A"], shapes["B"]
+    if len(a) != 2 or len(b) != 2:
+        return f"{path}: lora_A {list(a)} and lora_B {list(b)} must both be 2-D"
+    r, _ = config.rank_alpha_for(path)
+    if a[0] != r or b[1] != r:
+        return f"{path}: lora_A {list(a)} / lora_B {list(b)} do not have rank {r} from the config (r/rank_pattern)"
+    for role in ("magnitude", "bias"):
+        if role in shapes and tuple(shapes[role]) != (b[0],):
+            return f"{path}: {role} has shape {list(shapes[role])}, expected [{b[0]}] (out_features)"
+    return None
+
+
+def load_adapter(path_or_hub_id: str | Path, *, name: str | None = None) -> LoraAdapter:
+    """Read a PEFT LoRA adapter (directory or hub id) into a LoraAdapter; AdapterError if it is unreadable.
+
+    Safetensors files are memory-mapped (tensors are views of the file, no copies); legacy
+    adapter_model.bin only via torch.load(weights_only=True). Servability is not enforced here:
+    call `check_servable` (the engine does, at registration).
+    """
+    adapter_dir = resolve_adapter_dir(path_or_hub_id)
+    config = parse_adapter_config(read_adapter_config_json(adapter_dir))
+    if config.r <= 0 or any(v <= 0 for v in config.rank_pattern.values()):
+        raise AdapterError(f"{adapter_dir}: r must be > 0 (r={config.r}, rank_pattern={config.rank_pattern})")
+    wfile = find_weights_file(adapter_dir)
+    tensors = WeightsFile(wfile)
+    keys = list(tensors.keys())
+    modules: dict[tuple[int, str], LoraModuleWeights] = {}
+    for path, roles in _group(keys).items():
+        shapes = {role: tuple(tensors.shape(lk.key)) for role, lk in roles.items()}
+        problem = check_module_shapes(config, path, shapes)
+        if problem:
+            raise AdapterError(f"{wfile.name}: {problem}")
+        lk = roles["A"]
+        get = lambda role: tensors.get(roles[role].key) if role in roles else None  # noqa: E731
+        mod = LoraModuleWeights(
+            lora_a=get("A"), lora_b=get("B"), scaling=config.scaling_for(path), module_path=path,
+            magnitude=get("magnitude"), bias=get("bias"),
+        )
+        if (lk.layer, lk.module) in modules:
+            raise AdapterError(f"{wfile.name}: two LoRA entries for layer {lk.layer} {lk.module}")
+        modules[(lk.layer, lk.module)] = mod
+    if not modules and not keys:
+        raise AdapterError(f"{wfile.name} holds no tensors")
+    return LoraAdapter(
+        name=name or adapter_dir.name, path=adapter_dir, config=config, modules=dict(sorted(modules.items())),
+        weights_file=wfile, all_keys=tuple(keys),
+    )
+
+
+def check_servable(adapter: LoraAdapter, *, allow_dora: bool = False) -> None:
+    """Raise AdapterError naming every feature of `adapter` that a slot cannot serve."""
+    reasons = adapter.unservable_reasons(allow_dora=allow_dora)
+    if not adapter.modules:
+        reasons.insert(0, "it has no LoRA on any decoder q/k/v/o/gate/up/down linear")
+    if reasons:
+        raise AdapterError(f"adapter {adapter.name!r} cannot be served: " + "; ".join(reasons))
