@@ -1,0 +1,254 @@
+"""LoRA weight slots on the engine device: one stack per (layer, module), `max_loras` deep.
+
+Layout (allocated ONCE, shapes from `engine.budget.slot_stack_shapes`, the one source of
+truth, so the bytes here equal `budget.adapter_slot_bytes(...) * max_loras`):
+
+    A[module]   [layers, max_loras, max_rank, in]    lora_dtype   (A[m][l] is one layer's stack)
+    B[module]   [layers, max_loras, out, max_rank]   lora_dtype
+    scales      [layers, n_modules, max_loras]       float32
+
+Scaling is kept PER (layer, module, slot), not folded into B: rank_pattern / alpha_pattern /
+rsLoRA give every module its own `alpha/r` (or `alpha/sqrt(r)`), and the shrink op takes a
+per-slot scale vector, so the math is `delta = scale * B @ A` exactly as PEFT computes it
+(`lora_B(lora_A(x)) * scaling`), with no extra rounding of B in bf16/fp16.
+
+A slot filled with an adapter of rank r < max_rank holds the adapter in the top-left
+`[:r]` block and zeros elsewhere; (layer, module) pairs the adapter does not target are all
+zeros with scale 0. `set_slot` always rewrites the whole slot, so a previous occupant never
+leaks. Everything the slots cannot represent is refused with an AdapterError BEFORE any write.
+
+`get(layer, module)` -> (A [S, R, in], B [S, out, R], scales [S]) or None is what the model's
+linears call (engine.model.LoraStacks); None means no occupied slot targets that pair, so
+the model skips the shrink/expand for it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from engine.budget import LORA_MODULES, ModelDims, lora_module_shape, normalize_dtype, slot_stack_shapes
+from engine.errors import AdapterError, ConfigError
+
+DORA_UNSUPPORTED = "DoRA adapters are not supported by the slot engine yet"
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def torch_dtype(dtype: object) -> torch.dtype:
+    """A torch dtype from a name/alias ("bf16", "float16") or a torch.dtype."""
+    return dtype if isinstance(dtype, torch.dtype) else _DTYPES[normalize_dtype(dtype)]
+
+
+@dataclass
+class PreparedAdapter:
+    """An adapter checked for these slots and laid out for fast slot writes (the CPU tier keeps these).
+
+    Per module: either one stacked pair covering every layer at one rank (a single copy per
+    module), or per-layer pairs. Tensors are in lora_dtype, pinned when the device is CUDA.
+    """
+
+    name: str
+    stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # m -> (A [L, r, in], B [L, out, r])
+    per_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # m -> [(l, A [r, in], B [out, r])]
+    scales: torch.Tensor | None = None  # [layers, n_modules] float32, 0 where untargeted
+    targeted: frozenset[tuple[int, str]] = frozenset()
+    nbytes: int = 0
+
+
+class LoraSlots:
+    """Device-resident A/B/scale stacks for `max_loras` adapters (see module docstring)."""
+
+    def __init__(
+        self,
+        dims: ModelDims,
+        *,
+        max_loras: int,
+        max_rank: int,
+        modules: Iterable[str] = LORA_MODULES,
+        dtype: object = torch.float32,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.dims = dims
+        self.max_loras = max_loras
+        self.max_rank = max_rank
+        self.dtype = torch_dtype(dtype)
+        self.device = torch.device(device)
+        shapes = slot_stack_shapes(dims, max_loras=max_loras, max_rank=max_rank, modules=modules)
+        self.modules: tuple[str, ...] = tuple(shapes)
+        self._mindex = {m: i for i, m in enumerate(self.modules)}
+        L = dims.layers
+        kw = dict(dtype=self.dtype, device=self.device)
+        self.A = {m: torch.zeros((L, *a), **kw) for m, (a, _) in shapes.items()}  # [L, S, R, in]
+        self.B = {m: torch.zeros((L, *b), **kw) for m, (_, b) in shapes.items()}  # [L, S, out, R]
+        self.scales = torch.zeros(L, len(self.modules), max_loras, dtype=torch.float32, device=self.device)
+        # which slots have weights for (layer, module index): lets get() return None for idle pairs
+        self._users: list[list[set[int]]] = [[set() for _ in self.modules] for _ in range(L)]
+        self._occupant: list[str | None] = [None] * max_loras
+        self._pin = self.device.type == "cuda"
+
+    # ------------------------------------------------------------------ sizes
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the A and B stacks (what `budget.total_slot_bytes` predicts)."""
+        return sum(t.numel() * t.element_size() for t in (*self.A.values(), *self.B.values()))
+
+    @property
+    def scale_nbytes(self) -> int:
+        return self.scales.numel() * self.scales.element_size()
+
+    # ------------------------------------------------------------------ model-facing
+    def get(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """(A [S, R, in], B [S, out, R], scales [S]) for one linear, or None when no slot uses it."""
+        mi = self._mindex.get(module)
+        if mi is None or not self._users[layer][mi]:
+            return None
+        return self.A[module][layer], self.B[module][layer], self.scales[layer, mi]
+
+    def stacks_for(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A [S, R, in], B [S, out, R], scales [S]) views for one linear (always, even if all zero)."""
+        mi = self._mindex[module]
+        return self.A[module][layer], self.B[module][layer], self.scales[layer, mi]
+
+    def occupant(self, slot: int) -> str | None:
+        """Name of the adapter last written into `slot` (None after reset)."""
+        return self._occupant[slot]
+
+    # ------------------------------------------------------------------ checks and layout
+    def check(self, adapter: Any) -> None:
+        """Raise AdapterError if `adapter` (engine.adapters.LoraAdapter) cannot be held by these slots."""
+        name = getattr(adapter, "name", None) or "adapter"
+        cfg = getattr(adapter, "config", None)
+        mods = adapter.modules
+        if getattr(cfg, "use_dora", False) or any(getattr(w, "magnitude", None) is not None for w in mods.values()):
+            raise AdapterError(f"adapter {name!r}: {DORA_UNSUPPORTED}", hint="merge it into the base with `mlora merge`")
+        if getattr(cfg, "lora_bias", False) or any(getattr(w, "bias", None) is not None for w in mods.values()):
+            raise AdapterError(f"adapter {name!r}: LoRA biases (lora_bias=true) are not supported by the slot engine")
+        if getattr(cfg, "modules_to_save", None):
+            raise AdapterError(
+                f"adapter {name!r}: modules_to_save ({', '.join(cfg.modules_to_save)}) replaces whole base modules; "
+                "the slot engine serves LoRA deltas only",
+                hint="merge it into the base with `mlora merge`",
+            )
+        if not mods:
+            raise AdapterError(f"adapter {name!r} has no LoRA weights for this model")
+        for (layer, module), w in mods.items():
+            if module not in self._mindex:
+                what = "embedding LoRA" if module in ("embed_tokens", "lm_head") else f"LoRA on {module!r}"
+                raise AdapterError(
+                    f"adapter {name!r}: {what} is not served (slots hold {', '.join(self.modules)})"
+                )
+            if not 0 <= layer < self.dims.layers:
+                raise AdapterError(f"adapter {name!r}: layer {layer} does not exist (the base model has {self.dims.layers})")
+            r = int(w.lora_a.shape[0])
+            if r > self.max_rank:
+                raise AdapterError(
+                    f"adapter {name!r}: rank {r} of layer {layer} {module} exceeds max_lora_rank {self.max_rank}",
+                    hint="restart with a larger --max-lora-rank",
+                )
+            in_f, out_f = lora_module_shape(self.dims, module)
+            if tuple(w.lora_a.shape) != (r, in_f) or tuple(w.lora_b.shape) != (out_f, r):
+                raise AdapterError(
+                    f"adapter {name!r}: layer {layer} {module} has A {tuple(w.lora_a.shape)} and B "
+                    f"{tuple(w.lora_b.shape)}, but the base model needs A [r, {in_f}] and B [{out_f}, r]",
+                    hint="the adapter was trained for a different base model",
+                )
+
+    def load(self, name: str, path: str) -> PreparedAdapter:
+        """Disk -> CPU tier: read, validate and check `path` for these slots; the loader for
+        `AdapterCache(loader=slots.load, slot_writer=slots.set_slot, slot_clearer=slots.reset_slot)`.
+        Raises AdapterError for anything unreadable or unservable."""
+        from engine.adapters import check_servable, load_adapter
+
+        adapter = load_adapter(path, name=name)
+        check_servable(adapter)
+        return self.prepare(adapter)  # copies out of the memory-mapped file
+
+    def prepare(self, adapter: Any) -> PreparedAdapter:
+        """Check `adapter` and lay it out for `set_slot` (run off the critical path: load/prefetch)."""
+        if isinstance(adapter, PreparedAdapter):
+            return adapter
+        self.check(adapter)
+        L = self.dims.layers
+        name = getattr(adapter, "name", None) or "adapter"
+        out = PreparedAdapter(name=name, scales=torch.zeros(L, len(self.modules), dtype=torch.float32))
+        by_module: dict[str, list[tuple[int, Any]]] = {}
+        for (layer, module), w in adapter.modules.items():
+            by_module.setdefault(module, []).append((layer, w))
+            out.scales[layer, self._mindex[module]] = float(w.scaling)
+        for module, items in by_module.items():
+            items.sort(key=lambda t: t[0])
+            ranks = {int(w.lora_a.shape[0]) for _, w in items}
+            if len(items) == L and len(ranks) == 1:  # every layer, one rank: one copy per module
+                a = self._host(torch.stack([w.lora_a for _, w in items]))  # [L, r, in]
+                b = self._host(torch.stack([w.lora_b for _, w in items]))  # [L, out, r]
+                out.stacked[module] = (a, b)
+                out.nbytes += a.nbytes + b.nbytes
+            else:
+                lst = [(layer, self._host(w.lora_a), self._host(w.lora_b)) for layer, w in items]
+                out.per_layer[module] = lst
+                out.nbytes += sum(a.nbytes + b.nbytes for _, a, b in lst)
+        out.targeted = frozenset(adapter.modules)
+        if self._pin:
+            out.scales = out.scales.pin_memory()
+        return out
+
+    def _host(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to(device="cpu", dtype=self.dtype).contiguous()
+        return t.pin_memory() if self._pin else t
+
+    # ------------------------------------------------------------------ writes
+    @torch.no_grad()
+    def set_slot(self, slot: int, adapter: Any) -> None:
+        """Write `adapter` (LoraAdapter or PreparedAdapter) into `slot`, zeroing everything it
+        does not cover. Raises AdapterError (and leaves the slot untouched) if it cannot be held."""
+        self._check_slot(slot)
+        p = self.prepare(adapter)
+        nb = self._pin  # async host->device copies from pinned memory
+        for m in self.modules:
+            a_dst, b_dst = self.A[m][:, slot], self.B[m][:, slot]  # [L, R, in], [L, out, R]
+            if m in p.stacked:
+                a, b = p.stacked[m]
+                r = a.shape[1]
+                if r < self.max_rank:
+                    a_dst[:, r:].zero_()
+                    b_dst[:, :, r:].zero_()
+                a_dst[:, :r].copy_(a, non_blocking=nb)
+                b_dst[:, :, :r].copy_(b, non_blocking=nb)
+            else:
+                a_dst.zero_()
+                b_dst.zero_()
+                for layer, a, b in p.per_layer.get(m, ()):
+                    r = a.shape[0]
+                    a_dst[layer, :r].copy_(a, non_blocking=nb)
+                    b_dst[layer, :, :r].copy_(b, non_blocking=nb)
+        assert p.scales is not None
+        self.scales[:, :, slot].copy_(p.scales, non_blocking=nb)
+        for layer in range(self.dims.layers):
+            for mi, m in enumerate(self.modules):
+                users = self._users[layer][mi]
+                if (layer, m) in p.targeted:
+                    users.add(slot)
+                else:
+                    users.discard(slot)
+        self._occupant[slot] = p.name
+
+    @torch.no_grad()
+    def reset_slot(self, slot: int) -> None:
+        """Zero `slot` everywhere (A, B and scales)."""
+        self._check_slot(slot)
+        for m in self.modules:
+            self.A[m][:, slot].zero_()
+            self.B[m][:, slot].zero_()
+        self.scales[:, :, slot].zero_()
+        for per_layer in self._users:
+            for users in per_layer:
+                users.discard(slot)
+        self._occupant[slot] = None
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.max_loras:
+            raise ConfigError(f"slot {slot} out of range [0, {self.max_loras})")
