@@ -35,7 +35,7 @@ from engine.budget import (
     dtype_bytes,
 )
 from engine.errors import ConfigError
-from engine.presets import DEFAULT_GPU_PRESET, DEFAULT_MODEL_PRESET, gpu_memory_bytes, resolve_model_config
+from engine.presets import DEFAULT_GPU_PRESET, gpu_memory_bytes, resolve_model_config
 from engine.trace import ProgressFn, replay_trace
 
 DEFAULT_MAX_MODEL_LEN_CAP = 8192  # default --max-model-len: the model's max_position_embeddings, capped here
@@ -49,7 +49,7 @@ GIB = 1 << 30
 class BudgetConfig:
     """Everything `mlora budget` needs; checked on construction (usage errors exit 2)."""
 
-    model: str = DEFAULT_MODEL_PRESET
+    model: str | None = None  # None: DEFAULT_MODEL_PRESET (llama-3.1-8b)
     rank: int = 16
     max_loras: int = 4
     target_modules: tuple[str, ...] = LORA_MODULES
@@ -143,6 +143,7 @@ class TraceSummary:
     recommended_slot_bytes: int | None
     recommended_kv_tokens: int | None
     recommended_max_concurrent_sequences: int | None
+    recommended_fits: bool | None  # None without a recommendation
     best_hit_rate: float
 
 
@@ -278,6 +279,7 @@ def _trace_summary(config: BudgetConfig, per_slot: int, kv_at: Any, progress: Pr
     )
     best = replay.smallest_slots_for(config.target_hit_rate)
     _, rec_tokens, rec_seqs = kv_at(best) if best is not None else (None, None, None)
+    rec_fits = None if rec_seqs is None else rec_seqs >= 1
     return TraceSummary(
         path=replay.path, requests=replay.requests, adapter_requests=replay.adapter_requests,
         base_requests=replay.base_requests, distinct_adapters=replay.distinct_adapters, duration_s=replay.duration_s,
@@ -285,7 +287,7 @@ def _trace_summary(config: BudgetConfig, per_slot: int, kv_at: Any, progress: Pr
         "base-model requests (no adapter) excluded",
         target_hit_rate=config.target_hit_rate, rows=rows, recommended_max_loras=best,
         recommended_slot_bytes=None if best is None else best * per_slot, recommended_kv_tokens=rec_tokens,
-        recommended_max_concurrent_sequences=rec_seqs, best_hit_rate=replay.best_hit_rate,
+        recommended_max_concurrent_sequences=rec_seqs, recommended_fits=rec_fits, best_hit_rate=replay.best_hit_rate,
     )  # fmt: skip
 
 

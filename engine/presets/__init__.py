@@ -112,7 +112,7 @@ def _hub_config(repo_id: str) -> dict[str, Any]:
 
         file = hf_hub_download(repo_id=repo_id, filename="config.json")
     except Exception as exc:  # noqa: BLE001 - offline, gated, missing repo: all one line for the user
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        first = (str(exc).strip().splitlines() or [""])[0].split(". ")[0][:160]
         raise ConfigError(
             f"cannot fetch config.json of hub model {repo_id!r}: {type(exc).__name__}: {first}",
             hint=f"offline or gated? pass a local model dir or config.json, or a preset: {', '.join(model_preset_names())}",
