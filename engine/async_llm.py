@@ -1,0 +1,206 @@
+"""AsyncLLM: the engine behind the server. One asyncio task owns the step loop.
+
+- Each `EngineCore.step()` runs in a worker thread (`asyncio.to_thread`), so the event loop keeps
+  serving HTTP while the model computes.
+- Adds and aborts are queued (thread-safe) and applied by the loop task between steps, so the
+  core is only ever touched by one thread at a time.
+- Each request has its own asyncio.Queue of outputs; `generate()` is an async iterator over it.
+  Closing or cancelling the iterator before the end aborts the request (its KV blocks are freed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+from collections.abc import AsyncIterator
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.core import EngineCore, EngineStats
+from engine.errors import ConfigError, EngineStoppedError, QueueFullError
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class AsyncLLM:
+    """Async front of EngineCore (see the module docstring and CONTRACTS.md)."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.core = EngineCore(config)
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._wake: asyncio.Event | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stopping = False
+        self._error: BaseException | None = None
+
+    # -- facts the server reads --------------------------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.core.tokenizer
+
+    @property
+    def model_name(self) -> str:
+        return self.core.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.core.max_model_len
+
+    # -- lifecycle -----------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Start the loop task (idempotent)."""
+        if self._task is None:
+            self._wake = asyncio.Event()
+            self._stopping = False
+            self._task = asyncio.create_task(self._loop(), name="mlora-engine-loop")
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Refuse new requests, let running ones finish for up to `grace_s`, abort the rest."""
+        self._stopping = True
+        if self._task is None:
+            return
+        deadline = asyncio.get_running_loop().time() + grace_s
+        while self._queues and asyncio.get_running_loop().time() < deadline:
+            await asyncio.sleep(0.02)
+        for rid in list(self._queues):
+            self._inbox.put(("abort", rid))
+        self._poke()
+        while self._queues and not self._task.done():
+            await asyncio.sleep(0.01)
+        self._task.cancel()
+        try:
+            await self._task
+        except (asyncio.CancelledError, Exception):
+            pass
+        self._task = None
+        if self.core.lora is not None:
+            self.core.lora.close()
+
+    # -- requests --------------------------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams,
+        *,
+        request_id: str,
+        adapter: str | None = None,
+    ) -> AsyncIterator[RequestOutput]:
+        """Incremental outputs of one request; the last has finished=True.
+
+        Raises AdapterNotFoundError / PromptTooLongError / QueueFullError / EngineStoppedError
+        before the first output. Closing the iterator early aborts the request.
+        """
+        if self._stopping or self._task is None:
+            raise EngineStoppedError("the engine is not running" if self._task is None else "the engine is shutting down")
+        if self._error is not None:
+            raise EngineStoppedError(f"the engine loop failed: {self._error}")
+        if request_id in self._queues:
+            raise ConfigError(f"duplicate request id {request_id!r}")
+        limit = self.config.max_queue
+        if limit is not None and len(self.core.scheduler.waiting) + self._pending_adds() >= limit:
+            raise QueueFullError(f"the waiting queue is full ({limit} requests)", hint="retry later")
+        self.core.tokenize(prompt)  # PromptTooLongError / bad ids now, not inside the loop
+        if adapter is not None:
+            if self.core.lora is None:
+                from engine.errors import AdapterNotFoundError
+
+                raise AdapterNotFoundError(f"adapter {adapter!r} is not registered (LoRA is disabled)")
+            self.core.lora.check_adapter(adapter)
+        q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._queues[request_id] = q
+        self._inbox.put(("add", (request_id, prompt, params, adapter)))
+        self._poke()
+        finished = False
+        try:
+            while True:
+                item = await q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._queues.pop(request_id, None)
+            if not finished:
+                self._inbox.put(("abort", request_id))
+                self._poke()
+
+    async def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+        self._poke()
+
+    # -- adapters ------------------------------------------------------------------------------
+    async def add_adapter(self, name: str, path: str) -> None:
+        """Validate and register an adapter (loads in a worker thread; the loop keeps stepping)."""
+        lora = self._lora()
+        await asyncio.to_thread(lora.add_adapter, name, str(path))
+
+    async def remove_adapter(self, name: str) -> None:
+        self._lora().remove_adapter(name)
+
+    def list_adapters(self) -> list[str]:
+        return [] if self.core.lora is None else self.core.lora.names()
+
+    def _lora(self) -> Any:
+        if self.core.lora is None:
+            raise ConfigError("LoRA is disabled for this engine")
+        return self.core.lora
+
+    def stats(self) -> EngineStats:
+        return self.core.stats()
+
+    # -- the loop --------------------------------------------------------------------------------
+    def _poke(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    def _pending_adds(self) -> int:
+        return self._inbox.qsize()
+
+    def _apply_inbox(self) -> None:
+        """Apply queued adds/aborts (between steps: the core is not running)."""
+        while True:
+            try:
+                kind, arg = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            if kind == "add":
+                rid, prompt, params, adapter = arg
+                if rid not in self._queues:
+                    continue  # the client went away before the request started
+                try:
+                    self.core.add_request(rid, prompt, params, adapter)
+                except Exception as e:  # e.g. the adapter was removed meanwhile
+                    self._queues[rid].put_nowait(e)
+            else:
+                out = self.core.abort(arg)
+                q = self._queues.get(arg)
+                if out is not None and q is not None:
+                    q.put_nowait(out)
+
+    async def _loop(self) -> None:
+        assert self._wake is not None
+        try:
+            while True:
+                self._apply_inbox()
+                if not self.core.has_unfinished():
+                    self._wake.clear()
+                    if self._inbox.empty():
+                        await self._wake.wait()
+                    continue
+                outputs = await asyncio.to_thread(self.core.step)
+                for out in outputs:
+                    q = self._queues.get(out.request_id)
+                    if q is not None:
+                        q.put_nowait(out)
+                await asyncio.sleep(0)  # let handlers run between steps
+        except asyncio.CancelledError:
+            raise
+        except BaseException as e:  # a bug or device error: fail every waiter, refuse new work
+            self._error = e
+            for q in self._queues.values():
+                q.put_nowait(EngineStoppedError(f"the engine loop failed: {type(e).__name__}: {e}"))
+            raise

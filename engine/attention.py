@@ -1,0 +1,77 @@
+"""Paged attention in plain torch: write new K/V into the block pool, attend over gathered blocks.
+
+The KV pool of one layer is a flat view [num_blocks * block_size, kv_heads, head_dim]; token t of
+a sequence lives at slot `block_table[t // block_size] * block_size + t % block_size`.
+
+A step's tokens are laid out as [prefill spans..., decode rows...] (the runner orders them so).
+- Prefill spans (a sequence's new chunk of q_len > 1 tokens) attend one by one: a fresh prompt
+  uses its own K/V with a causal mask (no gather); a chunk that continues a cached context
+  gathers that context and uses an offset causal mask.
+- Decode rows (q_len == 1) attend all at once: one padded gather index [B, L] and one key mask
+  [B, 1, 1, L], built once per step by the runner and reused by every layer, then one masked
+  SDPA over the whole decode batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class PrefillSpan:
+    """One sequence's multi-token chunk: tokens [start, end) of the step, positions [ctx_start, ctx_start + q_len)."""
+
+    start: int
+    end: int
+    ctx_start: int  # tokens of this sequence already in the cache before this chunk
+    gather: torch.Tensor | None = None  # [ctx_start + q_len] flat slots, only when ctx_start > 0
+    mask: torch.Tensor | None = None  # [1, 1, q_len, ctx_start + q_len] bool, only when ctx_start > 0
+
+
+@dataclass
+class AttentionMetadata:
+    """Per-step attention inputs, built once by the runner and shared by all layers."""
+
+    slot_mapping: torch.Tensor  # [T] flat KV slot of every new token
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    decode_start: int = 0  # decode rows are tokens [decode_start, T)
+    decode_gather: torch.Tensor | None = None  # [B, L] flat slots (padding points at slot 0)
+    decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool, True = attend
+
+
+def paged_attention(
+    q: torch.Tensor,  # [T, H, D]
+    k: torch.Tensor,  # [T, KVH, D]
+    v: torch.Tensor,  # [T, KVH, D]
+    k_cache: torch.Tensor,  # [S, KVH, D]
+    v_cache: torch.Tensor,  # [S, KVH, D]
+    meta: AttentionMetadata,
+    scale: float,
+) -> torch.Tensor:
+    """Store k/v for the step's tokens, then attend; returns [T, H, D]."""
+    k_cache.index_copy_(0, meta.slot_mapping, k)
+    v_cache.index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    for span in meta.prefills:
+        qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
+        if span.ctx_start == 0:
+            ks = k[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, KVH, q, D]
+            vs = v[span.start : span.end].transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            ks = k_cache.index_select(0, span.gather).transpose(0, 1).unsqueeze(0)  # [1, KVH, L, D]
+            vs = v_cache.index_select(0, span.gather).transpose(0, 1).unsqueeze(0)
+            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=True)
+        out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
+    if meta.decode_gather is not None:
+        b, length = meta.decode_gather.shape
+        idx = meta.decode_gather.reshape(-1)
+        kd = k_cache.index_select(0, idx).view(b, length, *k_cache.shape[1:]).transpose(1, 2)  # [B, KVH, L, D]
+        vd = v_cache.index_select(0, idx).view(b, length, *v_cache.shape[1:]).transpose(1, 2)
+        qd = q[meta.decode_start :].unsqueeze(2)  # [B, H, 1, D]
+        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+        out[meta.decode_start :] = o.squeeze(2)
+    return out

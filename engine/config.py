@@ -1,0 +1,106 @@
+"""EngineConfig: the one frozen configuration object of the engine (checked in __post_init__).
+
+Pure Python (no torch) so the CLI can build and validate it cheaply.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from engine.errors import ConfigError
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICES = ("auto", "cpu", "cuda")
+_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs to start.
+
+    model: a local HF model directory or a hub id; None = the built-in demo model.
+    KV capacity comes from `num_kv_blocks` or `kv_cache_memory_bytes` (at most one); with
+    neither, the engine sizes the cache for `max_num_seqs` full-length sequences within a
+    device-dependent memory cap. `max_model_len=None` means the model's own limit (clamped to
+    what the KV cache can hold). `max_queue` bounds the waiting queue of the async engine
+    (QueueFullError beyond it; None = unbounded).
+    LoRA: `max_loras` device slots of rank `max_lora_rank`, `max_cpu_loras` adapters kept in
+    CPU memory, `loras` = ((name, path), ...) registered at start.
+    """
+
+    model: str | None = None
+    dtype: str = "auto"
+    device: str = "auto"
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int = 2048
+    max_model_len: int | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory_bytes: int | None = None
+    seed: int = 0
+    max_queue: int | None = None
+    enable_lora: bool = True
+    max_loras: int = 4
+    max_lora_rank: int = 16
+    max_cpu_loras: int | None = None
+    lora_dtype: str = "auto"
+    loras: tuple[tuple[str, str], ...] = field(default_factory=tuple)
+    trust_remote_code: bool = False
+    revision: str | None = None
+
+    def __post_init__(self) -> None:
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
+        set_("dtype", _norm_dtype(self.dtype, "dtype"))
+        set_("lora_dtype", _norm_dtype(self.lora_dtype, "lora_dtype"))
+        if self.device not in DEVICES:
+            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "max_cpu_loras"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{name} must be an integer >= 1 (or unset), got {value!r}")
+        if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 0):
+            raise ConfigError(f"max_queue must be an integer >= 0 (or unset), got {self.max_queue!r}")
+        if self.num_kv_blocks is not None and self.kv_cache_memory_bytes is not None:
+            raise ConfigError("give either num_kv_blocks or kv_cache_memory_bytes, not both")
+        if self.max_cpu_loras is None:
+            set_("max_cpu_loras", max(self.max_loras, 2 * self.max_loras))
+        elif self.max_cpu_loras < self.max_loras:
+            raise ConfigError(
+                f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})",
+                hint="every adapter in a device slot is also kept in the CPU cache",
+            )
+        loras = tuple(tuple(item) for item in (self.loras or ()))
+        for item in loras:
+            if len(item) != 2 or not all(isinstance(x, str) and x for x in item):
+                raise ConfigError(f"loras entries must be (name, path) pairs of strings, got {item!r}")
+        names = [n for n, _ in loras]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"duplicate adapter names in loras: {names}")
+        set_("loras", loras)
+        if self.model is not None and not isinstance(self.model, str):
+            set_("model", str(self.model))
+
+    @classmethod
+    def field_names(cls) -> set[str]:
+        return {f.name for f in fields(cls)}
+
+    @classmethod
+    def from_kwargs(cls, model: str | None = None, **kwargs: Any) -> "EngineConfig":
+        """Build from keyword arguments, with a clear error for unknown names."""
+        unknown = set(kwargs) - cls.field_names()
+        if unknown:
+            raise ConfigError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
+        return cls(model=model, **kwargs)
+
+
+def _norm_dtype(value: str, name: str) -> str:
+    value = str(value).replace("torch.", "")
+    value = _DTYPE_ALIASES.get(value, value)
+    if value not in DTYPES:
+        raise ConfigError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+    return value

@@ -1,0 +1,217 @@
+"""EngineCore: the synchronous engine — requests in, incremental RequestOutputs out, one step at a time.
+
+One step is nano-vllm's three lines plus bookkeeping:
+    out = scheduler.schedule(resident)          # which sequences, how many tokens each
+    tokens = runner.run(out, slots, stacks)     # tensors live only in the runner
+    scheduler.postprocess(out, tokens)          # append tokens, finish, free blocks
+LLM (offline) and AsyncLLM (server) both drive this class; it is not thread-safe by itself
+(AsyncLLM applies adds/aborts between steps).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.detokenizer import IncrementalDetokenizer
+from engine.errors import ConfigError, PromptTooLongError
+from engine.loader import load_hf_config, load_tokenizer, resolve_model_path
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+
+@dataclass
+class EngineStats:
+    """Point-in-time engine counters for metrics (see CONTRACTS.md)."""
+
+    num_running: int = 0
+    num_waiting: int = 0
+    running_by_adapter: dict[str, int] = field(default_factory=dict)
+    waiting_by_adapter: dict[str, int] = field(default_factory=dict)
+    kv_free_blocks: int = 0
+    kv_total_blocks: int = 0
+    lora_loads: int = 0
+    lora_evictions: int = 0
+    lora_load_seconds: list[float] = field(default_factory=list)
+    resident_adapters: list[str] = field(default_factory=list)
+    max_loras: int = 0
+    num_preemptions: int = 0
+
+
+@dataclass
+class _Request:
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    sent_tokens: int = 0
+    sent_chars: int = 0
+
+
+class EngineCore:
+    """Model, KV cache, scheduler and request bookkeeping of one engine instance."""
+
+    def __init__(self, config: EngineConfig) -> None:
+        from engine.runner import ModelRunner  # torch enters here
+
+        self.config = config
+        self.model_path = resolve_model_path(config.model, revision=config.revision)
+        self.hf_config = load_hf_config(self.model_path, trust_remote_code=config.trust_remote_code)
+        self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=config.trust_remote_code)
+        self.model_name = config.model or "mlora-demo"
+        self.runner = ModelRunner(config, self.hf_config, self.model_path)
+        self.max_model_len = self.runner.max_model_len
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            self.block_manager,
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+        )
+        self.eos_token_ids = self._eos_ids()
+        self.vocab_size = self.runner.args.vocab_size
+        self._requests: dict[str, _Request] = {}
+        self.lora = None  # set by the multi-LoRA layer (engine.lora_engine) when enabled
+
+    def _eos_ids(self) -> frozenset[int]:
+        ids: set[int] = set()
+        sources: list[Any] = [getattr(self.hf_config, "eos_token_id", None), getattr(self.tokenizer, "eos_token_id", None)]
+        try:
+            from transformers import GenerationConfig
+
+            sources.append(GenerationConfig.from_pretrained(str(self.model_path)).eos_token_id)
+        except Exception:  # no generation_config.json: fine
+            pass
+        for s in sources:
+            if isinstance(s, int):
+                ids.add(s)
+            elif isinstance(s, (list, tuple)):
+                ids.update(int(x) for x in s)
+        return frozenset(ids)
+
+    # -- requests ----------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """(prompt text or None, prompt token ids), validated against vocab and context."""
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt).input_ids)
+            text: str | None = prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+            bad = [t for t in ids if not 0 <= t < self.vocab_size]
+            if bad:
+                raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
+                "(including at least one generated token)"
+            )
+        return text, ids
+
+    def add_request(
+        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, adapter: str | None = None
+    ) -> None:
+        if request_id in self._requests:
+            raise ConfigError(f"duplicate request id {request_id!r}")
+        params = params or SamplingParams()
+        text, ids = self.tokenize(prompt)
+        if self.lora is not None:
+            self.lora.check_adapter(adapter)
+        elif adapter is not None:
+            from engine.errors import AdapterNotFoundError
+
+            raise AdapterNotFoundError(f"adapter {adapter!r} is not registered (LoRA is disabled)")
+        seq = Sequence(request_id, ids, params, prompt=text, adapter=adapter,
+                       eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)  # fmt: skip
+        self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params))
+        self.scheduler.add(seq)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Abort a request (waiting or running); its blocks are freed now. None if unknown/finished."""
+        req = self._requests.get(request_id)
+        if req is None:
+            return None
+        self.scheduler.abort(request_id)
+        return self._finish(req)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # -- the step ----------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Run one engine step; returns an output for every request that advanced or finished."""
+        lora = self.lora
+        resident = lora.resident() if lora is not None else ()
+        out = self.scheduler.schedule(resident)
+        if out.is_empty:
+            return []
+        now = time.monotonic()
+        for item in out.scheduled:
+            if item.seq.metrics.first_scheduled_time is None:
+                item.seq.metrics.first_scheduled_time = now
+        slots, stacks = lora.step_inputs(out) if lora is not None else (None, None)
+        tokens, logprobs = self.runner.run(out, slots, stacks)
+        for item, lp in zip(out.scheduled, logprobs):
+            if lp is not None and item.seq.logprobs is not None:
+                item.seq.logprobs.append(lp)
+        touched = self.scheduler.postprocess(out, tokens)
+        now = time.monotonic()
+        outputs = []
+        for seq in touched:
+            req = self._requests[seq.request_id]
+            seq.metrics.first_token_time = seq.metrics.first_token_time or now
+            seq.metrics.last_token_time = now
+            if seq.finish_reason is None or seq.finish_reason == "length":
+                stop = req.detok.add(seq.token_ids[-1])
+                if stop is not None:
+                    seq.finish_reason, seq.stop_reason = "stop", stop
+                    if not seq.is_finished:
+                        self.scheduler.finish(seq)
+            outputs.append(self._finish(req) if seq.is_finished else self._output(req))
+        if lora is not None:
+            lora.after_step(self.scheduler)
+        return outputs
+
+    def _output(self, req: _Request) -> RequestOutput:
+        seq = req.seq
+        text = req.detok.visible_text(seq.is_finished)
+        ids = seq.output_token_ids
+        out = RequestOutput(
+            request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids, adapter=seq.adapter,
+            text=text, token_ids=list(ids), delta_text=text[req.sent_chars :], delta_token_ids=ids[req.sent_tokens :],
+            finished=seq.is_finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            logprobs=list(seq.logprobs) if seq.logprobs is not None else None, metrics=seq.metrics,
+        )  # fmt: skip
+        req.sent_chars, req.sent_tokens = len(text), len(ids)
+        return out
+
+    def _finish(self, req: _Request) -> RequestOutput:
+        seq = req.seq
+        seq.metrics.finished_time = time.monotonic()
+        self._requests.pop(seq.request_id, None)
+        self.runner.release(seq)
+        if self.lora is not None:
+            self.lora.on_finish(seq)
+        return self._output(req)
+
+    # -- metrics -----------------------------------------------------------------------------
+    def stats(self) -> EngineStats:
+        s = EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_free_blocks=self.block_manager.num_free_blocks,
+            kv_total_blocks=self.block_manager.num_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+        for seq in self.scheduler.running:
+            if seq.adapter is not None:
+                s.running_by_adapter[seq.adapter] = s.running_by_adapter.get(seq.adapter, 0) + 1
+        for seq in self.scheduler.waiting:
+            if seq.adapter is not None:
+                s.waiting_by_adapter[seq.adapter] = s.waiting_by_adapter.get(seq.adapter, 0) + 1
+        if self.lora is not None:
+            self.lora.fill_stats(s)
+        return s

@@ -1,0 +1,246 @@
+"""A compact Llama-family decoder (Llama 2/3, Mistral, Qwen2, Qwen3) on Hugging Face weights.
+
+All of a step's tokens are flattened to x: [T, hidden], so every linear layer is ONE matmul
+for the whole batch (prefill and decode rows together, every adapter together). q/k/v and
+gate/up are fused column-wise; each fused part keeps its HF module name so a LoRA context can
+add per-token adapter deltas into its column slice (`kernels.lora_shrink` / `lora_expand`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import AttentionMetadata, paged_attention
+from engine.errors import ConfigError
+from engine.loader import iter_weights, model_arch
+from engine.lora_ops import lora_ops
+from engine.rope import apply_rope, rope_cache
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """The shape facts of a Llama-family model, read from its HF config."""
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    qk_norm: bool
+    max_position_embeddings: int
+    sliding_window: int | None
+
+    @classmethod
+    def from_hf_config(cls, cfg: Any) -> "ModelArgs":
+        arch = model_arch(cfg)
+        if arch is None:
+            raise ConfigError(f"unsupported model architecture {getattr(cfg, 'architectures', None)}")
+        act = getattr(cfg, "hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ConfigError(f"unsupported activation {act!r} (Llama-family models use silu)")
+        heads = cfg.num_attention_heads
+        sliding = getattr(cfg, "sliding_window", None)
+        if arch in ("qwen2", "qwen3") and not getattr(cfg, "use_sliding_window", False):
+            sliding = None
+        return cls(
+            arch=arch,
+            vocab_size=cfg.vocab_size,
+            hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_layers=cfg.num_hidden_layers,
+            num_heads=heads,
+            num_kv_heads=getattr(cfg, "num_key_value_heads", None) or heads,
+            head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // heads,
+            rms_norm_eps=float(cfg.rms_norm_eps),
+            tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
+            qkv_bias=arch == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+            qk_norm=arch == "qwen3",
+            max_position_embeddings=int(cfg.max_position_embeddings),
+            sliding_window=int(sliding) if sliding else None,
+        )
+
+
+class LoraStacks(Protocol):
+    """Per-layer, per-module slot stacks: get(layer, module) -> (A [S, R, in], B [S, out, R], scales [S]) or None."""
+
+    def get(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None: ...
+
+
+@dataclass
+class LoraContext:
+    """A step's LoRA inputs: which slot each token uses (-1 = base) and the stacks to read."""
+
+    token_slots: torch.Tensor  # [T] int
+    meta: Any  # kernels.LoraBatchMeta built once per step
+    stacks: LoraStacks
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim), requires_grad=False)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+class LoraLinear(nn.Module):
+    """y = x @ W.T (+ b), then each part's LoRA delta added into its column slice."""
+
+    def __init__(self, layer: int, in_features: int, parts: list[tuple[str, int]], bias: bool) -> None:
+        super().__init__()
+        out = sum(n for _, n in parts)
+        self.layer, self.parts = layer, parts
+        self.weight = nn.Parameter(torch.empty(out, in_features), requires_grad=False)
+        self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
+
+    def forward(self, x: torch.Tensor, lora: LoraContext | None) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)  # [T, out]
+        if lora is not None:
+            shrink, expand, _ = lora_ops()
+            offset = 0
+            for name, n in self.parts:
+                stack = lora.stacks.get(self.layer, name)
+                if stack is not None:
+                    a, b, scales = stack
+                    h = shrink(x, a, lora.token_slots, scales, meta=lora.meta)  # [T, R]
+                    expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset)
+                offset += n
+        return y
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, i: int, a: ModelArgs) -> None:
+        super().__init__()
+        self.a = a
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
+        self.qkv = LoraLinear(i, a.hidden_size, [("q_proj", q), ("k_proj", kv), ("v_proj", kv)], a.qkv_bias)
+        self.o_proj = LoraLinear(i, q, [("o_proj", a.hidden_size)], False)
+        self.gate_up = LoraLinear(i, a.hidden_size, [("gate_proj", a.intermediate_size), ("up_proj", a.intermediate_size)], False)
+        self.down_proj = LoraLinear(i, a.intermediate_size, [("down_proj", a.hidden_size)], False)
+        if a.qk_norm:
+            self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+            self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
+        self.scale = a.head_dim**-0.5
+
+    def forward(self, x, cos, sin, meta, k_cache, v_cache, lora):  # type: ignore[no-untyped-def]
+        a = self.a
+        t = x.shape[0]
+        h = self.input_layernorm(x)
+        qkv = self.qkv(h, lora)  # [T, (H + 2 KVH) * D]
+        q_len, kv_len = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        q = qkv[:, :q_len].view(t, a.num_heads, a.head_dim)
+        k = qkv[:, q_len : q_len + kv_len].view(t, a.num_kv_heads, a.head_dim)
+        v = qkv[:, q_len + kv_len :].view(t, a.num_kv_heads, a.head_dim)
+        if a.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        o = paged_attention(q, k, v.contiguous(), k_cache, v_cache, meta, self.scale)  # [T, H, D]
+        x = x + self.o_proj(o.reshape(t, q_len), lora)
+        h = self.post_attention_layernorm(x)
+        gu = self.gate_up(h, lora)  # [T, 2I]
+        gate, up = gu.chunk(2, dim=-1)
+        return x + self.down_proj(F.silu(gate) * up, lora)
+
+
+class LlamaModel(nn.Module):
+    """Embeddings, decoder layers, final norm and LM head; forward over a flat batch of tokens."""
+
+    def __init__(self, args: ModelArgs) -> None:
+        super().__init__()
+        self.args = args
+        self.embed_tokens = nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
+        self.layers = nn.ModuleList(DecoderLayer(i, args) for i in range(args.num_layers))
+        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.lm_head = None if args.tie_word_embeddings else nn.Parameter(torch.empty(args.vocab_size, args.hidden_size), requires_grad=False)
+        self.cos = self.sin = torch.empty(0)  # [max_len, D] fp32, set by init_rope
+
+    def init_rope(self, hf_config: Any, max_model_len: int) -> None:
+        """Precompute the cos/sin tables for positions [0, max_model_len)."""
+        self.cos, self.sin = rope_cache(hf_config, self.args.head_dim, max_model_len, self.embed_tokens.device)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T]
+        positions: torch.Tensor,  # [T]
+        meta: AttentionMetadata,
+        kv_cache: torch.Tensor,  # [layers, 2, slots, KVH, D]
+        lora: LoraContext | None = None,
+    ) -> torch.Tensor:
+        """Hidden states after the final norm: [T, hidden]."""
+        x = F.embedding(input_ids, self.embed_tokens)
+        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, meta, kv_cache[i, 0], kv_cache[i, 1], lora)
+        return self.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """[N, hidden] -> fp32 logits [N, vocab]."""
+        w = self.embed_tokens if self.lm_head is None else self.lm_head
+        return F.linear(hidden, w).float()
+
+    @torch.no_grad()
+    def load_weights(self, path: Path) -> None:
+        """Copy HF-named safetensors weights into the fused layout; error on anything missing."""
+        a = self.args
+        q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
+        slices = {"q_proj": ("qkv", 0, q), "k_proj": ("qkv", q, kv), "v_proj": ("qkv", q + kv, kv),
+                  "o_proj": ("o_proj", 0, a.hidden_size), "gate_proj": ("gate_up", 0, inter),
+                  "up_proj": ("gate_up", inter, inter), "down_proj": ("down_proj", 0, a.hidden_size)}  # fmt: skip
+        expected = {n: p.shape[0] for n, p in self.named_parameters()}
+        loaded: dict[str, int] = {}  # parameter -> rows filled (fused params fill in parts)
+        for name, w in iter_weights(path):
+            name = name.removeprefix("model.")
+            if "rotary_emb" in name:
+                continue
+            if name == "embed_tokens.weight":
+                dst, target = self.embed_tokens, "embed_tokens"
+            elif name == "lm_head.weight":
+                if self.lm_head is None:
+                    continue  # tied: some checkpoints store the copy anyway
+                dst, target = self.lm_head, "lm_head"
+            elif name == "norm.weight":
+                dst, target = self.norm.weight, "norm.weight"
+            elif name.startswith("layers."):
+                _, idx, *rest = name.split(".")
+                if int(idx) >= a.num_layers:
+                    raise ConfigError(f"weight {name} is for a layer the config does not have")
+                layer = self.layers[int(idx)]
+                module, kind = rest[-2], rest[-1]
+                if module in slices:
+                    fused, off, n = slices[module]
+                    param = getattr(getattr(layer, fused), kind)
+                    if param is None:
+                        raise ConfigError(f"unexpected weight {name} (config says no bias)")
+                    dst, target = param[off : off + n], f"layers.{idx}.{fused}.{kind}"
+                elif module in ("input_layernorm", "post_attention_layernorm", "q_norm", "k_norm") and hasattr(layer, module):
+                    dst, target = getattr(layer, module).weight, f"layers.{idx}.{module}.weight"
+                else:
+                    raise ConfigError(f"unexpected weight {name} for a {a.arch} model")
+            else:
+                raise ConfigError(f"unexpected weight {name} for a {a.arch} model")
+            if tuple(dst.shape) != tuple(w.shape):
+                raise ConfigError(f"weight {name} has shape {tuple(w.shape)}, expected {tuple(dst.shape)}")
+            dst.copy_(w)
+            loaded[target] = loaded.get(target, 0) + dst.shape[0]
+        missing = sorted(n for n, rows in expected.items() if loaded.get(n, 0) != rows)
+        if missing:
+            raise ConfigError(f"model weights missing from {path}: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")

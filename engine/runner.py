@@ -1,0 +1,236 @@
+"""The single tensor boundary: turns a scheduled step (Python lists) into tensors, runs the model,
+samples, and returns plain token ids.
+
+Per step it builds, once: the flat token/position/slot tensors, the attention metadata (one
+decode gather index + mask reused by every layer), the LoRA context (token_slots + the kernels'
+LoraBatchMeta), and the rows whose logits are needed (the last token of each sampling sequence).
+Token layout of a step: [multi-token chunks (prefills)..., single-token rows (decodes)...].
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.attention import AttentionMetadata, PrefillSpan
+from engine.budget import ModelDims, kv_bytes_per_token
+from engine.config import EngineConfig
+from engine.errors import ConfigError
+from engine.lora_ops import lora_ops
+from engine.model import LlamaModel, LoraContext, LoraStacks, ModelArgs
+from engine.outputs import TokenLogprob
+from engine.sampler import sample
+from engine.scheduler import SchedulerOutput
+from engine.sequence import Sequence
+
+_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CPU_KV_CAP_BYTES = 2 << 30  # default KV pool cap on CPU when no size is given
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but CUDA is not available", hint="use --device cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
+    """'auto' = float32 on CPU (fast and exact there), the checkpoint's dtype on CUDA."""
+    if dtype != "auto":
+        return _TORCH_DTYPES[dtype]
+    if device.type == "cpu":
+        return torch.float32
+    raw = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "bfloat16")
+    return _TORCH_DTYPES.get(raw.replace("torch.", ""), torch.bfloat16)
+
+
+@dataclass
+class KVPlan:
+    num_blocks: int
+    max_model_len: int
+
+
+def plan_kv(config: EngineConfig, dims: ModelDims, args: ModelArgs, dtype: torch.dtype, device: torch.device) -> KVPlan:
+    """How many KV blocks to allocate and the resulting max_model_len (see EngineConfig)."""
+    per_token = kv_bytes_per_token(dims, str(dtype))
+    per_block = per_token * config.block_size
+    limit = args.max_position_embeddings
+    if args.sliding_window:
+        limit = min(limit, args.sliding_window)  # attention is exact only inside the window
+    if config.max_model_len is not None and config.max_model_len > limit:
+        raise ConfigError(f"max_model_len {config.max_model_len} exceeds the model's limit of {limit} tokens")
+    want_len = config.max_model_len or limit
+    if config.num_kv_blocks is not None:
+        blocks = config.num_kv_blocks
+    elif config.kv_cache_memory_bytes is not None:
+        blocks = config.kv_cache_memory_bytes // per_block
+    else:
+        want = math.ceil(config.max_num_seqs * want_len / config.block_size)
+        if device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            cap = int(free * 0.85)
+        else:
+            cap = CPU_KV_CAP_BYTES
+        blocks = max(1, min(want, cap // per_block))
+    if blocks < 1:
+        raise ConfigError(f"the KV cache budget holds no block ({per_block} bytes per block of {config.block_size} tokens)")
+    capacity = blocks * config.block_size
+    if capacity < want_len:
+        if config.max_model_len is not None:
+            raise ConfigError(
+                f"KV cache holds {capacity} tokens, less than max_model_len {config.max_model_len}",
+                hint="raise num_kv_blocks / kv_cache_memory_bytes or lower max_model_len",
+            )
+        want_len = capacity
+    return KVPlan(num_blocks=blocks, max_model_len=want_len)
+
+
+class ModelRunner:
+    """Owns the model weights, the KV pool and the per-request samplers' generators."""
+
+    def __init__(self, config: EngineConfig, hf_config: Any, model_path: Path) -> None:
+        self.config = config
+        self.device = resolve_device(config.device)
+        self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        self.args = ModelArgs.from_hf_config(hf_config)
+        self.dims = ModelDims.from_hf_config(hf_config)
+        with torch.device(self.device):
+            model = LlamaModel(self.args)
+        model.load_weights(model_path)
+        self.model = model.to(self.dtype).eval()
+        plan = plan_kv(config, self.dims, self.args, self.dtype, self.device)
+        self.num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
+        self.block_size = config.block_size
+        self.model.init_rope(hf_config, self.max_model_len)
+        a = self.args
+        # kv_cache: [layers, K/V, num_blocks * block_size, kv_heads, head_dim]
+        self.kv_cache = torch.zeros(
+            a.num_layers, 2, self.num_blocks * self.block_size, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
+        )
+        self._generators: dict[int, torch.Generator] = {}
+        self._seed_source = torch.Generator().manual_seed(config.seed)
+
+    # -- per-request state ---------------------------------------------------------------------
+    def generator(self, seq: Sequence) -> torch.Generator:
+        g = self._generators.get(id(seq))
+        if g is None:
+            seed = seq.params.seed
+            if seed is None:
+                seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
+            g = torch.Generator(device=self.device).manual_seed(seed)
+            self._generators[id(seq)] = g
+        return g
+
+    def release(self, seq: Sequence) -> None:
+        """Forget a finished/aborted sequence's generator."""
+        self._generators.pop(id(seq), None)
+
+    # -- one step --------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def run(
+        self,
+        out: SchedulerOutput,
+        slots: list[int] | None = None,
+        stacks: LoraStacks | None = None,
+    ) -> tuple[list[int | None], list[TokenLogprob | None]]:
+        """Forward the scheduled tokens; `slots[i]` is scheduled item i's LoRA slot (-1 = base).
+
+        Returns (token or None, logprob or None) per scheduled item, in `out.scheduled` order.
+        """
+        items = out.scheduled
+        order = [i for i, it in enumerate(items) if it.num_tokens > 1] + [i for i, it in enumerate(items) if it.num_tokens == 1]
+        bs = self.block_size
+        ids: list[int] = []
+        pos: list[int] = []
+        slot_map: list[int] = []
+        token_slots: list[int] = []
+        prefills: list[PrefillSpan] = []
+        decode_rows: list[int] = []
+        sample_rows: list[int] = []  # token index of each sampling item's last token
+        sample_items: list[int] = []
+        for i in order:
+            it = items[i]
+            seq, n, start = it.seq, it.num_tokens, it.seq.num_computed_tokens
+            t0 = len(ids)
+            ids.extend(seq.token_ids[start : start + n])
+            pos.extend(range(start, start + n))
+            bt = seq.block_table
+            slot_map.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
+            if slots is not None:
+                token_slots.extend([slots[i]] * n)
+            if n > 1:
+                prefills.append(self._prefill_span(seq, t0, n, start))
+            else:
+                decode_rows.append(i)
+            if it.sample:
+                sample_rows.append(len(ids) - 1)
+                sample_items.append(i)
+        dev = self.device
+        meta = AttentionMetadata(slot_mapping=torch.tensor(slot_map, dtype=torch.long, device=dev), prefills=prefills)
+        if decode_rows:
+            meta.decode_start = len(ids) - len(decode_rows)
+            self._decode_meta(meta, [items[i].seq for i in decode_rows])
+        lora = None
+        if stacks is not None and slots is not None and any(s >= 0 for s in slots):
+            ts = torch.tensor(token_slots, dtype=torch.int32, device=dev)
+            _, _, meta_cls = lora_ops()
+            lora = LoraContext(token_slots=ts, meta=meta_cls.from_token_slots(ts), stacks=stacks)
+        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
+        positions = torch.tensor(pos, dtype=torch.long, device=dev)
+        hidden = self.model(input_ids, positions, meta, self.kv_cache, lora)  # [T, hidden]
+        tokens: list[int | None] = [None] * len(items)
+        logprobs: list[TokenLogprob | None] = [None] * len(items)
+        if sample_rows:
+            rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
+            logits = self.model.logits(hidden.index_select(0, rows))  # [N, V] fp32
+            seqs = [items[i].seq for i in sample_items]
+            gens = [None if s.params.greedy else self.generator(s) for s in seqs]
+            toks, lps = sample(logits, [s.params for s in seqs], gens)
+            for i, tok, lp in zip(sample_items, toks, lps):
+                tokens[i], logprobs[i] = tok, lp
+        return tokens, logprobs
+
+    @torch.inference_mode()
+    def score(self, token_ids: list[int], slot: int = -1, stacks: LoraStacks | None = None) -> torch.Tensor:
+        """fp32 logits [T, V] of every position of one prompt (a scratch KV, not the pool).
+
+        For tests and scoring; `slot` >= 0 applies that LoRA slot to every token.
+        """
+        t, a, dev = len(token_ids), self.args, self.device
+        scratch = torch.zeros(a.num_layers, 2, t, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=dev)
+        meta = AttentionMetadata(slot_mapping=torch.arange(t, device=dev), prefills=[PrefillSpan(0, t, 0)], decode_start=t)
+        lora = None
+        if stacks is not None and slot >= 0:
+            ts = torch.full((t,), slot, dtype=torch.int32, device=dev)
+            lora = LoraContext(token_slots=ts, meta=lora_ops()[2].from_token_slots(ts), stacks=stacks)
+        ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
+        hidden = self.model(ids, torch.arange(t, device=dev), meta, scratch, lora)
+        return self.model.logits(hidden)
+
+    def _prefill_span(self, seq: Sequence, t0: int, n: int, start: int) -> PrefillSpan:
+        span = PrefillSpan(start=t0, end=t0 + n, ctx_start=start)
+        if start > 0:  # a continued chunk: attend over the cached context too
+            dev, bs, total = self.device, self.block_size, start + n
+            bt = torch.tensor(seq.block_table, dtype=torch.long, device=dev)
+            p = torch.arange(total, device=dev)
+            span.gather = bt[p // bs] * bs + p % bs  # [total]
+            q_pos = torch.arange(start, total, device=dev)[:, None]
+            span.mask = (p[None, :] <= q_pos)[None, None]  # [1, 1, n, total]
+        return span
+
+    def _decode_meta(self, meta: AttentionMetadata, seqs: list[Sequence]) -> None:
+        """One padded gather index [B, L] and key mask [B, 1, 1, L] for all decode rows."""
+        dev, bs = self.device, self.block_size
+        lens = [s.num_computed_tokens + 1 for s in seqs]
+        max_blocks = max(len(s.block_table) for s in seqs)
+        table = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs], dtype=torch.long, device=dev)
+        length = max(lens)
+        gather = (table[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(len(seqs), -1)[:, :length]
+        lens_t = torch.tensor(lens, device=dev)
+        meta.decode_gather = gather  # [B, L]
+        meta.decode_mask = (torch.arange(length, device=dev)[None, :] < lens_t[:, None])[:, None, None, :]

@@ -1,0 +1,94 @@
+"""One request's state inside the engine. Pure Python: no torch."""
+
+from __future__ import annotations
+
+import enum
+import itertools
+import time
+from dataclasses import dataclass, field
+
+from engine.outputs import RequestMetrics, TokenLogprob
+from engine.sampling_params import SamplingParams
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+_counter = itertools.count()
+
+
+@dataclass(eq=False)
+class Sequence:
+    """Tokens (prompt + generated), KV blocks and progress of one request.
+
+    `num_computed_tokens` counts tokens whose K/V are in the cache; the next step feeds
+    `token_ids[num_computed_tokens:]` (a prompt chunk, or the one token sampled last step).
+    Preemption resets it to 0 and frees the blocks: the request is recomputed later,
+    prompt and generated tokens alike, and continues where it stopped.
+    """
+
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    prompt: str | None = None
+    adapter: str | None = None
+    eos_token_ids: frozenset[int] = frozenset()
+    max_model_len: int = 1 << 30
+    token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    block_table: list[int] = field(default_factory=list)
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    logprobs: list[TokenLogprob] | None = None
+    num_preemptions: int = 0
+    seq_no: int = field(default_factory=lambda: next(_counter))  # admission order for tie-breaks
+    metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
+
+    def __post_init__(self) -> None:
+        if not self.token_ids:
+            self.token_ids = list(self.prompt_token_ids)
+        if self.params.logprobs is not None and self.logprobs is None:
+            self.logprobs = []
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_pending_tokens(self) -> int:
+        """Tokens not yet in the KV cache (what the next steps must feed)."""
+        return len(self.token_ids) - self.num_computed_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
+
+    def append_token(self, token_id: int) -> None:
+        self.token_ids.append(token_id)
+
+    def check_token_stop(self) -> bool:
+        """After a token was appended: set finish_reason for EOS, stop ids, max_tokens or context end."""
+        last = self.token_ids[-1]
+        if not self.params.ignore_eos and last in self.eos_token_ids:
+            self.finish_reason, self.stop_reason = "stop", None
+        elif last in self.params.stop_token_ids:
+            self.finish_reason, self.stop_reason = "stop", last
+        elif self.num_output_tokens >= self.params.max_tokens or self.num_tokens >= self.max_model_len:
+            self.finish_reason = "length"
+        return self.finish_reason is not None
