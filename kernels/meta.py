@@ -1,0 +1,162 @@
+"""Per-step batch layout for the LoRA ops, built once per engine step and shared by every layer.
+
+Every LoRA layer of a decoder sees the same `token_slots` in one step, so everything that
+depends only on the slots (sort order, segments, distinct slots, index tensors) is computed
+here once instead of in each of the ~7 x num_layers op calls.
+
+Strategy (which kernel layout the Triton backend launches), decided from the layout alone:
+
+- "segment" (SGMV): rows are processed per adapter segment (rows of one slot, gathered through
+  `sorted_rows`), so one weight tile serves up to BLOCK_M rows with a tensor-core dot. Used when
+  adapters are shared by several rows on average (prefill chunks, decode with popular adapters):
+  `num_lora_rows > GATHER_MAX_ROWS_PER_SEGMENT * num_segments`.
+- "gather" (BGMV): one program per row reads that row's adapter weights directly. Used when
+  rows mostly have distinct adapters (decode with many adapters), where a segment tile would be
+  mostly padding and L2 already absorbs the rare repeated weight reads.
+
+The CPU fast path (`kernels.cpu`) uses the same metadata differently: `single_slot` -> one plain
+matmul, few `runs` -> contiguous row slices (no copies), otherwise a sort-gather of the rows,
+one matmul per segment, and one scatter back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from engine.errors import MloraError
+
+# Mean rows per adapter segment at or below which "gather" (BGMV) beats "segment" (SGMV).
+GATHER_MAX_ROWS_PER_SEGMENT = 2
+# The CPU path loops over row runs (zero-copy slices) when there are at most this many runs
+# per distinct slot; otherwise one gather + one scatter of the rows is cheaper than many tiny matmuls.
+CPU_MAX_RUNS_PER_SLOT = 2
+
+
+class KernelError(MloraError):
+    """Bad input to a LoRA kernel op (shapes, dtypes, devices, slot indices)."""
+
+
+@dataclass(frozen=True, eq=False)
+class LoraBatchMeta:
+    """Layout of one step's `token_slots`: what each op needs to launch without recomputing it.
+
+    Attributes (T = rows, G = segments = distinct slots != -1, T_lora = rows with a slot != -1):
+        token_slots:    [T] int32 on `device`, the slot of each row (-1 = base model only).
+        num_tokens:     T.
+        num_no_lora:    rows with slot -1 (their shrink output is 0, expand leaves them alone).
+        min_slot, max_slot: host ints for the range check against S (no device sync per op).
+        distinct_slots: sorted distinct slots != -1 (length G).
+        sorted_rows:    [T_lora] int64, row indices stably sorted by slot, -1 rows left out.
+        seg_starts, seg_lens, seg_slots: [G] int32 on `device`; segment g is
+                        sorted_rows[seg_starts[g] : seg_starts[g] + seg_lens[g]], all using seg_slots[g].
+        segments:       host copy of the above as (start, end, slot) into sorted_rows.
+        max_seg_len:    longest segment (sizes the SGMV grid).
+        runs:           maximal runs of equal slot in row order, (start, end, slot), -1 runs included.
+        single_slot:    the slot when every row uses the same slot != -1, else None (plain matmul).
+        strategy:       "segment" or "gather" (Triton backend; see the module docstring).
+    """
+
+    token_slots: torch.Tensor
+    num_tokens: int
+    num_no_lora: int
+    min_slot: int
+    max_slot: int
+    distinct_slots: tuple[int, ...]
+    sorted_rows: torch.Tensor
+    seg_starts: torch.Tensor
+    seg_lens: torch.Tensor
+    seg_slots: torch.Tensor
+    segments: tuple[tuple[int, int, int], ...]
+    max_seg_len: int
+    runs: tuple[tuple[int, int, int], ...]
+    single_slot: int | None
+    strategy: str
+
+    @property
+    def num_lora_rows(self) -> int:
+        return self.num_tokens - self.num_no_lora
+
+    @property
+    def use_runs(self) -> bool:
+        """CPU path: slice contiguous row runs instead of gathering rows (few runs per slot)."""
+        lora_runs = sum(1 for _, _, s in self.runs if s >= 0)
+        return lora_runs <= CPU_MAX_RUNS_PER_SLOT * max(1, len(self.distinct_slots))
+
+    @classmethod
+    def from_token_slots(
+        cls, token_slots: torch.Tensor | Sequence[int], *, device: torch.device | str | None = None
+    ) -> LoraBatchMeta:
+        """Build the layout from the per-row slots (a tensor or a host list; a list avoids a sync).
+
+        `device` is where the index tensors go (default: the tensor's device, else CPU).
+        """
+        if isinstance(token_slots, torch.Tensor):
+            if token_slots.dim() != 1:
+                raise KernelError(f"token_slots must be 1-D [T], got shape {tuple(token_slots.shape)}")
+            if token_slots.dtype.is_floating_point or token_slots.dtype.is_complex or token_slots.dtype == torch.bool:
+                raise KernelError(f"token_slots must be an integer tensor, got {token_slots.dtype}")
+            dev = torch.device(device) if device is not None else token_slots.device
+            host = token_slots.detach().to("cpu", torch.int64)
+        else:
+            values = list(token_slots)
+            if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
+                raise KernelError("token_slots must be a sequence of ints")
+            dev = torch.device(device) if device is not None else torch.device("cpu")
+            host = torch.tensor(values, dtype=torch.int64)
+        return cls._build(host, dev)
+
+    @classmethod
+    def _build(cls, host: torch.Tensor, dev: torch.device) -> LoraBatchMeta:
+        # host: [T] int64 on CPU
+        T = int(host.numel())
+        if T == 0:
+            empty = torch.empty(0, dtype=torch.int32, device=dev)
+            return cls(empty, 0, 0, -1, -1, (), torch.empty(0, dtype=torch.int64, device=dev),
+                       empty, empty, empty, (), 0, (), None, "segment")
+        min_slot, max_slot = int(host.min()), int(host.max())
+        if min_slot < -1:
+            raise KernelError(f"token_slots must be >= -1 (-1 = no adapter), got {min_slot}")
+
+        run_vals, run_lens = torch.unique_consecutive(host, return_counts=True)
+        run_vals_l, run_lens_l = run_vals.tolist(), run_lens.tolist()
+        runs, start = [], 0
+        for v, n in zip(run_vals_l, run_lens_l):
+            runs.append((start, start + n, v))
+            start += n
+
+        sorted_vals, order = torch.sort(host, stable=True)
+        num_no_lora = int((sorted_vals < 0).sum())
+        order = order[num_no_lora:]  # -1 rows sort first; drop them
+        seg_vals, seg_lens = torch.unique_consecutive(sorted_vals[num_no_lora:], return_counts=True)
+        seg_vals_l, seg_lens_l = seg_vals.tolist(), seg_lens.tolist()
+        segments, start = [], 0
+        for v, n in zip(seg_vals_l, seg_lens_l):
+            segments.append((start, start + n, v))
+            start += n
+        G, T_lora = len(segments), T - num_no_lora
+
+        strategy = "gather" if G and T_lora <= GATHER_MAX_ROWS_PER_SEGMENT * G else "segment"
+        single = seg_vals_l[0] if G == 1 and num_no_lora == 0 else None
+        starts = [s for s, _, _ in segments]
+        # one host->device copy for the three int32 segment arrays
+        seg_pack = torch.tensor([starts, seg_lens_l, seg_vals_l], dtype=torch.int32).to(dev)
+        return cls(
+            token_slots=host.to(device=dev, dtype=torch.int32),
+            num_tokens=T,
+            num_no_lora=num_no_lora,
+            min_slot=min_slot,
+            max_slot=max_slot,
+            distinct_slots=tuple(seg_vals_l),
+            sorted_rows=order.to(dev),
+            seg_starts=seg_pack[0],
+            seg_lens=seg_pack[1],
+            seg_slots=seg_pack[2],
+            segments=tuple(segments),
+            max_seg_len=max(seg_lens_l, default=0),
+            runs=tuple(runs),
+            single_slot=single,
+            strategy=strategy,
+        )

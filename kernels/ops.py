@@ -1,0 +1,172 @@
+"""Public LoRA ops: checks before launch, then dispatch to a backend.
+
+Backends:
+    "triton": the SGMV/BGMV Triton kernels; compiled on CUDA tensors, run by the Triton
+              interpreter on CPU tensors (slow; for tests). Needs the triton package.
+    "torch":  the reference (`shrink_reference` / `expand_reference`): simple, fp32, obviously right.
+    "cpu":    the fast torch path (`kernels.cpu`); works on any device.
+    "auto":   "triton" for CUDA tensors when triton is importable, else "cpu".
+Strategy (Triton only): "auto" takes `meta.strategy` (see `kernels.meta`), or force
+"segment" (SGMV) / "gather" (BGMV).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kernels import _triton
+from kernels.cpu import expand_cpu, shrink_cpu
+from kernels.expand import expand_reference, expand_triton
+from kernels.meta import KernelError, LoraBatchMeta
+from kernels.shrink import shrink_reference, shrink_triton
+
+BACKENDS = ("auto", "triton", "torch", "cpu")
+STRATEGIES = ("auto", "segment", "gather")
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor, scales: torch.Tensor, *,
+                meta: LoraBatchMeta | None = None, backend: str = "auto", strategy: str = "auto") -> torch.Tensor:
+    """Per-row LoRA down-projection, each row with its own adapter slot.
+
+    Semantics:
+        x: [T, K], lora_a: [S, R, K], token_slots: [T] int in [-1, S), scales: [S] or [S, R] float
+        h[t] = scales[s] * (x[t] @ lora_a[s].T)   with s = token_slots[t];   h[t] = 0 when s == -1
+        returns h: [T, R] in x.dtype (accumulated in fp32)
+    `meta` is `LoraBatchMeta.from_token_slots(token_slots)`, built once per step and shared by all
+    layers (built here when omitted). Raises KernelError (an MloraError) on bad shapes/dtypes/devices.
+    """
+    _check_shrink(x, lora_a, token_slots, scales)
+    meta = _meta_for(meta, token_slots, lora_a.shape[0])
+    be = _resolve(backend, x.device)
+    if x.shape[0] == 0:
+        return torch.empty(0, lora_a.shape[1], dtype=x.dtype, device=x.device)
+    if be == "torch":
+        return shrink_reference(x, lora_a, token_slots, scales)
+    if be == "cpu":
+        return shrink_cpu(x, lora_a, scales, meta)
+    return shrink_triton(x, lora_a, scales, meta, _strategy(strategy, meta))
+
+
+def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor, *,
+                meta: LoraBatchMeta | None = None, out_offset: int = 0, backend: str = "auto",
+                strategy: str = "auto") -> torch.Tensor:
+    """Per-row LoRA up-projection added in place into a column slice of `out`.
+
+    Semantics:
+        h: [T, R], lora_b: [S, N, R], token_slots: [T] int in [-1, S), out: [T, >= out_offset + N]
+        out[t, out_offset:out_offset+N] += h[t] @ lora_b[s].T   with s = token_slots[t]; nothing when s == -1
+        returns out (the same tensor); accumulated in fp32, rounded once to out.dtype
+    `out_offset` serves fused projections: expand q, k, v (or gate, up) into their column ranges
+    of one output. h, lora_b and out share one dtype.
+    """
+    _check_expand(h, lora_b, token_slots, out, out_offset)
+    meta = _meta_for(meta, token_slots, lora_b.shape[0])
+    be = _resolve(backend, h.device)
+    if h.shape[0] == 0:
+        return out
+    if be == "torch":
+        return expand_reference(h, lora_b, token_slots, out, out_offset)
+    if be == "cpu":
+        return expand_cpu(h, lora_b, out, meta, out_offset)
+    return expand_triton(h, lora_b, out, meta, out_offset, _strategy(strategy, meta))
+
+
+# ----------------------------------------------------------------------------- dispatch
+def _resolve(backend: str, device: torch.device) -> str:
+    if backend not in BACKENDS:
+        raise KernelError(f"unknown kernel backend {backend!r}; choose one of {', '.join(BACKENDS)}")
+    if backend == "auto":
+        return "triton" if device.type == "cuda" and _triton.available() else "cpu"
+    if backend == "triton":
+        _triton.load()  # clear KernelError when triton is missing
+    return backend
+
+
+def _strategy(strategy: str, meta: LoraBatchMeta) -> str:
+    if strategy not in STRATEGIES:
+        raise KernelError(f"unknown kernel strategy {strategy!r}; choose one of {', '.join(STRATEGIES)}")
+    return meta.strategy if strategy == "auto" else strategy
+
+
+def _meta_for(meta: LoraBatchMeta | None, token_slots: torch.Tensor, num_slots: int) -> LoraBatchMeta:
+    if meta is None:
+        meta = LoraBatchMeta.from_token_slots(token_slots)
+    elif meta.num_tokens != token_slots.shape[0]:
+        raise KernelError(f"meta was built for {meta.num_tokens} rows but token_slots has {token_slots.shape[0]}")
+    if meta.max_slot >= num_slots:
+        raise KernelError(f"token_slots must be in [-1, {num_slots}) for a stack of {num_slots} slots, "
+                          f"got slot {meta.max_slot}")
+    return meta
+
+
+# ----------------------------------------------------------------------------- checks
+def _shape(t: torch.Tensor) -> str:
+    return "[" + ", ".join(str(d) for d in t.shape) + "]"
+
+
+def _check_common(name: str, t: torch.Tensor, dim: int) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise KernelError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != dim:
+        raise KernelError(f"{name} must be {dim}-D, got shape {_shape(t)}")
+    if t.dim() and t.shape[-1] > 1 and t.stride(-1) != 1:
+        raise KernelError(f"{name} must have unit stride in its last dimension (call .contiguous()), "
+                          f"got strides {tuple(t.stride())}")
+
+
+def _check_slots(token_slots: torch.Tensor, T: int) -> None:
+    _check_common("token_slots", token_slots, 1)
+    if token_slots.dtype.is_floating_point or token_slots.dtype.is_complex or token_slots.dtype == torch.bool:
+        raise KernelError(f"token_slots must be an integer tensor, got {token_slots.dtype}")
+    if token_slots.shape[0] != T:
+        raise KernelError(f"token_slots has {token_slots.shape[0]} rows but the input has {T}")
+
+
+def _check_float(name: str, t: torch.Tensor) -> None:
+    if t.dtype not in FLOAT_DTYPES:
+        raise KernelError(f"{name} must be float32, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_devices(**tensors: torch.Tensor) -> None:
+    devices = {str(t.device) for t in tensors.values()}
+    if len(devices) > 1:
+        where = ", ".join(f"{k} on {t.device}" for k, t in tensors.items())
+        raise KernelError(f"all tensors must be on one device, got {where}")
+
+
+def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor, scales: torch.Tensor) -> None:
+    _check_common("x", x, 2)
+    _check_common("lora_a", lora_a, 3)
+    _check_slots(token_slots, x.shape[0])
+    if not isinstance(scales, torch.Tensor) or scales.dim() not in (1, 2):
+        raise KernelError("scales must be a tensor of shape [S] or [S, R]")
+    _check_devices(x=x, lora_a=lora_a, token_slots=token_slots, scales=scales)
+    _check_float("x", x)
+    _check_float("scales", scales)
+    if lora_a.dtype != x.dtype:
+        raise KernelError(f"lora_a dtype {lora_a.dtype} must match x dtype {x.dtype}")
+    S, R, K = lora_a.shape
+    if x.shape[1] != K:
+        raise KernelError(f"x has {x.shape[1]} features but lora_a {_shape(lora_a)} expects [S, R, {x.shape[1]}]")
+    if scales.shape[0] != S or (scales.dim() == 2 and scales.shape[1] != R):
+        raise KernelError(f"scales shape {_shape(scales)} must be [{S}] or [{S}, {R}] for lora_a {_shape(lora_a)}")
+
+
+def _check_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor,
+                  out_offset: int) -> None:
+    _check_common("h", h, 2)
+    _check_common("lora_b", lora_b, 3)
+    _check_common("out", out, 2)
+    _check_slots(token_slots, h.shape[0])
+    _check_devices(h=h, lora_b=lora_b, token_slots=token_slots, out=out)
+    _check_float("h", h)
+    if lora_b.dtype != h.dtype or out.dtype != h.dtype:
+        raise KernelError(f"h ({h.dtype}), lora_b ({lora_b.dtype}) and out ({out.dtype}) must share one dtype")
+    S, N, R = lora_b.shape
+    if h.shape[1] != R:
+        raise KernelError(f"h has rank {h.shape[1]} but lora_b {_shape(lora_b)} expects [S, N, {h.shape[1]}]")
+    if out.shape[0] != h.shape[0]:
+        raise KernelError(f"out has {out.shape[0]} rows but h has {h.shape[0]}")
+    if not isinstance(out_offset, int) or out_offset < 0 or out_offset + N > out.shape[1]:
+        raise KernelError(f"out_offset {out_offset} + lora_b out features {N} must fit out's {out.shape[1]} columns")
