@@ -1,0 +1,380 @@
+"""The aiohttp application: OpenAI/vLLM routes over one AsyncLLM.
+
+Handlers validate, enqueue and await; they never compute (the engine's own task owns the
+step loop and runs it off the event loop). Every error is one OpenAI-shaped JSON object
+with the right status, never a traceback:
+
+    AdapterNotFoundError / unknown model -> 404     PromptTooLongError, bad JSON/params -> 400
+    QueueFullError -> 429 + Retry-After             EngineStoppedError, draining -> 503 + Retry-After
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from engine.errors import (AdapterError, AdapterNotFoundError, ConfigError, EngineStoppedError, MloraError,
+                           PromptTooLongError, QueueFullError)
+from engine.server import protocol as P
+from engine.server.config import ServerConfig
+from engine.server.generation import Choices, open_choices
+from engine.server.metrics import CONTENT_TYPE, ServerMetrics
+from engine.server.security import check_api_key, confine_adapter_path
+
+log = logging.getLogger("mlora.server")
+
+
+@dataclass
+class ServerState:
+    """Mutable per-app state: metrics, in-flight count (for graceful drain), adapter paths."""
+
+    metrics: ServerMetrics
+    created: int = field(default_factory=P.now_s)
+    inflight: int = 0
+    draining: bool = False
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    adapter_paths: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+
+ENGINE = web.AppKey("engine", object)
+CONFIG = web.AppKey("config", ServerConfig)
+STATE = web.AppKey("state", ServerState)
+
+_OPEN_PATHS = ("/health", "/metrics")
+
+
+def api_error_for(exc: BaseException, retry_after: int = 1) -> P.APIError:
+    """Map an engine error to its HTTP error."""
+    if isinstance(exc, P.APIError):
+        return exc
+    retry = {"Retry-After": str(retry_after)}
+    if isinstance(exc, AdapterNotFoundError):
+        return P.APIError(404, exc.message, param="model")
+    if isinstance(exc, QueueFullError):
+        return P.APIError(429, exc.message, headers=retry)
+    if isinstance(exc, EngineStoppedError):
+        return P.APIError(503, exc.message, headers=retry)
+    if isinstance(exc, (PromptTooLongError, AdapterError, ConfigError, MloraError)):
+        return P.APIError(400, exc.message)
+    return P.APIError(500, "internal server error (see the server log)")
+
+
+def json_error(err: P.APIError) -> web.Response:
+    return web.json_response(P.error_body(err), status=err.status, headers=err.headers)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """Outermost: every failure becomes one JSON error; tracebacks go to the log only."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return json_error(P.APIError(exc.status, exc.reason or "error"))
+    except (P.APIError, MloraError) as exc:
+        return json_error(api_error_for(exc, request.app[CONFIG].retry_after_s))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return json_error(P.APIError(500, "internal server error (see the server log)"))
+
+
+@web.middleware
+async def guard_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """API key on /v1, 503 while draining, and the in-flight count the drain waits on."""
+    config, state = request.app[CONFIG], request.app[STATE]
+    if request.path in _OPEN_PATHS:
+        return await handler(request)
+    check_api_key(request.path, request.headers.get("Authorization"), config.api_key)
+    if state.draining:
+        raise P.APIError(503, "the server is shutting down", headers={"Retry-After": str(config.retry_after_s)})
+    state.inflight += 1
+    state.idle.clear()
+    try:
+        return await handler(request)
+    finally:
+        state.inflight -= 1
+        if state.inflight == 0:
+            state.idle.set()
+
+
+async def _body(request: web.Request) -> Any:
+    raw = await request.read()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise P.bad(f"malformed JSON body: {exc}") from None
+
+
+def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
+    """(served name, adapter) for a request's `model` field; None/base name = the base model."""
+    if model is None or model == engine.model_name:
+        return engine.model_name, None
+    if model in engine.list_adapters():
+        return model, model
+    raise P.APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the base model and its adapters.",
+                     err_type="not_found_error", param="model")
+
+
+async def _start(request: web.Request, prompts: list[str | list[int]], params: Any, n: int, rid: str,
+                 model: str | None) -> tuple[str, Choices]:
+    engine, state = request.app[ENGINE], request.app[STATE]
+    name, adapter = _resolve(engine, model)
+    try:
+        choices = await open_choices(engine, prompts, params, n=n, request_id=rid, adapter=adapter,
+                                     metrics=state.metrics, label=name)
+    except MloraError as exc:
+        err = api_error_for(exc, request.app[CONFIG].retry_after_s)
+        state.metrics.count_error(name, err.status)
+        raise err from None
+    return name, choices
+
+
+async def _stream(request: web.Request, choices: Choices, write_chunks: Any) -> web.StreamResponse:
+    """Send an SSE response: `write_chunks(resp)` writes the events, then `data: [DONE]`.
+
+    Headers are already out when a late error happens, so it is sent as one `data: {"error":...}`
+    event (as vLLM does) before [DONE]. A client that went away just ends the handler; the
+    caller's `finally` aborts the engine requests.
+    """
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await resp.prepare(request)
+    try:
+        await write_chunks(resp)
+    except ConnectionResetError:
+        return resp
+    except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
+        err = api_error_for(exc, request.app[CONFIG].retry_after_s)
+        if err.status >= 500 and not isinstance(exc, (P.APIError, MloraError)):
+            log.exception("error while streaming %s", request.path)
+        try:
+            await resp.write(P.sse(P.error_body(err)))
+        except ConnectionResetError:
+            return resp
+    try:
+        await resp.write(P.sse("[DONE]"))
+        await resp.write_eof()
+    except ConnectionResetError:
+        pass
+    return resp
+
+
+def _tail(lps: list[Any] | None, n: int) -> list[Any]:
+    """The logprobs of the last n tokens (outputs may carry them cumulatively or per delta)."""
+    return list(lps[-n:]) if lps and n else []
+
+
+def _check_abort(o: Any) -> None:
+    if o.finish_reason == "abort":
+        raise P.APIError(503, "the request was aborted (the server is shutting down)",
+                         headers={"Retry-After": "1"})
+
+
+def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, name: str) -> bytes:
+    """OpenAI's final `choices: []` chunk with the whole request's usage (stream_options.include_usage)."""
+    outs = [ch.last for ch in choices.items if ch.last is not None]
+    prompt_tokens = sum(len(o.prompt_token_ids) for o in outs[::n])
+    return P.sse(P.chunk(kind, rid, created, name, [], P.usage(prompt_tokens, sum(len(o.token_ids) for o in outs))))
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/completions (vLLM/OpenAI legacy completions; prompt may be a batch)."""
+    engine = request.app[ENGINE]
+    req = P.parse_completion(await _body(request), vocab_size=len(engine.tokenizer))
+    rid, created = P.new_id("cmpl"), P.now_s()
+    name, choices = await _start(request, req.prompts, req.params, req.n, rid, req.model)
+    tok, want_lp = engine.tokenizer, req.params.logprobs is not None
+
+    def echo_text(prompt: str | list[int]) -> str:
+        return (prompt if isinstance(prompt, str) else tok.decode(prompt)) if req.echo else ""
+
+    async def write_chunks(resp: web.StreamResponse) -> None:
+        offsets: dict[int, int] = {}
+        async for ch, o in choices.merged():
+            _check_abort(o)
+            text = o.delta_text
+            if ch.index not in offsets:
+                text = echo_text(ch.prompt) + text
+            elif not text and not o.finished and not o.delta_token_ids:
+                continue
+            offset = offsets.get(ch.index, 0)
+            offsets[ch.index] = offset + len(text)
+            lp = P.completion_logprobs(tok, _tail(o.logprobs, len(o.delta_token_ids)), offset) if want_lp else None
+            final = o.finished or req.stream_options.continuous_usage_stats
+            use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if final else None
+            await resp.write(P.sse(P.chunk("text_completion", rid, created, name,
+                                           [P.completion_choice(ch.index, text, o, lp)], use)))
+        if req.stream_options.include_usage:
+            await resp.write(_usage_chunk(choices, req.n, "text_completion", rid, created, name))
+
+    try:
+        if req.stream:
+            return await _stream(request, choices, write_chunks)
+        outs = await choices.collect()
+        for o in outs:
+            _check_abort(o)
+        body = [P.completion_choice(ch.index, echo_text(ch.prompt) + o.text, o,
+                                    P.completion_logprobs(tok, o.logprobs or []) if want_lp else None)
+                for ch, o in zip(choices.items, outs)]
+        use = P.usage(sum(len(o.prompt_token_ids) for o in outs[::req.n]), sum(len(o.token_ids) for o in outs))
+        return web.json_response(P.response("text_completion", rid, created, name, body, use))
+    finally:
+        await choices.close()
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    """POST /v1/chat/completions (prompt from the tokenizer's chat template, or the plain fallback)."""
+    engine = request.app[ENGINE]
+    req = P.parse_chat(await _body(request))
+    prompt = P.render_chat(engine.tokenizer, req)
+    if not req.max_tokens_given:  # OpenAI's default: as many as the context leaves
+        n_prompt = len(prompt) if isinstance(prompt, list) else len(engine.tokenizer.encode(prompt))
+        req.params.max_tokens = max(1, engine.max_model_len - n_prompt)
+    rid, created = P.new_id("chatcmpl"), P.now_s()
+    name, choices = await _start(request, [prompt], req.params, req.n, rid, req.model)
+    tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None
+    kind = "chat.completion.chunk"
+
+    async def write_chunks(resp: web.StreamResponse) -> None:
+        for ch in choices.items:  # OpenAI/vLLM open each choice with the role
+            first = {"index": ch.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
+                     "finish_reason": None}
+            await resp.write(P.sse(P.chunk(kind, rid, created, name, [first])))
+        async for ch, o in choices.merged():
+            _check_abort(o)
+            if not o.delta_text and not o.finished:
+                continue
+            lp = P.chat_logprobs(tok, _tail(o.logprobs, len(o.delta_token_ids)), top_n) if want_lp else None
+            final = o.finished or req.stream_options.continuous_usage_stats
+            use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if final else None
+            c = {"index": ch.index, "delta": {"content": o.delta_text} if o.delta_text else {}, "logprobs": lp,
+                 "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
+            await resp.write(P.sse(P.chunk(kind, rid, created, name, [c], use)))
+        if req.stream_options.include_usage:
+            await resp.write(_usage_chunk(choices, req.n, kind, rid, created, name))
+
+    try:
+        if req.stream:
+            return await _stream(request, choices, write_chunks)
+        outs = await choices.collect()
+        for o in outs:
+            _check_abort(o)
+        body = [P.chat_choice(ch.index, o, P.chat_logprobs(tok, o.logprobs or [], top_n) if want_lp else None)
+                for ch, o in zip(choices.items, outs)]
+        use = P.usage(len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs))
+        return web.json_response(P.response("chat.completion", rid, created, name, body, use))
+    finally:
+        await choices.close()
+
+
+async def models(request: web.Request) -> web.Response:
+    engine, state, config = request.app[ENGINE], request.app[STATE], request.app[CONFIG]
+    base = engine.model_name
+    cards = [P.model_card(base, root=config.engine.model or base, parent=None, created=state.created,
+                          max_model_len=engine.max_model_len)]
+    for name in engine.list_adapters():
+        cards.append(P.model_card(name, root=state.adapter_paths.get(name, name), parent=base, created=state.created,
+                                  max_model_len=engine.max_model_len))
+    return web.json_response({"object": "list", "data": cards})
+
+
+def _validation_failures(path: str, config: ServerConfig) -> list[str]:
+    """Reasons the validate library gives for refusing the adapter at `path` (empty = servable)."""
+    try:
+        from engine.adapters import validate_adapter
+    except ImportError:  # the engine validates again at registration in any case
+        return []
+    report = validate_adapter(path, base=config.engine.model, max_lora_rank=config.engine.max_lora_rank)
+    return [f"{c.name}: {c.message}" for c in report.checks if c.status == "fail"]
+
+
+def _lora_name(body: Any, engine: Any) -> str:
+    if not isinstance(body, dict):
+        raise P.bad("the request body must be a JSON object")
+    name = body.get("lora_name")
+    if not isinstance(name, str) or not name.strip():
+        raise P.bad("'lora_name' must be a non-empty string", "lora_name")
+    if name == engine.model_name:
+        raise P.bad(f"'lora_name' {name!r} is the base model's name", "lora_name")
+    return name
+
+
+async def load_lora_adapter(request: web.Request) -> web.Response:
+    engine, config, state = request.app[ENGINE], request.app[CONFIG], request.app[STATE]
+    if not config.allow_runtime_lora:
+        raise P.APIError(403, "runtime adapter loading is disabled; start the server with --allow-runtime-lora")
+    body = await _body(request)
+    name = _lora_name(body, engine)
+    path = body.get("lora_path")
+    if not isinstance(path, str) or not path.strip():
+        raise P.bad("'lora_path' must be a non-empty string", "lora_path")
+    path = confine_adapter_path(path, config.adapter_root)
+    if os.path.exists(path):
+        failures = await asyncio.to_thread(_validation_failures, path, config)
+        if failures:
+            raise P.bad(f"adapter '{name}' failed validation: " + "; ".join(failures), "lora_path")
+    try:
+        await engine.add_adapter(name, path)
+    except AdapterNotFoundError as exc:  # a path or hub id that is not there is the caller's mistake
+        raise P.bad(exc.message, "lora_path") from None
+    state.adapter_paths[name] = path
+    log.info("loaded LoRA adapter %r from %s", name, path)
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
+async def unload_lora_adapter(request: web.Request) -> web.Response:
+    engine, config, state = request.app[ENGINE], request.app[CONFIG], request.app[STATE]
+    if not config.allow_runtime_lora:
+        raise P.APIError(403, "runtime adapter unloading is disabled; start the server with --allow-runtime-lora")
+    name = _lora_name(await _body(request), engine)
+    if name not in engine.list_adapters():
+        raise P.APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
+    await engine.remove_adapter(name)
+    state.adapter_paths.pop(name, None)
+    log.info("unloaded LoRA adapter %r", name)
+    return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
+
+
+async def health(request: web.Request) -> web.Response:
+    if request.app[STATE].draining:
+        return web.Response(status=503, text="draining")
+    return web.Response(status=200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    engine, state = request.app[ENGINE], request.app[STATE]
+    try:
+        state.metrics.refresh(engine.stats())
+    except Exception:  # noqa: BLE001 - a scrape must not fail because stats did
+        log.exception("engine.stats() failed during a /metrics scrape")
+    return web.Response(body=state.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+
+def create_app(engine: Any, config: ServerConfig) -> web.Application:
+    """The application for one started (or about to start) AsyncLLM. Routes are vLLM's."""
+    app = web.Application(middlewares=[error_middleware, guard_middleware], client_max_size=8 * 1024 * 1024)
+    ecfg = config.engine
+    app[ENGINE] = engine
+    app[CONFIG] = config
+    app[STATE] = ServerState(metrics=ServerMetrics(engine.model_name, max_loras=ecfg.max_loras,
+                                                   lora_enabled=ecfg.enable_lora))
+    app[STATE].adapter_paths.update(dict(ecfg.loras))
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
+    app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+    return app

@@ -1,0 +1,175 @@
+"""Prometheus metrics for `mlora serve`, on a per-app CollectorRegistry (two apps in one process,
+as in tests, never collide).
+
+Request-side series (requests, tokens, TTFT, per-token latency, end-to-end latency) are labelled
+by `adapter`: the request's `model` field, i.e. the adapter name or the base model's name.
+Engine-side series are read from `AsyncLLM.stats()` at scrape time. Names that routers already
+know keep vLLM's spelling: `vllm:num_requests_running`, `vllm:num_requests_waiting`,
+`vllm:kv_cache_usage_perc` and `vllm:lora_requests_info` (labels `max_lora`,
+`waiting_lora_adapters`, `running_lora_adapters`: comma-joined adapter names; value = the
+wall-clock time of the update), which the Gateway API Inference Extension reads for LoRA
+affinity. Unlike vLLM we keep only the latest `lora_requests_info` series (old label sets are
+dropped), which is what a reader that picks the newest timestamp sees anyway.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+
+from engine.outputs import RequestOutput
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                40.0, 80.0, 160.0, 640.0)
+TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
+                10.0, 20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0)
+LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+class _EngineCollector:
+    """Yields the cumulative engine counters from the last stats snapshot (no double counting)."""
+
+    def __init__(self) -> None:
+        self.loads = 0
+        self.evictions = 0
+
+    def collect(self) -> Iterable[Metric]:
+        c = CounterMetricFamily("mlora:lora_loads", "Adapter loads into a device slot (cumulative).")
+        c.add_metric([], float(self.loads))
+        yield c
+        e = CounterMetricFamily("mlora:lora_evictions", "Adapter evictions from a device slot (cumulative).")
+        e.add_metric([], float(self.evictions))
+        yield e
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+
+class ServerMetrics:
+    """All series of one server. Handlers call `tracker()`; /metrics calls `refresh()` then `render()`."""
+
+    def __init__(self, model_name: str, *, max_loras: int, lora_enabled: bool = True) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.model_name = model_name
+        self.max_loras = max_loras
+        r = self.registry
+        self.requests = Counter("mlora:requests", "Finished requests by adapter and outcome "
+                                "(finish reason, or the HTTP status of an error).", ["adapter", "outcome"], registry=r)
+        self.prompt_tokens = Counter("mlora:prompt_tokens", "Prompt tokens of finished requests.", ["adapter"], registry=r)
+        self.generation_tokens = Counter("mlora:generation_tokens", "Generated tokens.", ["adapter"], registry=r)
+        self.ttft = Histogram("mlora:time_to_first_token_seconds", "Time from arrival to the first generated token.",
+                              ["adapter"], buckets=TTFT_BUCKETS, registry=r)
+        self.tpot = Histogram("mlora:time_per_output_token_seconds", "Time between generated tokens.",
+                              ["adapter"], buckets=TPOT_BUCKETS, registry=r)
+        self.e2e = Histogram("mlora:e2e_request_latency_seconds", "Time from arrival to the last token.",
+                             ["adapter"], buckets=E2E_BUCKETS, registry=r)
+        self.load_seconds = Histogram("mlora:lora_load_duration_seconds", "Time to load an adapter into a slot.",
+                                      buckets=LOAD_BUCKETS, registry=r)
+        self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", ["model_name", "engine"],
+                             registry=r)
+        self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", ["model_name", "engine"],
+                             registry=r)
+        self.kv_usage = Gauge("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.",
+                              ["model_name", "engine"], registry=r)
+        self.kv_free = Gauge("mlora:kv_cache_free_blocks", "Free KV-cache blocks.", registry=r)
+        self.kv_total = Gauge("mlora:kv_cache_total_blocks", "Total KV-cache blocks.", registry=r)
+        self.resident = Gauge("mlora:lora_resident_adapters", "Adapters resident in device slots.", registry=r)
+        self.resident_by_name = Gauge("mlora:lora_adapter_resident", "1 for each adapter resident in a device slot.",
+                                      ["adapter"], registry=r)
+        self.running_by_adapter = Gauge("mlora:num_requests_running_by_adapter", "Running requests per adapter.",
+                                        ["adapter"], registry=r)
+        self.waiting_by_adapter = Gauge("mlora:num_requests_waiting_by_adapter", "Waiting requests per adapter.",
+                                        ["adapter"], registry=r)
+        self.lora_info = None
+        if lora_enabled:
+            self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
+                                   ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
+        self._engine = _EngineCollector()
+        r.register(self._engine)  # type: ignore[arg-type]
+        self._labels = (model_name, "0")
+
+    def tracker(self, adapter_label: str) -> "RequestTracker":
+        return RequestTracker(self, adapter_label)
+
+    def count_error(self, adapter_label: str, status: int) -> None:
+        self.requests.labels(adapter_label, str(status)).inc()
+
+    def refresh(self, stats: Any) -> None:
+        """Copy one `EngineStats` snapshot into the gauges (called at scrape time)."""
+        g = lambda name, default=0: getattr(stats, name, default)  # noqa: E731 - tolerate older engines
+        self.running.labels(*self._labels).set(g("num_running"))
+        self.waiting.labels(*self._labels).set(g("num_waiting"))
+        free, total = g("kv_free_blocks"), g("kv_total_blocks")
+        self.kv_free.set(free)
+        self.kv_total.set(total)
+        self.kv_usage.labels(*self._labels).set((total - free) / total if total else 0.0)
+        resident = list(g("resident_adapters", []) or [])
+        self.resident.set(len(resident))
+        self.resident_by_name.clear()
+        for name in resident:
+            self.resident_by_name.labels(name).set(1)
+        running = dict(g("running_by_adapter", {}) or {})
+        waiting = dict(g("waiting_by_adapter", {}) or {})
+        for gauge, counts in ((self.running_by_adapter, running), (self.waiting_by_adapter, waiting)):
+            gauge.clear()
+            for name, count in counts.items():
+                gauge.labels(self._adapter_label(name)).set(count)
+        self._engine.loads = g("lora_loads")
+        self._engine.evictions = g("lora_evictions")
+        for seconds in g("lora_load_seconds", []) or []:
+            self.load_seconds.observe(seconds)
+        if self.lora_info is not None:
+            names = lambda counts: ",".join(n for n, c in counts.items() if n and c)  # noqa: E731
+            self.lora_info.clear()
+            self.lora_info.labels(
+                max_lora=str(g("max_loras", self.max_loras) or self.max_loras),
+                waiting_lora_adapters=names(waiting),
+                running_lora_adapters=names(running),
+            ).set_to_current_time()
+
+    def _adapter_label(self, name: str | None) -> str:
+        return name if name else self.model_name
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class RequestTracker:
+    """Latency and token accounting of one engine request, fed with each RequestOutput."""
+
+    def __init__(self, metrics: ServerMetrics, adapter_label: str) -> None:
+        self.m = metrics
+        self.label = adapter_label
+        self.arrival = time.monotonic()
+        self.last: float | None = None
+        self.done = False
+
+    def on_output(self, out: RequestOutput) -> None:
+        n = len(out.delta_token_ids)
+        if n:
+            now = time.monotonic()
+            if self.last is None:
+                self.m.ttft.labels(self.label).observe(now - self.arrival)
+                n -= 1  # the first token's time is TTFT, not inter-token latency
+            if n > 0 and self.last is not None:
+                per_token = (now - self.last) / n
+                for _ in range(n):
+                    self.m.tpot.labels(self.label).observe(per_token)
+            self.last = now
+            self.m.generation_tokens.labels(self.label).inc(len(out.delta_token_ids))
+        if out.finished:
+            self.finish(out.finish_reason or "stop", len(out.prompt_token_ids))
+
+    def finish(self, outcome: str, prompt_tokens: int = 0) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.m.requests.labels(self.label, outcome).inc()
+        self.m.prompt_tokens.labels(self.label).inc(prompt_tokens)
+        self.m.e2e.labels(self.label).observe(time.monotonic() - self.arrival)

@@ -1,0 +1,419 @@
+"""OpenAI / vLLM wire format: request parsing and validation, response and SSE chunk builders.
+
+Pure Python (no aiohttp, no torch): every function takes plain JSON values and returns plain
+JSON values, so the shapes are testable without a server. Shapes follow vLLM's OpenAI server:
+`cmpl-...` / `chatcmpl-...` ids, `created` in seconds, `usage` on every non-streamed response;
+when streaming, the chunk that carries a choice's `finish_reason` also carries that choice's
+`usage`, and `stream_options.include_usage` adds OpenAI's final `choices: []` usage chunk.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import ConfigError
+from engine.outputs import RequestOutput, TokenLogprob
+from engine.sampling_params import SamplingParams
+
+MAX_N = 16
+_ROLES = ("system", "user", "assistant", "tool", "developer")
+
+
+class APIError(Exception):
+    """An error that becomes one OpenAI-shaped JSON response with `status`."""
+
+    def __init__(self, status: int, message: str, *, err_type: str | None = None, param: str | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type or _DEFAULT_TYPES.get(status, "server_error" if status >= 500 else "invalid_request_error")
+        self.param = param
+        self.headers = headers or {}
+
+
+_DEFAULT_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    405: "invalid_request_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "service_unavailable",
+}
+
+
+def error_body(err: APIError) -> dict[str, Any]:
+    """{"error": {"message", "type", "param", "code"}} as OpenAI and vLLM send it (code = HTTP status)."""
+    return {"error": {"message": err.message, "type": err.err_type, "param": err.param, "code": err.status}}
+
+
+def bad(message: str, param: str | None = None) -> APIError:
+    return APIError(400, message, param=param)
+
+
+# ----------------------------------------------------------------------------------------------
+# field validation helpers
+
+
+def _opt(body: dict[str, Any], key: str, kinds: tuple[type, ...], what: str) -> Any:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) and bool not in kinds:
+        raise bad(f"'{key}' must be {what}, got {json.dumps(value)}", key)
+    if not isinstance(value, kinds):
+        raise bad(f"'{key}' must be {what}, got {json.dumps(value)[:80]}", key)
+    return value
+
+
+def _opt_int(body: dict[str, Any], key: str, lo: int | None = None, hi: int | None = None) -> int | None:
+    value = _opt(body, key, (int,), "an integer")
+    if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):
+        rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise bad(f"'{key}' must be {rng}, got {value}", key)
+    return value
+
+
+def _opt_num(body: dict[str, Any], key: str) -> float | None:
+    value = _opt(body, key, (int, float), "a number")
+    return None if value is None else float(value)
+
+
+def _opt_bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
+    value = _opt(body, key, (bool,), "true or false")
+    return default if value is None else value
+
+
+def _reject_unsupported(body: dict[str, Any]) -> None:
+    """Parameters we cannot honour are refused loudly rather than silently ignored."""
+    for key in ("presence_penalty", "frequency_penalty"):
+        value = _opt_num(body, key)
+        if value not in (None, 0.0):
+            raise bad(f"'{key}' is not supported by mlora (only 0)", key)
+    rep = _opt_num(body, "repetition_penalty")
+    if rep not in (None, 1.0):
+        raise bad("'repetition_penalty' is not supported by mlora (only 1.0)", "repetition_penalty")
+    if body.get("logit_bias"):
+        raise bad("'logit_bias' is not supported by mlora", "logit_bias")
+    if body.get("suffix"):
+        raise bad("'suffix' is not supported by mlora", "suffix")
+    if body.get("tools"):
+        raise bad("tool calling is not supported by mlora", "tools")
+    fmt = body.get("response_format")
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
+        raise bad("only response_format {\"type\": \"text\"} is supported", "response_format")
+    min_tokens = _opt_int(body, "min_tokens", 0)
+    if min_tokens:
+        raise bad("'min_tokens' is not supported by mlora (only 0)", "min_tokens")
+
+
+def _stop(body: dict[str, Any]) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop] if stop else []
+    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        return [s for s in stop if s]
+    raise bad("'stop' must be a string or a list of strings", "stop")
+
+
+def _stop_token_ids(body: dict[str, Any]) -> list[int]:
+    ids = body.get("stop_token_ids")
+    if ids is None:
+        return []
+    if isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
+        return list(ids)
+    raise bad("'stop_token_ids' must be a list of integers", "stop_token_ids")
+
+
+@dataclass
+class StreamOptions:
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+def _stream(body: dict[str, Any]) -> tuple[bool, StreamOptions]:
+    stream = _opt_bool(body, "stream")
+    opts = body.get("stream_options")
+    if opts is None:
+        return stream, StreamOptions()
+    if not stream:
+        raise bad("'stream_options' can only be given when 'stream' is true", "stream_options")
+    if not isinstance(opts, dict):
+        raise bad("'stream_options' must be an object", "stream_options")
+    return stream, StreamOptions(
+        include_usage=_opt_bool(opts, "include_usage"),
+        continuous_usage_stats=_opt_bool(opts, "continuous_usage_stats"),
+    )
+
+
+def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+    temperature = _opt_num(body, "temperature")
+    top_p = _opt_num(body, "top_p")
+    top_k = _opt_int(body, "top_k")
+    try:
+        return SamplingParams(
+            max_tokens=16 if max_tokens is None else max_tokens,
+            temperature=1.0 if temperature is None else temperature,
+            top_p=1.0 if top_p is None else top_p,
+            top_k=-1 if top_k in (None, 0) else top_k,
+            seed=_opt_int(body, "seed"),
+            stop=_stop(body),
+            stop_token_ids=_stop_token_ids(body),
+            ignore_eos=_opt_bool(body, "ignore_eos"),
+            logprobs=logprobs,
+            include_stop_str_in_output=_opt_bool(body, "include_stop_str_in_output"),
+        )
+    except ConfigError as exc:
+        raise bad(exc.message) from None
+
+
+def _model(body: dict[str, Any]) -> str | None:
+    return _opt(body, "model", (str,), "a string")
+
+
+def _n(body: dict[str, Any]) -> int:
+    n = _opt_int(body, "n", 1, MAX_N) or 1
+    best_of = _opt_int(body, "best_of", 1)
+    if best_of is not None and best_of != n:
+        raise bad("'best_of' is not supported by mlora (it must equal n)", "best_of")
+    return n
+
+
+# ----------------------------------------------------------------------------------------------
+# requests
+
+
+@dataclass
+class CompletionRequest:
+    """A parsed POST /v1/completions body. `prompts` holds one entry per prompt of a batch."""
+
+    model: str | None
+    prompts: list[str | list[int]]
+    params: SamplingParams
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions = field(default_factory=StreamOptions)
+    echo: bool = False
+
+
+@dataclass
+class ChatRequest:
+    """A parsed POST /v1/chat/completions body (messages are rendered later, with the tokenizer)."""
+
+    model: str | None
+    messages: list[dict[str, str]]
+    params: SamplingParams
+    max_tokens_given: bool
+    n: int = 1
+    stream: bool = False
+    stream_options: StreamOptions = field(default_factory=StreamOptions)
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_token_list(value: Any) -> bool:
+    return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
+
+
+def _check_tokens(ids: list[int], vocab_size: int) -> list[int]:
+    bad_ids = [t for t in ids if not 0 <= t < vocab_size]
+    if bad_ids:
+        raise bad(f"prompt token id {bad_ids[0]} is out of range [0, {vocab_size})", "prompt")
+    return ids
+
+
+def parse_completion(body: Any, *, vocab_size: int) -> CompletionRequest:
+    """Validate a /v1/completions body. Raises APIError(400) with the offending parameter."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    _reject_unsupported(body)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str) or _is_token_list(prompt):
+        prompts: list[str | list[int]] = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) or _is_token_list(p) for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise bad("'prompt' must be a string, a list of token ids, or a non-empty list of those", "prompt")
+    for p in prompts:
+        if isinstance(p, str) and not p:
+            raise bad("'prompt' must not be empty", "prompt")
+        if isinstance(p, list):
+            _check_tokens(p, vocab_size)
+    logprobs = _opt_int(body, "logprobs", 0, 20)
+    stream, opts = _stream(body)
+    return CompletionRequest(
+        model=_model(body),
+        prompts=prompts,
+        params=_sampling(body, max_tokens=_opt_int(body, "max_tokens", 1), logprobs=logprobs),
+        n=_n(body),
+        stream=stream,
+        stream_options=opts,
+        echo=_opt_bool(body, "echo"),
+    )
+
+
+def _message_text(content: Any, index: int) -> str:
+    if isinstance(content, str):
+        return content
+    if content is None:
+        return ""
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise bad(f"messages[{index}].content: only text parts are supported", "messages")
+            texts.append(part["text"])
+        return "\n".join(texts)
+    raise bad(f"messages[{index}].content must be a string or a list of text parts", "messages")
+
+
+def parse_chat(body: Any) -> ChatRequest:
+    """Validate a /v1/chat/completions body. Raises APIError(400) with the offending parameter."""
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object")
+    _reject_unsupported(body)
+    raw = body.get("messages")
+    if not isinstance(raw, list) or not raw:
+        raise bad("'messages' must be a non-empty list", "messages")
+    messages = []
+    for i, msg in enumerate(raw):
+        if not isinstance(msg, dict) or msg.get("role") not in _ROLES:
+            raise bad(f"messages[{i}] must be an object with a role in {', '.join(_ROLES)}", "messages")
+        messages.append({"role": msg["role"], "content": _message_text(msg.get("content"), i)})
+    max_tokens = _opt_int(body, "max_completion_tokens", 1)
+    if max_tokens is None:
+        max_tokens = _opt_int(body, "max_tokens", 1)
+    top_logprobs = _opt_int(body, "top_logprobs", 0, 20)
+    logprobs = (top_logprobs or 0) if _opt_bool(body, "logprobs") else None
+    if top_logprobs and logprobs is None:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict):
+        raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    stream, opts = _stream(body)
+    return ChatRequest(
+        model=_model(body),
+        messages=messages,
+        params=_sampling(body, max_tokens=max_tokens, logprobs=logprobs),
+        max_tokens_given=max_tokens is not None,
+        n=_n(body),
+        stream=stream,
+        stream_options=opts,
+        add_generation_prompt=_opt_bool(body, "add_generation_prompt", True),
+        continue_final_message=_opt_bool(body, "continue_final_message"),
+        chat_template_kwargs=kwargs,
+    )
+
+
+def render_chat(tokenizer: Any, req: ChatRequest) -> str | list[int]:
+    """The engine prompt for a chat request.
+
+    With a chat template: the template's text, tokenized without adding special tokens again
+    (the template already holds them). Without one (e.g. the byte-level demo tokenizer): the
+    messages' contents joined by newlines, as a plain string, so a one-message chat equals a
+    completion of that message.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(
+                req.messages,
+                tokenize=False,
+                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
+                continue_final_message=req.continue_final_message,
+                **req.chat_template_kwargs,
+            )
+        except Exception as exc:  # jinja raises for e.g. non-alternating roles
+            raise bad(f"chat template error: {exc}".splitlines()[0], "messages") from None
+        return list(tokenizer.encode(text, add_special_tokens=False))
+    return "\n".join(m["content"] for m in req.messages)
+
+
+# ----------------------------------------------------------------------------------------------
+# responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now_s() -> int:
+    return int(time.time())
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _token_str(tokenizer: Any, token_id: int) -> str:
+    return tokenizer.decode([token_id])
+
+
+def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], text_offset: int = 0) -> dict[str, Any]:
+    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
+    tokens, token_lps, tops, offsets = [], [], [], []
+    for lp in lps:
+        tok = _token_str(tokenizer, lp.token_id)
+        offsets.append(text_offset)
+        text_offset += len(tok)
+        tokens.append(tok)
+        token_lps.append(max(lp.logprob, -9999.0))
+        tops.append({_token_str(tokenizer, t): max(v, -9999.0) for t, v in lp.top.items()})
+    return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob], top_n: int) -> dict[str, Any]:
+    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    content = []
+    for lp in lps:
+        tok = _token_str(tokenizer, lp.token_id)
+        top = sorted(lp.top.items(), key=lambda kv: -kv[1])[:top_n]
+        content.append({
+            "token": tok, "logprob": max(lp.logprob, -9999.0), "bytes": list(tok.encode()),
+            "top_logprobs": [{"token": (s := _token_str(tokenizer, t)), "logprob": max(v, -9999.0),
+                              "bytes": list(s.encode())} for t, v in top],
+        })
+    return {"content": content}
+
+
+def completion_choice(index: int, text: str, out: RequestOutput, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
+            "stop_reason": out.stop_reason}
+
+
+def chat_choice(index: int, out: RequestOutput, logprobs: dict[str, Any] | None) -> dict[str, Any]:
+    return {"index": index, "message": {"role": "assistant", "content": out.text}, "logprobs": logprobs,
+            "finish_reason": out.finish_reason, "stop_reason": out.stop_reason}
+
+
+def response(kind: str, rid: str, created: int, model: str, choices: list[dict[str, Any]],
+             use: dict[str, int]) -> dict[str, Any]:
+    """A non-streamed response body; kind is "text_completion" or "chat.completion"."""
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, "usage": use}
+
+
+def chunk(kind: str, rid: str, created: int, model: str, choices: list[dict[str, Any]],
+          use: dict[str, int] | None = None) -> dict[str, Any]:
+    """One streamed chunk; kind is "text_completion" or "chat.completion.chunk"."""
+    return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, "usage": use}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    """One server-sent event line pair: `data: {...}\\n\\n` (or `data: [DONE]\\n\\n`)."""
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+def model_card(model_id: str, *, root: str, parent: str | None, created: int, max_model_len: int | None) -> dict[str, Any]:
+    """One /v1/models entry, vLLM-shaped (adapters carry parent = the base model's id)."""
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "mlora", "root": root,
+            "parent": parent, "max_model_len": max_model_len}

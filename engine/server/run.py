@@ -1,0 +1,117 @@
+"""Run the server: start the engine, listen, and shut down gracefully on SIGINT/SIGTERM.
+
+Shutdown order: stop accepting connections and answer new requests on open connections with
+503; let in-flight requests finish for up to `grace_period` seconds (a second signal cuts the
+wait short); then stop the engine, which aborts whatever is left (streams end with an error
+event, non-streamed requests get 503); close the connections; return normally (exit 0).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from engine.errors import ConfigError
+from engine.server.app import STATE, create_app
+from engine.server.config import ServerConfig
+
+log = logging.getLogger("mlora.server")
+
+ReadyCallback = Callable[[str, str, list[str]], None]  # (url, base model name, adapter names)
+
+
+@dataclass
+class RunningServer:
+    """A listening server over a started engine (from `start_server`)."""
+
+    app: web.Application
+    runner: web.AppRunner
+    site: web.TCPSite
+    url: str
+
+
+async def start_server(engine: Any, config: ServerConfig) -> RunningServer:
+    """Listen on config.host:config.port (0 = a free port) with routes over a started `engine`."""
+    app = create_app(engine, config)
+    # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {config.host}:{config.port}: {exc.strerror or exc}",
+                          hint="pick another --port, or stop what is using it") from None
+    host, port = runner.addresses[0][:2]
+    shown = f"[{host}]" if ":" in host else host
+    return RunningServer(app=app, runner=runner, site=site, url=f"http://{shown}:{port}")
+
+
+async def shutdown(server: RunningServer, engine: Any, grace_period: float, force: asyncio.Event | None = None) -> None:
+    """Drain and stop: see the module docstring. Never raises."""
+    state = server.app[STATE]
+    state.draining = True
+    await server.site.stop()  # stop accepting new connections
+    if state.inflight:
+        log.info("waiting up to %.0fs for %d in-flight request(s)", grace_period, state.inflight)
+        waits = [asyncio.create_task(state.idle.wait())]
+        if force is not None:
+            waits.append(asyncio.create_task(force.wait()))
+        done, pending = await asyncio.wait(waits, timeout=grace_period, return_when=asyncio.FIRST_COMPLETED)
+        for t in pending:
+            t.cancel()
+    if state.inflight:
+        log.warning("aborting %d in-flight request(s) after the grace period", state.inflight)
+    try:
+        await engine.stop(grace_s=0.0)
+    except Exception:  # noqa: BLE001 - shutting down anyway
+        log.exception("engine.stop failed")
+    try:
+        await asyncio.wait_for(state.idle.wait(), timeout=5.0)
+    except asyncio.TimeoutError:
+        pass
+    await server.runner.cleanup()
+
+
+async def serve_async(config: ServerConfig, on_ready: ReadyCallback | None = None) -> None:
+    """Start the engine and the server, run until SIGINT/SIGTERM, then shut down gracefully."""
+    from engine import AsyncLLM
+
+    engine = AsyncLLM(config.engine)
+    await engine.start()
+    try:
+        server = await start_server(engine, config)
+    except BaseException:
+        await engine.stop(grace_s=0.0)
+        raise
+    loop = asyncio.get_running_loop()
+    stop, force = asyncio.Event(), asyncio.Event()
+
+    def on_signal() -> None:
+        (force if stop.is_set() else stop).set()
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, on_signal)
+    try:
+        if on_ready is not None:
+            on_ready(server.url, engine.model_name, list(engine.list_adapters()))
+        await stop.wait()
+        log.info("shutting down (grace period %.0fs)", config.grace_period)
+        await shutdown(server, engine, config.grace_period, force)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(sig)
+
+
+def serve(config: ServerConfig, on_ready: ReadyCallback | None = None) -> None:
+    """Blocking entry point of `mlora serve`: returns (exit 0) after a graceful shutdown."""
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    asyncio.run(serve_async(config, on_ready))
