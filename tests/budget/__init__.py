@@ -1,0 +1,1 @@
+"""Tests for `mlora budget`: byte math, presets, trace replay, CLI."""
