@@ -1,16 +1,153 @@
-"""`mlora bench`: Benchmark mixed-adapter batches against homogeneous ones and the alternatives."""
+"""`mlora bench`: mixed-adapter batches vs homogeneous ones, the base model and the alternatives.
+
+Thin: parse flags -> one frozen `BenchConfig` -> `run_bench` -> rich tables (+ `--json`, `--plot`).
+Exit 1 when `--min-mixed-ratio` is not met (CI gate).
+"""
 
 from __future__ import annotations
 
+import json
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Optional
+
 import typer
 
-from engine.errors import NotBuiltError
+
+class Preset(str, Enum):
+    tiny = "tiny"
+    small = "small"
 
 
-def bench() -> None:
-    """Benchmark mixed-adapter batches against homogeneous ones and the alternatives."""
-    raise NotBuiltError("`mlora bench` is not built yet", hint="tracked in the project's issues")
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Dtype(str, Enum):
+    auto = "auto"
+    float32 = "float32"
+    bfloat16 = "bfloat16"
+    float16 = "float16"
+
+
+def bench(
+    preset: Annotated[Optional[Preset], typer.Option("--preset", help="Built-in seeded model: tiny (CI) or small (~100M params). (default: small; tiny with --quick)", show_default=False)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A local HF model dir (or hub id) instead of --preset; seeded adapters are built for it.", show_default=False)] = None,
+    rank: Annotated[int, typer.Option("--rank", "-r", min=1, help="LoRA rank of the seeded adapters (and of the engine's slots).")] = 16,
+    max_loras: Annotated[Optional[int], typer.Option("--max-loras", min=1, help="Device adapter slots; mixed-N runs N = 2, 4, 8, ... up to this. (default: 16; 4 with --quick)", show_default=False)] = None,
+    zipf: Annotated[Optional[float], typer.Option("--zipf", min=0.0, help="Zipf-popular adapters with this alpha instead of round-robin.", show_default=False)] = None,
+    rate: Annotated[Optional[float], typer.Option("--rate", min=0.0, help="Poisson arrivals at this many requests/s (varied output lengths) instead of all at once.", show_default=False)] = None,
+    num_requests: Annotated[Optional[int], typer.Option("--num-requests", "-n", min=1, help="Requests per workload. (default: 64; 16 with --quick)", show_default=False)] = None,
+    max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Output tokens per request (EOS ignored). (default: 32; 12 with --quick)", show_default=False)] = None,
+    device: Annotated[Device, typer.Option("--device", help="Where mlora and the alternatives run.")] = Device.auto,
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Weights dtype (auto: float32 on CPU, bfloat16 on CUDA).")] = Dtype.auto,
+    json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every number to this JSON file (stable `ratios` and `bounds` keys).", show_default=False)] = None,
+    plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Write throughput vs distinct adapters to this PNG (needs matplotlib).", show_default=False)] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="CI mode: tiny preset, few short requests, N up to 4; about a minute on 2 CPU cores.")] = False,
+    min_mixed_ratio: Annotated[Optional[float], typer.Option("--min-mixed-ratio", min=0.0, help="Exit 1 when mixed-N/homogeneous (largest N) is below this.", show_default=False)] = None,
+    no_alternatives: Annotated[bool, typer.Option("--no-alternatives", help="Skip the separate-engines and transformers+PEFT comparisons.")] = False,
+    kernels: Annotated[bool, typer.Option("--kernels", help="Run the LoRA kernel micro-benchmark (shrink/expand) instead.")] = False,
+) -> None:
+    """Benchmark mixed-adapter batches against homogeneous ones, the base model and the alternatives.
+
+    Workloads share prompts and output lengths: base, homogeneous, mixed-N (N distinct adapters per
+    batch), churn (more adapters than slots); alternatives: one engine per adapter run one after
+    another (separate) and transformers + PEFT. Every ratio is shown beside its memory-traffic bound.
+    """
+    from mlora_cli._common import console
+
+    if kernels:
+        _run_kernels()
+        return
+    from engine.bench.config import FULL_DEFAULTS, QUICK_DEFAULTS, BenchConfig
+    from engine.errors import ConfigError
+
+    if plot_file is not None:
+        _check_matplotlib()
+    defaults = QUICK_DEFAULTS if quick else FULL_DEFAULTS
+    if preset is not None and model is not None:
+        raise ConfigError("give either --preset or --model, not both")
+    config = BenchConfig(
+        preset=None if model is not None else (preset.value if preset else ("tiny" if quick else "small")),
+        model=model,
+        rank=rank,
+        max_loras=max_loras or defaults["max_loras"],
+        num_requests=num_requests or defaults["num_requests"],
+        max_tokens=max_tokens or defaults["max_tokens"],
+        zipf=zipf,
+        rate=rate,
+        device=device.value,
+        dtype=dtype.value,
+        alternatives=not no_alternatives,
+        quick=quick,
+    )
+    report = _run_with_progress(config)
+
+    from engine.bench.report import check_min_mixed_ratio, plot, render
+
+    render(report, console)
+    if json_file is not None:
+        try:
+            json_file.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise ConfigError(f"cannot write {json_file}: {e}") from e
+        console.print(f"[dim]wrote {json_file}[/]", highlight=False)
+    if plot_file is not None:
+        plot(report, plot_file)
+        console.print(f"[dim]wrote {plot_file}[/]", highlight=False)
+    failure = check_min_mixed_ratio(report, min_mixed_ratio)
+    if failure is not None:
+        from mlora_cli._common import err_console
+
+        err_console.print(f"[bold red]bench gate failed:[/] {failure}", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
+
+
+def _check_matplotlib() -> None:
+    """Fail before a long run, not after it, when --plot cannot be honoured."""
+    import importlib.util
+
+    from engine.errors import ConfigError
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise ConfigError("--plot needs matplotlib, which is not installed", hint="pip install 'mlora[plot]'")
+
+
+def _run_with_progress(config):  # noqa: ANN001, ANN202 - BenchConfig -> report dict
+    """run_bench with a progress bar on stderr (one tick per workload / alternative)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from engine.bench.runner import plan_steps, run_bench
+    from mlora_cli._common import err_console
+
+    steps = plan_steps(config)
+    columns = (TextColumn("[bold]bench[/] {task.description:<28}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=err_console, transient=True) as bar:
+        task = bar.add_task(steps[0], total=len(steps))
+        seen = [0]
+
+        def on_step(name: str) -> None:
+            if seen[0]:
+                bar.advance(task)
+            seen[0] += 1
+            bar.update(task, description=name)
+
+        report = run_bench(config, on_step=on_step)
+        bar.update(task, completed=len(steps))
+    return report
+
+
+def _run_kernels() -> None:
+    from engine.errors import NotBuiltError
+
+    try:
+        from kernels.bench import run_kernel_bench
+    except ImportError as e:
+        raise NotBuiltError("kernel benchmark not available: kernels.bench.run_kernel_bench has not landed") from e
+    run_kernel_bench()
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="bench", help="Benchmark mixed-adapter batches against homogeneous ones and the alternatives. [dim](not built yet)[/]")(bench)
+    app.command(name="bench", help="Benchmark mixed-adapter batches against homogeneous ones and the alternatives.")(bench)

@@ -1,0 +1,62 @@
+"""BenchConfig: the one frozen configuration of a `mlora bench` run (checked in __post_init__)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from engine.errors import ConfigError
+
+QUICK_DEFAULTS = dict(num_requests=16, max_tokens=12, max_loras=4)
+FULL_DEFAULTS = dict(num_requests=64, max_tokens=32, max_loras=16)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What to benchmark and how.
+
+    The model is `model` (a directory or hub id) or the built-in `preset` (exactly one).
+    Offline runs submit every request at once; with `rate` (requests/s) requests arrive as a
+    seeded Poisson process and output lengths vary (identically across workloads).
+    `alternatives`: also run the `separate` (one engine per adapter) and `peft` systems.
+    """
+
+    preset: str | None = "small"
+    model: str | None = None
+    rank: int = 16
+    max_loras: int = 16
+    num_requests: int = 64
+    max_tokens: int = 32
+    prompt_chars: int = 48
+    zipf: float | None = None
+    rate: float | None = None
+    device: str = "auto"
+    dtype: str = "auto"
+    alternatives: bool = True
+    churn: bool = True
+    quick: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if (self.preset is None) == (self.model is None):
+            raise ConfigError("give exactly one of --preset and --model")
+        if self.preset is not None:
+            from engine.bench.presets import preset_names
+
+            if self.preset not in preset_names():
+                raise ConfigError(f"unknown preset {self.preset!r}; choose from {', '.join(preset_names())}")
+        for name in ("rank", "max_loras", "num_requests", "max_tokens", "prompt_chars"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.zipf is not None and not self.zipf > 0:
+            raise ConfigError(f"--zipf must be > 0, got {self.zipf}")
+        if self.rate is not None and not self.rate > 0:
+            raise ConfigError(f"--rate must be > 0 requests/s, got {self.rate}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)

@@ -1,0 +1,234 @@
+"""The bench report: ratios, traffic bounds, efficiency, the JSON document, table and plot.
+
+The bound: a decode step reads the base linears once (W bytes) plus the A/B weights of
+every distinct adapter in the batch (a bytes each), so when decode is memory-bound
+    bound(mixed-N / homogeneous) = (W + a) / (W + N*a)
+    bound(homogeneous / base)    = W / (W + a)
+W and a come from engine.budget (linear_weight_bytes, adapter_slot_bytes), the same
+functions the slot allocator uses. Efficiency = measured ratio / bound.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from engine.bench.stats import WorkloadResult
+from engine.errors import ConfigError
+
+SCHEMA_VERSION = 1
+RATIO_KEYS = ("mixed_over_homogeneous", "homogeneous_over_base", "mlora_over_peft", "mlora_over_separate")
+BOUND_KEYS = ("mixed_over_homogeneous", "homogeneous_over_base")
+
+
+def traffic_bytes(hf_config: Any, *, rank: int, dtype: str) -> tuple[int, int]:
+    """(W, a): bytes of base decoder linears read per decode step, bytes of one adapter's A and B."""
+    from engine.budget import ModelDims, adapter_slot_bytes, linear_weight_bytes
+
+    dims = ModelDims.from_hf_config(hf_config)
+    return linear_weight_bytes(dims, dtype), adapter_slot_bytes(dims, rank=rank, dtype=dtype)
+
+
+def bound_mixed_over_homogeneous(w: int, a: int, n: int) -> float:
+    """Traffic bound of mixed-N throughput over homogeneous throughput: (W + a) / (W + N a)."""
+    if n < 1:
+        raise ValueError(f"N must be >= 1, got {n}")
+    return (w + a) / (w + n * a)
+
+
+def bound_homogeneous_over_base(w: int, a: int) -> float:
+    """Traffic bound of single-adapter throughput over base-model throughput: W / (W + a)."""
+    return w / (w + a)
+
+
+def _ratio(num: float | None, den: float | None) -> float | None:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def _eff(measured: float | None, bound: float | None) -> float | None:
+    return None if measured is None or not bound else measured / bound
+
+
+def throughput(r: WorkloadResult | None, metric: str) -> float | None:
+    """`metric` ("decode_tokens_per_s" | "output_tokens_per_s") of `r`, None when absent."""
+    if r is None:
+        return None
+    return getattr(r, metric)
+
+
+def compute_ratios(results: list[WorkloadResult], *, w: int, a: int, metric: str) -> dict[str, Any]:
+    """ratios, bounds, efficiency, and the per-N mixed table, from the workload results.
+
+    `metric` is the throughput the two bounded ratios compare (decode tokens/s offline, since
+    the bound is about decode steps; output tokens/s under Poisson arrivals). mlora vs the
+    alternatives always compares end-to-end output tokens/s on the largest mixed workload.
+    """
+    mlora = {r.name: r for r in results if r.system == "mlora"}
+    base, homog = mlora.get("base"), mlora.get("homogeneous")
+    mixed = sorted((r for r in mlora.values() if r.kind == "mixed"), key=lambda r: r.num_adapters)
+    largest = mixed[-1] if mixed else None
+    per_n = []
+    for r in mixed:
+        ratio = _ratio(throughput(r, metric), throughput(homog, metric))
+        bound = bound_mixed_over_homogeneous(w, a, r.num_adapters)
+        per_n.append({"n": r.num_adapters, "workload": r.name, "ratio": ratio, "bound": bound, "efficiency": _eff(ratio, bound)})
+
+    def alt(system: str) -> WorkloadResult | None:
+        if largest is None:
+            return None
+        return next((r for r in results if r.system == system and r.kind == "mixed" and r.num_adapters == largest.num_adapters), None)
+
+    e2e = "output_tokens_per_s"
+    ratios = {
+        "mixed_over_homogeneous": per_n[-1]["ratio"] if per_n else None,
+        "homogeneous_over_base": _ratio(throughput(homog, metric), throughput(base, metric)),
+        "mlora_over_peft": _ratio(throughput(largest, e2e), throughput(alt("peft"), e2e)),
+        "mlora_over_separate": _ratio(throughput(largest, e2e), throughput(alt("separate"), e2e)),
+    }
+    bounds = {
+        "mixed_over_homogeneous": per_n[-1]["bound"] if per_n else None,
+        "homogeneous_over_base": bound_homogeneous_over_base(w, a),
+    }
+    return {
+        "ratios": ratios,
+        "bounds": bounds,
+        "efficiency": {k: _eff(ratios[k], bounds[k]) for k in BOUND_KEYS},
+        "mixed": per_n,
+        "largest_n": largest.num_adapters if largest else None,
+        "ratio_metrics": {
+            "mixed_over_homogeneous": metric,
+            "homogeneous_over_base": metric,
+            "mlora_over_peft": e2e,
+            "mlora_over_separate": e2e,
+        },
+    }
+
+
+def build_report(
+    *,
+    config: dict[str, Any],
+    machine: dict[str, Any],
+    model: dict[str, Any],
+    results: list[WorkloadResult],
+    w: int,
+    a: int,
+    metric: str,
+    notes: list[str],
+) -> dict[str, Any]:
+    """The whole bench result as one JSON-serialisable dict (the `--json` document)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "config": config,
+        "machine": machine,
+        "model": model,
+        "traffic": {"W_bytes": w, "a_bytes": a},
+        "workloads": [r.to_json() for r in results],
+        **compute_ratios(results, w=w, a=a, metric=metric),
+        "notes": notes,
+    }
+
+
+def check_min_mixed_ratio(report: dict[str, Any], threshold: float | None) -> str | None:
+    """A failure message when mixed/homogeneous is below `threshold` (or not measured), else None."""
+    if threshold is None:
+        return None
+    ratio = report["ratios"]["mixed_over_homogeneous"]
+    if ratio is None:
+        return f"--min-mixed-ratio {threshold}: no mixed workload was measured"
+    if ratio < threshold:
+        return (
+            f"mixed-{report['largest_n']}/homogeneous ratio {ratio:.3f} is below --min-mixed-ratio {threshold} "
+            f"(bound {report['bounds']['mixed_over_homogeneous']:.3f})"
+        )
+    return None
+
+
+# ---------------------------------------------------------------- rendering (rich)
+
+
+def _f(x: float | None, fmt: str = "{:.1f}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def _ms(x: float | None) -> str:
+    return "-" if x is None else f"{x * 1000:.1f}"
+
+
+def render(report: dict[str, Any], console: Any) -> None:
+    """Print the workload table and the ratio/bound table to a rich console."""
+    from rich.table import Table
+
+    wl = Table(title="mlora bench: workloads", title_justify="left")
+    for col in ("workload", "system", "adapters", "req", "tokens", "time s", "out tok/s", "decode tok/s", "req/s",
+                "TTFT p50/p99 ms", "ITL p50/p99 ms", "loads/evict"):
+        wl.add_column(col, justify="left" if col in ("workload", "system") else "right")
+    for r in report["workloads"]:
+        le = "-" if r["adapter_loads"] is None else f"{r['adapter_loads']}/{r['adapter_evictions']}"
+        wl.add_row(
+            r["name"], r["system"], str(r["num_adapters"]), str(r["num_requests"]), str(r["output_tokens"]),
+            _f(r["duration_s"], "{:.2f}"), _f(r["output_tokens_per_s"]), _f(r["decode_tokens_per_s"]),
+            _f(r["requests_per_s"], "{:.2f}"),
+            f"{_ms(r['ttft_s']['p50'])}/{_ms(r['ttft_s']['p99'])}", f"{_ms(r['itl_s']['p50'])}/{_ms(r['itl_s']['p99'])}", le,
+        )
+    console.print(wl)
+
+    rt = Table(title="ratios (measured vs traffic bound)", title_justify="left")
+    for col in ("ratio", "measured", "bound", "efficiency", "metric"):
+        rt.add_column(col, justify="left" if col in ("ratio", "metric") else "right")
+    metrics = report["ratio_metrics"]
+    for m in report["mixed"]:
+        rt.add_row(f"mixed-{m['n']} / homogeneous", _f(m["ratio"], "{:.3f}"), _f(m["bound"], "{:.3f}"),
+                   _f(m["efficiency"], "{:.0%}"), metrics["mixed_over_homogeneous"])
+    rt.add_row("homogeneous / base", _f(report["ratios"]["homogeneous_over_base"], "{:.3f}"),
+               _f(report["bounds"]["homogeneous_over_base"], "{:.3f}"),
+               _f(report["efficiency"]["homogeneous_over_base"], "{:.0%}"), metrics["homogeneous_over_base"])
+    n = report["largest_n"]
+    for key, label in (("mlora_over_peft", f"mlora / peft (mixed-{n})"), ("mlora_over_separate", f"mlora / separate (mixed-{n})")):
+        rt.add_row(label, _f(report["ratios"][key], "{:.2f}x"), "-", "-", metrics[key])
+    console.print(rt)
+    traffic = report["traffic"]
+    console.print(f"[dim]W = {traffic['W_bytes'] / 1e6:.1f} MB base linears per decode step, "
+                  f"a = {traffic['a_bytes'] / 1e6:.2f} MB per adapter (engine.budget)[/]")
+    for note in report["notes"]:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+
+
+def plot(report: dict[str, Any], path: str | Path) -> None:
+    """Throughput vs number of distinct adapters, one line per system, plus the bound."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ConfigError("--plot needs matplotlib, which is not installed", hint="pip install 'mlora[plot]'") from e
+    metric = "output_tokens_per_s"
+    series: dict[str, dict[int, float]] = {}
+    for r in report["workloads"]:
+        if r["kind"] in ("homogeneous", "mixed"):
+            series.setdefault(r["system"], {})[r["num_adapters"]] = r[metric]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for system, pts in sorted(series.items()):
+        xs = sorted(pts)
+        ax.plot(xs, [pts[x] for x in xs], marker="o", label=system)
+    homog = series.get("mlora", {}).get(1)
+    if homog:
+        w, a = report["traffic"]["W_bytes"], report["traffic"]["a_bytes"]
+        xs = sorted(series["mlora"])
+        ax.plot(xs, [homog * bound_mixed_over_homogeneous(w, a, x) for x in xs], ls="--", color="gray",
+                label="mlora homogeneous x traffic bound")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("distinct adapters in the batch")
+    ax.set_ylabel("output tokens/s")
+    ax.set_title("mlora bench: throughput vs adapters per batch")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(str(path), dpi=120)
+    except OSError as e:
+        raise ConfigError(f"cannot write plot {path}: {e}") from e
+    finally:
+        plt.close(fig)
