@@ -20,11 +20,19 @@ leaks. Everything the slots cannot represent is refused with an AdapterError BEF
 `get(layer, module)` -> (A [S, R, in], B [S, out, R], scales [S]) or None is what the model's
 linears call (engine.model.LoraStacks); None means no occupied slot targets that pair, so
 the model skips the shrink/expand for it.
+
+DoRA (served when built with `base_weight=`, which vLLM cannot do): PEFT computes
+`y = g * (W x + s * B A x) + bias` with `g = magnitude / ||W + s * B @ A||_row` (norm per
+output row, a constant at inference). `g` is precomputed per (layer, module, slot) at load
+time and kept in `G[module] [layers, max_loras + 1, out]` fp32 (row `max_loras` is all ones,
+so indexing with token slot -1 selects 1 = untouched). The model adds the LoRA delta as usual,
+then calls `apply_dora(y_part, dora(layer, module), token_slots, bias_part)`; `dora()` is None
+while no DoRA adapter is resident, so plain-LoRA batches pay nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -56,7 +64,31 @@ class PreparedAdapter:
     per_layer: dict[str, list[tuple[int, torch.Tensor, torch.Tensor]]] = field(default_factory=dict)  # m -> [(l, A [r, in], B [out, r])]
     scales: torch.Tensor | None = None  # [layers, n_modules] float32, 0 where untargeted
     targeted: frozenset[tuple[int, str]] = frozenset()
+    dora: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (l, m) -> g [out] fp32
     nbytes: int = 0
+
+
+BaseWeight = Callable[[int, str], torch.Tensor]  # (layer, module) -> the base linear's W [out, in]
+
+
+@torch.no_grad()
+def apply_dora(
+    y: torch.Tensor, g: torch.Tensor, token_slots: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
+    """DoRA's output rescale, in place, after the LoRA delta was added into `y`.
+
+    Semantics (per token t with slot s = token_slots[t]; s == -1 selects g's ones row):
+        y[t] = g[s] * (y[t] - bias) + bias        # = g * (W x + s B A x) + bias
+
+    y: [T, out] (a column slice of the fused output is fine), g: [S + 1, out] fp32 from
+    `LoraSlots.dora`, token_slots: [T] int, bias: [out] or None.
+    """
+    gt = g[token_slots.long()].to(y.dtype)  # [T, out]
+    if bias is None:
+        y.mul_(gt)
+    else:
+        y.sub_(bias).mul_(gt).add_(bias)
+    return y
 
 
 class LoraSlots:
@@ -71,7 +103,9 @@ class LoraSlots:
         modules: Iterable[str] = LORA_MODULES,
         dtype: object = torch.float32,
         device: str | torch.device = "cpu",
+        base_weight: BaseWeight | None = None,
     ) -> None:
+        """`base_weight(layer, module) -> W [out, in]` enables DoRA serving (the norm needs W)."""
         self.dims = dims
         self.max_loras = max_loras
         self.max_rank = max_rank
@@ -89,6 +123,12 @@ class LoraSlots:
         self._users: list[list[set[int]]] = [[set() for _ in self.modules] for _ in range(L)]
         self._occupant: list[str | None] = [None] * max_loras
         self._pin = self.device.type == "cuda"
+        self._base_weight = base_weight
+        self.G: dict[str, torch.Tensor] | None = None  # DoRA g: [L, S + 1, out] fp32, ones where unused
+        self._dora_users: list[list[set[int]]] = [[set() for _ in self.modules] for _ in range(L)]
+        if base_weight is not None:
+            self.G = {m: torch.ones(L, max_loras + 1, b[1], dtype=torch.float32, device=self.device)
+                      for m, (_, b) in shapes.items()}
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -98,7 +138,13 @@ class LoraSlots:
 
     @property
     def scale_nbytes(self) -> int:
-        return self.scales.numel() * self.scales.element_size()
+        """Bytes of the fp32 scales plus the DoRA g stacks (when DoRA is enabled)."""
+        g = sum(t.numel() * t.element_size() for t in self.G.values()) if self.G is not None else 0
+        return self.scales.numel() * self.scales.element_size() + g
+
+    @property
+    def dora_enabled(self) -> bool:
+        return self.G is not None
 
     # ------------------------------------------------------------------ model-facing
     def get(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
@@ -113,6 +159,13 @@ class LoraSlots:
         mi = self._mindex[module]
         return self.A[module][layer], self.B[module][layer], self.scales[layer, mi]
 
+    def dora(self, layer: int, module: str) -> torch.Tensor | None:
+        """DoRA g [S + 1, out] for one linear (see `apply_dora`), or None when no resident DoRA adapter uses it."""
+        mi = self._mindex.get(module)
+        if self.G is None or mi is None or not self._dora_users[layer][mi]:
+            return None
+        return self.G[module][layer]
+
     def occupant(self, slot: int) -> str | None:
         """Name of the adapter last written into `slot` (None after reset)."""
         return self._occupant[slot]
@@ -123,8 +176,11 @@ class LoraSlots:
         name = getattr(adapter, "name", None) or "adapter"
         cfg = getattr(adapter, "config", None)
         mods = adapter.modules
-        if getattr(cfg, "use_dora", False) or any(getattr(w, "magnitude", None) is not None for w in mods.values()):
+        is_dora = getattr(cfg, "use_dora", False) or any(getattr(w, "magnitude", None) is not None for w in mods.values())
+        if is_dora and self.G is None:
             raise AdapterError(f"adapter {name!r}: {DORA_UNSUPPORTED}", hint="merge it into the base with `mlora merge`")
+        if is_dora and any(getattr(w, "magnitude", None) is None for w in mods.values()):
+            raise AdapterError(f"adapter {name!r}: use_dora is set but some modules have no lora_magnitude_vector")
         if getattr(cfg, "lora_bias", False) or any(getattr(w, "bias", None) is not None for w in mods.values()):
             raise AdapterError(f"adapter {name!r}: LoRA biases (lora_bias=true) are not supported by the slot engine")
         if getattr(cfg, "modules_to_save", None):
@@ -164,7 +220,7 @@ class LoraSlots:
         from engine.adapters import check_servable, load_adapter
 
         adapter = load_adapter(path, name=name)
-        check_servable(adapter)
+        check_servable(adapter, allow_dora=self.dora_enabled)
         return self.prepare(adapter)  # copies out of the memory-mapped file
 
     def prepare(self, adapter: Any) -> PreparedAdapter:
@@ -192,9 +248,22 @@ class LoraSlots:
                 out.per_layer[module] = lst
                 out.nbytes += sum(a.nbytes + b.nbytes for _, a, b in lst)
         out.targeted = frozenset(adapter.modules)
+        for key, w in adapter.modules.items():
+            if getattr(w, "magnitude", None) is not None:
+                out.dora[key] = self._dora_g(key, w)
         if self._pin:
             out.scales = out.scales.pin_memory()
         return out
+
+    def _dora_g(self, key: tuple[int, str], w: Any) -> torch.Tensor:
+        """g = magnitude / ||W + scaling * B @ A||_row in fp32 (PEFT's DoraLinearLayer), on the host."""
+        assert self._base_weight is not None
+        W = self._base_weight(*key).detach()  # [out, in]
+        dev = W.device
+        delta = w.lora_b.to(dev, torch.float32) @ w.lora_a.to(dev, torch.float32)  # [out, in]
+        norm = torch.linalg.norm(W.float() + float(w.scaling) * delta, dim=1)  # [out]
+        g = (w.magnitude.to(dev, torch.float32) / norm).cpu()
+        return g.pin_memory() if self._pin else g
 
     def _host(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().to(device="cpu", dtype=self.dtype).contiguous()
@@ -227,13 +296,18 @@ class LoraSlots:
                     b_dst[layer, :, :r].copy_(b, non_blocking=nb)
         assert p.scales is not None
         self.scales[:, :, slot].copy_(p.scales, non_blocking=nb)
+        if self.G is not None:
+            for m in self.modules:
+                self.G[m][:, slot].fill_(1.0)
+            for (layer, m), g in p.dora.items():
+                self.G[m][layer, slot].copy_(g, non_blocking=nb)
         for layer in range(self.dims.layers):
             for mi, m in enumerate(self.modules):
-                users = self._users[layer][mi]
-                if (layer, m) in p.targeted:
-                    users.add(slot)
-                else:
-                    users.discard(slot)
+                for users, on in ((self._users, (layer, m) in p.targeted), (self._dora_users, (layer, m) in p.dora)):
+                    if on:
+                        users[layer][mi].add(slot)
+                    else:
+                        users[layer][mi].discard(slot)
         self._occupant[slot] = p.name
 
     @torch.no_grad()
@@ -244,9 +318,13 @@ class LoraSlots:
             self.A[m][:, slot].zero_()
             self.B[m][:, slot].zero_()
         self.scales[:, :, slot].zero_()
-        for per_layer in self._users:
-            for users in per_layer:
-                users.discard(slot)
+        if self.G is not None:
+            for m in self.modules:
+                self.G[m][:, slot].fill_(1.0)
+        for table in (self._users, self._dora_users):
+            for per_layer in table:
+                for users in per_layer:
+                    users.discard(slot)
         self._occupant[slot] = None
 
     def _check_slot(self, slot: int) -> None:
