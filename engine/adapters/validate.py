@@ -324,10 +324,12 @@ def _check_base(report: ValidationReport, config: AdapterConfig | None, wf: Weig
         else:
             report.add("base_modules", "pass", f"every targeted module exists in {dims.model_type}")
         mism, out_of_range = [], []
-        for p, roles in sorted(lora_paths.items()):
+        decoder = []
+        for roles in lora_paths.values():
             lk = parse_lora_key(next(iter(roles.values())))
-            if lk is None or lk.layer is None:
-                continue
+            if lk is not None and lk.layer is not None:
+                decoder.append((lk.layer, SERVABLE_MODULES.index(lk.module), lk, roles))
+        for _, _, lk, roles in sorted(decoder, key=lambda t: t[:2]):
             if lk.layer >= dims.num_layers:
                 out_of_range.append(lk.layer)
             if "A" in roles and "B" in roles:
