@@ -144,7 +144,8 @@ class TraceSummary:
     recommended_kv_tokens: int | None
     recommended_max_concurrent_sequences: int | None
     recommended_fits: bool | None  # None without a recommendation
-    best_hit_rate: float
+    best_hit_rate: float  # with max_loras >= distinct_adapters: only cold misses
+    simulated_up_to: int  # hit rates are exact for max_loras <= this (engine.trace.MAX_SIMULATED_SLOTS cap)
 
 
 @dataclass(frozen=True)
@@ -288,6 +289,7 @@ def _trace_summary(config: BudgetConfig, per_slot: int, kv_at: Any, progress: Pr
         target_hit_rate=config.target_hit_rate, rows=rows, recommended_max_loras=best,
         recommended_slot_bytes=None if best is None else best * per_slot, recommended_kv_tokens=rec_tokens,
         recommended_max_concurrent_sequences=rec_seqs, recommended_fits=rec_fits, best_hit_rate=replay.best_hit_rate,
+        simulated_up_to=replay.exact_limit,
     )  # fmt: skip
 
 

@@ -83,8 +83,10 @@ class TraceReplay:
 
     @property
     def best_hit_rate(self) -> float:
-        """The hit rate once every adapter fits: only cold misses remain."""
-        return self.hit_rate(len(self.hits_by_slots) or 1)
+        """The hit rate once every adapter fits (max_loras >= distinct adapters): only cold misses remain."""
+        if not self.adapter_requests:
+            return 1.0
+        return (self.adapter_requests - self.distinct_adapters) / self.adapter_requests
 
     def smallest_slots_for(self, target_hit_rate: float) -> int | None:
         """Smallest max_loras whose hit rate is >= target, or None if no simulated size reaches it."""

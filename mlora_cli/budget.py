@@ -198,9 +198,10 @@ def _render(report) -> None:  # noqa: ANN001 - BudgetReport, imported lazily
             if not t.recommended_fits:
                 console.print("[bold red]...but that many slots leave no room for one sequence of KV cache on this GPU[/]")
         else:
+            upto = f" up to {t.simulated_up_to:,}" if t.simulated_up_to < t.distinct_adapters else ""
             console.print(
-                f"[bold yellow]no --max-loras reaches hit rate {t.target_hit_rate}[/]: the best possible is "
-                f"{t.best_hit_rate:.4f} (each of {t.distinct_adapters:,} adapters loads once)",
+                f"[bold yellow]no --max-loras{upto} reaches hit rate {t.target_hit_rate}[/]: the best possible is "
+                f"{t.best_hit_rate:.4f} with all {t.distinct_adapters:,} adapters resident (each loads once)",
                 highlight=False,
             )
     for note in report.notes:

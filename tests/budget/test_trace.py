@@ -77,6 +77,8 @@ def test_capped_simulation_is_exact_up_to_the_cap(tmp_path):
     with pytest.raises(ValueError, match="up to 4"):
         replay.hits(5)
     assert replay.candidate_slots() == [1, 2, 4]
+    assert replay.smallest_slots_for(0.99) is None
+    assert replay.best_hit_rate == (1500 - 12) / 1500  # known without simulating: only cold misses
 
 
 def test_openai_log_model_field_iso_timestamps_and_loads_per_second(tmp_path):
