@@ -98,9 +98,6 @@ class AsyncLLM:
             raise EngineStoppedError(f"the engine loop failed: {self._error}")
         if request_id in self._queues:
             raise ConfigError(f"duplicate request id {request_id!r}")
-        limit = self.config.max_queue
-        if limit is not None and len(self.core.scheduler.waiting) + self._pending_adds() >= limit:
-            raise QueueFullError(f"the waiting queue is full ({limit} requests)", hint="retry later")
         self.core.tokenize(prompt)  # PromptTooLongError / bad ids now, not inside the loop
         if adapter is not None:
             if self.core.lora is None:
@@ -108,6 +105,9 @@ class AsyncLLM:
 
                 raise AdapterNotFoundError(f"adapter {adapter!r} is not registered (LoRA is disabled)")
             self.core.lora.check_adapter(adapter)
+        limit = self.config.max_queue
+        if limit is not None and len(self.core.scheduler.waiting) + self._pending_adds() >= limit:
+            raise QueueFullError(f"the waiting queue is full ({limit} requests)", hint="retry later")
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = q
         self._inbox.put(("add", (request_id, prompt, params, adapter)))

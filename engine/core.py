@@ -193,6 +193,8 @@ class EngineCore:
         seq.metrics.finished_time = time.monotonic()
         self._requests.pop(seq.request_id, None)
         self.runner.release(seq)
+        if not isinstance(seq.stop_reason, str):
+            req.detok.flush()
         if self.lora is not None:
             self.lora.on_finish(seq)
         return self._output(req)

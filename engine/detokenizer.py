@@ -58,6 +58,14 @@ class IncrementalDetokenizer:
         self.text = self.text[: idx + len(s)] if self.include_stop else self.text[:idx]
         return s
 
+    def flush(self) -> None:
+        """At the end: append the text of tokens still held back (an unfinished character shows as U+FFFD)."""
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        full = self._decode(self.ids[self.prefix_offset :])
+        if len(full) > len(prefix):
+            self.text += full[len(prefix) :]
+        self.prefix_offset = self.read_offset = len(self.ids)
+
     def visible_text(self, finished: bool) -> str:
         """The text that may be streamed now (all of it once finished)."""
         if finished or self.hold == 0:
