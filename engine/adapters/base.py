@@ -12,37 +12,39 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from engine.adapters.config import SERVABLE_MODULES
 from engine.adapters.files import looks_like_hub_id, read_json_file
+from engine.budget import LORA_MODULES, ModelDims, lora_module_shape
 from engine.errors import AdapterError, ConfigError
 
 
 @dataclass(frozen=True)
 class BaseDims:
-    """Decoder dimensions of a Llama-family base model."""
+    """A base model's decoder dimensions (engine.budget.ModelDims, the one source of truth for
+    shapes) plus where they came from."""
 
     name: str  # what the user passed (path or hub id)
     source: str  # the config.json that was read
-    model_type: str
-    hidden: int
-    intermediate: int
-    num_layers: int
-    heads: int
-    kv_heads: int
-    head_dim: int
+    dims: ModelDims
+
+    @property
+    def model_type(self) -> str:
+        return self.dims.model_type
+
+    @property
+    def num_layers(self) -> int:
+        return self.dims.layers
+
+    @property
+    def hidden(self) -> int:
+        return self.dims.hidden
 
     @property
     def module_names(self) -> tuple[str, ...]:
-        return SERVABLE_MODULES
+        return LORA_MODULES
 
     def module_shape(self, module: str) -> tuple[int, int]:
         """(in_features, out_features) of one decoder linear."""
-        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        return {
-            "q_proj": (self.hidden, q), "k_proj": (self.hidden, kv), "v_proj": (self.hidden, kv), "o_proj": (q, self.hidden),
-            "gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
-            "down_proj": (self.intermediate, self.hidden),
-        }[module]
+        return lora_module_shape(self.dims, module)
 
     def same_name(self, other: str) -> bool:
         """Whether an adapter's base_model_name_or_path plausibly names this base."""
@@ -66,29 +68,17 @@ def _canon(name: str) -> str:
     return parts[-1].lower() if parts else name.lower()
 
 
-def _int(cfg: dict[str, Any], key: str, src: str, default: int | None = None) -> int:
-    v = cfg.get(key, default)
-    if v is None:
-        v = default
-    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-        raise ConfigError(f"{src}: '{key}' must be a positive integer, got {v!r} (is this a Llama-family decoder config?)")
-    return v
-
-
 def dims_from_config(cfg: Any, *, name: str, source: str) -> BaseDims:
-    """BaseDims from a decoded HF config dict (a multimodal config's text_config is used if present)."""
+    """BaseDims from a decoded HF config dict; ConfigError (never another exception) if it is unusable."""
     if not isinstance(cfg, dict):
         raise ConfigError(f"{source} does not hold a JSON object")
-    if "hidden_size" not in cfg and isinstance(cfg.get("text_config"), dict):
-        cfg = cfg["text_config"]
-    hidden = _int(cfg, "hidden_size", source)
-    heads = _int(cfg, "num_attention_heads", source)
-    return BaseDims(
-        name=name, source=source, model_type=str(cfg.get("model_type", "unknown")), hidden=hidden,
-        intermediate=_int(cfg, "intermediate_size", source), num_layers=_int(cfg, "num_hidden_layers", source),
-        heads=heads, kv_heads=_int(cfg, "num_key_value_heads", source, heads),
-        head_dim=_int(cfg, "head_dim", source, hidden // heads),
-    )
+    try:
+        dims = ModelDims.from_hf_config(cfg)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc.message}") from None
+    except Exception as exc:  # noqa: BLE001 - odd values in a hostile config.json
+        raise ConfigError(f"{source}: not a usable Llama-family config ({type(exc).__name__}: {str(exc)[:120]})") from None
+    return BaseDims(name=name, source=source, dims=dims)
 
 
 def read_base_dims(base: str | Path) -> BaseDims:

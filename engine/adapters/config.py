@@ -13,10 +13,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
+from engine.budget import LORA_MODULES
 from engine.errors import AdapterError
 
-# The linear layers of a Llama-family decoder layer that the engine serves LoRA on.
-SERVABLE_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+# The linear layers of a Llama-family decoder layer that the engine serves LoRA on (budget's list).
+SERVABLE_MODULES: tuple[str, ...] = LORA_MODULES
 
 # init_lora_weights values whose initialisation rewrote the BASE weights (W <- W - B0 A0 or a
 # quantised/decomposed W). The saved adapter only works on top of that modified base.

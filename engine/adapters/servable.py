@@ -14,8 +14,8 @@ from engine.adapters.config import BASE_CHANGING_INITS, PLAIN_INITS, SERVABLE_MO
 from engine.adapters.keys import classify_other_key, parse_lora_key
 
 DORA_WARNING = (
-    "DoRA (use_dora): served only if the engine supports DoRA; mlora's slots hold A/B only, "
-    "so the engine rejects it at registration (merge it with `mlora merge` to serve it)"
+    "DoRA (use_dora): served only if the engine supports DoRA (it renormalises every output row with "
+    "the base weights); an engine without DoRA support rejects it at registration, and `mlora merge` works either way"
 )
 
 # Config fields that switch on LoRA variants whose forward is not `x @ A.T @ B.T * scaling`.
