@@ -122,6 +122,9 @@ class LoraSlots:
         # which slots have weights for (layer, module index): lets get() return None for idle pairs
         self._users: list[list[set[int]]] = [[set() for _ in self.modules] for _ in range(L)]
         self._occupant: list[str | None] = [None] * max_loras
+        # per module and slot: rank rows that may be non-zero (0 = all zero), so writes only
+        # zero what a previous occupant actually dirtied
+        self._dirty: dict[str, list[int]] = {m: [0] * max_loras for m in self.modules}
         self._pin = self.device.type == "cuda"
         self._base_weight = base_weight
         self.G: dict[str, torch.Tensor] | None = None  # DoRA g: [L, S + 1, out] fp32, ones where unused
@@ -279,21 +282,27 @@ class LoraSlots:
         nb = self._pin  # async host->device copies from pinned memory
         for m in self.modules:
             a_dst, b_dst = self.A[m][:, slot], self.B[m][:, slot]  # [L, R, in], [L, out, R]
+            dirty = self._dirty[m][slot]  # rows >= dirty are known zero in every layer
             if m in p.stacked:
                 a, b = p.stacked[m]
                 r = a.shape[1]
-                if r < self.max_rank:
-                    a_dst[:, r:].zero_()
-                    b_dst[:, :, r:].zero_()
+                if dirty > r:
+                    a_dst[:, r:dirty].zero_()
+                    b_dst[:, :, r:dirty].zero_()
                 a_dst[:, :r].copy_(a, non_blocking=nb)
                 b_dst[:, :, :r].copy_(b, non_blocking=nb)
+                self._dirty[m][slot] = r
             else:
-                a_dst.zero_()
-                b_dst.zero_()
+                if dirty:
+                    a_dst[:, :dirty].zero_()
+                    b_dst[:, :, :dirty].zero_()
+                r_max = 0
                 for layer, a, b in p.per_layer.get(m, ()):
                     r = a.shape[0]
                     a_dst[layer, :r].copy_(a, non_blocking=nb)
                     b_dst[layer, :, :r].copy_(b, non_blocking=nb)
+                    r_max = max(r_max, r)
+                self._dirty[m][slot] = r_max
         assert p.scales is not None
         self.scales[:, :, slot].copy_(p.scales, non_blocking=nb)
         if self.G is not None:
@@ -315,8 +324,10 @@ class LoraSlots:
         """Zero `slot` everywhere (A, B and scales)."""
         self._check_slot(slot)
         for m in self.modules:
-            self.A[m][:, slot].zero_()
-            self.B[m][:, slot].zero_()
+            d = self._dirty[m][slot]
+            self.A[m][:, slot, :d].zero_()
+            self.B[m][:, slot, :, :d].zero_()
+            self._dirty[m][slot] = 0
         self.scales[:, :, slot].zero_()
         if self.G is not None:
             for m in self.modules:

@@ -82,16 +82,19 @@ def test_invalid_adapter_evicts_nothing() -> None:
     cache, dev = make(2, 2)
     for n in "ab":
         cache.register(n, f"/p/{n}")
-        cache.acquire(n); cache.release(n)
-    before = (cache.resident(), cache.cpu_resident(), list(dev.slots), cache.stats().cpu_evictions)
+    sa = cache.acquire("a")  # a request is running on a
+    cache.acquire("b"); cache.release("b")
+    before = (cache.resident(), cache.cpu_resident(), list(dev.slots), cache.stats().cpu_evictions, cache.pins())
     with pytest.raises(AdapterError, match="not a LoRA adapter"):
         cache.register("c", "/bad/c")
     with pytest.raises(AdapterError):  # a bad replacement keeps the old version serving
         cache.register("a", "/bad/a2")
-    assert (cache.resident(), cache.cpu_resident(), list(dev.slots), cache.stats().cpu_evictions) == before
+    assert (cache.resident(), cache.cpu_resident(), list(dev.slots), cache.stats().cpu_evictions, cache.pins()) == before
     assert "c" not in cache and cache.path_of("a") == "/p/a"
     assert cache.stats().load_failures == 2
-    assert dev.slots[cache.acquire("a")] == ("a", "/p/a")
+    assert cache.acquire("a") == sa and dev.slots[sa] == ("a", "/p/a")
+    cache.release("a", sa); cache.release("a", sa)
+    assert cache.pins() == {}
 
 
 def test_pinned_adapter_never_evicted() -> None:

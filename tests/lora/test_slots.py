@@ -178,3 +178,19 @@ def test_cache_and_slots_together(env: dict, tmp_path: Path) -> None:
         cache.release(n, s)
     st = cache.stats()
     assert st.device_hits == 1 and st.device_loads == 6 and st.device_evictions == 4
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_slots_use_pinned_async_copies_and_match_cpu(env: dict) -> None:
+    cpu = LoraSlots(env["dims"], max_loras=2, max_rank=MAX_RANK, dtype="bf16")
+    gpu = LoraSlots(env["dims"], max_loras=2, max_rank=MAX_RANK, dtype="bf16", device="cuda")
+    for s, n in enumerate(["pattern", "attn_l1"]):
+        prepared = gpu.prepare(load_adapter(env["paths"][n], name=n))
+        assert prepared.scales is not None and prepared.scales.is_pinned()
+        gpu.set_slot(s, prepared)
+        cpu.set_slot(s, load_adapter(env["paths"][n], name=n))
+    torch.cuda.synchronize()
+    for m in cpu.modules:
+        assert torch.equal(gpu.A[m].cpu(), cpu.A[m]) and torch.equal(gpu.B[m].cpu(), cpu.B[m])
+    assert torch.equal(gpu.scales.cpu(), cpu.scales)
