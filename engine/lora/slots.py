@@ -192,6 +192,11 @@ class LoraSlots:
                 "the slot engine serves LoRA deltas only",
                 hint="merge it into the base with `mlora merge`",
             )
+        reasons = getattr(adapter, "unservable_reasons", None)  # the adapter library's own verdict:
+        if reasons is not None:  # embedding LoRA, modules_to_save, base-rewriting inits, variants
+            found = [r for r in reasons(allow_dora=self.dora_enabled) if r]
+            if found:
+                raise AdapterError(f"adapter {name!r} cannot be served: " + "; ".join(found))
         if not mods:
             raise AdapterError(f"adapter {name!r} has no LoRA weights for this model")
         for (layer, module), w in mods.items():
@@ -224,7 +229,7 @@ class LoraSlots:
 
         adapter = load_adapter(path, name=name)
         check_servable(adapter, allow_dora=self.dora_enabled)
-        return self.prepare(adapter)  # copies out of the memory-mapped file
+        return self.prepare(adapter)  # checks shapes/ranks, copies out of the memory-mapped file
 
     def prepare(self, adapter: Any) -> PreparedAdapter:
         """Check `adapter` and lay it out for `set_slot` (run off the critical path: load/prefetch)."""

@@ -153,6 +153,10 @@ def test_unservable_adapters_are_refused_before_any_write(env: dict, tmp_path: P
     other = build_tiny_model(tmp_path / "other", "llama", hidden_size=32, intermediate_size=48)
     foreign = build_peft_adapter(other, tmp_path / "foreign", r=4, target_modules=["up_proj"])
     _raises_and_keeps_slot(slots, load_adapter(foreign), r"base model needs A \[r, 64\] and B \[128, r\]")
+    emb = build_peft_adapter(env["base"], tmp_path / "emb", r=4, target_modules=["embed_tokens", "q_proj"])
+    _raises_and_keeps_slot(slots, load_adapter(emb), "embed")
+    mts = build_peft_adapter(env["base"], tmp_path / "mts", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"])
+    _raises_and_keeps_slot(slots, load_adapter(mts), "modules_to_save|lm_head")
     narrow = LoraSlots(env["dims"], max_loras=1, max_rank=MAX_RANK, modules=("q_proj",))
     with pytest.raises(AdapterError, match=r"LoRA on 'k_proj' is not served \(slots hold q_proj\)"):
         narrow.set_slot(0, load_adapter(env["paths"]["attn_l1"]))
