@@ -10,12 +10,14 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["AdapterCache", "CacheStats", "LoraSlots"]
+__all__ = ["AdapterCache", "CacheStats", "LoraSlots", "PreparedAdapter", "apply_dora"]
 
 _LAZY = {
     "AdapterCache": "engine.lora.manager",
     "CacheStats": "engine.lora.manager",
     "LoraSlots": "engine.lora.slots",
+    "PreparedAdapter": "engine.lora.slots",
+    "apply_dora": "engine.lora.slots",
 }
 
 
