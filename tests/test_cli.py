@@ -55,17 +55,17 @@ def test_unknown_option_is_a_usage_error_exit_2():
     assert "Traceback" not in res.stderr
 
 
-def test_unbuilt_command_says_so_in_one_line_and_exits_1():
-    res = run_cli("merge")
+def test_known_error_is_one_line_with_debug_hint_and_exit_1(tmp_path):
+    res = run_cli("merge", str(tmp_path / "no-such-adapter"), "--out", str(tmp_path / "out"))
     assert res.returncode == 1
-    assert "not built yet" in res.stderr
+    assert res.stderr.startswith("error:")
     assert "MLORA_DEBUG=1" in res.stderr
     assert "Traceback" not in res.stderr
     assert len([line for line in res.stderr.splitlines() if line.strip()]) <= 2
 
 
-def test_debug_env_shows_the_traceback():
-    res = run_cli("merge", env={"MLORA_DEBUG": "1"})
-    assert res.returncode != 0
+def test_debug_env_shows_the_traceback(tmp_path):
+    res = run_cli("merge", str(tmp_path / "no-such-adapter"), "--out", str(tmp_path / "out"), env={"MLORA_DEBUG": "1"})
+    assert res.returncode == 1
     assert "Traceback" in res.stderr
-    assert "NotBuiltError" in res.stderr
+    assert "AdapterError" in res.stderr
