@@ -138,6 +138,9 @@ async def _start(request: web.Request, prompts: list[str | list[int]], params: A
         err = api_error_for(exc, request.app[CONFIG].retry_after_s)
         state.metrics.count_error(name, err.status)
         raise err from None
+    if any(ch.pending is not None and ch.pending.finish_reason == "abort" for ch in choices.items):
+        await choices.close()
+        raise _aborted()  # aborted before its first token (shutdown): a plain 503, headers not sent yet
     return name, choices
 
 
@@ -175,10 +178,13 @@ def _tail(lps: list[Any] | None, n: int) -> list[Any]:
     return list(lps[-n:]) if lps and n else []
 
 
+def _aborted() -> P.APIError:
+    return P.APIError(503, "the request was aborted (the server is shutting down)", headers={"Retry-After": "1"})
+
+
 def _check_abort(o: Any) -> None:
     if o.finish_reason == "abort":
-        raise P.APIError(503, "the request was aborted (the server is shutting down)",
-                         headers={"Retry-After": "1"})
+        raise _aborted()
 
 
 def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, name: str) -> bytes:

@@ -60,3 +60,19 @@ def run(coro: Coroutine[Any, Any, Any]) -> Any:
 @pytest.fixture
 def arun() -> Callable[[Coroutine[Any, Any, Any]], Any]:
     return run
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny real Llama model directory (tests/tiny.py)."""
+    from tests.tiny import build_tiny_model
+
+    return build_tiny_model(tmp_path_factory.mktemp("tiny") / "base", "llama", seed=0)
+
+
+@pytest.fixture(scope="session")
+def peft_adapter(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One real PEFT LoRA adapter for `tiny_base` (passes the validate library)."""
+    from tests.tiny import build_peft_adapter
+
+    return build_peft_adapter(tiny_base, tmp_path_factory.mktemp("peft") / "a", seed=1, r=4, lora_alpha=8)

@@ -64,7 +64,7 @@ class FakeEngine:
         self.load_seconds: list[float] = []
         self.stopping = False
         self.abort_all = False
-        self.gate: asyncio.Event | None = None  # when set to an unset Event, generation waits on it
+        self.gate: asyncio.Event | None = None  # an unset Event holds every request after its first token
 
     async def start(self) -> None:
         self.stopping = False
@@ -137,7 +137,7 @@ class FakeEngine:
         finished = False
         try:
             for i in range(params.max_tokens):
-                if self.gate is not None:
+                if self.gate is not None and i > 0:  # the first token always comes
                     await self.gate.wait()
                 await asyncio.sleep(self.delay)
                 if self.abort_all:

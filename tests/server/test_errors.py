@@ -1,0 +1,198 @@
+"""Error statuses and bodies, API key, runtime adapter loading and --adapter-root confinement (fake engine)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from engine.server.config import ServerConfig
+from engine.errors import ConfigError
+from tests.server.conftest import running
+from tests.server.fake_engine import FakeEngine
+
+
+async def _error(r: aiohttp.ClientResponse, status: int) -> str:
+    """Assert an OpenAI-shaped JSON error with `status`; return its message."""
+    assert r.status == status, await r.text()
+    body = await r.json()
+    assert set(body) == {"error"} and {"message", "type", "code"} <= set(body["error"])
+    assert body["error"]["code"] == status and "Traceback" not in body["error"]["message"]
+    return body["error"]["message"]
+
+
+def test_bad_requests_are_one_json_error_each(tokenizer: Any, arun: Any) -> None:
+    async def go() -> None:
+        async with running(FakeEngine(tokenizer)) as srv, aiohttp.ClientSession() as s:
+            url = f"{srv.url}/v1/completions"
+            msg = await _error(await s.post(url, json={"model": "nope", "prompt": "a"}), 404)
+            assert "nope" in msg
+            await _error(await s.post(f"{srv.url}/v1/chat/completions",
+                                      json={"model": "nope", "messages": [{"role": "user", "content": "a"}]}), 404)
+            msg = await _error(await s.post(url, data=b"{not json", headers={"Content-Type": "application/json"}), 400)
+            assert "malformed JSON" in msg
+            await _error(await s.post(url, json=["a list"]), 400)
+            cases = [
+                ({"prompt": ""}, "prompt"),
+                ({"prompt": 5}, "prompt"),
+                ({"prompt": "a", "max_tokens": 0}, "max_tokens"),
+                ({"prompt": "a", "max_tokens": "ten"}, "max_tokens"),
+                ({"prompt": "a", "temperature": -1}, "temperature"),
+                ({"prompt": "a", "top_p": 0}, "top_p"),
+                ({"prompt": "a", "n": 1000}, "n"),
+                ({"prompt": "a", "stream": "yes"}, "stream"),
+                ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options"),
+                ({"prompt": "a", "presence_penalty": 0.5}, "presence_penalty"),
+                ({"prompt": "a", "logprobs": 50}, "logprobs"),
+                ({"prompt": "a", "stop": [1, 2]}, "stop"),
+                ({"prompt": [1, 99999]}, "out of range"),
+            ]
+            for body, needle in cases:
+                msg = await _error(await s.post(url, json=body), 400)
+                assert needle in msg, (body, msg)
+            chat = f"{srv.url}/v1/chat/completions"
+            assert "messages" in await _error(await s.post(chat, json={"messages": []}), 400)
+            assert "role" in await _error(await s.post(chat, json={"messages": [{"role": "wizard", "content": "a"}]}), 400)
+            await _error(await s.post(chat, json={"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}), 400)
+            # prompt longer than the context (64 tokens)
+            msg = await _error(await s.post(url, json={"model": "upper", "prompt": "x" * 100}), 400)
+            assert "context" in msg
+            # unknown route and wrong method are JSON too
+            await _error(await s.get(f"{srv.url}/v1/nothing"), 404)
+            await _error(await s.get(url), 405)
+            # the server is still serving
+            r = await s.post(url, json={"model": "upper", "prompt": "ok"})
+            assert (await r.json())["choices"][0]["text"] == "OK"
+
+    arun(go())
+
+
+def test_queue_full_is_429_with_retry_after(tokenizer: Any, arun: Any) -> None:
+    async def go() -> None:
+        import asyncio
+
+        engine = FakeEngine(tokenizer, max_queue=1)
+        engine.gate = asyncio.Event()
+        async with running(engine) as srv, aiohttp.ClientSession() as s:
+            held = asyncio.create_task(s.post(f"{srv.url}/v1/completions", json={"prompt": "abc"}))
+            while not engine.live:
+                await asyncio.sleep(0.005)
+            r = await s.post(f"{srv.url}/v1/completions", json={"prompt": "abc"})
+            assert "queue" in await _error(r, 429)
+            assert r.headers["Retry-After"] == "1"
+            engine.gate.set()
+            assert (await held).status == 200
+
+    arun(go())
+
+
+def test_api_key_guards_v1_only(tokenizer: Any, arun: Any) -> None:
+    async def go() -> None:
+        async with running(FakeEngine(tokenizer), api_key="s3cret") as srv, aiohttp.ClientSession() as s:
+            for path, method in (("/v1/models", "GET"), ("/v1/completions", "POST"), ("/v1/chat/completions", "POST"),
+                                 ("/v1/load_lora_adapter", "POST")):
+                for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
+                    await _error(await s.request(method, srv.url + path, json={}, headers=headers), 401)
+            ok = {"Authorization": "Bearer s3cret"}
+            assert (await s.get(f"{srv.url}/v1/models", headers=ok)).status == 200
+            r = await s.post(f"{srv.url}/v1/completions", json={"prompt": "a"}, headers=ok)
+            assert r.status == 200
+            assert (await s.get(f"{srv.url}/health")).status == 200
+            assert (await s.get(f"{srv.url}/metrics")).status == 200
+
+    arun(go())
+
+
+def _fake_adapter(src: Path, path: Path, kind: str = "upper") -> Path:
+    """A copy of a real PEFT adapter (so the validate library passes it) that the fake engine reads as `kind`."""
+    shutil.copytree(src, path)
+    (path / "transform.txt").write_text(kind)
+    return path
+
+
+def test_runtime_load_unload(tokenizer: Any, peft_adapter: Path, tmp_path: Path, arun: Any) -> None:
+    root = tmp_path / "adapters"
+    _fake_adapter(peft_adapter, root / "shout")
+    _fake_adapter(peft_adapter, root / "odd", "nonsense")  # valid PEFT files, refused by the engine
+    broken = _fake_adapter(peft_adapter, root / "broken")
+    weights = broken / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])  # truncated: the validate library must say so
+
+    async def go() -> None:
+        engine = FakeEngine(tokenizer)
+        async with running(engine, allow_runtime_lora=True, adapter_root=str(root)) as srv, aiohttp.ClientSession() as s:
+            load, unload = f"{srv.url}/v1/load_lora_adapter", f"{srv.url}/v1/unload_lora_adapter"
+            r = await s.post(load, json={"lora_name": "shout", "lora_path": "shout"})
+            assert r.status == 200 and "shout" in await r.text()
+            r = await s.post(f"{srv.url}/v1/completions", json={"model": "shout", "prompt": "hey"})
+            assert (await r.json())["choices"][0]["text"] == "HEY"
+            models = await (await s.get(f"{srv.url}/v1/models")).json()
+            card = next(m for m in models["data"] if m["id"] == "shout")
+            assert card["parent"] == "fake-base" and card["root"] == os.path.realpath(root / "shout")
+            msg = await _error(await s.post(load, json={"lora_name": "bad", "lora_path": str(root / "broken")}), 400)
+            assert "failed validation" in msg and "weights_file" in msg
+            msg = await _error(await s.post(load, json={"lora_name": "odd", "lora_path": "odd"}), 400)
+            assert "nonsense" in msg
+            assert "bad" not in engine.adapters and "odd" not in engine.adapters
+            await _error(await s.post(load, json={"lora_name": "x", "lora_path": "missing"}), 400)
+            await _error(await s.post(load, json={"lora_name": "fake-base", "lora_path": "shout"}), 400)
+            await _error(await s.post(load, json={"lora_path": "shout"}), 400)
+            # still serving after the bad loads
+            r = await s.post(f"{srv.url}/v1/completions", json={"model": "upper", "prompt": "ok"})
+            assert (await r.json())["choices"][0]["text"] == "OK"
+            r = await s.post(unload, json={"lora_name": "shout"})
+            assert r.status == 200
+            await _error(await s.post(f"{srv.url}/v1/completions", json={"model": "shout", "prompt": "hey"}), 404)
+            await _error(await s.post(unload, json={"lora_name": "shout"}), 404)
+
+    arun(go())
+
+
+def test_runtime_load_is_off_by_default(tokenizer: Any, peft_adapter: Path, tmp_path: Path, arun: Any) -> None:
+    _fake_adapter(peft_adapter, tmp_path / "a")
+
+    async def go() -> None:
+        async with running(FakeEngine(tokenizer)) as srv, aiohttp.ClientSession() as s:
+            msg = await _error(await s.post(f"{srv.url}/v1/load_lora_adapter",
+                                            json={"lora_name": "a", "lora_path": str(tmp_path / "a")}), 403)
+            assert "--allow-runtime-lora" in msg
+            await _error(await s.post(f"{srv.url}/v1/unload_lora_adapter", json={"lora_name": "upper"}), 403)
+
+    arun(go())
+
+
+def test_adapter_root_refuses_escapes(tokenizer: Any, peft_adapter: Path, tmp_path: Path, arun: Any) -> None:
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    root.mkdir()
+    _fake_adapter(peft_adapter, outside / "evil")
+    (root / "link_dir").symlink_to(outside / "evil", target_is_directory=True)
+    sneaky = root / "sneaky"
+    sneaky.mkdir()
+    for f in (outside / "evil").iterdir():  # every file a link to the outside copy
+        (sneaky / f.name).symlink_to(f)
+    _fake_adapter(peft_adapter, root / "good")
+    (root / "good_link").symlink_to(root / "good", target_is_directory=True)  # a link that stays inside is fine
+
+    async def go() -> None:
+        engine = FakeEngine(tokenizer)
+        async with running(engine, allow_runtime_lora=True, adapter_root=str(root)) as srv, aiohttp.ClientSession() as s:
+            load = f"{srv.url}/v1/load_lora_adapter"
+            for path in ("../outside/evil", str(outside / "evil"), "link_dir", "sneaky", "good/../../outside/evil",
+                         "/etc"):
+                msg = await _error(await s.post(load, json={"lora_name": "x", "lora_path": path}), 403)
+                assert "outside the adapter root" in msg, path
+            assert "x" not in engine.adapters
+            assert (await s.post(load, json={"lora_name": "g", "lora_path": "good_link"})).status == 200
+
+    arun(go())
+
+
+def test_server_config_checks() -> None:
+    with pytest.raises(ConfigError, match="port"):
+        ServerConfig(port=70000)
+    with pytest.raises(ConfigError, match="adapter-root"):
+        ServerConfig(adapter_root="/definitely/not/here")
