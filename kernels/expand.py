@@ -124,12 +124,12 @@ def expand_triton(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta
     block_k = min(max(_triton.next_pow2(R), 16), 128)
     common = (N, R, h.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0), out_offset)
     if strategy == "gather":
-        block_n = max(16, (16384 if interpret else 4096) // block_k)
+        block_n = max(16, (65536 if interpret else 4096) // block_k)
         gather_kernel[(T, triton_cdiv(N, block_n))](h, lora_b, out, meta.token_slots, *common,
                                                    BLOCK_N=block_n, BLOCK_K=block_k)
         return out
     if interpret:  # big blocks: numpy vectorises them, the per-program Python cost dominates
-        block_m, block_n = min(max(_triton.next_pow2(meta.max_seg_len), 16), 128), 512
+        block_m, block_n = min(max(_triton.next_pow2(meta.max_seg_len), 16), 128), 2048
     else:
         block_m, block_n, block_k = (16 if meta.max_seg_len <= 16 else 64), 64, min(block_k, 64)
     grid = (len(meta.segments), triton_cdiv(meta.max_seg_len, block_m), triton_cdiv(N, block_n))

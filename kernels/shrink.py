@@ -135,14 +135,14 @@ def shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, m
     common = (K, R, x.stride(0), lora_a.stride(0), lora_a.stride(1))
     if strategy == "gather":
         h = torch.empty(T, R, dtype=x.dtype, device=x.device)  # -1 rows get zeros from the kernel
-        block_k = max(16, (16384 if interpret else 4096) // block_r)
+        block_k = max(16, (65536 if interpret else 4096) // block_r)
         grid = (T, triton_cdiv(R, block_r))
         gather_kernel[grid](x, lora_a, scales, h, meta.token_slots, *common, h.stride(0),
                             scales.stride(0), ssc_r, BLOCK_R=block_r, BLOCK_K=block_k, SCALE_PER_RANK=per_rank)
         return h
     h = (torch.zeros if meta.num_no_lora else torch.empty)(T, R, dtype=x.dtype, device=x.device)
     if interpret:  # big blocks: numpy vectorises them, the per-program Python cost dominates
-        block_m, block_k = min(max(_triton.next_pow2(meta.max_seg_len), 16), 128), 512
+        block_m, block_k = min(max(_triton.next_pow2(meta.max_seg_len), 16), 128), 2048
     else:
         block_m, block_k = (16 if meta.max_seg_len <= 16 else 64), 64
     grid = (len(meta.segments), triton_cdiv(meta.max_seg_len, block_m), triton_cdiv(R, block_r))
