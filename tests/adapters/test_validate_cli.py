@@ -163,3 +163,25 @@ def test_different_base_name_with_matching_shapes_is_only_a_warning(llama_adapte
 def test_unreadable_base_is_a_failed_check(llama_adapter, tmp_path):
     code, doc = run_validate(llama_adapter, "--base", tmp_path / "no-such-model")
     assert code == 1 and "no such model directory" in check(doc, "base_config")["message"]
+
+
+def test_adapter_for_another_architecture_fails_base_modules(bases, tmp_path):
+    """A real PEFT adapter for a tiny GPT-2 (Conv1D c_attn, fan_in_fan_out) checked against the llama base."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from engine.adapters import check_servable
+    from engine.errors import AdapterError
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=64)).save_pretrained(str(gpt2))
+    d = build_peft_adapter(gpt2, tmp_path / "gpt2-lora", target_modules=["c_attn"], fan_in_fan_out=True)
+    code, doc = run_validate(d, "--base", bases["llama"])
+    assert code == 1
+    assert check(doc, "base_modules")["message"].startswith("['c_attn'] do not exist in llama")
+    servable = check(doc, "servable")["message"]
+    assert "LoRA on modules mlora has no slots for: transformer.h.0.attn.c_attn" in servable
+    assert "fan_in_fan_out=true" in servable
+    adapter = load_adapter(d)
+    assert adapter.modules == {}
+    with pytest.raises(AdapterError, match="no LoRA on any decoder q/k/v/o/gate/up/down linear"):
+        check_servable(adapter)
