@@ -2,15 +2,99 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Any, Optional
+
 import typer
 
-from engine.errors import NotBuiltError
+from mlora_cli._common import console
+
+_ENGINE = "Engine"
+_LORA = "LoRA"
+_HTTP = "HTTP"
 
 
-def serve() -> None:
-    """Serve the base model and its LoRA adapters behind an OpenAI-compatible API."""
-    raise NotBuiltError("`mlora serve` is not built yet", hint="tracked in the project's issues")
+def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
+    """`name=path` items (path: directory or Hub id) -> ((name, path), ...); a clear error otherwise."""
+    from engine.errors import ConfigError
+
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise ConfigError(f"--lora expects NAME=PATH, got {spec!r}", hint="e.g. --lora sql=./adapters/sql-lora")
+        out.append((name.strip(), path.strip()))
+    return tuple(out)
+
+
+def build_config(**opts: Any) -> Any:
+    """The one frozen ServerConfig for these flags (engine options left unset keep the engine's defaults)."""
+    from engine.config import EngineConfig
+    from engine.server.config import ServerConfig
+
+    engine_keys = ("model", "dtype", "device", "max_model_len", "max_num_seqs", "max_queue", "max_loras",
+                   "max_lora_rank", "max_cpu_loras")
+    engine_kwargs = {k: opts[k] for k in engine_keys if opts.get(k) is not None}
+    engine = EngineConfig(loras=parse_lora(opts.get("lora") or []), **engine_kwargs)
+    return ServerConfig(engine=engine, host=opts["host"], port=opts["port"], api_key=opts.get("api_key"),
+                        allow_runtime_lora=opts["allow_runtime_lora"], adapter_root=opts.get("adapter_root"),
+                        grace_period=opts["grace_period"])
+
+
+def serve(
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model: a local HF directory or a Hub id. Default: the built-in demo model (adapters upper, reverse, rot13).", rich_help_panel=_ENGINE)] = None,
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="Adapter to serve, as NAME=PATH (directory or Hub id). Repeatable. Requests select it with \"model\": NAME.", rich_help_panel=_LORA, show_default=False)] = None,
+    max_loras: Annotated[Optional[int], typer.Option("--max-loras", min=1, help="Adapters resident in device slots at once (distinct adapters per step). \\[default: 4]", rich_help_panel=_LORA)] = None,
+    max_lora_rank: Annotated[Optional[int], typer.Option("--max-lora-rank", min=1, help="Largest adapter rank a slot holds. \\[default: 16]", rich_help_panel=_LORA)] = None,
+    max_cpu_loras: Annotated[Optional[int], typer.Option("--max-cpu-loras", min=1, help="Adapters kept in CPU memory (>= --max-loras). \\[default: 2 x max-loras]", rich_help_panel=_LORA)] = None,
+    allow_runtime_lora: Annotated[bool, typer.Option("--allow-runtime-lora", help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter.", rich_help_panel=_LORA)] = False,
+    adapter_root: Annotated[Optional[str], typer.Option("--adapter-root", help="Only load runtime adapters from inside this directory (symlinks resolved).", rich_help_panel=_LORA)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16 or float16. \\[default: auto]", rich_help_panel=_ENGINE)] = None,
+    device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda. \\[default: auto]", rich_help_panel=_ENGINE)] = None,
+    max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", min=1, help="Context length (prompt + completion). \\[default: the model's]", rich_help_panel=_ENGINE)] = None,
+    max_num_seqs: Annotated[Optional[int], typer.Option("--max-num-seqs", min=1, help="Requests in the running batch. \\[default: 64]", rich_help_panel=_ENGINE)] = None,
+    max_queue: Annotated[Optional[int], typer.Option("--max-queue", min=0, help="Waiting requests beyond which new ones get 429 + Retry-After. \\[default: unbounded]", rich_help_panel=_ENGINE)] = None,
+    host: Annotated[str, typer.Option("--host", help="Interface to listen on.", rich_help_panel=_HTTP)] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on (0 = any free port).", rich_help_panel=_HTTP)] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MLORA_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 route (/health and /metrics stay open).", rich_help_panel=_HTTP, show_default=False)] = None,
+    grace_period: Annotated[float, typer.Option("--grace-period", min=0.0, help="Seconds SIGINT/SIGTERM waits for in-flight requests before aborting them.", rich_help_panel=_HTTP)] = 10.0,
+) -> None:
+    """Serve the base model and its LoRA adapters behind an OpenAI-compatible API.
+
+    Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
+    GET /metrics, and with --allow-runtime-lora POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    A request's "model" field picks the adapter; the base model's name picks no adapter.
+    """
+    config = build_config(model=model, lora=lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
+                          max_cpu_loras=max_cpu_loras, allow_runtime_lora=allow_runtime_lora,
+                          adapter_root=adapter_root, dtype=dtype, device=device, max_model_len=max_model_len,
+                          max_num_seqs=max_num_seqs, max_queue=max_queue, host=host, port=port, api_key=api_key,
+                          grace_period=grace_period)
+    from engine.server.run import serve as run_server
+
+    console.print("[dim]loading the model...[/]", highlight=False)
+    run_server(config, on_ready=_ready(config))
+    console.print("[dim]server stopped[/]", highlight=False)
+
+
+def _ready(config: Any) -> Any:
+    def on_ready(url: str, base: str, adapters: list[str]) -> None:
+        from rich.markup import escape
+
+        console.print(f"[bold green]mlora serving[/] {escape(base)} at [bold]{url}[/]  (OpenAI base_url: {url}/v1)",
+                      highlight=False, soft_wrap=True)
+        shown = ", ".join(escape(a) for a in adapters) if adapters else "[dim]none[/]"
+        console.print(f"adapters: {shown}", highlight=False, soft_wrap=True)
+        extras = []
+        if config.api_key:
+            extras.append("API key required on /v1")
+        if config.allow_runtime_lora:
+            extras.append("runtime adapter loading on" + (f" (root {escape(config.adapter_root)})" if config.adapter_root else ""))
+        if extras:
+            console.print("[dim]" + "; ".join(extras) + "[/]", highlight=False, soft_wrap=True)
+        console.print("[dim]Ctrl+C to stop[/]", highlight=False)
+
+    return on_ready
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="serve", help="Serve the base model and its LoRA adapters behind an OpenAI-compatible API. [dim](not built yet)[/]")(serve)
+    app.command(name="serve", help="Serve the base model and its LoRA adapters behind an OpenAI-compatible API.")(serve)
