@@ -95,9 +95,9 @@ def build_peft_adapter(
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
-            if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * init_scale / max(p.shape[-1], 1) ** 0.5)
-            elif "lora_magnitude_vector" in name:
+            if "lora_magnitude_vector" in name:  # DoRA: PEFT inits m = ||W||_row; perturb it
                 p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
+            elif "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * init_scale / max(p.shape[-1], 1) ** 0.5)
     peft_model.save_pretrained(str(out_path))
     return Path(out_path)
