@@ -138,7 +138,9 @@ def check_module_shapes(config: AdapterConfig, path: str, shapes: dict[str, tupl
 def load_adapter(path_or_hub_id: str | Path, *, name: str | None = None) -> LoraAdapter:
     """Read a PEFT LoRA adapter (directory or hub id) into a LoraAdapter; AdapterError if it is unreadable.
 
-    Safetensors files are memory-mapped (tensors are views of the file, no copies); legacy
+    Safetensors files are memory-mapped by safe_open and each LoRA tensor is copied exactly once
+    out of the map (in Rust, no per-tensor Python copies or dtype casts). Deliberately not kept
+    as views of the map: a file truncated in place later would SIGBUS the server. Legacy
     adapter_model.bin only via torch.load(weights_only=True). Servability is not enforced here:
     call `check_servable` (the engine does, at registration).
     """
@@ -156,15 +158,15 @@ def load_adapter(path_or_hub_id: str | Path, *, name: str | None = None) -> Lora
         if problem:
             raise AdapterError(f"{wfile.name}: {problem}")
         lk = roles["A"]
-        get = lambda role: tensors.get(roles[role].key) if role in roles else None  # noqa: E731
+        opt = {role: tensors.get(roles[role].key) for role in ("magnitude", "bias") if role in roles}
         mod = LoraModuleWeights(
-            lora_a=get("A"), lora_b=get("B"), scaling=config.scaling_for(path), module_path=path,
-            magnitude=get("magnitude"), bias=get("bias"),
+            lora_a=tensors.get(lk.key), lora_b=tensors.get(roles["B"].key), scaling=config.scaling_for(path),
+            module_path=path, **opt,
         )
         if (lk.layer, lk.module) in modules:
             raise AdapterError(f"{wfile.name}: two LoRA entries for layer {lk.layer} {lk.module}")
         modules[(lk.layer, lk.module)] = mod
-    if not modules and not keys:
+    if not keys:
         raise AdapterError(f"{wfile.name} holds no tensors")
     return LoraAdapter(
         name=name or adapter_dir.name, path=adapter_dir, config=config, modules=dict(sorted(modules.items())),
@@ -172,10 +174,28 @@ def load_adapter(path_or_hub_id: str | Path, *, name: str | None = None) -> Lora
     )
 
 
-def check_servable(adapter: LoraAdapter, *, allow_dora: bool = False) -> None:
-    """Raise AdapterError naming every feature of `adapter` that a slot cannot serve."""
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN/Inf in `t`. Fast screen first: any NaN/Inf makes the fp32 sum non-finite, so a finite
+    sum proves the tensor finite; only a non-finite (or overflowing) sum pays the elementwise check."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
+def check_servable(adapter: LoraAdapter, *, allow_dora: bool = False, check_values: bool = True) -> None:
+    """Raise AdapterError naming every feature of `adapter` that a slot cannot serve.
+
+    With `check_values`, also refuses non-float (quantised) LoRA tensors and NaN/Inf values
+    (one cheap pass over the weights), so a broken adapter never reaches a slot.
+    """
     reasons = adapter.unservable_reasons(allow_dora=allow_dora)
     if not adapter.modules:
         reasons.insert(0, "it has no LoRA on any decoder q/k/v/o/gate/up/down linear")
+    if check_values:
+        ints = sorted({str(t.dtype) for m in adapter.modules.values() for t in m.tensors() if not t.is_floating_point()})
+        if ints:
+            reasons.append(f"LoRA tensors of dtype {', '.join(ints)} (quantised adapters must be dequantised first)")
+        else:
+            bad = [f"layer {layer} {mod}" for (layer, mod), m in adapter.modules.items() if not all(all_finite(t) for t in m.tensors())]
+            if bad:
+                reasons.append(f"NaN/Inf values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
     if reasons:
         raise AdapterError(f"adapter {adapter.name!r} cannot be served: " + "; ".join(reasons))

@@ -17,7 +17,7 @@ from engine.adapters.base import BaseDims, read_base_dims
 from engine.adapters.config import SERVABLE_MODULES, AdapterConfig, parse_adapter_config
 from engine.adapters.files import WeightsFile, find_weights_file, read_adapter_config_json, resolve_adapter_dir
 from engine.adapters.keys import parse_lora_key
-from engine.adapters.loader import check_module_shapes
+from engine.adapters.loader import all_finite, check_module_shapes
 from engine.adapters.servable import servability_issues
 from engine.errors import AdapterError, MloraError
 
@@ -229,9 +229,7 @@ def _check_finite(report: ValidationReport, wf: WeightsFile) -> None:
             if not (m.dtype.startswith("float") or m.dtype.startswith("bfloat")) or 0 in m.shape:
                 continue
             t = wf.get(k)
-            # Fast screen: any NaN/Inf makes the fp32 sum non-finite (a finite sum proves all finite);
-            # only a suspicious sum (or an overflowing one) pays for the exact elementwise check.
-            if not bool(torch.isfinite(t.sum(dtype=torch.float32))) and not bool(torch.isfinite(t).all()):
+            if not all_finite(t):
                 n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
                 bad.append(f"{k} ({n_nan} NaN, {n_inf} Inf)")
     except AdapterError as exc:

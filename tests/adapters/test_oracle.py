@@ -119,3 +119,29 @@ def test_load_adapter_errors_are_one_line_adapter_errors(adapter_copy):
     assert "\n" not in str(exc.value)
     with pytest.raises(AdapterError, match="adapter directory not found"):
         load_adapter(adapter_copy / "nope")
+
+
+@pytest.mark.parametrize("poison,fragment", [
+    (lambda t: t.__setitem__((0, 0), float("nan")), "NaN/Inf values in layer 1 k_proj"),
+    (lambda t: t.__setitem__((2, 3), float("-inf")), "NaN/Inf values in layer 1 k_proj"),
+])
+def test_check_servable_refuses_non_finite_weights(adapter_copy, poison, fragment):
+    from safetensors.torch import load_file, save_file
+
+    p = adapter_copy / "adapter_model.safetensors"
+    sd = load_file(str(p))
+    poison(sd["base_model.model.model.layers.1.self_attn.k_proj.lora_A.weight"])
+    save_file(sd, str(p))
+    adapter = load_adapter(adapter_copy)  # readable: values are judged by check_servable
+    with pytest.raises(AdapterError, match=fragment):
+        check_servable(adapter)
+    check_servable(adapter, check_values=False)
+
+
+def test_check_servable_refuses_integer_weights(adapter_copy):
+    from safetensors.torch import load_file, save_file
+
+    p = adapter_copy / "adapter_model.safetensors"
+    save_file({k: v.to(torch.int8) for k, v in load_file(str(p)).items()}, str(p))
+    with pytest.raises(AdapterError, match="dtype torch.int8"):
+        check_servable(load_adapter(adapter_copy))
