@@ -13,7 +13,7 @@ _STYLE = {"pass": "[green]pass[/]", "warn": "[yellow]warn[/]", "fail": "[bold re
 
 
 def validate(
-    path: Annotated[str, typer.Argument(help="Adapter directory (adapter_config.json + adapter_model.safetensors) or a Hub id.", show_default=False)],
+    path: Annotated[str, typer.Argument(metavar="PATH", help="Adapter directory (adapter_config.json + adapter_model.safetensors) or a Hub id.", show_default=False)],
     base: Annotated[
         Optional[str],
         typer.Option("--base", help="Base model (directory, config.json or Hub id) to check module dims and layer count against."),
@@ -61,4 +61,8 @@ def _render(report) -> None:  # noqa: ANN001 - ValidationReport, imported lazily
 
 
 def register(app: typer.Typer) -> None:
-    app.command(name="validate", help="Check that a PEFT LoRA adapter is servable, and if not, exactly why.")(validate)
+    app.command(
+        name="validate",
+        help="Check that a PEFT LoRA adapter is servable, and if not, exactly why.",
+        epilog="Exit status: 0 valid (warnings allowed), 1 invalid, 2 usage error.",
+    )(validate)
