@@ -18,11 +18,13 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, PromptTooLongError
-from engine.loader import load_hf_config, load_tokenizer, resolve_model_path
+from engine.loader import demo_adapters, load_hf_config, load_tokenizer, resolve_model_path
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+
+DEMO_MODEL_NAME = "mlora-demo"
 
 
 @dataclass
@@ -61,19 +63,31 @@ class EngineCore:
         self.model_path = resolve_model_path(config.model, revision=config.revision)
         self.hf_config = load_hf_config(self.model_path, trust_remote_code=config.trust_remote_code)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=config.trust_remote_code)
-        self.model_name = config.model or "mlora-demo"
+        self.model_name = config.model or DEMO_MODEL_NAME
         self.runner = ModelRunner(config, self.hf_config, self.model_path)
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.lora: Any = None
+        if config.enable_lora:
+            from engine.lora_engine import LoraEngine
+
+            self.lora = LoraEngine(config, self.runner)
         self.scheduler = Scheduler(
             self.block_manager,
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
+            max_loras=config.max_loras if self.lora is not None else None,
+            acquire=self.lora.acquire if self.lora is not None else None,
+            release=self.lora.release if self.lora is not None else None,
         )
         self.eos_token_ids = self._eos_ids()
         self.vocab_size = self.runner.args.vocab_size
         self._requests: dict[str, _Request] = {}
-        self.lora = None  # set by the multi-LoRA layer (engine.lora_engine) when enabled
+        if self.lora is not None:
+            initial = dict(demo_adapters()) if config.model is None else {}
+            initial.update(dict(config.loras))
+            for name, path in initial.items():
+                self.lora.add_adapter(name, str(path))
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -146,8 +160,14 @@ class EngineCore:
         lora = self.lora
         resident = lora.resident() if lora is not None else ()
         out = self.scheduler.schedule(resident)
+        failed = []
+        if lora is not None:  # adapters that could not be loaded any more (files changed on disk)
+            for seq, message in lora.take_failed():
+                seq.finish_reason, seq.stop_reason = "abort", message
+                self.scheduler.finish(seq)
+                failed.append(self._finish(self._requests[seq.request_id]))
         if out.is_empty:
-            return []
+            return failed
         now = time.monotonic()
         for item in out.scheduled:
             if item.seq.metrics.first_scheduled_time is None:
@@ -159,7 +179,7 @@ class EngineCore:
                 item.seq.logprobs.append(lp)
         touched = self.scheduler.postprocess(out, tokens)
         now = time.monotonic()
-        outputs = []
+        outputs = failed
         for seq in touched:
             req = self._requests[seq.request_id]
             seq.metrics.first_token_time = seq.metrics.first_token_time or now

@@ -24,13 +24,21 @@ SUPPORTED_ARCHS = {
 def demo_model_dir() -> Path:
     """The built-in demo model's directory (shipped as package data by the demo issue)."""
     try:
-        from engine.demo import model_dir  # type: ignore[attr-defined]
+        from engine.demo import DEMO_MODEL_DIR
     except ImportError as e:
-        raise ConfigError(
-            "no model given and the built-in demo model is not available",
-            hint="pass a model directory or hub id (--model)",
-        ) from e
-    return Path(model_dir())
+        raise ConfigError("no model given and the built-in demo model is not installed", hint="pass --model") from e
+    if not (Path(DEMO_MODEL_DIR) / "config.json").is_file():
+        raise ConfigError("no model given and the built-in demo model's files are missing", hint="pass --model")
+    return Path(DEMO_MODEL_DIR)
+
+
+def demo_adapters() -> dict[str, Path]:
+    """The demo model's adapters (name -> directory) that are present."""
+    try:
+        from engine.demo import DEMO_ADAPTERS
+    except ImportError:
+        return {}
+    return {n: Path(p) for n, p in DEMO_ADAPTERS.items() if (Path(p) / "adapter_config.json").is_file()}
 
 
 def resolve_model_path(model: str | None, *, revision: str | None = None) -> Path:

@@ -121,6 +121,13 @@ class LoraLinear(nn.Module):
                     a, b, scales = stack
                     h = shrink(x, a, lora.token_slots, scales, meta=lora.meta)  # [T, R]
                     expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset)
+                    dora = getattr(lora.stacks, "dora", None)
+                    g = dora(self.layer, name) if dora is not None else None
+                    if g is not None:  # DoRA: rescale this part's output per token (see engine.lora.slots)
+                        from engine.lora.slots import apply_dora
+
+                        bias = self.bias[offset : offset + n] if self.bias is not None else None
+                        apply_dora(y[:, offset : offset + n], g, lora.token_slots, bias)
                 offset += n
         return y
 
@@ -191,6 +198,13 @@ class LlamaModel(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, meta, kv_cache[i, 0], kv_cache[i, 1], lora)
         return self.norm(x)
+
+    def module_slice(self, module: str) -> tuple[str, int]:
+        """(fused linear attribute, column offset) of an HF module name."""
+        a = self.args
+        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
+        return {"q_proj": ("qkv", 0), "k_proj": ("qkv", q), "v_proj": ("qkv", q + kv), "o_proj": ("o_proj", 0),
+                "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", a.intermediate_size), "down_proj": ("down_proj", 0)}[module]  # fmt: skip
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> fp32 logits [N, vocab]."""

@@ -115,6 +115,13 @@ class ModelRunner:
         self._generators: dict[int, torch.Generator] = {}
         self._seed_source = torch.Generator().manual_seed(config.seed)
 
+    def base_weight(self, layer: int, module: str) -> torch.Tensor:
+        """The base linear W [out, in] of (layer, HF module name): a view into the fused weight."""
+        lin_name, offset = self.model.module_slice(module)
+        lin = getattr(self.model.layers[layer], lin_name)
+        n = dict(lin.parts)[module]
+        return lin.weight[offset : offset + n]
+
     # -- per-request state ---------------------------------------------------------------------
     def generator(self, seq: Sequence) -> torch.Generator:
         g = self._generators.get(id(seq))

@@ -19,7 +19,7 @@ Policy, in order:
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
@@ -61,7 +61,11 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_loras: int | None = None,
         aging_steps: int = 16,
+        acquire: Callable[[Sequence], bool] | None = None,
+        release: Callable[[Sequence], None] | None = None,
     ) -> None:
+        """`acquire(seq)` is asked before admitting a sequence (pin its adapter's slot; False = not
+        now) and `release(seq)` is called when it leaves the running set (finish, abort, preemption)."""
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -72,6 +76,8 @@ class Scheduler:
         self.step_no = 0
         self._enqueued_at: dict[int, int] = {}  # id(seq) -> step it (re)entered the queue
         self.num_preemptions = 0
+        self._acquire = acquire
+        self._release = release
 
     # -- queue management -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -99,6 +105,8 @@ class Scheduler:
             self.waiting.remove(seq)
         self.bm.free(seq)
         self._enqueued_at.pop(id(seq), None)
+        if seq.status is SeqStatus.RUNNING and self._release is not None:
+            self._release(seq)
         seq.status = SeqStatus.FINISHED
 
     def waiting_adapters(self) -> list[str]:
@@ -150,6 +158,10 @@ class Scheduler:
             n = min(seq.num_pending_tokens, budget)
             if not self.bm.can_allocate(seq, n):
                 break
+            if self._acquire is not None and not self._acquire(seq):
+                if aged:
+                    break
+                continue
             self.bm.allocate(seq, n)
             self.waiting.remove(seq)
             self._enqueued_at.pop(id(seq), None)
@@ -175,6 +187,8 @@ class Scheduler:
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)
+        if self._release is not None:
+            self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING

@@ -1,0 +1,121 @@
+"""The engine's multi-LoRA layer: joins the scheduler, the adapter tiers and the runner.
+
+- `LoraSlots` (engine.lora.slots) holds the device stacks the model reads; `AdapterCache`
+  (engine.lora.manager) decides which adapter lives in which slot (LRU tiers, pins).
+- Each request with an adapter pins it from admission (`acquire`) to finish or preemption
+  (`release`), so an adapter in use is never evicted. The scheduler calls these hooks.
+- Per step the runner receives one slot index per scheduled sequence (-1 = base model),
+  never an adapter name.
+- After each step, adapters that waiting requests need are prefetched disk -> CPU in the
+  background, so a cold adapter's first token waits only for the CPU -> slot copy.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from engine.config import EngineConfig
+from engine.core import EngineStats
+from engine.errors import AdapterNotFoundError, MloraError
+from engine.lora import AdapterCache, LoraSlots
+from engine.scheduler import Scheduler, SchedulerOutput
+from engine.sequence import Sequence
+
+
+class LoraEngine:
+    """Adapter registry + slots for one EngineCore."""
+
+    def __init__(self, config: EngineConfig, runner: Any) -> None:
+        dtype = runner.dtype if config.lora_dtype == "auto" else config.lora_dtype
+        self.slots = LoraSlots(
+            runner.dims,
+            max_loras=config.max_loras,
+            max_rank=config.max_lora_rank,
+            dtype=dtype,
+            device=runner.device,
+            base_weight=runner.base_weight,
+        )
+        self.cache = AdapterCache(
+            max_loras=config.max_loras,
+            max_cpu_loras=config.max_cpu_loras,
+            loader=self.slots.load,
+            slot_writer=self.slots.set_slot,
+            slot_clearer=self.slots.reset_slot,
+        )
+        self.max_loras = config.max_loras
+        self._held: dict[int, tuple[str, int]] = {}  # id(seq) -> (adapter, slot) while pinned
+        self._failed: list[tuple[Sequence, str]] = []
+
+    # -- registry ----------------------------------------------------------------------------
+    def add_adapter(self, name: str, path: str) -> None:
+        """Validate + load into the CPU tier; raises AdapterError and changes nothing if bad."""
+        self.cache.register(name, path)
+
+    def remove_adapter(self, name: str) -> None:
+        self.cache.remove(name)
+
+    def names(self) -> list[str]:
+        return self.cache.names()
+
+    def check_adapter(self, name: str | None) -> None:
+        if name is not None and name not in self.cache:
+            raise AdapterNotFoundError(f"adapter {name!r} is not registered")
+
+    def resident(self) -> list[str]:
+        return self.cache.resident()
+
+    # -- scheduler hooks ---------------------------------------------------------------------
+    def acquire(self, seq: Sequence) -> bool:
+        """Pin `seq`'s adapter in a slot (loading it if needed); False = no slot free now."""
+        if seq.adapter is None:
+            return True
+        try:
+            slot = self.cache.acquire(seq.adapter)
+        except MloraError as e:  # e.g. the files went bad after registration: fail this request only
+            if all(s is not seq for s, _ in self._failed):
+                self._failed.append((seq, f"adapter {seq.adapter!r} could not be loaded: {e}"))
+            return False
+        if slot is None:
+            return False
+        self._held[id(seq)] = (seq.adapter, slot)
+        return True
+
+    def take_failed(self) -> list[tuple[Sequence, str]]:
+        """Requests whose adapter failed to load during the last schedule()."""
+        out, self._failed = self._failed, []
+        return out
+
+    def release(self, seq: Sequence) -> None:
+        held = self._held.pop(id(seq), None)
+        if held is not None:
+            self.cache.release(held[0], held[1])
+
+    def on_finish(self, seq: Sequence) -> None:
+        self.release(seq)
+
+    # -- per step ----------------------------------------------------------------------------
+    def step_inputs(self, out: SchedulerOutput) -> tuple[list[int] | None, LoraSlots | None]:
+        """Slot index per scheduled item (-1 = base); (None, None) for an all-base step."""
+        slots = [self._held[id(it.seq)][1] if it.seq.adapter is not None else -1 for it in out.scheduled]
+        if all(s < 0 for s in slots):
+            return None, None
+        return slots, self.slots
+
+    def after_step(self, scheduler: Scheduler) -> None:
+        """Prefetch (disk -> CPU, background) the adapters that waiting requests need."""
+        if scheduler.waiting:
+            wanted = [a for a in scheduler.waiting_adapters() if self.cache.slot_of(a) is None]
+            if wanted:
+                self.cache.prefetch(wanted)
+
+    # -- metrics -----------------------------------------------------------------------------
+    def fill_stats(self, s: EngineStats) -> None:
+        st = self.cache.stats()
+        s.lora_loads = st.device_loads
+        s.lora_evictions = st.device_evictions
+        s.lora_load_seconds = self.cache.drain_load_seconds()
+        s.resident_adapters = self.cache.resident()
+        s.max_loras = self.max_loras
+
+    def close(self) -> None:
+        self.cache.close()
