@@ -1,0 +1,80 @@
+"""`mlora serve` as users run it: flags -> one config; SIGTERM drains in-flight requests and exits 0."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from engine.errors import ConfigError
+from mlora_cli.serve import build_config, parse_lora
+
+DEFAULTS = dict(host="127.0.0.1", port=8000, allow_runtime_lora=False, grace_period=10.0)
+
+
+def test_flags_build_one_frozen_config(tmp_path: Path) -> None:
+    cfg = build_config(**DEFAULTS, model="some/model", lora=["sql=/a/sql", "chat = ./chat"], max_loras=2,
+                       max_lora_rank=32, max_cpu_loras=6, dtype="bf16", device="cpu", max_model_len=512,
+                       max_num_seqs=8, max_queue=3, api_key="k", adapter_root=str(tmp_path))
+    e = cfg.engine
+    assert (e.model, e.loras, e.max_loras, e.max_lora_rank, e.max_cpu_loras) == (
+        "some/model", (("sql", "/a/sql"), ("chat", "./chat")), 2, 32, 6)
+    assert (e.dtype, e.device, e.max_model_len, e.max_num_seqs, e.max_queue) == ("bfloat16", "cpu", 512, 8, 3)
+    assert cfg.api_key == "k" and cfg.adapter_root == os.path.realpath(tmp_path) and cfg.port == 8000
+    with pytest.raises(Exception):
+        cfg.port = 1  # type: ignore[misc]  # frozen
+    # unset engine flags keep the engine's defaults; no --model = the demo model
+    plain = build_config(**DEFAULTS)
+    assert plain.engine.model is None and plain.engine.max_loras == 4 and plain.api_key is None
+
+
+def test_bad_lora_spec_is_a_clear_error() -> None:
+    with pytest.raises(ConfigError, match="NAME=PATH"):
+        parse_lora(["just-a-path"])
+    with pytest.raises(ConfigError, match="duplicate"):
+        build_config(**DEFAULTS, lora=["a=/x", "a=/y"])
+
+
+def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_base: Path) -> None:
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlora_cli.main", "serve", "--model", str(tiny_base), "--port", "0", "--device", "cpu",
+         "--dtype", "float32", "--max-model-len", "128", "--grace-period", "60"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = None
+        seen = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            seen.append(line)
+            m = re.search(r"(http://127\.0\.0\.1:\d+) ", line)
+            if m:
+                url = m.group(1)
+                break
+        assert url, "".join(seen) + proc.stderr.read()  # type: ignore[union-attr]
+        assert "adapters:" in proc.stdout.readline()  # type: ignore[union-attr]
+        body = json.dumps({"prompt": "drain me", "max_tokens": 100, "ignore_eos": True, "stream": True}).encode()
+        resp = urllib.request.urlopen(urllib.request.Request(f"{url}/v1/completions", data=body), timeout=60)
+        first = resp.readline()
+        assert first.startswith(b"data: ") and json.loads(first[6:])["choices"][0]["finish_reason"] is None
+        proc.send_signal(signal.SIGTERM)  # mid-generation
+        rest = resp.read().decode()
+        events = [json.loads(first[6:])] + [json.loads(b[6:]) for b in rest.strip().split("\n\n") if b != "data: [DONE]"]
+        assert rest.endswith("data: [DONE]\n\n")
+        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert events[-1]["usage"]["completion_tokens"] == 100  # every token arrived
+        assert proc.wait(timeout=60) == 0
+        assert "Traceback" not in proc.stderr.read()  # type: ignore[union-attr]
+        with pytest.raises(urllib.error.URLError):
+            urllib.request.urlopen(f"{url}/health", timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
