@@ -14,19 +14,75 @@ _mlora() {
             COMPREPLY=( $(compgen -W 'bench budget merge serve validate --version -V -h --help' -- "$cur") )
             return 0 ;;
         bench)
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '-h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            case "$prev" in
+                --preset) COMPREPLY=( $(compgen -W 'tiny small' -- "$cur") ); return 0 ;;
+                --model|-m) return 0 ;;
+                --rank|-r) return 0 ;;
+                --max-loras) return 0 ;;
+                --zipf) return 0 ;;
+                --rate) return 0 ;;
+                --num-requests|-n) return 0 ;;
+                --max-tokens) return 0 ;;
+                --device) COMPREPLY=( $(compgen -W 'auto cpu cuda' -- "$cur") ); return 0 ;;
+                --dtype) COMPREPLY=( $(compgen -W 'auto float32 bfloat16 float16' -- "$cur") ); return 0 ;;
+                --json) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --plot) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --min-mixed-ratio) return 0 ;;
+            esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --json --plot --quick --min-mixed-ratio --no-alternatives --kernels -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         budget)
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '-h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            case "$prev" in
+                --model|-m) return 0 ;;
+                --rank|-r) return 0 ;;
+                --max-loras) return 0 ;;
+                --target-modules) return 0 ;;
+                --dtype) return 0 ;;
+                --max-cpu-loras) return 0 ;;
+                --adapter) return 0 ;;
+                --gpu) return 0 ;;
+                --gpu-memory) return 0 ;;
+                --gpu-memory-utilization) return 0 ;;
+                --max-model-len) return 0 ;;
+                --block-size) return 0 ;;
+                --trace) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --target-hit-rate) return 0 ;;
+            esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --rank -r --max-loras --target-modules --dtype --max-cpu-loras --adapter --gpu --gpu-memory --gpu-memory-utilization --max-model-len --block-size --trace --target-hit-rate --json -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         merge)
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '-h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            case "$prev" in
+                --out|-o) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --base|-b) return 0 ;;
+            esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--out -o --base -b --force -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         serve)
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '-h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            case "$prev" in
+                --model|-m) return 0 ;;
+                --lora) return 0 ;;
+                --max-loras) return 0 ;;
+                --max-lora-rank) return 0 ;;
+                --max-cpu-loras) return 0 ;;
+                --adapter-root) return 0 ;;
+                --dtype) return 0 ;;
+                --device) return 0 ;;
+                --max-model-len) return 0 ;;
+                --max-num-seqs) return 0 ;;
+                --max-queue) return 0 ;;
+                --host) return 0 ;;
+                --port|-p) return 0 ;;
+                --api-key) return 0 ;;
+                --grace-period) return 0 ;;
+            esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --host --port -p --api-key --grace-period -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '-h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            case "$prev" in
+                --base) return 0 ;;
+                --max-lora-rank) return 0 ;;
+            esac
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--base --max-lora-rank --json -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
     esac
 }
