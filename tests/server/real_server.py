@@ -9,7 +9,12 @@ import threading
 import urllib.request
 from typing import Any
 
+import openai
+
+from engine.sampling_params import SamplingParams
 from engine.server.config import ServerConfig
+
+KEY = "test-key"
 
 
 class ServerThread:
@@ -78,3 +83,35 @@ def scrape(url: str, name: str, **labels: str) -> float:
         if all(got.get(k) == v for k, v in labels.items()):
             return float(m.group(2))
     raise AssertionError(f"{name}{labels} not in /metrics")
+
+
+async def _one(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int, stream: bool) -> str:
+    if not stream:
+        r = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
+        return r.choices[0].text
+    text = ""
+    async for c in await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                                   stream=True):
+        text += c.choices[0].text
+    return text
+
+
+def concurrency_check(server: ServerThread, offline: Any, models: list[str]) -> None:
+    """64 concurrent greedy requests (streamed and not) over `models`: each equals itself sent alone,
+    and the offline engine's output for the same prompt and adapter."""
+    base = server.engine.model_name
+    jobs = [(models[i % len(models)], f"request {i}: {'xyz' * (i % 5)}", 4 + i % 9, i % 2 == 0) for i in range(64)]
+
+    async def go() -> tuple[list[str], list[str]]:
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
+        alone = [await _one(client, *job) for job in jobs]
+        together = await asyncio.gather(*(_one(client, *job) for job in jobs))
+        await client.close()
+        return alone, list(together)
+
+    alone, together = asyncio.run(go())
+    assert together == alone
+    params = [SamplingParams(max_tokens=m, temperature=0.0) for _, _, m, _ in jobs]
+    adapters = [None if model == base else model for model, _, _, _ in jobs]
+    ref = offline.generate([p for _, p, _, _ in jobs], params, adapters=adapters)
+    assert [o.text for o in ref] == alone

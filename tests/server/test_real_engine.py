@@ -20,9 +20,8 @@ import pytest
 from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 from engine.server.config import ServerConfig
-from tests.server.real_server import ServerThread, scrape
+from tests.server.real_server import KEY, ServerThread, concurrency_check, scrape
 
-KEY = "test-key"
 MAX_LEN = 128
 
 
@@ -78,40 +77,8 @@ def test_openai_client_completions_and_chat(server: ServerThread, offline: Any) 
     assert a.choices[0].text == b.choices[0].text
 
 
-async def _one(client: openai.AsyncOpenAI, model: str, prompt: str, max_tokens: int, stream: bool) -> str:
-    if not stream:
-        r = await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0)
-        return r.choices[0].text
-    text = ""
-    async for c in await client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
-                                                   stream=True):
-        text += c.choices[0].text
-    return text
-
-
-def _concurrency_check(server: ServerThread, offline: Any, models: list[str]) -> None:
-    """64 concurrent greedy requests (streamed and not) over `models`: each equals itself sent alone,
-    and the offline engine's output for the same prompt and adapter."""
-    base = server.engine.model_name
-    jobs = [(models[i % len(models)], f"request {i}: {'xyz' * (i % 5)}", 4 + i % 9, i % 2 == 0) for i in range(64)]
-
-    async def go() -> tuple[list[str], list[str]]:
-        client = openai.AsyncOpenAI(base_url=server.base_url, api_key=KEY, max_retries=0, timeout=120)
-        alone = [await _one(client, *job) for job in jobs]
-        together = await asyncio.gather(*(_one(client, *job) for job in jobs))
-        await client.close()
-        return alone, list(together)
-
-    alone, together = asyncio.run(go())
-    assert together == alone
-    params = [SamplingParams(max_tokens=m, temperature=0.0) for _, _, m, _ in jobs]
-    adapters = [None if model == base else model for model, _, _, _ in jobs]
-    ref = offline.generate([p for _, p, _, _ in jobs], params, adapters=adapters)
-    assert [o.text for o in ref] == alone
-
-
 def test_64_concurrent_base_requests_equal_alone(server: ServerThread, offline: Any) -> None:
-    _concurrency_check(server, offline, [server.engine.model_name])
+    concurrency_check(server, offline, [server.engine.model_name])
 
 
 def test_disconnecting_10_streams_frees_their_kv_blocks(server: ServerThread) -> None:
