@@ -55,15 +55,16 @@ def test_torch_paths_full_grid(case: Case) -> None:
     _check_expand(case)
 
 
-@pytest.mark.parametrize("slots", [
-    [3, 3, 3, 3],                 # single slot: plain matmul
-    [0, 0, 1, 1, 1, -1, -1, 2],   # grouped runs: zero-copy slices
-    [0, 1, 2, 0, 1, 2, 0, 1, -1],  # interleaved: sort-gather / scatter
-    [-1, -1],                     # no adapter at all
+@pytest.mark.parametrize(("slots", "K"), [
+    ([3, 3, 3, 3], 64),                  # single slot: plain matmul
+    ([0, 0, 1, 1, 1, -1, -1, 2], 64),    # grouped runs: zero-copy slices
+    ([0, 1, 2, 0, 1, 2, 0, 1, -1], 64),  # interleaved: sort-gather / scatter
+    ([0, 1, 2, -1] * 10, 4096),          # interleaved, rows over CHUNK_BYTES: per-segment gather
+    ([-1, -1], 64),                      # no adapter at all
 ])
-def test_cpu_path_layouts_match_naive(slots: list[int]) -> None:
+def test_cpu_path_layouts_match_naive(slots: list[int], K: int) -> None:
     gen = torch.Generator().manual_seed(0)
-    T, K, R, N, S = len(slots), 64, 8, 48, 4
+    T, R, N, S = len(slots), 8, K, 4
     x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen)
     b, h, out = torch.randn(S, N, R, generator=gen), torch.randn(T, R, generator=gen), torch.randn(T, N, generator=gen)
     ts, scales = torch.tensor(slots), torch.rand(S, generator=gen) + 0.5
