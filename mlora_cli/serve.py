@@ -16,12 +16,15 @@ _HTTP = "HTTP"
 def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
     """`name=path` items (path: directory or Hub id) -> ((name, path), ...); a clear error otherwise."""
     from engine.errors import ConfigError
+    from engine.server.protocol import ADAPTER_NAME_RULE, valid_adapter_name
 
     out = []
     for spec in specs:
         name, sep, path = spec.partition("=")
         if not sep or not name.strip() or not path.strip():
             raise ConfigError(f"--lora expects NAME=PATH, got {spec!r}", hint="e.g. --lora sql=./adapters/sql-lora")
+        if not valid_adapter_name(name.strip()):
+            raise ConfigError(f"--lora name {name.strip()!r} is not allowed: use {ADAPTER_NAME_RULE}")
         out.append((name.strip(), path.strip()))
     return tuple(out)
 

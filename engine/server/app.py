@@ -25,7 +25,7 @@ from engine.server import protocol as P
 from engine.server.config import ServerConfig
 from engine.server.generation import Choices, open_choices
 from engine.server.metrics import CONTENT_TYPE, ServerMetrics
-from engine.server.security import check_api_key, confine_adapter_path
+from engine.server.security import OPEN_PATHS, check_api_key, confine_adapter_path
 
 log = logging.getLogger("mlora.server")
 
@@ -48,8 +48,6 @@ class ServerState:
 ENGINE = web.AppKey("engine", object)
 CONFIG = web.AppKey("config", ServerConfig)
 STATE = web.AppKey("state", ServerState)
-
-_OPEN_PATHS = ("/health", "/metrics")
 
 
 def api_error_for(exc: BaseException, retry_after: int = 1) -> P.APIError:
@@ -94,7 +92,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 async def guard_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """API key on /v1, 503 while draining, and the in-flight count the drain waits on."""
     config, state = request.app[CONFIG], request.app[STATE]
-    if request.path in _OPEN_PATHS:
+    if request.path in OPEN_PATHS:
         return await handler(request)
     check_api_key(request.path, request.headers.get("Authorization"), config.api_key)
     if state.draining:
@@ -305,12 +303,14 @@ def _validation_failures(path: str, config: ServerConfig) -> list[str]:
     return [f"{c.name}: {c.message}" for c in report.checks if c.status == "fail"]
 
 
-def _lora_name(body: Any, engine: Any) -> str:
+def _lora_name(body: Any, engine: Any, *, new: bool) -> str:
     if not isinstance(body, dict):
         raise P.bad("the request body must be a JSON object")
     name = body.get("lora_name")
-    if not isinstance(name, str) or not name.strip():
+    if not isinstance(name, str) or not name:
         raise P.bad("'lora_name' must be a non-empty string", "lora_name")
+    if new and not P.valid_adapter_name(name):
+        raise P.bad(f"'lora_name' must be {P.ADAPTER_NAME_RULE}", "lora_name")
     if name == engine.model_name:
         raise P.bad(f"'lora_name' {name!r} is the base model's name", "lora_name")
     return name
@@ -321,7 +321,7 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
     if not config.allow_runtime_lora:
         raise P.APIError(403, "runtime adapter loading is disabled; start the server with --allow-runtime-lora")
     body = await _body(request)
-    name = _lora_name(body, engine)
+    name = _lora_name(body, engine, new=True)
     path = body.get("lora_path")
     if not isinstance(path, str) or not path.strip():
         raise P.bad("'lora_path' must be a non-empty string", "lora_path")
@@ -343,7 +343,7 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
     engine, config, state = request.app[ENGINE], request.app[CONFIG], request.app[STATE]
     if not config.allow_runtime_lora:
         raise P.APIError(403, "runtime adapter unloading is disabled; start the server with --allow-runtime-lora")
-    name = _lora_name(await _body(request), engine)
+    name = _lora_name(await _body(request), engine, new=False)
     if name not in engine.list_adapters():
         raise P.APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
     await engine.remove_adapter(name)

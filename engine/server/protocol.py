@@ -10,6 +10,7 @@ when streaming, the chunk that carries a choice's `finish_reason` also carries t
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -20,6 +21,13 @@ from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 MAX_N = 16
+# Adapter names: no commas or spaces, since vllm:lora_requests_info joins names with commas.
+ADAPTER_NAME_RULE = "1-128 characters from letters, digits and . _ / : @ + - (starting with a letter or digit)"
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,127}$")
+
+
+def valid_adapter_name(name: object) -> bool:
+    return isinstance(name, str) and bool(_ADAPTER_NAME.match(name))
 _ROLES = ("system", "user", "assistant", "tool", "developer")
 
 

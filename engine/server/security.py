@@ -1,7 +1,7 @@
 """API-key check and adapter-path confinement.
 
-The key guards every /v1 route (OpenAI clients send `Authorization: Bearer KEY`); /health and
-/metrics stay open so probes and Prometheus need no secret. Runtime adapter paths are resolved
+The key guards every route but /health and /metrics (so every /v1 route; OpenAI clients send
+`Authorization: Bearer KEY`); those two stay open so probes and Prometheus need no secret. Runtime adapter paths are resolved
 with realpath (every symlink followed) and must land inside --adapter-root, and so must every
 file the adapter directory holds, so neither `../` nor a symlink, to the directory or to a
 file inside it, reaches outside.
@@ -15,9 +15,15 @@ import os
 from engine.server.protocol import APIError
 
 
+OPEN_PATHS = frozenset({"/health", "/metrics"})
+
+
 def check_api_key(path: str, authorization: str | None, api_key: str | None) -> None:
-    """Raise APIError(401) unless `path` is open or the Bearer token equals `api_key`."""
-    if api_key is None or not (path == "/v1" or path.startswith("/v1/")):
+    """Raise APIError(401) unless `path` is open (/health, /metrics) or the Bearer token equals `api_key`.
+
+    Every other path is guarded, not just /v1/*, so no spelling of a route can slip past.
+    """
+    if api_key is None or path in OPEN_PATHS:
         return
     scheme, _, token = (authorization or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
@@ -37,6 +43,8 @@ def confine_adapter_path(lora_path: str, adapter_root: str | None) -> str:
     Relative paths are taken relative to the root. Raises APIError(403) when the resolved
     directory, or any file in it, lies outside the root, and 400 when it does not exist.
     """
+    if "\x00" in lora_path:
+        raise APIError(400, "lora_path must not contain NUL bytes", param="lora_path")
     if adapter_root is None:
         return lora_path
     candidate = os.path.join(adapter_root, os.path.expanduser(lora_path))  # absolute paths replace the root

@@ -39,6 +39,8 @@ def test_flags_build_one_frozen_config(tmp_path: Path) -> None:
 def test_bad_lora_spec_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="NAME=PATH"):
         parse_lora(["just-a-path"])
+    with pytest.raises(ConfigError, match="not allowed"):
+        parse_lora(["a,b=/x"])
     with pytest.raises(ConfigError, match="duplicate"):
         build_config(**DEFAULTS, lora=["a=/x", "a=/y"])
 

@@ -103,6 +103,9 @@ def test_api_key_guards_v1_only(tokenizer: Any, arun: Any) -> None:
             assert r.status == 200
             assert (await s.get(f"{srv.url}/health")).status == 200
             assert (await s.get(f"{srv.url}/metrics")).status == 200
+            # every other path is guarded too (no spelling of a route slips past)
+            for path in ("/", "/V1/models", "//v1/models", "/v1%2Fmodels", "/nothing"):
+                await _error(await s.get(srv.url + path), 401)
 
     arun(go())
 
@@ -141,6 +144,10 @@ def test_runtime_load_unload(tokenizer: Any, peft_adapter: Path, tmp_path: Path,
             await _error(await s.post(load, json={"lora_name": "x", "lora_path": "missing"}), 400)
             await _error(await s.post(load, json={"lora_name": "fake-base", "lora_path": "shout"}), 400)
             await _error(await s.post(load, json={"lora_path": "shout"}), 400)
+            for bad_name in ("a,b", "has space", "", "-dash-first", "x" * 200):
+                msg = await _error(await s.post(load, json={"lora_name": bad_name, "lora_path": "shout"}), 400)
+                assert "lora_name" in msg
+            await _error(await s.post(load, json={"lora_name": "nul", "lora_path": "shout\x00/../x"}), 400)
             # still serving after the bad loads
             r = await s.post(f"{srv.url}/v1/completions", json={"model": "upper", "prompt": "ok"})
             assert (await r.json())["choices"][0]["text"] == "OK"
