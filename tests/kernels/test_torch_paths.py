@@ -65,7 +65,7 @@ def test_torch_paths_full_grid(case: Case) -> None:
 def test_cpu_path_layouts_match_naive(slots: list[int], K: int) -> None:
     gen = torch.Generator().manual_seed(0)
     T, R, N, S = len(slots), 8, K, 4
-    x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen)
+    x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen) / K ** 0.5  # h ~ O(1)
     b, h, out = torch.randn(S, N, R, generator=gen), torch.randn(T, R, generator=gen), torch.randn(T, N, generator=gen)
     ts, scales = torch.tensor(slots), torch.rand(S, generator=gen) + 0.5
     meta = LoraBatchMeta.from_token_slots(slots)
