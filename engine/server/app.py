@@ -11,7 +11,6 @@ with the right status, never a traceback:
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 from dataclasses import dataclass, field
@@ -108,11 +107,7 @@ async def guard_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 
 async def _body(request: web.Request) -> Any:
-    raw = await request.read()
-    try:
-        return json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise P.bad(f"malformed JSON body: {exc}") from None
+    return P.parse_json(await request.read())
 
 
 def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:

@@ -21,6 +21,7 @@ from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 MAX_N = 16
+GREEDY_EPS = 1e-5
 # Adapter names: no commas or spaces, since vllm:lora_requests_info joins names with commas.
 ADAPTER_NAME_RULE = "1-128 characters from letters, digits and . _ / : @ + - (starting with a letter or digit)"
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,127}$")
@@ -164,6 +165,8 @@ def _stream(body: dict[str, Any]) -> tuple[bool, StreamOptions]:
 
 def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
     temperature = _opt_num(body, "temperature")
+    if temperature is not None and 0.0 <= temperature < GREEDY_EPS:
+        temperature = 0.0  # as vLLM: a vanishing temperature is greedy (dividing by it overflows)
     top_p = _opt_num(body, "top_p")
     top_k = _opt_int(body, "top_k")
     try:
@@ -172,7 +175,7 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | N
             temperature=1.0 if temperature is None else temperature,
             top_p=1.0 if top_p is None else top_p,
             top_k=-1 if top_k in (None, 0) else top_k,
-            seed=_opt_int(body, "seed"),
+            seed=_opt_int(body, "seed", -(2**63), 2**63 - 1),
             stop=_stop(body),
             stop_token_ids=_stop_token_ids(body),
             ignore_eos=_opt_bool(body, "ignore_eos"),
@@ -197,6 +200,18 @@ def _n(body: dict[str, Any]) -> int:
 
 # ----------------------------------------------------------------------------------------------
 # requests
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """The request body as JSON; APIError(400) for anything else (incl. NaN/Infinity and absurd nesting)."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant)
+    except (ValueError, UnicodeDecodeError, RecursionError) as exc:
+        raise bad(f"malformed JSON body: {str(exc)[:200]}") from None
 
 
 @dataclass

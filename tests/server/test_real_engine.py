@@ -160,3 +160,49 @@ def test_queue_overflow_is_429_with_retry_after(tiny_base: Path) -> None:
         asyncio.run(go())
     finally:
         srv.stop()
+
+
+def test_hostile_requests_never_take_the_server_down(server: ServerThread) -> None:
+    """Odd but parseable requests get a JSON 4xx or a normal answer; afterwards the engine still answers."""
+    base = server.engine.model_name
+    probe = {"model": base, "prompt": "probe", "max_tokens": 6, "temperature": 0}
+    c = f"{server.url}/v1/completions"
+    nasty_bodies: list[Any] = [
+        b'{"prompt": "a", "temperature": NaN}', b'{"prompt": "a", "top_p": Infinity}', b"[" * 100_000 + b"]" * 100_000,
+        b"\xff\xfe garbage", b"", b"null", b'"just a string"',
+    ]
+    nasty_json: list[dict[str, Any]] = [
+        {"prompt": "a", "temperature": 1e-30, "max_tokens": 3},
+        {"prompt": "a", "temperature": 1e300, "max_tokens": 3},
+        {"prompt": "a", "seed": 2**70},
+        {"prompt": "a", "seed": -1, "temperature": 1.0, "max_tokens": 3},
+        {"prompt": "a", "top_k": 10**9, "temperature": 1.0, "max_tokens": 3},
+        {"prompt": "a", "top_p": 1e-30, "temperature": 1.0, "max_tokens": 3},
+        {"prompt": "a", "max_tokens": 10**12},
+        {"prompt": "a", "max_tokens": 2, "logprobs": 20},
+        {"prompt": "a", "max_tokens": 2, "stop": [""] + ["x" * 50] * 200},
+        {"prompt": "a", "max_tokens": 2, "stop_token_ids": [10**12, -5]},
+        {"prompt": [[]]}, {"prompt": [-1]}, {"prompt": [10**9]}, {"prompt": "\x00\ud83d\ude00 \u202e"},
+        {"prompt": ["a", "b"], "n": 16, "max_tokens": 2, "echo": True},
+        {"prompt": "a", "max_tokens": 2, "n": 0}, {"prompt": "a", "best_of": 3},
+    ]
+
+    async def go() -> None:
+        auth = {"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"}
+        async with aiohttp.ClientSession(headers=auth) as s:
+            before = await (await s.post(c, json=probe)).json()
+            for raw in nasty_bodies:
+                for path in ("/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter"):
+                    r = await s.post(server.url + path, data=raw)
+                    assert r.status in (400, 403), (path, raw[:40], r.status)
+                    assert "error" in await r.json()
+            for body in nasty_json:
+                r = await s.post(c, json={"model": base, **body})
+                text = await r.text()
+                assert r.status in (200, 400), (body, r.status, text)
+                assert "Traceback" not in text
+            after = await (await s.post(c, json=probe)).json()
+            assert after["choices"][0]["text"] == before["choices"][0]["text"]
+            assert (await s.get(f"{server.url}/health")).status == 200
+
+    asyncio.run(go())
