@@ -22,10 +22,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default=None, help="float32 | float16 | bfloat16 (default: fp32 CPU, bf16 CUDA)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--repeats", type=int, default=15)
+    p.add_argument("--rotate-mb", type=int, default=96, help="weight stacks rotated per call (defeats caches)")
+    p.add_argument("--bandwidth-mb", type=int, default=256, help="buffer for the read-bandwidth probe")
     p.add_argument("--json", default=None, help="also write the result dict here")
     args = p.parse_args(argv)
     result = run_kernel_bench(device=args.device, hidden_sizes=args.hidden, rank=args.rank, tokens=args.tokens,
-                              adapters=args.adapters, dtype=args.dtype, repeats=args.repeats, threads=args.threads)
+                              adapters=args.adapters, dtype=args.dtype, repeats=args.repeats, threads=args.threads,
+                              rotate_bytes=args.rotate_mb << 20, bandwidth_bytes=args.bandwidth_mb << 20)
     print(format_kernel_bench(result))
     if args.json:
         with open(args.json, "w") as f:

@@ -98,7 +98,8 @@ def decode_slots(T: int, n_adapters: int, *, seed: int = 0) -> list[int]:
 def run_kernel_bench(*, device: str = "auto", hidden_sizes: Sequence[int] = (768, 4096), rank: int = 16,
                      tokens: Sequence[int] = (1, 16, 64), adapters: Sequence[int] = (1, 4, 16),
                      dtype: str | None = None, num_slots: int = 16, repeats: int = 15,
-                     threads: int | None = None, rotate_bytes: int = 96 << 20) -> dict[str, Any]:
+                     threads: int | None = None, rotate_bytes: int = 96 << 20,
+                     bandwidth_bytes: int = 1 << 28) -> dict[str, Any]:
     """Time shrink and expand (out = in = hidden) for each (hidden, T, N distinct adapters) case.
 
     Returns {"device", "dtype", "threads", "bandwidth_gbs", "rows": [ {op, hidden, rank, T, N, method,
@@ -111,7 +112,7 @@ def run_kernel_bench(*, device: str = "auto", hidden_sizes: Sequence[int] = (768
     if threads:
         torch.set_num_threads(threads)
     measure = _timer(dev, repeats)
-    bw = read_bandwidth_gbs(dev)
+    bw = read_bandwidth_gbs(dev, bandwidth_bytes)
     esize = torch.tensor([], dtype=dt).element_size()
     rows: list[dict[str, Any]] = []
     gen = torch.Generator().manual_seed(0)
