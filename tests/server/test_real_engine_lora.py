@@ -7,6 +7,7 @@ Oracle: the offline `LLM.generate(..., adapters=...)` with the same adapters, an
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -148,5 +149,37 @@ def test_runtime_load_validate_replace_unload(server: ServerThread, offline: Any
             assert (await s.post(unload, json={"lora_name": "fresh"})).status == 200
             status, _ = await complete("fresh")
             assert status == 404
+
+    asyncio.run(go())
+
+
+def test_replacing_an_adapter_leaves_in_flight_requests_on_the_old_one(
+        server: ServerThread, offline: Any, lora_setup: dict[str, Any]) -> None:
+    root: Path = lora_setup["root"]
+    for n in ("x", "y"):
+        if not (root / f"swap_{n}").exists():
+            shutil.copytree(lora_setup["extra"][n], root / f"swap_{n}")
+    params = SamplingParams(max_tokens=110, temperature=0.0, ignore_eos=True)
+    want_x = offline.generate(["swap test"], params, adapters=["x"])[0].text
+    want_y = offline.generate(["swap test"], params, adapters=["y"])[0].text
+    assert want_x != want_y
+
+    async def go() -> None:
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY}"}) as s:
+            load = f"{server.url}/v1/load_lora_adapter"
+            assert (await s.post(load, json={"lora_name": "swap", "lora_path": "swap_x"})).status == 200
+            body = {"model": "swap", "prompt": "swap test", "max_tokens": 110, "ignore_eos": True, "temperature": 0}
+            r = await s.post(f"{server.url}/v1/completions", json={**body, "stream": True})
+            first = await r.content.readline()  # in flight on swap_x
+            assert first.startswith(b"data: ")
+            assert (await s.post(load, json={"lora_name": "swap", "lora_path": "swap_y"})).status == 200
+            # the first request was still running on swap_x when the replacement was accepted
+            assert scrape(server.url, "mlora:num_requests_running_by_adapter", adapter="swap") == 1
+            rest = (await r.read()).decode()
+            events = [first.decode().strip()] + [b for b in rest.strip().split("\n\n")]
+            text = "".join(json.loads(e[6:])["choices"][0]["text"] for e in events if e != "data: [DONE]")
+            assert text == want_x  # finished on the adapter it started with
+            after = await (await s.post(f"{server.url}/v1/completions", json=body)).json()
+            assert after["choices"][0]["text"] == want_y  # new requests get the replacement
 
     asyncio.run(go())
