@@ -10,6 +10,7 @@ real engine live in test_real_engine.py.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,8 @@ class FakeEngine:
         self.load_seconds: list[float] = []
         self.stopping = False
         self.abort_all = False
+        self.load_gate: threading.Event | None = None  # set by a test to hold add_adapter until it is set
+        self.loading = threading.Event()
         self.gate: asyncio.Event | None = None  # an unset Event holds every request after its first token
 
     async def start(self) -> None:
@@ -92,7 +95,9 @@ class FakeEngine:
         kind = marker.read_text().strip()
         if kind not in ("upper", "reverse"):
             raise AdapterError(f"{path}: unknown transform {kind!r}")
-        await asyncio.sleep(0)
+        if self.load_gate is not None:  # a slow load, in a worker thread as AsyncLLM does it
+            self.loading.set()
+            await asyncio.to_thread(self.load_gate.wait, 30)
         self.adapters[name] = TRANSFORMS[kind]
         self.loads += 1
         self.load_seconds.append(0.01)

@@ -203,3 +203,29 @@ def test_server_config_checks() -> None:
         ServerConfig(port=70000)
     with pytest.raises(ConfigError, match="adapter-root"):
         ServerConfig(adapter_root="/definitely/not/here")
+
+
+def test_server_answers_while_an_adapter_loads(tokenizer: Any, peft_adapter: Path, tmp_path: Path, arun: Any) -> None:
+    import asyncio
+    import threading
+
+    _fake_adapter(peft_adapter, tmp_path / "slow")
+
+    async def go() -> None:
+        engine = FakeEngine(tokenizer)
+        engine.load_gate = threading.Event()
+        async with running(engine, allow_runtime_lora=True) as srv, aiohttp.ClientSession() as s:
+            load = asyncio.create_task(s.post(f"{srv.url}/v1/load_lora_adapter",
+                                              json={"lora_name": "slow", "lora_path": str(tmp_path / "slow")}))
+            await asyncio.to_thread(engine.loading.wait, 30)
+            # the load is in progress: health, models and generation still answer
+            assert (await s.get(f"{srv.url}/health")).status == 200
+            r = await s.post(f"{srv.url}/v1/completions", json={"model": "upper", "prompt": "busy"})
+            assert (await r.json())["choices"][0]["text"] == "BUSY"
+            assert not load.done()
+            engine.load_gate.set()
+            assert (await load).status == 200
+            r = await s.post(f"{srv.url}/v1/completions", json={"model": "slow", "prompt": "now"})
+            assert (await r.json())["choices"][0]["text"] == "NOW"
+
+    arun(go())
