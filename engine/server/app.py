@@ -89,7 +89,7 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """API key on /v1, 503 while draining, and the in-flight count the drain waits on."""
+    """API key (all but /health and /metrics), 503 while draining, and the in-flight count the drain waits on."""
     config, state = request.app[CONFIG], request.app[STATE]
     if request.path in OPEN_PATHS:
         return await handler(request)
