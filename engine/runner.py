@@ -4,7 +4,8 @@ samples, and returns plain token ids.
 Per step it builds, once: the flat token/position/slot tensors, the attention metadata (one
 decode gather index + mask reused by every layer), the LoRA context (token_slots + the kernels'
 LoraBatchMeta), and the rows whose logits are needed (the last token of each sampling sequence).
-Token layout of a step: [multi-token chunks (prefills)..., single-token rows (decodes)...].
+Token layout of a step: [multi-token chunks (prefills)..., single-token rows (decodes)...], each
+group ordered by LoRA slot.
 """
 
 from __future__ import annotations
@@ -150,7 +151,11 @@ class ModelRunner:
         Returns (token or None, logprob or None) per scheduled item, in `out.scheduled` order.
         """
         items = out.scheduled
-        order = [i for i, it in enumerate(items) if it.num_tokens > 1] + [i for i, it in enumerate(items) if it.num_tokens == 1]
+        # prefills first, then decodes; inside each group rows of one adapter slot are contiguous,
+        # so the LoRA ops run one matmul per adapter on zero-copy row slices
+        key = (lambda i: slots[i]) if slots is not None else (lambda i: 0)
+        order = sorted((i for i, it in enumerate(items) if it.num_tokens > 1), key=key)
+        order += sorted((i for i, it in enumerate(items) if it.num_tokens == 1), key=key)
         bs = self.block_size
         ids: list[int] = []
         pos: list[int] = []

@@ -194,3 +194,47 @@ def test_replace_and_remove_adapter(tiny_models: dict[str, Path], adapters) -> N
     assert llm.list_adapters() == ["b"]
     with pytest.raises(AdapterNotFoundError):
         llm.generate(PROMPTS[:1], GREEDY, adapters=["x"])
+
+
+def test_slot_bytes_equal_budget_and_dora_matches_peft(tiny_models: dict[str, Path], tmp_path: Path) -> None:
+    """The engine's slots cost exactly what `mlora budget` says; a DoRA adapter is served like PEFT."""
+    from engine.budget import ModelDims, adapter_slot_bytes
+
+    base = tiny_models["llama"]
+    dora = build_peft_adapter(base, tmp_path / "dora", seed=9, r=8, lora_alpha=16, use_dora=True)
+    llm = LLM(str(base), max_loras=3, max_lora_rank=16, loras=(("dora", str(dora)),))
+    slots = llm.engine.lora.slots
+    dims = ModelDims.from_hf_config(llm.engine.hf_config)
+    assert slots.nbytes == 3 * adapter_slot_bytes(dims, rank=16, dtype="float32")
+    ref = _peft_model(base, dora)
+    outs = llm.generate(PROMPTS, GREEDY, adapters=["dora", None, "dora"])
+    assert outs[0].token_ids == hf_greedy(ref, PROMPTS[0], 10)
+    assert outs[2].token_ids == hf_greedy(ref, PROMPTS[2], 10)
+    with torch.no_grad():
+        want = ref(torch.tensor([PROMPTS[1]])).logits[0].float()
+    got = llm.engine.runner.score(PROMPTS[1], llm.engine.lora.cache.slot_of("dora"), slots)
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
+
+
+def test_waiting_requests_prefetch_their_adapter(tiny_models: dict[str, Path], adapters) -> None:
+    """While a request runs on adapter a, a waiting request's adapter (evicted from the CPU tier)
+    is loaded from disk in the background before it gets a slot."""
+    base = tiny_models["llama"]
+    pool = adapters["llama"]
+    llm = LLM(str(base), max_loras=1, max_cpu_loras=2, max_lora_rank=16,
+              loras=tuple((n, str(pool[n])) for n in ("r4", "r8", "r16")))  # fmt: skip
+    cache = llm.engine.lora.cache
+    assert "r4" not in cache.cpu_resident()  # registering three into a CPU tier of two evicted it
+    core = llm.engine
+    long = SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True)
+    core.add_request("hot", PROMPTS[0], long, "r16")
+    core.add_request("cold", PROMPTS[1], GREEDY, "r4")
+    core.step()  # "hot" runs; "cold" waits for the only slot -> prefetch starts
+    cache.close()  # wait for the background load
+    assert "r4" in cache.cpu_resident() and cache.slot_of("r4") is None
+    loads_before = cache.stats().disk_loads
+    done = {}
+    while core.has_unfinished():
+        done.update({o.request_id: o for o in core.step() if o.finished})
+    assert cache.stats().disk_loads == loads_before  # the slot fill came from the CPU copy
+    assert done["cold"].token_ids == llm.generate([PROMPTS[1]], GREEDY, adapters=["r4"])[0].token_ids
