@@ -92,3 +92,20 @@ def test_shutdown_aborts_what_outlives_the_grace_period(tokenizer: Any, arun: An
             assert not engine.live
 
     arun(go())
+
+
+def test_busy_port_is_a_one_line_config_error(tokenizer: Any, arun: Any) -> None:
+    import socket
+
+    from engine.errors import ConfigError
+
+    async def go() -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            sock.listen()
+            port = sock.getsockname()[1]
+            engine = FakeEngine(tokenizer)
+            with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
+                await start_server(engine, ServerConfig(engine=engine.config, port=port))
+
+    arun(go())
