@@ -120,3 +120,35 @@ def test_stop_lets_running_requests_finish(llama_dir: Path) -> None:
 
     outs = asyncio.run(main())
     assert outs[-1].finished and outs[-1].finish_reason == "length" and len(outs[-1].token_ids) == 16
+
+
+def test_async_adapters_and_stats(llama_dir: Path, tmp_path: Path) -> None:
+    from engine.errors import AdapterError, AdapterNotFoundError
+    from tests.tiny import build_peft_adapter
+
+    good = build_peft_adapter(llama_dir, tmp_path / "good", seed=3, r=4, lora_alpha=8)
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "adapter_config.json").write_text("{not json")
+    want = LLM(str(llama_dir), loras=(("good", str(good)),)).generate([PROMPTS[0]], GREEDY, adapters=["good"])[0]
+
+    async def main() -> None:
+        eng = AsyncLLM(EngineConfig(model=str(llama_dir), max_loras=2))
+        await eng.start()
+        await eng.add_adapter("good", str(good))
+        with pytest.raises(AdapterError):
+            await eng.add_adapter("bad", str(tmp_path / "bad"))
+        assert eng.list_adapters() == ["good"]
+        long = SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True)
+        stream = eng.generate(PROMPTS[1], long, request_id="long", adapter="good")
+        await stream.__anext__()
+        s = eng.stats()
+        assert s.running_by_adapter == {"good": 1} and s.resident_adapters == ["good"] and s.lora_loads == 1
+        await stream.aclose()
+        outs = [o async for o in eng.generate(PROMPTS[0], GREEDY, request_id="g", adapter="good")]
+        assert outs[-1].token_ids == want.token_ids and outs[-1].adapter == "good"
+        await eng.remove_adapter("good")
+        with pytest.raises(AdapterNotFoundError):
+            await eng.generate(PROMPTS[0], GREEDY, request_id="h", adapter="good").__anext__()
+        await eng.stop()
+
+    asyncio.run(main())
