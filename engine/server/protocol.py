@@ -193,8 +193,8 @@ def _model(body: dict[str, Any]) -> str | None:
 def _n(body: dict[str, Any]) -> int:
     n = _opt_int(body, "n", 1, MAX_N) or 1
     best_of = _opt_int(body, "best_of", 1)
-    if best_of is not None and best_of != n:
-        raise bad("'best_of' is not supported by mlora (it must equal n)", "best_of")
+    if best_of is not None and best_of > n:
+        raise bad("'best_of' > n is not supported by mlora", "best_of")
     return n
 
 
