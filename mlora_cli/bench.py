@@ -39,12 +39,13 @@ def bench(
     max_loras: Annotated[Optional[int], typer.Option("--max-loras", min=1, help="Device adapter slots; mixed-N runs N = 2, 4, 8, ... up to this. (default: 16; 4 with --quick)", show_default=False)] = None,
     zipf: Annotated[Optional[float], typer.Option("--zipf", min=0.0, help="Zipf-popular adapters with this alpha instead of round-robin.", show_default=False)] = None,
     rate: Annotated[Optional[float], typer.Option("--rate", min=0.0, help="Poisson arrivals at this many requests/s (varied output lengths) instead of all at once.", show_default=False)] = None,
-    num_requests: Annotated[Optional[int], typer.Option("--num-requests", "-n", min=1, help="Requests per workload. (default: 64; 16 with --quick)", show_default=False)] = None,
+    num_requests: Annotated[Optional[int], typer.Option("--num-requests", "-n", min=1, help="Requests per workload. (default: 32; 16 with --quick)", show_default=False)] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Output tokens per request (EOS ignored). (default: 32; 12 with --quick)", show_default=False)] = None,
     device: Annotated[Device, typer.Option("--device", help="Where mlora and the alternatives run.")] = Device.auto,
     dtype: Annotated[Dtype, typer.Option("--dtype", help="Weights dtype (auto: float32 on CPU, bfloat16 on CUDA).")] = Dtype.auto,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every number to this JSON file (stable `ratios` and `bounds` keys).", show_default=False)] = None,
     plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Write throughput vs distinct adapters to this PNG (needs matplotlib).", show_default=False)] = None,
+    repeat: Annotated[Optional[int], typer.Option("--repeat", min=1, help="Rounds of the engine workloads; each keeps its best round. (default: 1; 3 with --quick)", show_default=False)] = None,
     quick: Annotated[bool, typer.Option("--quick", help="CI mode: tiny preset, few short requests, N up to 4; about a minute on 2 CPU cores.")] = False,
     min_mixed_ratio: Annotated[Optional[float], typer.Option("--min-mixed-ratio", min=0.0, help="Exit 1 when mixed-N/homogeneous (largest N) is below this.", show_default=False)] = None,
     no_alternatives: Annotated[bool, typer.Option("--no-alternatives", help="Skip the separate-engines and transformers+PEFT comparisons.")] = False,
@@ -81,6 +82,7 @@ def bench(
         device=device.value,
         dtype=dtype.value,
         alternatives=not no_alternatives,
+        repeat=repeat or defaults["repeat"],
         quick=quick,
     )
     report = _run_with_progress(config)

@@ -7,8 +7,8 @@ from typing import Any
 
 from engine.errors import ConfigError
 
-QUICK_DEFAULTS = dict(num_requests=16, max_tokens=12, max_loras=4)
-FULL_DEFAULTS = dict(num_requests=64, max_tokens=32, max_loras=16)
+QUICK_DEFAULTS = dict(num_requests=16, max_tokens=12, max_loras=4, repeat=3)
+FULL_DEFAULTS = dict(num_requests=32, max_tokens=32, max_loras=16, repeat=1)
 
 
 @dataclass(frozen=True)
@@ -19,15 +19,17 @@ class BenchConfig:
     Offline runs submit every request at once; with `rate` (requests/s) requests arrive as a
     seeded Poisson process and output lengths vary (identically across workloads).
     `alternatives`: also run the `separate` (one engine per adapter) and `peft` systems.
+    `repeat`: run the engine workloads that many rounds (interleaved) and keep each one's best
+    round, so one noisy-neighbour stall does not decide a ratio.
     """
 
     preset: str | None = "small"
     model: str | None = None
     rank: int = 16
     max_loras: int = 16
-    num_requests: int = 64
+    num_requests: int = 32
     max_tokens: int = 32
-    prompt_chars: int = 48
+    prompt_chars: int = 32
     zipf: float | None = None
     rate: float | None = None
     device: str = "auto"
@@ -35,6 +37,7 @@ class BenchConfig:
     alternatives: bool = True
     churn: bool = True
     quick: bool = False
+    repeat: int = 1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -45,7 +48,7 @@ class BenchConfig:
 
             if self.preset not in preset_names():
                 raise ConfigError(f"unknown preset {self.preset!r}; choose from {', '.join(preset_names())}")
-        for name in ("rank", "max_loras", "num_requests", "max_tokens", "prompt_chars"):
+        for name in ("rank", "max_loras", "num_requests", "max_tokens", "prompt_chars", "repeat"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")

@@ -153,31 +153,30 @@ def _f(x: float | None, fmt: str = "{:.1f}") -> str:
 
 
 def _ms(x: float | None) -> str:
-    return "-" if x is None else f"{x * 1000:.1f}"
+    return "-" if x is None else f"{x * 1000:.0f}"
 
 
 def render(report: dict[str, Any], console: Any) -> None:
     """Print the workload table and the ratio/bound table to a rich console."""
+    from rich import box
     from rich.table import Table
 
-    wl = Table(title="mlora bench: workloads", title_justify="left")
-    for col in ("workload", "system", "adapters", "req", "tokens", "time s", "out tok/s", "decode tok/s", "req/s",
-                "TTFT p50/p99 ms", "ITL p50/p99 ms", "loads/evict"):
-        wl.add_column(col, justify="left" if col in ("workload", "system") else "right")
+    wl = Table(title="mlora bench: workloads (times in ms)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("workload", "system", "N", "tok/s", "decode tok/s", "req/s", "TTFT p50/p99", "ITL p50/p99", "loads/evict"):
+        wl.add_column(col, justify="left" if col in ("workload", "system") else "right", no_wrap=col in ("workload", "system"))
     for r in report["workloads"]:
         le = "-" if r["adapter_loads"] is None else f"{r['adapter_loads']}/{r['adapter_evictions']}"
         wl.add_row(
-            r["name"], r["system"], str(r["num_adapters"]), str(r["num_requests"]), str(r["output_tokens"]),
-            _f(r["duration_s"], "{:.2f}"), _f(r["output_tokens_per_s"]), _f(r["decode_tokens_per_s"]),
+            r["name"], r["system"], str(r["num_adapters"]), _f(r["output_tokens_per_s"]), _f(r["decode_tokens_per_s"]),
             _f(r["requests_per_s"], "{:.2f}"),
             f"{_ms(r['ttft_s']['p50'])}/{_ms(r['ttft_s']['p99'])}", f"{_ms(r['itl_s']['p50'])}/{_ms(r['itl_s']['p99'])}", le,
         )
     console.print(wl)
 
-    rt = Table(title="ratios (measured vs traffic bound)", title_justify="left")
-    for col in ("ratio", "measured", "bound", "efficiency", "metric"):
+    rt = Table(title="ratios (measured vs traffic bound)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for col in ("ratio", "measured", "bound", "efficiency", "from"):
         rt.add_column(col, justify="left" if col in ("ratio", "metric") else "right")
-    metrics = report["ratio_metrics"]
+    metrics = {k: v.replace("_tokens_per_s", " tok/s").replace("output", "e2e") for k, v in report["ratio_metrics"].items()}
     for m in report["mixed"]:
         rt.add_row(f"mixed-{m['n']} / homogeneous", _f(m["ratio"], "{:.3f}"), _f(m["bound"], "{:.3f}"),
                    _f(m["efficiency"], "{:.0%}"), metrics["mixed_over_homogeneous"])
@@ -185,7 +184,7 @@ def render(report: dict[str, Any], console: Any) -> None:
                _f(report["bounds"]["homogeneous_over_base"], "{:.3f}"),
                _f(report["efficiency"]["homogeneous_over_base"], "{:.0%}"), metrics["homogeneous_over_base"])
     n = report["largest_n"]
-    for key, label in (("mlora_over_peft", f"mlora / peft (mixed-{n})"), ("mlora_over_separate", f"mlora / separate (mixed-{n})")):
+    for key, label in (("mlora_over_peft", f"mlora / peft, mixed-{n}"), ("mlora_over_separate", f"mlora / separate, mixed-{n}")):
         rt.add_row(label, _f(report["ratios"][key], "{:.2f}x"), "-", "-", metrics[key])
     console.print(rt)
     traffic = report["traffic"]

@@ -132,7 +132,7 @@ def build_workloads(
     num_requests: int,
     max_tokens: int,
     max_loras: int,
-    prompt_chars: int = 48,
+    prompt_chars: int = 32,
     zipf: float | None = None,
     rate: float | None = None,
     churn: bool = True,

@@ -1,0 +1,84 @@
+"""`mlora bench` through the real CLI: the CI command end to end, the gate, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from engine.bench.report import BOUND_KEYS, RATIO_KEYS
+
+
+def run_cli(*args: str, cache) -> subprocess.CompletedProcess:
+    env = {**os.environ, "COLUMNS": "200", "MLORA_BENCH_CACHE": str(cache)}
+    env.pop("MLORA_DEBUG", None)
+    return subprocess.run([sys.executable, "-m", "mlora_cli.main", "bench", *args],
+                          capture_output=True, text=True, env=env, timeout=300)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    out = tmp / "out.json"
+    res = run_cli("--quick", "--preset", "tiny", "--repeat", "1", "--json", str(out), "--plot", str(tmp / "plot.png"),
+                  cache=tmp / "cache")
+    return res, out, tmp
+
+
+def test_quick_bench_exits_0_and_writes_every_number(quick_run):
+    res, out, tmp = quick_run
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "Traceback" not in res.stderr
+    rep = json.loads(out.read_text())
+    assert list(rep["ratios"]) == list(RATIO_KEYS)
+    assert list(rep["bounds"]) == list(BOUND_KEYS)
+    for key in ("mixed_over_homogeneous", "homogeneous_over_base", "mlora_over_peft", "mlora_over_separate"):
+        assert isinstance(rep["ratios"][key], float) and rep["ratios"][key] > 0, key
+    for key in BOUND_KEYS:
+        assert 0 < rep["bounds"][key] <= 1
+        assert rep["efficiency"][key] == pytest.approx(rep["ratios"][key] / rep["bounds"][key])
+    assert rep["largest_n"] == 4
+    names = {(w["system"], w["name"]) for w in rep["workloads"]}
+    assert {("mlora", n) for n in ("base", "homogeneous", "mixed-2", "mixed-4", "churn-8")} <= names
+    assert {("separate", "mixed-4"), ("peft", "homogeneous"), ("peft", "mixed-4")} <= names
+    for w in rep["workloads"]:
+        assert w["output_tokens"] == 16 * 12  # same requests, EOS ignored: same token count everywhere
+        assert w["output_tokens_per_s"] > 0 and w["requests_per_s"] > 0
+    churn = next(w for w in rep["workloads"] if w["name"] == "churn-8")
+    assert churn["adapter_loads"] >= 8 - 4 and churn["adapter_evictions"] >= 1  # 8 adapters through 4 slots
+    assert rep["config"]["quick"] is True and rep["machine"]["device"] == "cpu"
+
+
+def test_quick_bench_prints_the_table_and_the_plot(quick_run):
+    res, out, tmp = quick_run
+    assert res.returncode == 0
+    assert "mixed-4 / homogeneous" in res.stdout and "homogeneous / base" in res.stdout
+    assert (tmp / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_min_mixed_ratio_gate_exits_1_with_the_ratio(tmp_path):
+    res = run_cli("--preset", "tiny", "--num-requests", "4", "--max-tokens", "3", "--max-loras", "2",
+                  "--no-alternatives", "--min-mixed-ratio", "50", "--json", str(tmp_path / "o.json"),
+                  cache=tmp_path / "cache")  # fmt: skip
+    assert res.returncode == 1, res.stderr[-3000:]
+    assert "mixed-2/homogeneous ratio" in res.stderr and "below --min-mixed-ratio 50" in res.stderr
+    rep = json.loads((tmp_path / "o.json").read_text())  # the numbers are still written
+    assert rep["ratios"]["mlora_over_peft"] is None and rep["largest_n"] == 2
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--preset", "tiny", "--model", "x"], "either --preset or --model"),
+        (["--preset", "tiny", "--zipf", "0"], "--zipf must be > 0"),
+        (["--model", "/no/such/model/dir"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_exit_1(tmp_path, args, message):
+    res = run_cli(*args, cache=tmp_path)
+    assert res.returncode == 1
+    assert message in res.stderr
+    assert "Traceback" not in res.stderr
