@@ -11,12 +11,16 @@ the step's `LoraBatchMeta`:
   one matmul per adapter segment on contiguous slices, scatter back once (`index_copy_` /
   `index_add_`); when that gathered block would exceed ~L2 (`CHUNK_BYTES`), gather and scatter
   per segment instead, so each chunk is consumed while still in cache.
-Measured on 1 busy core, fp32, rank 16, interleaved decode rows, weights streamed from memory
-(us per call; sort-gather / per-segment gather; see `kernels.bench`):
-    hidden 768,  T=64, N=16: shrink 192 / 224   expand 189 / 239
-    hidden 4096, T=16, N=16: shrink 274 / 311   expand 343 / 426
-    hidden 4096, T=64, N=4:  shrink 244 / 189   expand 215 / 175
-    hidden 4096, T=64, N=16: shrink 487 / 428
+Measured (`python -m benchmarks.kernels --device cpu --threads 1`, 1 busy core, fp32, rank 16,
+interleaved decode rows over N adapters, weights streamed from memory; us per call,
+chosen / per-adapter mask loop / per-row weight gather + bmm):
+    hidden 768,  T=16, N=1:   shrink 17 / 37 / 140     expand 18 / 41 / 149
+    hidden 768,  T=64, N=16:  shrink 173 / 344 / 716   expand 200 / 417 / 728
+    hidden 4096, T=64, N=1:   shrink 88 / 225 / 5312   expand 73 / 387 / 5555
+    hidden 4096, T=64, N=4:   shrink 226 / 330 / 7689  expand 267 / 491 / 9988
+    hidden 4096, T=64, N=16:  shrink 529 / 857 / 8272  expand 762 / 1673 / 11589
+Whole-batch vs per-segment row gather (the CHUNK_BYTES switch), same setup:
+    hidden 768,  T=64, N=16: shrink 192 / 224;  hidden 4096, T=64, N=4: shrink 244 / 189
 Matmuls run in the input dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32); results match
 the fp32 reference within the per-dtype tolerances of the tests. Works on any device.
 """
@@ -45,15 +49,16 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
             if s >= 0:
                 torch.mm(x[a:b], lora_a[s].T, out=h[a:b]).mul_(scales[s])
         return h
+    hs = torch.empty(meta.num_lora_rows, R, dtype=x.dtype, device=x.device)  # [T_lora, R] in slot order
     if meta.num_lora_rows * x.shape[1] * x.element_size() > CHUNK_BYTES:
+        for a, b, s in meta.segments:  # gather each segment's rows while the last one is still in cache
+            torch.mm(x.index_select(0, meta.sorted_rows[a:b]), lora_a[s].T, out=hs[a:b])
+    else:
+        xs = x.index_select(0, meta.sorted_rows)  # [T_lora, K] rows in slot order
         for a, b, s in meta.segments:
-            rows = meta.sorted_rows[a:b]
-            h.index_copy_(0, rows, torch.mm(x.index_select(0, rows), lora_a[s].T).mul_(scales[s]))
-        return h
-    xs = x.index_select(0, meta.sorted_rows)  # [T_lora, K] rows in slot order
-    hs = torch.empty(xs.shape[0], R, dtype=x.dtype, device=x.device)
-    for a, b, s in meta.segments:
-        torch.mm(xs[a:b], lora_a[s].T, out=hs[a:b]).mul_(scales[s])
+            torch.mm(xs[a:b], lora_a[s].T, out=hs[a:b])
+    row_scales = scales.index_select(0, meta.sorted_slots)  # [T_lora] or [T_lora, R]: one op, not one per segment
+    hs.mul_(row_scales.unsqueeze(1) if row_scales.dim() == 1 else row_scales)
     return h.index_copy_(0, meta.sorted_rows, hs)
 
 

@@ -50,6 +50,7 @@ class LoraBatchMeta:
         min_slot, max_slot: host ints for the range check against S (no device sync per op).
         distinct_slots: sorted distinct slots != -1 (length G).
         sorted_rows:    [T_lora] int64, row indices stably sorted by slot, -1 rows left out.
+        sorted_slots:   [T_lora] int64, the slot of each entry of sorted_rows.
         seg_starts, seg_lens, seg_slots: [G] int32 on `device`; segment g is
                         sorted_rows[seg_starts[g] : seg_starts[g] + seg_lens[g]], all using seg_slots[g].
         segments:       host copy of the above as (start, end, slot) into sorted_rows.
@@ -66,6 +67,7 @@ class LoraBatchMeta:
     max_slot: int
     distinct_slots: tuple[int, ...]
     sorted_rows: torch.Tensor
+    sorted_slots: torch.Tensor
     seg_starts: torch.Tensor
     seg_lens: torch.Tensor
     seg_slots: torch.Tensor
@@ -114,8 +116,8 @@ class LoraBatchMeta:
         T = int(host.numel())
         if T == 0:
             empty = torch.empty(0, dtype=torch.int32, device=dev)
-            return cls(empty, 0, 0, -1, -1, (), torch.empty(0, dtype=torch.int64, device=dev),
-                       empty, empty, empty, (), 0, (), None, "segment")
+            none = torch.empty(0, dtype=torch.int64, device=dev)
+            return cls(empty, 0, 0, -1, -1, (), none, none, empty, empty, empty, (), 0, (), None, "segment")
         min_slot, max_slot = int(host.min()), int(host.max())
         if min_slot < -1:
             raise KernelError(f"token_slots must be >= -1 (-1 = no adapter), got {min_slot}")
@@ -151,6 +153,7 @@ class LoraBatchMeta:
             max_slot=max_slot,
             distinct_slots=tuple(seg_vals_l),
             sorted_rows=order.to(dev),
+            sorted_slots=sorted_vals[num_no_lora:].to(dev),
             seg_starts=seg_pack[0],
             seg_lens=seg_pack[1],
             seg_slots=seg_pack[2],

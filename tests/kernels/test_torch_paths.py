@@ -78,6 +78,7 @@ def test_meta_layout() -> None:
     meta = LoraBatchMeta.from_token_slots(torch.tensor([2, 0, -1, 2, 0, 2]))
     assert meta.num_tokens == 6 and meta.num_no_lora == 1 and meta.distinct_slots == (0, 2)
     assert meta.sorted_rows.tolist() == [1, 4, 0, 3, 5]  # stable: rows of slot 0, then slot 2
+    assert meta.sorted_slots.tolist() == [0, 0, 2, 2, 2]
     assert meta.segments == ((0, 2, 0), (2, 5, 2))
     assert (meta.seg_starts.tolist(), meta.seg_lens.tolist(), meta.seg_slots.tolist()) == ([0, 2], [2, 3], [0, 2])
     assert meta.runs[:3] == ((0, 1, 2), (1, 2, 0), (2, 3, -1)) and meta.max_seg_len == 3
