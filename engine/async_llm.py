@@ -98,7 +98,7 @@ class AsyncLLM:
             raise EngineStoppedError(f"the engine loop failed: {self._error}")
         if request_id in self._queues:
             raise ConfigError(f"duplicate request id {request_id!r}")
-        self.core.tokenize(prompt)  # PromptTooLongError / bad ids now, not inside the loop
+        text, ids = self.core.tokenize(prompt)  # PromptTooLongError / bad ids now, not inside the loop
         if adapter is not None:
             if self.core.lora is None:
                 from engine.errors import AdapterNotFoundError
@@ -110,7 +110,7 @@ class AsyncLLM:
             raise QueueFullError(f"the waiting queue is full ({limit} requests)", hint="retry later")
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = q
-        self._inbox.put(("add", (request_id, prompt, params, adapter)))
+        self._inbox.put(("add", (request_id, ids, text, params, adapter)))
         self._poke()
         finished = False
         try:
@@ -168,11 +168,11 @@ class AsyncLLM:
             except queue.Empty:
                 return
             if kind == "add":
-                rid, prompt, params, adapter = arg
+                rid, ids, text, params, adapter = arg
                 if rid not in self._queues:
                     continue  # the client went away before the request started
                 try:
-                    self.core.add_request(rid, prompt, params, adapter)
+                    self.core.add_request(rid, ids, params, adapter, prompt_text=text)
                 except Exception as e:  # e.g. the adapter was removed meanwhile
                     self._queues[rid].put_nowait(e)
             else:

@@ -126,12 +126,20 @@ class EngineCore:
         return text, ids
 
     def add_request(
-        self, request_id: str, prompt: str | list[int], params: SamplingParams | None = None, adapter: str | None = None
+        self,
+        request_id: str,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        adapter: str | None = None,
+        *,
+        prompt_text: str | None = None,
     ) -> None:
+        """Queue a request. `prompt_text` names the text of already-tokenized ids (for outputs)."""
         if request_id in self._requests:
             raise ConfigError(f"duplicate request id {request_id!r}")
         params = params or SamplingParams()
         text, ids = self.tokenize(prompt)
+        text = text if prompt_text is None else prompt_text
         if self.lora is not None:
             self.lora.check_adapter(adapter)
         elif adapter is not None:

@@ -100,10 +100,15 @@ class ModelRunner:
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         self.args = ModelArgs.from_hf_config(hf_config)
         self.dims = ModelDims.from_hf_config(hf_config)
-        with torch.device(self.device):
-            model = LlamaModel(self.args)
+        previous = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)  # allocate the weights in their final dtype and place
+        try:
+            with torch.device(self.device):
+                model = LlamaModel(self.args)
+        finally:
+            torch.set_default_dtype(previous)
         model.load_weights(model_path)
-        self.model = model.to(self.dtype).eval()
+        self.model = model.eval()
         plan = plan_kv(config, self.dims, self.args, self.dtype, self.device)
         self.num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
         self.block_size = config.block_size
