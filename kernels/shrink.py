@@ -42,14 +42,18 @@ def shrink_reference(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.T
 # ----------------------------------------------------------------------------- Triton kernels
 def _shrink_segment_kernel(
     x_ptr, a_ptr, scale_ptr, h_ptr, rows_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
-    K, R, sx_t, sa_s, sa_r, sh_t, ssc_s, ssc_r,
+    K, R, sx_t, sa_s, sa_r, sh_t, ssc_s, ssc_r, R_BLOCKS, K_PER_SPLIT,
     BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
-    SCALE_PER_RANK: tl.constexpr, IEEE: tl.constexpr,
+    SCALE_PER_RANK: tl.constexpr, IEEE: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """SGMV: program (segment g, row block m, rank block r) -> h[rows of g in block m, r-block]."""
+    """SGMV: program (segment g, row block m, rank block r x K split) -> h[rows of g in block m, r-block].
+
+    With SPLIT_K > 1 each program reduces one K range and atomically adds into an fp32 h.
+    """
     g = tl.program_id(0)
     pid_m = tl.program_id(1)
-    pid_r = tl.program_id(2)
+    pid_r = tl.program_id(2) % R_BLOCKS
+    pid_k = tl.program_id(2) // R_BLOCKS
     seg_len = tl.load(seg_len_ptr + g)
     if pid_m * BLOCK_M >= seg_len:
         return
@@ -63,9 +67,11 @@ def _shrink_segment_kernel(
     x_base = x_ptr + rows[:, None] * sx_t  # [BM, 1]
     a_base = a_ptr + slot * sa_s + offs_r[None, :] * sa_r  # [1, BR]
     acc = tl.full((BLOCK_M, BLOCK_R), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        k_mask = offs_k < K
+        k_mask = offs_k < k_hi
         xt = tl.load(x_base + offs_k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # [BM, BK]
         at = tl.load(a_base + offs_k[:, None], mask=k_mask[:, None] & r_mask[None, :], other=0.0)  # [BK, BR]
         if IEEE:
@@ -78,17 +84,21 @@ def _shrink_segment_kernel(
     else:
         acc = acc * tl.load(scale_ptr + slot * ssc_s).to(tl.float32)
     h_ptrs = h_ptr + rows[:, None] * sh_t + offs_r[None, :]
-    tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+    if SPLIT_K == 1:
+        tl.store(h_ptrs, acc.to(h_ptr.dtype.element_ty), mask=m_mask[:, None] & r_mask[None, :])
+    else:
+        tl.atomic_add(h_ptrs, acc, mask=m_mask[:, None] & r_mask[None, :])
 
 
 def _shrink_gather_kernel(
     x_ptr, a_ptr, scale_ptr, h_ptr, slots_ptr,
-    K, R, sx_t, sa_s, sa_r, sh_t, ssc_s, ssc_r,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PER_RANK: tl.constexpr,
+    K, R, sx_t, sa_s, sa_r, sh_t, ssc_s, ssc_r, R_BLOCKS, K_PER_SPLIT,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_PER_RANK: tl.constexpr, SPLIT_K: tl.constexpr,
 ):
-    """BGMV: program (row t, rank block r) -> h[t, r-block], reading row t's own adapter."""
+    """BGMV: program (row t, rank block r x K split) -> h[t, r-block], reading row t's own adapter."""
     t = tl.program_id(0).to(tl.int64)
-    pid_r = tl.program_id(1)
+    pid_r = tl.program_id(1) % R_BLOCKS
+    pid_k = tl.program_id(1) // R_BLOCKS
     slot = tl.load(slots_ptr + t).to(tl.int64)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_kb = tl.arange(0, BLOCK_K)
@@ -99,9 +109,11 @@ def _shrink_gather_kernel(
     slot = tl.maximum(slot, 0)
     a_base = a_ptr + slot * sa_s + offs_r[:, None] * sa_r  # [BR, 1]
     acc = tl.full((BLOCK_R,), 0.0, tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * K_PER_SPLIT
+    k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + offs_kb
-        k_mask = (offs_k < K) & live_k
+        k_mask = (offs_k < k_hi) & live_k
         xv = tl.load(x_ptr + t * sx_t + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
         at = tl.load(a_base + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BR, BK]
         acc += tl.reduce(at.to(tl.float32) * xv[None, :], 1, tl.standard._sum_combine)
@@ -110,7 +122,10 @@ def _shrink_gather_kernel(
     else:
         acc = acc * tl.load(scale_ptr + slot * ssc_s).to(tl.float32)
     acc = tl.where(live_r, acc, 0.0)
-    tl.store(h_ptr + t * sh_t + offs_r, acc.to(h_ptr.dtype.element_ty), mask=r_mask)
+    if SPLIT_K == 1:
+        tl.store(h_ptr + t * sh_t + offs_r, acc.to(h_ptr.dtype.element_ty), mask=r_mask)
+    else:
+        tl.atomic_add(h_ptr + t * sh_t + offs_r, acc, mask=r_mask)
 
 
 @functools.cache
@@ -118,6 +133,28 @@ def _kernels(interpret: bool) -> tuple[Any, Any]:
     global tl
     _, tl = _triton.load()
     return _triton.jit(_shrink_segment_kernel, interpret), _triton.jit(_shrink_gather_kernel, interpret)
+
+
+# Tests set this to force a K split in the interpreter (which otherwise never splits).
+FORCE_SPLIT_K: int | None = None
+
+
+def _split_k(programs: int, K: int, block_k: int, device: torch.device, interpret: bool) -> int:
+    """K splits so that a decode-sized grid still fills the GPU (each split keeps >= 4 K blocks)."""
+    if FORCE_SPLIT_K is not None:
+        return FORCE_SPLIT_K
+    if interpret:
+        return 1
+    target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    split = 1
+    while programs * split < target and K >= block_k * split * 8:
+        split *= 2
+    return split
+
+
+@functools.cache
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta,
@@ -132,24 +169,37 @@ def shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, m
     per_rank = scales.dim() == 2
     ssc_r = scales.stride(1) if per_rank else 0
     block_r = min(max(_triton.next_pow2(R), 16), 128)
-    common = (K, R, x.stride(0), lora_a.stride(0), lora_a.stride(1))
+    r_blocks = triton_cdiv(R, block_r)
     if strategy == "gather":
-        h = torch.empty(T, R, dtype=x.dtype, device=x.device)  # -1 rows get zeros from the kernel
         block_k = max(16, (65536 if interpret else 4096) // block_r)
-        grid = (T, triton_cdiv(R, block_r))
-        gather_kernel[grid](x, lora_a, scales, h, meta.token_slots, *common, h.stride(0),
-                            scales.stride(0), ssc_r, BLOCK_R=block_r, BLOCK_K=block_k, SCALE_PER_RANK=per_rank)
-        return h
-    h = (torch.zeros if meta.num_no_lora else torch.empty)(T, R, dtype=x.dtype, device=x.device)
-    if interpret:  # big blocks: numpy vectorises them, the per-program Python cost dominates
-        block_m, block_k = min(max(_triton.next_pow2(meta.max_seg_len), 16), 128), 2048
+        programs = T * r_blocks
     else:
-        block_m, block_k = (16 if meta.max_seg_len <= 16 else 64), 64
-    grid = (len(meta.segments), triton_cdiv(meta.max_seg_len, block_m), triton_cdiv(R, block_r))
-    segment_kernel[grid](x, lora_a, scales, h, meta.sorted_rows, meta.seg_starts, meta.seg_lens, meta.seg_slots,
-                         *common, h.stride(0), scales.stride(0), ssc_r, BLOCK_M=block_m, BLOCK_R=block_r,
-                         BLOCK_K=block_k, SCALE_PER_RANK=per_rank, IEEE=x.dtype == torch.float32)
-    return h
+        if interpret:  # big blocks: numpy vectorises them, the per-program Python cost dominates
+            block_m, block_k = min(max(_triton.next_pow2(meta.max_seg_len), 16), 128), 2048
+        else:
+            block_m, block_k = (16 if meta.max_seg_len <= 16 else 64), 64
+        m_blocks = triton_cdiv(meta.max_seg_len, block_m)
+        programs = len(meta.segments) * m_blocks * r_blocks
+    split = _split_k(programs, K, block_k, x.device, interpret)
+    k_per_split = triton_cdiv(triton_cdiv(K, split), block_k) * block_k
+    split = triton_cdiv(K, k_per_split)
+    if split > 1:  # fp32 atomics into zeros; rows without an adapter stay 0
+        h = torch.zeros(T, R, dtype=torch.float32, device=x.device)
+    elif strategy == "gather":
+        h = torch.empty(T, R, dtype=x.dtype, device=x.device)  # -1 rows get zeros from the kernel
+    else:
+        h = (torch.zeros if meta.num_no_lora else torch.empty)(T, R, dtype=x.dtype, device=x.device)
+    common = (K, R, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0), scales.stride(0), ssc_r,
+              r_blocks, k_per_split)
+    if strategy == "gather":
+        gather_kernel[(T, r_blocks * split)](x, lora_a, scales, h, meta.token_slots, *common, BLOCK_R=block_r,
+                                             BLOCK_K=block_k, SCALE_PER_RANK=per_rank, SPLIT_K=split)
+    else:
+        grid = (len(meta.segments), m_blocks, r_blocks * split)
+        segment_kernel[grid](x, lora_a, scales, h, meta.sorted_rows, meta.seg_starts, meta.seg_lens,
+                             meta.seg_slots, *common, BLOCK_M=block_m, BLOCK_R=block_r, BLOCK_K=block_k,
+                             SCALE_PER_RANK=per_rank, IEEE=x.dtype == torch.float32, SPLIT_K=split)
+    return h if h.dtype == x.dtype else h.to(x.dtype)
 
 
 def triton_cdiv(a: int, b: int) -> int:

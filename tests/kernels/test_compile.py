@@ -27,12 +27,14 @@ def _kernel(name: str):  # type: ignore[no-untyped-def]
     ks._kernels(False)
     ke._kernels(False)  # binds triton.language into the kernel modules
     return {"shrink_segment": ks._shrink_segment_kernel, "shrink_gather": ks._shrink_gather_kernel,
-            "expand_segment": ke._expand_segment_kernel, "expand_gather": ke._expand_gather_kernel}[name]
+            "expand_segment": ke._expand_segment_kernel, "expand_gather": ke._expand_gather_kernel}[name.split(":")[0]]
 
 
 _CONSTS = {
-    "shrink_segment": {"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 64, "SCALE_PER_RANK": True},
-    "shrink_gather": {"BLOCK_R": 16, "BLOCK_K": 256, "SCALE_PER_RANK": False},
+    "shrink_segment": {"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 64, "SCALE_PER_RANK": True, "SPLIT_K": 1},
+    "shrink_segment:split": {"BLOCK_M": 16, "BLOCK_R": 16, "BLOCK_K": 64, "SCALE_PER_RANK": False, "SPLIT_K": 4},
+    "shrink_gather": {"BLOCK_R": 16, "BLOCK_K": 256, "SCALE_PER_RANK": False, "SPLIT_K": 1},
+    "shrink_gather:split": {"BLOCK_R": 32, "BLOCK_K": 128, "SCALE_PER_RANK": True, "SPLIT_K": 4},
     "expand_segment": {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 16},
     "expand_gather": {"BLOCK_N": 256, "BLOCK_K": 16},
 }
@@ -50,14 +52,19 @@ def test_kernel_compiles_for_sm90(name: str, dtype: str) -> None:
     consts = dict(_CONSTS[name])
     if "IEEE" in inspect.signature(fn).parameters:
         consts["IEEE"] = dtype == "fp32"
+    split = consts.get("SPLIT_K", 1) > 1
     sig = {}
     for p in inspect.signature(fn).parameters:
         if p in consts:
             sig[p] = "constexpr"
+        elif p == "h_ptr" and split:
+            sig[p] = "*fp32"  # K-split shrink accumulates into an fp32 h with atomics
         else:
             sig[p] = f"*{dtype}" if p in _DATA else _TYPES.get(p, "i32")
     compiled = triton.compile(ASTSource(fn=JITFunction(fn), signature=sig, constexprs=consts),
                               target=GPUTarget("cuda", 90, 32))
     assert "cubin" in compiled.asm and len(compiled.asm["cubin"]) > 0
     # SGMV tiles go through tensor-core dots; BGMV rows reduce elementwise products
-    assert ("tt.dot" if name.endswith("segment") else "tt.reduce") in compiled.asm["ttir"]
+    ttir = compiled.asm["ttir"]
+    assert ("tt.dot" if "segment" in name else "tt.reduce") in ttir
+    assert ("tt.atomic_rmw" in ttir) == name.endswith(":split")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import LoraBatchMeta, lora_shrink
+from kernels import LoraBatchMeta, lora_shrink, shrink
 from tests.kernels.cases import Case, assert_close, shrink_inputs
-from tests.kernels.conftest import triton_params
+from tests.kernels.conftest import needs_cuda, needs_triton, triton_params
 
 
 def _check_triton_shrink(case: Case, device: str) -> None:
@@ -29,6 +29,22 @@ def test_triton_shrink_matches_reference(case: Case, device: str) -> None:
 
 @pytest.mark.parametrize(("case", "device"), triton_params(slow=True))
 def test_triton_shrink_full_grid(case: Case, device: str) -> None:
+    _check_triton_shrink(case, device)
+
+
+SPLIT_CASES = [Case("fp32", 128, 14336, 3, "uniform", True, True, True),
+               Case("fp16", 16, 14336, 7, "zipf", True, False, False),
+               Case("fp32", 8, 4096, 1, "identical", False, False, True)]
+
+
+@pytest.mark.parametrize(("case", "device"), [
+    *[pytest.param(c, "cpu", id=f"interp-{c.id}", marks=needs_triton) for c in SPLIT_CASES],
+    *[pytest.param(c, "cuda", id=f"cuda-{c.id}", marks=[pytest.mark.gpu, needs_cuda, needs_triton])
+      for c in [*SPLIT_CASES, Case("bf16", 64, 4096, 7, "distinct", True, True, False)]],
+])
+def test_triton_shrink_split_k_matches_reference(case: Case, device: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A K split (fp32 atomics, used when a decode grid is too small for the GPU) gives the same h."""
+    monkeypatch.setattr(shrink, "FORCE_SPLIT_K", 3)
     _check_triton_shrink(case, device)
 
 
