@@ -5,7 +5,9 @@ Kernels are wrapped per mode: compiled (`JITFunction`) for CUDA tensors, interpr
 instead of through `TRITON_INTERPRET` read at `import triton` time, keeps the interpreter usable
 in a process where something else (peft, transformers) already imported triton. Kernels
 therefore avoid triton's `@jit` standard-library helpers (`tl.sum`, `tl.zeros`, `tl.cdiv`), which
-are compiled-mode objects in such a process; they use `tl.full` and `tl.reduce(..., SUM)`.
+are compiled-mode objects in such a process; they use `tl.full` and
+`tl.reduce(v, axis, tl.standard._sum_combine)` (what `tl.sum` does; the interpreter maps that
+combine function to a numpy sum).
 """
 
 from __future__ import annotations
@@ -50,12 +52,6 @@ def load() -> tuple[ModuleType, ModuleType]:
 def interpret_for(device: torch.device) -> bool:
     """Run interpreted for non-CUDA tensors, or everywhere when TRITON_INTERPRET=1 is set."""
     return device.type != "cuda" or os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on")
-
-
-def sum_combine() -> Any:
-    """The combine function `tl.sum` reduces with (recognised by the interpreter's fast numpy path)."""
-    _, tl = load()
-    return tl.standard._sum_combine
 
 
 def jit(fn: Callable[..., Any], interpret: bool) -> Any:

@@ -12,7 +12,7 @@ import pytest
 
 from tests.kernels.conftest import needs_triton
 
-pytestmark = needs_triton
+pytestmark = [needs_triton, pytest.mark.filterwarnings("ignore:TRITON_DEFAULT_FP_FUSION")]
 
 # pointer / scalar types by parameter name; the data pointers take the dtype under test
 _TYPES = {"scale_ptr": "*fp32", "rows_ptr": "*i64", "seg_start_ptr": "*i32", "seg_len_ptr": "*i32",
