@@ -82,6 +82,16 @@ class LoraBatchMeta:
         return self.num_tokens - self.num_no_lora
 
     @property
+    def grouped(self) -> bool:
+        """Rows are already grouped: every slot (and -1) occupies one contiguous run of rows."""
+        return len(self.runs) == len(self.distinct_slots) + (1 if self.num_no_lora else 0)
+
+    def rows_of(self, g: int) -> torch.Tensor:
+        """Row indices of segment g (slot `segments[g][2]`): a view into sorted_rows, no copy."""
+        a, b, _ = self.segments[g]
+        return self.sorted_rows[a:b]
+
+    @property
     def use_runs(self) -> bool:
         """CPU path: slice contiguous row runs instead of gathering rows (few runs per slot)."""
         lora_runs = sum(1 for _, _, s in self.runs if s >= 0)

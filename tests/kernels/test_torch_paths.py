@@ -82,7 +82,9 @@ def test_meta_layout() -> None:
     assert meta.segments == ((0, 2, 0), (2, 5, 2))
     assert (meta.seg_starts.tolist(), meta.seg_lens.tolist(), meta.seg_slots.tolist()) == ([0, 2], [2, 3], [0, 2])
     assert meta.runs[:3] == ((0, 1, 2), (1, 2, 0), (2, 3, -1)) and meta.max_seg_len == 3
-    assert meta.single_slot is None and meta.strategy == "segment"
+    assert meta.single_slot is None and meta.strategy == "segment" and not meta.grouped
+    assert meta.rows_of(1).tolist() == [0, 3, 5]
+    assert LoraBatchMeta.from_token_slots([1, 1, -1, 0, 0]).grouped
     assert LoraBatchMeta.from_token_slots([5, 5]).single_slot == 5
     assert LoraBatchMeta.from_token_slots([5, -1]).single_slot is None
     assert LoraBatchMeta.from_token_slots(torch.tensor([1, 0])).token_slots.dtype == torch.int32
