@@ -38,8 +38,10 @@ def test_greedy_and_logits_match_transformers(tiny_models: dict[str, Path], arch
         {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
          "original_max_position_embeddings": 16},
         {"rope_type": "linear", "factor": 4.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64},
+        {"rope_type": "dynamic", "factor": 2.0},
     ],
-    ids=["llama3", "linear"],
+    ids=["llama3", "linear", "yarn", "dynamic"],
 )  # fmt: skip
 def test_rope_scaling_matches_transformers(tmp_path: Path, rope: dict) -> None:
     d = build_tiny_model(tmp_path / "m", "llama", rope_scaling=rope, rope_theta=500.0)
