@@ -4,10 +4,12 @@ Pure Python (no torch), so its policies test in milliseconds. One step:
 `out = scheduler.schedule(resident)` -> the runner computes `out.scheduled` -> `scheduler.postprocess(out, tokens)`.
 
 Policy, in order:
-1. Running sequences first (admission order): each gets its pending tokens (1 when decoding, a
+1. Running sequences first, decodes before unfinished prefills (so a long prompt never stalls
+   token streams), each in admission order: each gets its pending tokens (1 when decoding, a
    chunk when a long prompt is still prefilling) within `max_num_batched_tokens`. When the KV pool
-   cannot cover them, the most recently admitted running sequence is preempted: its blocks are
-   freed and it goes back to the front of the queue, to be recomputed (prompt + output) later.
+   cannot cover them, the most recently admitted running sequence not yet scheduled this step is
+   preempted: its blocks are freed and it goes back to the front of the queue, to be recomputed
+   (prompt + output) later.
 2. Waiting sequences are admitted if no preemption happened, while seats (`max_num_seqs`), token
    budget and KV blocks last. A step holds at most `max_loras` distinct adapters (None = the base
    model, which needs no slot). Candidates are ordered: aged requests (waited >= `aging_steps`
@@ -123,22 +125,26 @@ class Scheduler:
         self.step_no += 1
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
-        i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
+        done: set[int] = set()  # id() of sequences scheduled this step (never preempted by it)
+        for seq in sorted(self.running, key=lambda s: s.num_pending_tokens > 1):  # decodes first
+            if budget <= 0:
+                break
+            if seq.status is not SeqStatus.RUNNING:
+                continue  # preempted earlier in this loop
             n = min(seq.num_pending_tokens, budget)
             while not self.bm.can_allocate(seq, n):
-                victim = self.running.pop()
+                victim = next((s for s in reversed(self.running) if id(s) not in done and s is not seq), seq)
+                self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             if seq.status is not SeqStatus.RUNNING:
-                break
+                continue
             self.bm.allocate(seq, n)
+            done.add(id(seq))
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
             budget -= n
-            i += 1
         active = {s.adapter for s in self.running if s.adapter is not None}
         if not out.preempted:
             budget = self._admit(out, budget, active, frozenset(resident))

@@ -109,3 +109,19 @@ def test_hot_adapter_flood_does_not_starve_cold_request() -> None:
             break
     assert cold.is_finished and cold.num_output_tokens == 4
     assert step < aging + 4 * 4 + 5  # aging, then drain the running hot requests (4 tokens each)
+
+
+def test_long_prefill_does_not_stall_running_decodes() -> None:
+    bm = BlockManager(64, 4)
+    s = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=8)
+    short = _seq("short", 3, max_tokens=6)
+    s.add(short)
+    out = s.schedule()
+    s.postprocess(out, [7])
+    s.add(_seq("long", 40, max_tokens=2))
+    for _ in range(5):  # while "long" prefills in chunks, "short" decodes every step
+        before = short.num_output_tokens
+        out = s.schedule()
+        assert out.num_tokens <= 8
+        s.postprocess(out, [7 if it.sample else None for it in out.scheduled])
+        assert short.num_output_tokens == before + 1
