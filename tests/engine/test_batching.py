@@ -84,3 +84,13 @@ def test_max_model_len_ends_with_length(llama_dir: Path) -> None:
     llm = LLM(str(llama_dir), enable_lora=False, max_model_len=20)
     out = llm.generate([list(range(3, 15))], SamplingParams(max_tokens=50, temperature=0.0, ignore_eos=True))[0]
     assert out.finish_reason == "length" and len(out.prompt_token_ids) + len(out.token_ids) == 20
+
+
+def test_seeded_sampling_survives_preemption(llama_dir: Path) -> None:
+    prompts = _prompts(6)
+    params = [SamplingParams(max_tokens=30, temperature=0.8, top_p=0.95, seed=100 + i, ignore_eos=True) for i in range(6)]
+    small = LLM(str(llama_dir), enable_lora=False, num_kv_blocks=10, block_size=8, max_model_len=80)
+    outs = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    big = LLM(str(llama_dir), enable_lora=False)
+    assert [o.token_ids for o in outs] == [big.generate([p], sp)[0].token_ids for p, sp in zip(prompts, params)]
