@@ -250,4 +250,7 @@ class ModelRunner:
         gather = (table[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(len(seqs), -1)[:, :length]
         lens_t = torch.tensor(lens, device=dev)
         meta.decode_gather = gather  # [B, L]
-        meta.decode_mask = (torch.arange(length, device=dev)[None, :] < lens_t[:, None])[:, None, None, :]
+        if min(lens) == length:  # every row sees its whole gather (e.g. batch 1): no mask needed
+            meta.decode_mask = None
+        else:
+            meta.decode_mask = (torch.arange(length, device=dev)[None, :] < lens_t[:, None])[:, None, None, :]
