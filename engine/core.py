@@ -229,17 +229,19 @@ class EngineCore:
 
     # -- metrics -----------------------------------------------------------------------------
     def stats(self) -> EngineStats:
+        """Counters for metrics; safe to call from another thread while a step runs (snapshots)."""
+        running, waiting = list(self.scheduler.running), list(self.scheduler.waiting)  # atomic copies
         s = EngineStats(
-            num_running=len(self.scheduler.running),
-            num_waiting=len(self.scheduler.waiting),
+            num_running=len(running),
+            num_waiting=len(waiting),
             kv_free_blocks=self.block_manager.num_free_blocks,
             kv_total_blocks=self.block_manager.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
         )
-        for seq in self.scheduler.running:
+        for seq in running:
             if seq.adapter is not None:
                 s.running_by_adapter[seq.adapter] = s.running_by_adapter.get(seq.adapter, 0) + 1
-        for seq in self.scheduler.waiting:
+        for seq in waiting:
             if seq.adapter is not None:
                 s.waiting_by_adapter[seq.adapter] = s.waiting_by_adapter.get(seq.adapter, 0) + 1
         if self.lora is not None:
