@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from engine.attention import AttentionMetadata, PrefillSpan
-from engine.budget import ModelDims, kv_bytes_per_token
+from engine.budget import ModelDims, kv_bytes_per_token, total_slot_bytes
 from engine.config import EngineConfig
 from engine.errors import ConfigError
 from engine.lora_ops import lora_ops
@@ -74,7 +74,11 @@ def plan_kv(config: EngineConfig, dims: ModelDims, args: ModelArgs, dtype: torch
         want = math.ceil(config.max_num_seqs * want_len / config.block_size)
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            cap = int(free * 0.85)
+            reserve = 0
+            if config.enable_lora:  # the LoRA slot stacks are allocated after the KV pool
+                lora_dtype = str(dtype) if config.lora_dtype == "auto" else config.lora_dtype
+                reserve = total_slot_bytes(dims, max_loras=config.max_loras, max_rank=config.max_lora_rank, dtype=lora_dtype)
+            cap = int((free - reserve) * 0.85)
         else:
             cap = CPU_KV_CAP_BYTES
         blocks = max(1, min(want, cap // per_block))
