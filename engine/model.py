@@ -38,6 +38,8 @@ class ModelArgs:
     rms_norm_eps: float
     tie_word_embeddings: bool
     qkv_bias: bool
+    o_bias: bool  # Llama's attention_bias also biases o_proj
+    mlp_bias: bool  # Llama's mlp_bias: gate/up/down biases
     qk_norm: bool
     max_position_embeddings: int
     sliding_window: int | None
@@ -66,6 +68,8 @@ class ModelArgs:
             rms_norm_eps=float(cfg.rms_norm_eps),
             tie_word_embeddings=bool(getattr(cfg, "tie_word_embeddings", False)),
             qkv_bias=arch == "qwen2" or bool(getattr(cfg, "attention_bias", False)),
+            o_bias=arch != "qwen2" and bool(getattr(cfg, "attention_bias", False)),
+            mlp_bias=bool(getattr(cfg, "mlp_bias", False)),
             qk_norm=arch == "qwen3",
             max_position_embeddings=int(cfg.max_position_embeddings),
             sliding_window=int(sliding) if sliding else None,
@@ -140,9 +144,10 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(a.hidden_size, a.rms_norm_eps)
         self.qkv = LoraLinear(i, a.hidden_size, [("q_proj", q), ("k_proj", kv), ("v_proj", kv)], a.qkv_bias)
-        self.o_proj = LoraLinear(i, q, [("o_proj", a.hidden_size)], False)
-        self.gate_up = LoraLinear(i, a.hidden_size, [("gate_proj", a.intermediate_size), ("up_proj", a.intermediate_size)], False)
-        self.down_proj = LoraLinear(i, a.intermediate_size, [("down_proj", a.hidden_size)], False)
+        self.o_proj = LoraLinear(i, q, [("o_proj", a.hidden_size)], a.o_bias)
+        inter = a.intermediate_size
+        self.gate_up = LoraLinear(i, a.hidden_size, [("gate_proj", inter), ("up_proj", inter)], a.mlp_bias)
+        self.down_proj = LoraLinear(i, inter, [("down_proj", a.hidden_size)], a.mlp_bias)
         if a.qk_norm:
             self.q_norm = RMSNorm(a.head_dim, a.rms_norm_eps)
             self.k_norm = RMSNorm(a.head_dim, a.rms_norm_eps)

@@ -60,3 +60,15 @@ def test_sharded_checkpoint_loads(tmp_path: Path, llama_dir: Path) -> None:
     a = LLM(str(llama_dir), enable_lora=False).generate(PROMPTS, params)
     b = LLM(str(sharded), enable_lora=False).generate(PROMPTS, params)
     assert [o.token_ids for o in a] == [o.token_ids for o in b]
+
+
+def test_llama_with_attention_and_mlp_bias(tmp_path: Path) -> None:
+    d = build_tiny_model(tmp_path / "b", "llama", attention_bias=True, mlp_bias=True)
+    model = AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # transformers initialises biases to zero: make them matter
+        for name, p in model.named_parameters():
+            if name.endswith(".bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+    model.save_pretrained(str(d))
+    _check_parity(d, max_new=8)
