@@ -46,6 +46,7 @@ def bench(
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every number to this JSON file (stable `ratios` and `bounds` keys).", show_default=False)] = None,
     plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Write throughput vs distinct adapters to this PNG (needs matplotlib).", show_default=False)] = None,
     repeat: Annotated[Optional[int], typer.Option("--repeat", min=1, help="Rounds of the engine workloads; each keeps its best round. (default: 1; 3 with --quick)", show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="torch CPU threads for every system. (default: torch's, one per core)", show_default=False)] = None,
     quick: Annotated[bool, typer.Option("--quick", help="CI mode: tiny preset, few short requests, N up to 4; about a minute on 2 CPU cores.")] = False,
     min_mixed_ratio: Annotated[Optional[float], typer.Option("--min-mixed-ratio", min=0.0, help="Exit 1 when mixed-N/homogeneous (largest N) is below this.", show_default=False)] = None,
     no_alternatives: Annotated[bool, typer.Option("--no-alternatives", help="Skip the separate-engines and transformers+PEFT comparisons.")] = False,
@@ -60,7 +61,7 @@ def bench(
     from mlora_cli._common import console
 
     if kernels:
-        _run_kernels()
+        _run_kernels(device=device.value, dtype=dtype.value, rank=rank, threads=threads, quick=quick, json_file=json_file)
         return
     from engine.bench.config import FULL_DEFAULTS, QUICK_DEFAULTS, BenchConfig
     from engine.errors import ConfigError
@@ -83,6 +84,7 @@ def bench(
         dtype=dtype.value,
         alternatives=not no_alternatives,
         repeat=repeat or defaults["repeat"],
+        threads=threads,
         quick=quick,
     )
     report = _run_with_progress(config)
@@ -141,14 +143,26 @@ def _run_with_progress(config):  # noqa: ANN001, ANN202 - BenchConfig -> report 
     return report
 
 
-def _run_kernels() -> None:
-    from engine.errors import NotBuiltError
+def _run_kernels(*, device: str, dtype: str, rank: int, threads: Optional[int], quick: bool, json_file: Optional[Path]) -> None:
+    """The shrink/expand micro-benchmark of `kernels.bench` (its own table; --json writes its rows)."""
+    from engine.errors import ConfigError, NotBuiltError
+    from mlora_cli._common import console
 
     try:
-        from kernels.bench import run_kernel_bench
+        from kernels.bench import format_kernel_bench, run_kernel_bench
     except ImportError as e:
-        raise NotBuiltError("kernel benchmark not available: kernels.bench.run_kernel_bench has not landed") from e
-    run_kernel_bench()
+        raise NotBuiltError("the kernel benchmark is not available (kernels.bench.run_kernel_bench is missing)") from e
+    kwargs = dict(device=device, rank=rank, dtype=None if dtype == "auto" else dtype, threads=threads)
+    if quick:
+        kwargs.update(hidden_sizes=(768,), repeats=5)
+    with console.status("benchmarking LoRA kernels"):
+        result = run_kernel_bench(**kwargs)
+    console.print(format_kernel_bench(result), highlight=False, soft_wrap=True)
+    if json_file is not None:
+        try:
+            json_file.write_text(json.dumps(result, indent=2) + "\n")
+        except OSError as e:
+            raise ConfigError(f"cannot write {json_file}: {e}") from e
 
 
 def register(app: typer.Typer) -> None:

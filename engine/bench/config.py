@@ -20,7 +20,8 @@ class BenchConfig:
     seeded Poisson process and output lengths vary (identically across workloads).
     `alternatives`: also run the `separate` (one engine per adapter) and `peft` systems.
     `repeat`: run the engine workloads that many rounds (interleaved) and keep each one's best
-    round, so one noisy-neighbour stall does not decide a ratio.
+    round, so one noisy-neighbour stall does not decide a ratio. `threads`: torch CPU threads for
+    every system (None = torch's default, one per core).
     """
 
     preset: str | None = "small"
@@ -38,6 +39,7 @@ class BenchConfig:
     churn: bool = True
     quick: bool = False
     repeat: int = 1
+    threads: int | None = None
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -52,6 +54,8 @@ class BenchConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
+            raise ConfigError(f"--threads must be an integer >= 1, got {self.threads!r}")
         if self.zipf is not None and not self.zipf > 0:
             raise ConfigError(f"--zipf must be > 0, got {self.zipf}")
         if self.rate is not None and not self.rate > 0:

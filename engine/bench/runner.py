@@ -180,6 +180,10 @@ def run_bench(cfg: BenchConfig, *, on_step: StepCallback | None = None) -> dict[
     from engine.bench.presets import quiet_transformers
 
     quiet_transformers()
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     step = on_step or (lambda name: None)
     workloads = _workloads(cfg)
     plan = _Plan(cfg, workloads)
