@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kernels import lora_expand, lora_shrink
+
 from engine.attention import AttentionMetadata, paged_attention
 from engine.errors import ConfigError
 from engine.loader import iter_weights, model_arch
-from engine.lora_ops import lora_ops
 from engine.rope import apply_rope, rope_cache
 
 
@@ -117,14 +118,13 @@ class LoraLinear(nn.Module):
     def forward(self, x: torch.Tensor, lora: LoraContext | None) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)  # [T, out]
         if lora is not None:
-            shrink, expand, _ = lora_ops()
             offset = 0
             for name, n in self.parts:
                 stack = lora.stacks.get(self.layer, name)
                 if stack is not None:
                     a, b, scales = stack
-                    h = shrink(x, a, lora.token_slots, scales, meta=lora.meta)  # [T, R]
-                    expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset)
+                    h = lora_shrink(x, a, lora.token_slots, scales, meta=lora.meta)  # [T, R]
+                    lora_expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset)
                     dora = getattr(lora.stacks, "dora", None)
                     g = dora(self.layer, name) if dora is not None else None
                     if g is not None:  # DoRA: rescale this part's output per token (see engine.lora.slots)

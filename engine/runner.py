@@ -17,11 +17,12 @@ from typing import Any
 
 import torch
 
+from kernels import LoraBatchMeta
+
 from engine.attention import AttentionMetadata, PrefillSpan
 from engine.budget import ModelDims, kv_bytes_per_token, total_slot_bytes
 from engine.config import EngineConfig
 from engine.errors import ConfigError
-from engine.lora_ops import lora_ops
 from engine.model import LlamaModel, LoraContext, LoraStacks, ModelArgs
 from engine.outputs import TokenLogprob
 from engine.sampler import sample
@@ -199,8 +200,7 @@ class ModelRunner:
         lora = None
         if stacks is not None and slots is not None and any(s >= 0 for s in slots):
             ts = torch.tensor(token_slots, dtype=torch.int32, device=dev)
-            _, _, meta_cls = lora_ops()
-            lora = LoraContext(token_slots=ts, meta=meta_cls.from_token_slots(ts), stacks=stacks)
+            lora = LoraContext(token_slots=ts, meta=LoraBatchMeta.from_token_slots(ts), stacks=stacks)  # once per step
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         hidden = self.model(input_ids, positions, meta, self.kv_cache, lora)  # [T, hidden]
@@ -228,7 +228,7 @@ class ModelRunner:
         lora = None
         if stacks is not None and slot >= 0:
             ts = torch.full((t,), slot, dtype=torch.int32, device=dev)
-            lora = LoraContext(token_slots=ts, meta=lora_ops()[2].from_token_slots(ts), stacks=stacks)
+            lora = LoraContext(token_slots=ts, meta=LoraBatchMeta.from_token_slots(ts), stacks=stacks)
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         hidden = self.model(ids, torch.arange(t, device=dev), meta, scratch, lora)
         return self.model.logits(hidden)
