@@ -238,3 +238,17 @@ def test_waiting_requests_prefetch_their_adapter(tiny_models: dict[str, Path], a
         done.update({o.request_id: o for o in core.step() if o.finished})
     assert cache.stats().disk_loads == loads_before  # the slot fill came from the CPU copy
     assert done["cold"].token_ids == llm.generate([PROMPTS[1]], GREEDY, adapters=["r4"])[0].token_ids
+
+
+def test_request_whose_adapter_was_removed_before_it_ran_is_aborted(tiny_models: dict[str, Path], adapters) -> None:
+    llm = LLM(str(tiny_models["llama"]), max_loras=2, loras=(("a", str(adapters["llama"]["r4"])),))
+    core = llm.engine
+    core.add_request("base", PROMPTS[0], GREEDY)
+    core.add_request("gone", PROMPTS[1], GREEDY, "a")
+    llm.remove_adapter("a")
+    outs = {o.request_id: o for o in core.step()}
+    assert outs["gone"].finished and outs["gone"].finish_reason == "abort" and "'a'" in str(outs["gone"].stop_reason)
+    while core.has_unfinished():
+        outs.update({o.request_id: o for o in core.step()})
+    assert outs["base"].finish_reason == "length" and len(outs["base"].token_ids) == 10
+    assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
