@@ -82,3 +82,21 @@ def test_bad_input_is_one_line_exit_1(tmp_path, args, message):
     assert res.returncode == 1
     assert message in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_poisson_arrivals_stream_through_async_engine_and_static_peft(tmp_path):
+    out = tmp_path / "rate.json"
+    res = run_cli("--preset", "tiny", "--rate", "40", "--num-requests", "6", "--max-tokens", "5", "--max-loras", "2",
+                  "--repeat", "1", "--json", str(out), cache=tmp_path / "cache")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    rep = json.loads(out.read_text())
+    assert rep["config"]["rate"] == 40.0
+    assert rep["ratio_metrics"]["mixed_over_homogeneous"] == "output_tokens_per_s"
+    mlora = [w for w in rep["workloads"] if w["system"] == "mlora"]
+    lengths = {w["output_tokens"] for w in rep["workloads"]}
+    assert len(lengths) == 1 and lengths.pop() < 6 * 5 + 1  # varied lengths, identical across systems
+    for w in mlora:
+        assert w["num_requests"] == 6
+        assert w["ttft_s"]["p50"] is not None and w["itl_s"]["p99"] is not None  # streamed token times
+    assert {w["system"] for w in rep["workloads"]} == {"mlora", "separate", "peft"}
+    assert rep["ratios"]["mlora_over_peft"] > 0
