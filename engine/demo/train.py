@@ -223,6 +223,19 @@ def evaluate_dir(out: Path, n: int = 500, *, seed: int = 1234) -> dict[str, floa
     return res
 
 
+def evaluate_engine(out: Path, n: int = 500, *, seed: int = 1234) -> dict[str, float]:
+    """The same held-out exact match through mlora's own engine: all four in one mixed batch."""
+    from engine import LLM, SamplingParams
+
+    prompts = heldout_strings(n, seed=seed)
+    loras = tuple((nm, str(out / "adapters" / nm)) for nm in ADAPTER_TASKS if (out / "adapters" / nm).is_dir())
+    llm = LLM(str(out / "model"), enable_lora=bool(loras), loras=loras)
+    names = [None, *(nm for nm, _ in loras)]
+    outs = llm.generate([p for p in prompts for _ in names], SamplingParams(temperature=0, max_tokens=24),
+                        adapters=[nm for _ in prompts for nm in names])
+    return {nm or "base": accuracy(nm, prompts, [o.text for o in outs[i :: len(names)]]) for i, nm in enumerate(names)}
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of `python -m engine.demo.train`."""
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -232,6 +245,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--only", choices=["base", *ADAPTER_TASKS], action="append",
                     help="train only these parts (repeatable; adapters need an existing base)")
     ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (1 is faster on a busy machine)")
+    ap.add_argument("--engine", action="store_true", help="also evaluate through mlora's engine")
     ap.add_argument("--eval-only", action="store_true", help="skip training, just evaluate DIR")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -247,7 +261,9 @@ def main(argv: list[str] | None = None) -> None:
                 train_adapter(out / "model", out / "adapters" / name, name, seed=args.seed)
     train_s = time.perf_counter() - t0
     res = evaluate_dir(out)
-    print(json.dumps({k: round(v, 4) for k, v in res.items()}))
+    print("transformers+PEFT:", json.dumps({k: round(v, 4) for k, v in res.items()}))
+    if args.engine:
+        print("mlora engine (mixed batch):", json.dumps({k: round(v, 4) for k, v in evaluate_engine(out).items()}))
     print(f"training took {train_s:.0f}s; evaluation {time.perf_counter() - t0 - train_s:.0f}s; files in {out}")
 
 
