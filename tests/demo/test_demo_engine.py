@@ -26,16 +26,9 @@ def test_default_engine_is_the_demo_with_its_adapters(llm: LLM) -> None:
     assert sorted(llm.list_adapters()) == sorted(ADAPTER_TASKS)
 
 
-@pytest.mark.parametrize("adapter", NAMES)
-def test_engine_accuracy_on_heldout(llm: LLM, prompts: list[str], adapter: str | None) -> None:
-    outs = llm.generate(prompts, GREEDY, adapters=adapter)
-    acc = sum(o.text == target(adapter, p) for p, o in zip(prompts, outs)) / len(prompts)
-    assert acc >= 0.95, f"{adapter or 'base'}: {acc:.2%}; e.g. {prompts[0]!r} -> {outs[0].text!r}"
-    assert all(o.finish_reason == "stop" for p, o in zip(prompts, outs) if o.text == target(adapter, p))
-
-
 def test_one_mixed_batch_gives_each_request_its_own_transformation(llm: LLM, prompts: list[str]) -> None:
-    """Every held-out string under the base and all three adapters, submitted together."""
+    """100 held-out strings, each under the base and all three adapters, submitted together:
+    every adapter (and the base) must be >= 95% exact, with no cross-talk between rows."""
     batch = [p for p in prompts for _ in NAMES]
     rows = [n for _ in prompts for n in NAMES]
     outs = llm.generate(batch, GREEDY, adapters=rows)
@@ -44,6 +37,15 @@ def test_one_mixed_batch_gives_each_request_its_own_transformation(llm: LLM, pro
         acc = sum(t == target(name, p) for p, t in got) / len(got)
         assert acc >= 0.95, f"{name or 'base'} in a mixed batch: {acc:.2%}"
     assert [o.adapter for o in outs] == rows
+    assert all(o.finish_reason == "stop" for p, n, o in zip(batch, rows, outs) if o.text == target(n, p))
+
+
+@pytest.mark.parametrize("adapter", ["reverse", None])
+def test_single_adapter_batch(llm: LLM, prompts: list[str], adapter: str | None) -> None:
+    """A batch where every row uses the same adapter (or none) is just as accurate."""
+    outs = llm.generate(prompts[:40], GREEDY, adapters=adapter)
+    acc = sum(o.text == target(adapter, p) for p, o in zip(prompts, outs)) / 40
+    assert acc >= 0.95, f"{adapter or 'base'} alone: {acc:.2%}"
 
 
 def test_readme_example(llm: LLM) -> None:
