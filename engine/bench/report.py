@@ -219,6 +219,8 @@ def plot(report: dict[str, Any], path: str | Path) -> None:
         ax.plot(xs, [homog * bound_mixed_over_homogeneous(w, a, x) for x in xs], ls="--", color="gray",
                 label="mlora homogeneous x traffic bound")
     ax.set_xscale("log", base=2)
+    ticks = sorted({x for pts in series.values() for x in pts})
+    ax.set_xticks(ticks, [str(x) for x in ticks])
     ax.set_xlabel("distinct adapters in the batch")
     ax.set_ylabel("output tokens/s")
     ax.set_title("mlora bench: throughput vs adapters per batch")

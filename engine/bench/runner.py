@@ -224,6 +224,9 @@ def run_bench(cfg: BenchConfig, *, on_step: StepCallback | None = None) -> dict[
             results.extend(run_peft(model_dir, adapter_paths, peft_wls, device=device, dtype=dtype,
                                     max_batch=cfg.num_requests, poisson=cfg.rate is not None))  # fmt: skip
 
+    if cfg.rate is not None:
+        notes.append(f"Poisson arrivals at {cfg.rate} req/s: throughput follows the offered load while a system keeps "
+                     "up, so compare TTFT/ITL here and take the bound ratios from an offline run")  # fmt: skip
     metric = "output_tokens_per_s" if cfg.rate is not None else "decode_tokens_per_s"
     if any(r.decode_tokens_per_s is None for r in results if r.system == "mlora") and metric == "decode_tokens_per_s":
         metric = "output_tokens_per_s"
