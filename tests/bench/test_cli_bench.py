@@ -100,3 +100,12 @@ def test_poisson_arrivals_stream_through_async_engine_and_static_peft(tmp_path):
         assert w["ttft_s"]["p50"] is not None and w["itl_s"]["p99"] is not None  # streamed token times
     assert {w["system"] for w in rep["workloads"]} == {"mlora", "separate", "peft"}
     assert rep["ratios"]["mlora_over_peft"] > 0
+
+
+def test_kernels_flag_prints_the_kernel_table_and_writes_its_rows(tmp_path):
+    out = tmp_path / "k.json"
+    res = run_cli("--kernels", "--quick", "--threads", "1", "--json", str(out), cache=tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "shrink" in res.stdout and "expand" in res.stdout
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["op"] for r in rows} == {"shrink", "expand"} and all(r["hidden"] == 768 for r in rows)
