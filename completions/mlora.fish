@@ -19,6 +19,8 @@ complete -c mlora -n '__fish_seen_subcommand_from bench' -l device -x -a 'auto c
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'Weights dtype (auto: float32 on CPU, bfloat16 on CUDA).'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l json -r -F -d 'Write every number to this JSON file (stable `ratios` and `bounds` keys).'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l plot -r -F -d 'Write throughput vs distinct adapters to this PNG (needs matplotlib).'
+complete -c mlora -n '__fish_seen_subcommand_from bench' -l repeat -x -d 'Rounds of the engine workloads; each keeps its best round. (default: 1; 3 with --quick)'
+complete -c mlora -n '__fish_seen_subcommand_from bench' -l threads -x -d 'torch CPU threads for every system. (default: torch'\''s, one per core)'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l quick -d 'CI mode: tiny preset, few short requests, N up to 4; about a minute on 2 CPU cores.'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l min-mixed-ratio -x -d 'Exit 1 when mixed-N/homogeneous (largest N) is below this.'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l no-alternatives -d 'Skip the separate-engines and transformers+PEFT comparisons.'
