@@ -1,4 +1,8 @@
-"""Train the built-in demo model and its three LoRA adapters (CPU, a few minutes).
+"""Train the built-in demo model and its three LoRA adapters on CPU.
+
+Measured: 12.3 min on one thread of a shared, busy 2-core machine (base 7 min, adapters
+5 min). A re-run with the defaults re-created every shipped file byte for byte (same torch
+and CPU; elsewhere expect the same accuracy, not necessarily the same bytes).
 
     python -m engine.demo.train [--out DIR]
 
@@ -12,7 +16,9 @@ Prompt format: the tokenizer's post-processor wraps every encoded prompt as `<s>
 so the raw user string, encoded with default settings, is exactly what the model was trained
 on; the trailing `</s>` tells the model where the input ends (without it "abcabc" would be
 ambiguous between the prompt "abcabc" and the prompt "abc" plus the answer "abc"). The
-completion is the transformed string followed by `</s>`.
+completion is the transformed string followed by `</s>`. The chat template renders a
+one-message chat to the same tokens. The base is trained to copy any printable ASCII (so its
+uppercase outputs are trained too); evaluation uses lowercase letters and spaces only.
 """
 
 from __future__ import annotations
@@ -195,6 +201,16 @@ def train_adapter(model_dir: Path, adapter_dir: Path, task: str, *, seed: int = 
     model.peft_config["default"].base_model_name_or_path = DEMO_NAME
     model.save_pretrained(str(adapter_dir), save_embedding_layers=False)  # no embedding changes: skip the hub lookup
     (adapter_dir / "README.md").unlink(missing_ok=True)  # PEFT's empty model card template
+    stable_adapter_config(adapter_dir)
+
+
+def stable_adapter_config(adapter_dir: Path) -> None:
+    """Sort target_modules (PEFT writes a set's order, which changes per process) so re-runs
+    give byte-identical files."""
+    path = adapter_dir / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["target_modules"] = sorted(cfg["target_modules"])
+    path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
 
 
 def evaluate_dir(out: Path, n: int = 500, *, seed: int = 1234) -> dict[str, float]:
