@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 err_console = Console(stderr=True)
@@ -18,6 +19,6 @@ def debug_enabled() -> bool:
 
 def print_error(message: str, hint: str | None = None) -> None:
     """Print a known error as one line, plus a hint line (never a traceback)."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, markup=True, soft_wrap=True)
-    extra = f"hint: {hint}  " if hint else ""
+    err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
+    extra = f"hint: {escape(hint)}  " if hint else ""
     err_console.print(f"[dim]{extra}(set {DEBUG_ENV}=1 for the traceback)[/]", highlight=False, soft_wrap=True)
