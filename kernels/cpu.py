@@ -35,6 +35,14 @@ from kernels.meta import LoraBatchMeta
 CHUNK_BYTES = 512 << 10
 
 
+def _per_segment(stack: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
+    """stack[seg_slots]: [G, ...], a view when the segments' slots are a contiguous range, else a copy
+    of the G adapters' rows of the stack (each adapter read once: the op's traffic bound anyway)."""
+    if meta.slot_base is not None:
+        return stack[meta.slot_base:meta.slot_base + len(meta.distinct_slots)]
+    return stack.index_select(0, meta.pad_slots)
+
+
 def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
     """h[t] = scales[s] * x[t] @ lora_a[s].T (0 for s == -1); h: [T, R] in x.dtype."""
     T, R = x.shape[0], lora_a.shape[1]
@@ -44,7 +52,14 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
     h = (torch.zeros if meta.num_no_lora else torch.empty)(T, R, dtype=x.dtype, device=x.device)
     if meta.num_lora_rows == 0:
         return h
-    if meta.use_runs:
+    if meta.cpu_path == "bmm":
+        G, L = len(meta.distinct_slots), meta.pad_len
+        xs = x.index_select(0, meta.pad_rows).view(G, L, x.shape[1])  # [G, L, K] padded segments
+        hs = torch.bmm(xs, _per_segment(lora_a, meta).transpose(1, 2))  # [G, L, R]
+        sc = _per_segment(scales, meta)  # [G] or [G, R]
+        hs.mul_(sc.view(G, 1, 1) if sc.dim() == 1 else sc.unsqueeze(1))
+        return h.index_copy_(0, meta.pad_rows, hs.view(G * L, R))  # padding rewrites its row's own value
+    if meta.cpu_path == "runs":
         for a, b, s in meta.runs:
             if s >= 0:
                 torch.mm(x[a:b], lora_a[s].T, out=h[a:b]).mul_(scales[s])
@@ -72,7 +87,14 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
         return out
     if meta.num_lora_rows == 0:
         return out
-    if meta.use_runs:
+    if meta.cpu_path == "bmm":
+        G, L = len(meta.distinct_slots), meta.pad_len
+        hs = h.index_select(0, meta.pad_rows).view(G, L, h.shape[1])  # [G, L, R] padded segments
+        ys = view.index_select(0, meta.pad_rows).view(G, L, N)  # [G, L, N] current out rows
+        ys.baddbmm_(hs, _per_segment(lora_b, meta).transpose(1, 2))  # out + h @ B.T, rounded once
+        view.index_copy_(0, meta.pad_rows, ys.view(G * L, N))  # padding rewrites its row's own value
+        return out
+    if meta.cpu_path == "runs":
         for a, b, s in meta.runs:
             if s >= 0:
                 view[a:b].addmm_(h[a:b], lora_b[s].T)

@@ -14,9 +14,15 @@ Strategy (which kernel layout the Triton backend launches), decided from the lay
   rows mostly have distinct adapters (decode with many adapters), where a segment tile would be
   mostly padding and L2 already absorbs the rare repeated weight reads.
 
-The CPU fast path (`kernels.cpu`) uses the same metadata differently: `single_slot` -> one plain
-matmul, few `runs` -> contiguous row slices (no copies), otherwise a sort-gather of the rows,
-one matmul per segment, and one scatter back.
+The CPU fast path (`kernels.cpu`) uses the same metadata differently (`cpu_path`, chosen here once
+per step so each of the ~7 x num_layers op calls only dispatches):
+- "single": every row has one slot -> one plain matmul.
+- "bmm": many adapter segments with few rows each (decode over many adapters) -> one batched
+  matmul over the segments zero-padded to `pad_len` rows (`pad_rows` gathers them), instead of
+  one tiny matmul per segment: the per-op overhead is paid once, not G times.
+- "runs": few row runs (rows of an adapter contiguous, e.g. prefill) -> one matmul per run on
+  zero-copy row slices.
+- "segments": otherwise a sort-gather of the rows, one matmul per segment, one scatter back.
 """
 
 from __future__ import annotations
@@ -33,6 +39,14 @@ GATHER_MAX_ROWS_PER_SEGMENT = 2
 # The CPU path loops over row runs (zero-copy slices) when there are at most this many runs
 # per distinct slot; otherwise one gather + one scatter of the rows is cheaper than many tiny matmuls.
 CPU_MAX_RUNS_PER_SLOT = 2
+# The CPU path uses one padded batched matmul ("bmm") from this many adapter segments on, while the
+# segments are short (mean rows per segment at most CPU_BMM_MAX_MEAN_ROWS: there the per-matmul
+# overhead dominates; longer segments amortise it and the padded row copies cost more than they save)
+# and the padding keeps the padded rows (segments x longest segment) within this factor of the real rows.
+CPU_BMM_MIN_SEGMENTS = 3
+CPU_BMM_MAX_MEAN_ROWS = 4
+CPU_BMM_MAX_PAD_FACTOR = 2.0
+CPU_PATHS = ("none", "single", "bmm", "runs", "segments")
 
 
 class KernelError(MloraError):
@@ -58,6 +72,14 @@ class LoraBatchMeta:
         runs:           maximal runs of equal slot in row order, (start, end, slot), -1 runs included.
         single_slot:    the slot when every row uses the same slot != -1, else None (plain matmul).
         strategy:       "segment" or "gather" (Triton backend; see the module docstring).
+        cpu_path:       the CPU path's layout, one of CPU_PATHS (see the module docstring).
+        pad_len:        L = max_seg_len: rows per segment in the padded "bmm" layout.
+        pad_rows:       [G * L] int64 on `device`; entry g * L + i is row i of segment g, and segments
+                        shorter than L repeat their first row as padding (identical work, written back
+                        to the same row with the same value, so no mask or dummy row is needed).
+        pad_slots:      [G] int64 on `device`, the slot of each segment (index into the weight stack).
+        slot_base:      lo when the distinct slots are exactly lo, lo+1, ..., lo+G-1 (the weights of the
+                        segments are then a view `stack[lo:lo+G]`, no copy), else None.
     """
 
     token_slots: torch.Tensor
@@ -76,6 +98,11 @@ class LoraBatchMeta:
     runs: tuple[tuple[int, int, int], ...]
     single_slot: int | None
     strategy: str
+    cpu_path: str = "none"
+    pad_len: int = 0
+    pad_rows: torch.Tensor | None = None
+    pad_slots: torch.Tensor | None = None
+    slot_base: int | None = None
 
     @property
     def num_lora_rows(self) -> int:
@@ -127,7 +154,8 @@ class LoraBatchMeta:
         if T == 0:
             empty = torch.empty(0, dtype=torch.int32, device=dev)
             none = torch.empty(0, dtype=torch.int64, device=dev)
-            return cls(empty, 0, 0, -1, -1, (), none, none, empty, empty, empty, (), 0, (), None, "segment")
+            return cls(empty, 0, 0, -1, -1, (), none, none, empty, empty, empty, (), 0, (), None, "segment",
+                       pad_rows=none, pad_slots=none)
         min_slot, max_slot = int(host.min()), int(host.max())
         if min_slot < -1:
             raise KernelError(f"token_slots must be >= -1 (-1 = no adapter), got {min_slot}")
@@ -155,6 +183,29 @@ class LoraBatchMeta:
         starts = [s for s, _, _ in segments]
         # one host->device copy for the three int32 segment arrays
         seg_pack = torch.tensor([starts, seg_lens_l, seg_vals_l], dtype=torch.int32).to(dev)
+
+        L = max(seg_lens_l, default=0)
+        lora_runs = sum(1 for _, _, v in runs if v >= 0)
+        if T_lora == 0:
+            cpu_path = "none"
+        elif single is not None:
+            cpu_path = "single"
+        elif (G >= CPU_BMM_MIN_SEGMENTS and T_lora <= CPU_BMM_MAX_MEAN_ROWS * G
+              and G * L <= CPU_BMM_MAX_PAD_FACTOR * T_lora):
+            cpu_path = "bmm"
+        elif lora_runs <= CPU_MAX_RUNS_PER_SLOT * max(1, G):
+            cpu_path = "runs"
+        else:
+            cpu_path = "segments"
+        if cpu_path == "bmm":
+            # pos: [G, L] positions into `order`, short segments padded with their first position
+            ar = torch.arange(L).unsqueeze(0)  # [1, L]
+            lens, seg_start = torch.tensor(seg_lens_l).unsqueeze(1), torch.tensor(starts).unsqueeze(1)  # [G, 1]
+            pos = seg_start + torch.where(ar < lens, ar, torch.zeros_like(ar))
+            pad_rows = order[pos.reshape(-1)].to(dev)  # [G * L]
+        else:
+            pad_rows = torch.empty(0, dtype=torch.int64, device=dev)
+        contiguous = G > 0 and seg_vals_l[-1] - seg_vals_l[0] == G - 1  # sorted and distinct
         return cls(
             token_slots=host.to(device=dev, dtype=torch.int32),
             num_tokens=T,
@@ -172,4 +223,9 @@ class LoraBatchMeta:
             runs=tuple(runs),
             single_slot=single,
             strategy=strategy,
+            cpu_path=cpu_path,
+            pad_len=L,
+            pad_rows=pad_rows,
+            pad_slots=seg_vals.to(dev),
+            slot_base=seg_vals_l[0] if contiguous else None,
         )
