@@ -1,0 +1,93 @@
+"""The CPU path's padded batched matmul ("bmm": many adapters, few rows each) against a float64 loop."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import kernels.meta as kmeta
+from kernels import LoraBatchMeta, lora_expand, lora_shrink
+from tests.kernels.cases import Case, assert_close, expand_inputs, naive_expand, naive_shrink, shrink_inputs
+
+GRID = [Case(dt, 16, size, T, pop, neg, padded=False, variant=variant)
+        for dt, size, T, pop, neg, variant in itertools.product(
+            ("fp32", "bf16"), (257,), (1, 3, 7, 133), ("distinct", "uniform", "zipf"), (False, True), (False, True))]
+
+
+@pytest.fixture
+def force_bmm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layout with a slot != -1 and more than one slot takes the padded bmm path."""
+    monkeypatch.setattr(kmeta, "CPU_BMM_MIN_SEGMENTS", 2)
+    monkeypatch.setattr(kmeta, "CPU_BMM_MAX_MEAN_ROWS", 1 << 30)
+    monkeypatch.setattr(kmeta, "CPU_BMM_MAX_PAD_FACTOR", float("inf"))
+
+
+def _meta(slots: torch.Tensor) -> LoraBatchMeta:
+    meta = LoraBatchMeta.from_token_slots(slots)
+    if len(meta.distinct_slots) >= 2:
+        assert meta.cpu_path == "bmm"
+    return meta
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: c.id)
+def test_bmm_path_shrink_matches_naive(case: Case, force_bmm: None) -> None:
+    inp = shrink_inputs(case, seed=1)
+    h = lora_shrink(**inp, meta=_meta(inp["token_slots"]), backend="cpu")
+    assert h.dtype == inp["x"].dtype and h.shape == (case.T, case.rank)
+    assert_close(h, naive_shrink(**inp), case.dtype, f"bmm shrink {case.id}")
+    assert torch.all(h[inp["token_slots"] < 0] == 0)
+
+
+@pytest.mark.parametrize("case", GRID, ids=lambda c: c.id)
+def test_bmm_path_expand_matches_naive(case: Case, force_bmm: None) -> None:
+    inp = expand_inputs(case, seed=1)
+    expected = naive_expand(**inp)
+    out0 = inp["out"].clone()
+    off, N = inp["out_offset"], inp["lora_b"].shape[1]
+    assert lora_expand(**inp, meta=_meta(inp["token_slots"]), backend="cpu") is inp["out"]
+    out = inp["out"]
+    assert_close(out, expected, case.dtype, f"bmm expand {case.id}")
+    neg = inp["token_slots"] < 0
+    assert torch.equal(out[neg], out0[neg])  # -1 rows untouched
+    assert torch.equal(out[:, :off], out0[:, :off]) and torch.equal(out[:, off + N:], out0[:, off + N:])
+
+
+@pytest.mark.parametrize("slots", [
+    [0, 1, 2, 3, 0, 1, 2, 3],          # contiguous slots from 0: weights used as a view of the stack
+    [3, 4, 5, 3, 4, 5, 3],             # contiguous range not starting at 0
+    [7, 0, 3, -1, 7, 3, 0, 5, -1, 5],  # scattered slots: the segments' weights gathered
+    [2, 2, 2, 2, 2, 0, 1, 5],          # one long segment: rows padded to its length
+])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bmm_path_slot_layouts(slots: list[int], dtype: str, force_bmm: None) -> None:
+    gen = torch.Generator().manual_seed(0)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    T, R, K, N, S = len(slots), 8, 96, 80, 8
+    x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen) / K ** 0.5
+    h, b = torch.randn(T, R, generator=gen), torch.randn(S, N, R, generator=gen) / R ** 0.5
+    out, ts, scales = torch.randn(T, N + 9, generator=gen), torch.tensor(slots), torch.rand(S, R, generator=gen) + 0.5
+    meta = _meta(ts)
+    distinct = sorted({s for s in slots if s >= 0})
+    assert (meta.slot_base is not None) == (distinct == list(range(distinct[0], distinct[-1] + 1)))
+    assert meta.pad_len == max(slots.count(s) for s in distinct)
+    got = lora_shrink(x.to(dt), a.to(dt), ts, scales, meta=meta, backend="cpu")
+    assert_close(got, naive_shrink(x.to(dt), a.to(dt), ts, scales), dtype, "shrink")
+    expected = naive_expand(h.to(dt), b.to(dt), ts, out.to(dt), 4)
+    got = lora_expand(h.to(dt), b.to(dt), ts, out.to(dt), meta=meta, out_offset=4, backend="cpu")
+    assert_close(got, expected, dtype, "expand")
+
+
+@pytest.mark.parametrize(("slots", "path"), [
+    ([0, 1, 2, 3, 4, 5, 6, 7] * 4, "bmm"),            # decode: 8 adapters, 4 rows each
+    ([0, 0, 1, 1, 2, 2, 3, 3, -1, 4, 4], "bmm"),      # sorted decode with a base-only row
+    ([0, 1] * 8, "segments"),                         # 2 adapters interleaved: too few segments to batch
+    ([0] * 40 + [1] * 40 + [2] * 40, "runs"),         # prefill: long contiguous runs
+    ([0] * 30 + [1, 2, 3], "runs"),                   # one long segment: padding would be 10x
+    ([4] * 6, "single"),
+    ([-1, -1], "none"),
+])
+def test_cpu_path_choice(slots: list[int], path: str) -> None:
+    """The default heuristics: batch many short segments, keep zero-copy slices for long runs."""
+    assert LoraBatchMeta.from_token_slots(slots).cpu_path == path
