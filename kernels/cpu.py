@@ -5,6 +5,13 @@ Same semantics as `kernels.shrink` / `kernels.expand`. Never gathers per-row wei
 the step's `LoraBatchMeta`:
 
 - single slot, no -1 rows (homogeneous batch): one plain matmul on the whole batch.
+- many short adapter segments (decode over many adapters, `meta.cpu_path == "bmm"`): gather the
+  rows into segments zero-padded to L rows ([G, L, K], index precomputed in the meta) and run ONE
+  `bmm` against the G adapters' weights (a view of the stack when their slots are contiguous, else
+  one copy of the G adapters), instead of G tiny matmuls whose per-call overhead dominated; expand
+  gathers the out rows, `baddbmm_` (one rounding, like `addmm_`) and copies them back. Padding
+  repeats a segment's first row, so its duplicate write is the same value to the same row.
+  hidden 768, T=32 rows over 16 adapters, 1 thread: shrink 275 -> 90 us, expand 260 -> 116 us.
 - few row runs (rows of an adapter contiguous, e.g. prefill or a sorted decode batch): one
   matmul per run on zero-copy row slices.
 - otherwise (interleaved decode rows): gather the rows once in slot order (`index_select`),

@@ -45,7 +45,7 @@ CPU_MAX_RUNS_PER_SLOT = 2
 # and the padding keeps the padded rows (segments x longest segment) within this factor of the real rows.
 CPU_BMM_MIN_SEGMENTS = 3
 CPU_BMM_MAX_MEAN_ROWS = 4
-CPU_BMM_MAX_PAD_FACTOR = 2.0
+CPU_BMM_MAX_PAD_FACTOR = 1.5
 CPU_PATHS = ("none", "single", "bmm", "runs", "segments")
 
 
