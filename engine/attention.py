@@ -4,9 +4,13 @@ The KV pool of one layer is a flat view [num_blocks * block_size, kv_heads, head
 a sequence lives at slot `block_table[t // block_size] * block_size + t % block_size`.
 
 A step's tokens are laid out as [prefill spans..., decode rows...] (the runner orders them so).
-- Prefill spans (a sequence's new chunk of q_len > 1 tokens) attend one by one: a fresh prompt
-  uses its own K/V with a causal mask (no gather); a chunk that continues a cached context
-  gathers that context and uses an offset causal mask.
+- Fresh prompts (prefill spans with no cached context) attend all at once when a step holds two
+  or more: the runner builds one padded index [P, L] over the step's tokens and, when lengths
+  differ, one causal + key-length mask [P, 1, L, L]; one SDPA then serves every prompt instead
+  of a per-sequence loop of small calls (`PrefillBatch`).
+- Other prefill spans (a single fresh prompt, or a chunk that continues a cached context) attend
+  one by one: a fresh prompt uses its own K/V with a causal mask (no gather); a continued chunk
+  gathers its context and uses an offset causal mask.
 - Decode rows (q_len == 1) attend all at once: one padded gather index [B, L] and one key mask
   [B, 1, 1, L], built once per step by the runner and reused by every layer, then one masked
   SDPA over the whole decode batch.
@@ -32,11 +36,24 @@ class PrefillSpan:
 
 
 @dataclass
+class PrefillBatch:
+    """Fresh prompts of one step padded to a common length L, attended with one SDPA."""
+
+    index: torch.Tensor  # [P * L] step token row of each padded position (padding repeats a real row)
+    mask: torch.Tensor | None  # [P, 1, L, L] bool (causal and key < length), None when all lengths are L
+    valid: torch.Tensor  # [N] padded positions of the real tokens, in step order
+    rows: torch.Tensor  # [N] their step token rows
+    num: int  # P
+    length: int  # L
+
+
+@dataclass
 class AttentionMetadata:
     """Per-step attention inputs, built once by the runner and shared by all layers."""
 
     slot_mapping: torch.Tensor  # [T] flat KV slot of every new token
-    prefills: list[PrefillSpan] = field(default_factory=list)
+    prefills: list[PrefillSpan] = field(default_factory=list)  # spans attended one by one
+    prefill_batch: PrefillBatch | None = None  # fresh prompts attended together
     decode_start: int = 0  # decode rows are tokens [decode_start, T)
     decode_gather: torch.Tensor | None = None  # [B, L] flat slots (padding points at slot 0)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool, True = attend
@@ -55,6 +72,18 @@ def paged_attention(
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
+    pb = meta.prefill_batch
+    if pb is not None:
+        shape = (pb.num, pb.length)
+        qb = q.index_select(0, pb.index).view(*shape, *q.shape[1:]).transpose(1, 2)  # [P, H, L, D]
+        kb = k.index_select(0, pb.index).view(*shape, *k.shape[1:]).transpose(1, 2)  # [P, KVH, L, D]
+        vb = v.index_select(0, pb.index).view(*shape, *v.shape[1:]).transpose(1, 2)
+        if pb.mask is None:
+            o = F.scaled_dot_product_attention(qb, kb, vb, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            o = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=pb.mask, scale=scale, enable_gqa=True)
+        o = o.transpose(1, 2).reshape(pb.num * pb.length, *q.shape[1:])  # [P * L, H, D]
+        out.index_copy_(0, pb.rows, o.index_select(0, pb.valid))
     for span in meta.prefills:
         qs = q[span.start : span.end].transpose(0, 1).unsqueeze(0)  # [1, H, q, D]
         if span.ctx_start == 0:

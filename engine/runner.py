@@ -19,7 +19,7 @@ import torch
 
 from kernels import LoraBatchMeta
 
-from engine.attention import AttentionMetadata, PrefillSpan
+from engine.attention import AttentionMetadata, PrefillBatch, PrefillSpan
 from engine.budget import ModelDims, kv_bytes_per_token, total_slot_bytes
 from engine.config import EngineConfig
 from engine.errors import ConfigError
@@ -194,6 +194,10 @@ class ModelRunner:
                 sample_items.append(i)
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slot_map, dtype=torch.long, device=dev), prefills=prefills)
+        fresh = [p for p in prefills if p.ctx_start == 0]
+        if len(fresh) >= 2:  # one padded SDPA for all fresh prompts instead of one call each
+            meta.prefill_batch = self._prefill_batch(fresh)
+            meta.prefills = [p for p in prefills if p.ctx_start > 0]
         if decode_rows:
             meta.decode_start = len(ids) - len(decode_rows)
             self._decode_meta(meta, [items[i].seq for i in decode_rows])
@@ -243,6 +247,28 @@ class ModelRunner:
             q_pos = torch.arange(start, total, device=dev)[:, None]
             span.mask = (p[None, :] <= q_pos)[None, None]  # [1, 1, n, total]
         return span
+
+    def _prefill_batch(self, spans: list[PrefillSpan]) -> PrefillBatch:
+        """Pad the fresh prompts to the longest: index [P * L], mask [P, 1, L, L] (None if equal lengths)."""
+        dev = self.device
+        lens = [p.end - p.start for p in spans]
+        length = max(lens)
+        index: list[int] = []
+        valid: list[int] = []
+        rows: list[int] = []
+        for i, (p, n) in enumerate(zip(spans, lens)):
+            index.extend(range(p.start, p.end))
+            index.extend([p.end - 1] * (length - n))  # padding repeats a real row (masked out as a key)
+            valid.extend(range(i * length, i * length + n))
+            rows.extend(range(p.start, p.end))
+        mask = None
+        if min(lens) != length:
+            j = torch.arange(length, device=dev)
+            lens_t = torch.tensor(lens, device=dev)
+            causal = j[None, :] <= j[:, None]  # [L, L]
+            mask = (causal[None] & (j[None, None, :] < lens_t[:, None, None]))[:, None]  # [P, 1, L, L]
+        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
+        return PrefillBatch(index=as_t(index), mask=mask, valid=as_t(valid), rows=as_t(rows), num=len(spans), length=length)
 
     def _decode_meta(self, meta: AttentionMetadata, seqs: list[Sequence]) -> None:
         """One padded gather index [B, L] and key mask [B, 1, 1, L] for all decode rows."""
