@@ -92,6 +92,21 @@ class LoraContext:
     stacks: LoraStacks
 
 
+# On CPU, at most this many rows (a decode batch) run as W @ x.T: MKL streams the [out, in] weight
+# straight from its own layout instead of packing it for x @ W.T, measured 10-25% faster per
+# call at T=32 on the `small` preset's linears (1 thread, weights not in cache); prefill-sized
+# batches are compute-bound and keep F.linear.
+SMALL_BATCH_ROWS = 64
+
+
+def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) as a contiguous [T, out]; small CPU batches go through weight @ x.T."""
+    if x.device.type != "cpu" or x.shape[0] > SMALL_BATCH_ROWS:
+        return F.linear(x, weight, bias)
+    y = torch.mm(weight, x.t()).t().contiguous()  # [T, out]
+    return y.add_(bias) if bias is not None else y
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -116,7 +131,7 @@ class LoraLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(out), requires_grad=False) if bias else None
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None) -> torch.Tensor:
-        y = F.linear(x, self.weight, self.bias)  # [T, out]
+        y = small_batch_linear(x, self.weight, self.bias)  # [T, out]
         if lora is not None:
             offset = 0
             for name, n in self.parts:
@@ -214,7 +229,7 @@ class LlamaModel(nn.Module):
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> fp32 logits [N, vocab]."""
         w = self.embed_tokens if self.lm_head is None else self.lm_head
-        return F.linear(hidden, w).float()
+        return small_batch_linear(hidden, w).float()
 
     @torch.no_grad()
     def load_weights(self, path: Path) -> None:
