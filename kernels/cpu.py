@@ -61,10 +61,15 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
         return h
     if meta.cpu_path == "bmm":
         G, L = len(meta.distinct_slots), meta.pad_len
-        xs = x.index_select(0, meta.pad_rows).view(G, L, x.shape[1])  # [G, L, K] padded segments
+        if meta.pad_identity:  # rows already in equal slot-ordered segments: zero-copy views
+            xs = x.reshape(G, L, x.shape[1])  # [G, L, K]
+        else:
+            xs = x.index_select(0, meta.pad_rows).view(G, L, x.shape[1])  # [G, L, K] padded segments
         hs = torch.bmm(xs, _per_segment(lora_a, meta).transpose(1, 2))  # [G, L, R]
         sc = _per_segment(scales, meta)  # [G] or [G, R]
         hs.mul_(sc.view(G, 1, 1) if sc.dim() == 1 else sc.unsqueeze(1))
+        if meta.pad_identity:
+            return hs.view(T, R)
         return h.index_copy_(0, meta.pad_rows, hs.view(G * L, R))  # padding rewrites its row's own value
     if meta.cpu_path == "runs":
         for a, b, s in meta.runs:
@@ -96,6 +101,9 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
         return out
     if meta.cpu_path == "bmm":
         G, L = len(meta.distinct_slots), meta.pad_len
+        if meta.pad_identity:  # rows already in equal slot-ordered segments: update out in place
+            view.view(G, L, N).baddbmm_(h.reshape(G, L, h.shape[1]), _per_segment(lora_b, meta).transpose(1, 2))
+            return out
         hs = h.index_select(0, meta.pad_rows).view(G, L, h.shape[1])  # [G, L, R] padded segments
         ys = view.index_select(0, meta.pad_rows).view(G, L, N)  # [G, L, N] current out rows
         ys.baddbmm_(hs, _per_segment(lora_b, meta).transpose(1, 2))  # out + h @ B.T, rounded once

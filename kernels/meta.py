@@ -103,6 +103,7 @@ class LoraBatchMeta:
     pad_rows: torch.Tensor | None = None
     pad_slots: torch.Tensor | None = None
     slot_base: int | None = None
+    pad_identity: bool = False  # "bmm" with pad_rows == arange(T): rows already grouped, equal segments, no -1 rows
 
     @property
     def num_lora_rows(self) -> int:
@@ -202,9 +203,12 @@ class LoraBatchMeta:
             ar = torch.arange(L).unsqueeze(0)  # [1, L]
             lens, seg_start = torch.tensor(seg_lens_l).unsqueeze(1), torch.tensor(starts).unsqueeze(1)  # [G, 1]
             pos = seg_start + torch.where(ar < lens, ar, torch.zeros_like(ar))
-            pad_rows = order[pos.reshape(-1)].to(dev)  # [G * L]
+            pad_host = order[pos.reshape(-1)]  # [G * L]
+            pad_identity = G * L == T and bool(torch.equal(pad_host, torch.arange(T)))
+            pad_rows = pad_host.to(dev)
         else:
             pad_rows = torch.empty(0, dtype=torch.int64, device=dev)
+            pad_identity = False
         contiguous = G > 0 and seg_vals_l[-1] - seg_vals_l[0] == G - 1  # sorted and distinct
         return cls(
             token_slots=host.to(device=dev, dtype=torch.int32),
@@ -228,4 +232,5 @@ class LoraBatchMeta:
             pad_rows=pad_rows,
             pad_slots=seg_vals.to(dev),
             slot_base=seg_vals_l[0] if contiguous else None,
+            pad_identity=pad_identity,
         )
