@@ -92,16 +92,17 @@ class LoraContext:
     stacks: LoraStacks
 
 
-# On CPU, at most this many rows (a decode batch) run as W @ x.T: MKL streams the [out, in] weight
-# straight from its own layout instead of packing it for x @ W.T, measured 10-25% faster per
-# call at T=32 on the `small` preset's linears (1 thread, weights not in cache); prefill-sized
-# batches are compute-bound and keep F.linear.
-SMALL_BATCH_ROWS = 64
+# On CPU, batches of SMALL_BATCH_ROWS rows (a decode batch) run as W @ x.T: MKL streams the
+# [out, in] weight from its own layout instead of packing it for x @ W.T. Measured per call on the
+# `small` preset's linears (1 thread, weights not in cache, ms, x @ W.T / W @ x.T): gate_up T=8
+# 2.24 / 1.74, T=16 1.80 / 1.73, T=32 2.41 / 2.38, qkv T=32 0.95 / 0.83, down T=32 0.94 / 0.72; but
+# T=2 0.70 / 1.62 and T=64 3.03 / 4.15, so 1-7 rows and prefill-sized batches keep F.linear.
+SMALL_BATCH_ROWS = range(8, 49)
 
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) as a contiguous [T, out]; small CPU batches go through weight @ x.T."""
-    if x.device.type != "cpu" or x.shape[0] > SMALL_BATCH_ROWS:
+    """x @ weight.T (+ bias) as a contiguous [T, out]; 8-48 row CPU batches go through weight @ x.T."""
+    if x.device.type != "cpu" or x.shape[0] not in SMALL_BATCH_ROWS:
         return F.linear(x, weight, bias)
     y = torch.mm(weight, x.t()).t().contiguous()  # [T, out]
     return y.add_(bias) if bias is not None else y
