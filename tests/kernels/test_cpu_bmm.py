@@ -91,3 +91,28 @@ def test_bmm_path_slot_layouts(slots: list[int], dtype: str, force_bmm: None) ->
 def test_cpu_path_choice(slots: list[int], path: str) -> None:
     """The default heuristics: batch many short segments, keep zero-copy slices for long runs."""
     assert LoraBatchMeta.from_token_slots(slots).cpu_path == path
+
+
+@pytest.mark.parametrize("slots", [
+    [0, 0, 1, 1, 2, 2, 3, 3],            # sorted decode batch, slots 0..3: views of rows and stack
+    [2, 2, 2, 5, 5, 5, 7, 7, 7],         # sorted, equal segments, scattered slots
+    list(range(16)) * 1,                 # one row per adapter
+])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_bmm_on_rows_already_grouped_in_place(slots: list[int], dtype: str, force_bmm: None) -> None:
+    """Rows already in equal slot-ordered segments take the zero-copy path and stay exact."""
+    gen = torch.Generator().manual_seed(1)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    T, R, K, N, S = len(slots), 8, 64, 48, 16
+    x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen) / K ** 0.5
+    h, b = torch.randn(T, R, generator=gen), torch.randn(S, N, R, generator=gen) / R ** 0.5
+    out, ts, scales = torch.randn(T, N + 5, generator=gen), torch.tensor(slots), torch.rand(S, R, generator=gen) + 0.5
+    meta = _meta(ts)
+    assert meta.pad_identity
+    got = lora_shrink(x.to(dt), a.to(dt), ts, scales, meta=meta, backend="cpu")
+    assert_close(got, naive_shrink(x.to(dt), a.to(dt), ts, scales), dtype, "shrink")
+    before = out.to(dt)
+    expected = naive_expand(h.to(dt), b.to(dt), ts, before.clone(), 3)
+    got = lora_expand(h.to(dt), b.to(dt), ts, before.clone(), meta=meta, out_offset=3, backend="cpu")
+    assert_close(got, expected, dtype, "expand")
+    assert torch.equal(got[:, :3], before[:, :3]) and torch.equal(got[:, 3 + N:], before[:, 3 + N:])
