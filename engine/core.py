@@ -16,6 +16,7 @@ from typing import Any
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.demo import DEMO_MODEL_NAME
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, PromptTooLongError
 from engine.loader import demo_adapters, load_hf_config, load_tokenizer, resolve_model_path
@@ -23,8 +24,6 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
-
-DEMO_MODEL_NAME = "mlora-demo"
 
 
 @dataclass

@@ -12,12 +12,12 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 from engine.byte_tokenizer import BYTE_OFFSET, EOS_ID
 from engine.config import EngineConfig
+from engine.core import EngineStats
 from engine.errors import AdapterError, AdapterNotFoundError, EngineStoppedError, PromptTooLongError, QueueFullError
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
@@ -27,21 +27,6 @@ TRANSFORMS: dict[str | None, Callable[[str], str]] = {
     "upper": str.upper,
     "reverse": lambda s: s[::-1],
 }
-
-
-@dataclass
-class FakeStats:
-    num_running: int = 0
-    num_waiting: int = 0
-    running_by_adapter: dict[str, int] = field(default_factory=dict)
-    waiting_by_adapter: dict[str, int] = field(default_factory=dict)
-    kv_free_blocks: int = 0
-    kv_total_blocks: int = 0
-    lora_loads: int = 0
-    lora_evictions: int = 0
-    lora_load_seconds: list[float] = field(default_factory=list)
-    resident_adapters: list[str] = field(default_factory=list)
-    max_loras: int = 0
 
 
 class FakeEngine:
@@ -110,13 +95,13 @@ class FakeEngine:
     async def abort(self, request_id: str) -> None:
         self.aborted.append(request_id)
 
-    def stats(self) -> FakeStats:
+    def stats(self) -> EngineStats:
         by: dict[str, int] = {}
         for a in self.live.values():
             if a is not None:
                 by[a] = by.get(a, 0) + 1
         seconds, self.load_seconds = self.load_seconds, []
-        return FakeStats(num_running=len(self.live), running_by_adapter=by, kv_free_blocks=self.KV_BLOCKS - len(self.live),
+        return EngineStats(num_running=len(self.live), running_by_adapter=by, kv_free_blocks=self.KV_BLOCKS - len(self.live),
                          kv_total_blocks=self.KV_BLOCKS, lora_loads=self.loads, lora_load_seconds=seconds,
                          resident_adapters=sorted(set(by)), max_loras=self.config.max_loras)
 
