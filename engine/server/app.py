@@ -14,6 +14,7 @@ import asyncio
 import logging
 import os
 from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
 from typing import Any
 
 from aiohttp import web
@@ -120,15 +121,15 @@ def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
                      err_type="not_found_error", param="model")
 
 
-async def _start(request: web.Request, prompts: list[str | list[int]], params: Any, n: int, rid: str,
+async def _start(app: web.Application, prompts: list[str | list[int]], params: Any, n: int, rid: str,
                  model: str | None) -> tuple[str, Choices]:
-    engine, state = request.app[ENGINE], request.app[STATE]
+    engine, state = app[ENGINE], app[STATE]
     name, adapter = _resolve(engine, model)
     try:
         choices = await open_choices(engine, prompts, params, n=n, request_id=rid, adapter=adapter,
                                      metrics=state.metrics, label=name)
     except MloraError as exc:
-        err = api_error_for(exc, request.app[CONFIG].retry_after_s)
+        err = api_error_for(exc, app[CONFIG].retry_after_s)
         state.metrics.count_error(name, err.status)
         raise err from None
     if any(ch.pending is not None and ch.pending.finish_reason == "abort" for ch in choices.items):
@@ -137,32 +138,63 @@ async def _start(request: web.Request, prompts: list[str | list[int]], params: A
     return name, choices
 
 
-async def _stream(request: web.Request, choices: Choices, write_chunks: Any) -> web.StreamResponse:
-    """Send an SSE response: `write_chunks(resp)` writes the events, then `data: [DONE]`.
+@dataclass
+class Reply:
+    """A generation route's outcome before any byte is sent, independent of the HTTP server.
 
-    Headers are already out when a late error happens, so it is sent as one `data: {"error":...}`
-    event (as vLLM does) before [DONE]. A client that went away just ends the handler; the
-    caller's `finally` aborts the engine requests.
+    Either `body` (one JSON response, status 200) or `events`: the SSE byte strings of a stream,
+    in order, ending with `data: [DONE]`. A late error (headers already sent) becomes one
+    `data: {"error":...}` event before [DONE], as vLLM does. Closing `events` early (the client
+    went away) aborts the engine requests. The aiohttp handlers and the Ray Serve replicas
+    (engine.server.ray_replica) both send Replies, so their bodies are the same by construction.
     """
-    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await resp.prepare(request)
+
+    body: dict[str, Any] | None = None
+    events: AsyncIterator[bytes] | None = None
+    choices: Choices | None = None
+
+    async def aclose(self) -> None:
+        """Abort whatever is unfinished; safe twice, and also before the first event was read."""
+        if self.events is not None:
+            await self.events.aclose()  # type: ignore[attr-defined]
+        if self.choices is not None:
+            await self.choices.close()
+
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+
+
+async def _events(app: web.Application, choices: Choices, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """`chunks` then `data: [DONE]`, reporting a late error in-band; always closes the engine requests."""
     try:
-        await write_chunks(resp)
-    except ConnectionResetError:
-        return resp
-    except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
-        err = api_error_for(exc, request.app[CONFIG].retry_after_s)
-        if err.status >= 500 and not isinstance(exc, (P.APIError, MloraError)):
-            log.exception("error while streaming %s", request.path)
         try:
-            await resp.write(P.sse(P.error_body(err)))
-        except ConnectionResetError:
-            return resp
+            async for data in chunks:
+                yield data
+        except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
+            err = api_error_for(exc, app[CONFIG].retry_after_s)
+            if err.status >= 500 and not isinstance(exc, (P.APIError, MloraError)):
+                log.exception("error while streaming")
+            yield P.sse(P.error_body(err))
+        yield P.sse("[DONE]")
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined]
+        await choices.close()
+
+
+async def _send(request: web.Request, reply: Reply) -> web.StreamResponse:
+    """Send a Reply over aiohttp. A client that went away just ends the handler (events closed)."""
+    if reply.events is None:
+        return web.json_response(reply.body)
+    resp = web.StreamResponse(headers=SSE_HEADERS)
     try:
-        await resp.write(P.sse("[DONE]"))
+        await resp.prepare(request)
+        async for data in reply.events:
+            await resp.write(data)
         await resp.write_eof()
     except ConnectionResetError:
         pass
+    finally:
+        await reply.aclose()
     return resp
 
 
@@ -187,18 +219,18 @@ def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, na
     return P.sse(P.chunk(kind, rid, created, name, [], P.usage(prompt_tokens, sum(len(o.token_ids) for o in outs))))
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    """POST /v1/completions (vLLM/OpenAI legacy completions; prompt may be a batch)."""
-    engine = request.app[ENGINE]
-    req = P.parse_completion(await _body(request), vocab_size=len(engine.tokenizer))
+async def completion_reply(app: web.Application, body: Any) -> Reply:
+    """POST /v1/completions (vLLM/OpenAI legacy completions; prompt may be a batch) for a parsed JSON body."""
+    engine = app[ENGINE]
+    req = P.parse_completion(body, vocab_size=len(engine.tokenizer))
     rid, created = P.new_id("cmpl"), P.now_s()
-    name, choices = await _start(request, req.prompts, req.params, req.n, rid, req.model)
+    name, choices = await _start(app, req.prompts, req.params, req.n, rid, req.model)
     tok, want_lp = engine.tokenizer, req.params.logprobs is not None
 
     def echo_text(prompt: str | list[int]) -> str:
         return (prompt if isinstance(prompt, str) else tok.decode(prompt)) if req.echo else ""
 
-    async def write_chunks(resp: web.StreamResponse) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
         offsets: dict[int, int] = {}
         async for ch, o in choices.merged():
             _check_abort(o)
@@ -212,44 +244,44 @@ async def completions(request: web.Request) -> web.StreamResponse:
             lp = P.completion_logprobs(tok, _tail(o.logprobs, len(o.delta_token_ids)), offset) if want_lp else None
             final = o.finished or req.stream_options.continuous_usage_stats
             use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if final else None
-            await resp.write(P.sse(P.chunk("text_completion", rid, created, name,
-                                           [P.completion_choice(ch.index, text, o, lp)], use)))
+            yield P.sse(P.chunk("text_completion", rid, created, name,
+                                [P.completion_choice(ch.index, text, o, lp)], use))
         if req.stream_options.include_usage:
-            await resp.write(_usage_chunk(choices, req.n, "text_completion", rid, created, name))
+            yield _usage_chunk(choices, req.n, "text_completion", rid, created, name)
 
+    if req.stream:
+        return Reply(events=_events(app, choices, chunks()), choices=choices)
     try:
-        if req.stream:
-            return await _stream(request, choices, write_chunks)
         outs = await choices.collect()
         for o in outs:
             _check_abort(o)
-        body = [P.completion_choice(ch.index, echo_text(ch.prompt) + o.text, o,
-                                    P.completion_logprobs(tok, o.logprobs or []) if want_lp else None)
-                for ch, o in zip(choices.items, outs)]
+        body_choices = [P.completion_choice(ch.index, echo_text(ch.prompt) + o.text, o,
+                                            P.completion_logprobs(tok, o.logprobs or []) if want_lp else None)
+                        for ch, o in zip(choices.items, outs)]
         use = P.usage(sum(len(o.prompt_token_ids) for o in outs[::req.n]), sum(len(o.token_ids) for o in outs))
-        return web.json_response(P.response("text_completion", rid, created, name, body, use))
+        return Reply(body=P.response("text_completion", rid, created, name, body_choices, use))
     finally:
         await choices.close()
 
 
-async def chat_completions(request: web.Request) -> web.StreamResponse:
+async def chat_reply(app: web.Application, body: Any) -> Reply:
     """POST /v1/chat/completions (prompt from the tokenizer's chat template, or the plain fallback)."""
-    engine = request.app[ENGINE]
-    req = P.parse_chat(await _body(request))
+    engine = app[ENGINE]
+    req = P.parse_chat(body)
     prompt = P.render_chat(engine.tokenizer, req)
     if not req.max_tokens_given:  # OpenAI's default: as many as the context leaves
         n_prompt = len(prompt) if isinstance(prompt, list) else len(engine.tokenizer.encode(prompt))
         req.params.max_tokens = max(1, engine.max_model_len - n_prompt)
     rid, created = P.new_id("chatcmpl"), P.now_s()
-    name, choices = await _start(request, [prompt], req.params, req.n, rid, req.model)
+    name, choices = await _start(app, [prompt], req.params, req.n, rid, req.model)
     tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None
     kind = "chat.completion.chunk"
 
-    async def write_chunks(resp: web.StreamResponse) -> None:
+    async def chunks() -> AsyncIterator[bytes]:
         for ch in choices.items:  # OpenAI/vLLM open each choice with the role
             first = {"index": ch.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
-            await resp.write(P.sse(P.chunk(kind, rid, created, name, [first])))
+            yield P.sse(P.chunk(kind, rid, created, name, [first]))
         async for ch, o in choices.merged():
             _check_abort(o)
             if not o.delta_text and not o.finished:
@@ -259,22 +291,30 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if final else None
             c = {"index": ch.index, "delta": {"content": o.delta_text} if o.delta_text else {}, "logprobs": lp,
                  "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
-            await resp.write(P.sse(P.chunk(kind, rid, created, name, [c], use)))
+            yield P.sse(P.chunk(kind, rid, created, name, [c], use))
         if req.stream_options.include_usage:
-            await resp.write(_usage_chunk(choices, req.n, kind, rid, created, name))
+            yield _usage_chunk(choices, req.n, kind, rid, created, name)
 
+    if req.stream:
+        return Reply(events=_events(app, choices, chunks()), choices=choices)
     try:
-        if req.stream:
-            return await _stream(request, choices, write_chunks)
         outs = await choices.collect()
         for o in outs:
             _check_abort(o)
-        body = [P.chat_choice(ch.index, o, P.chat_logprobs(tok, o.logprobs or [], top_n) if want_lp else None)
-                for ch, o in zip(choices.items, outs)]
+        body_choices = [P.chat_choice(ch.index, o, P.chat_logprobs(tok, o.logprobs or [], top_n) if want_lp else None)
+                        for ch, o in zip(choices.items, outs)]
         use = P.usage(len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs))
-        return web.json_response(P.response("chat.completion", rid, created, name, body, use))
+        return Reply(body=P.response("chat.completion", rid, created, name, body_choices, use))
     finally:
         await choices.close()
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _send(request, await completion_reply(request.app, await _body(request)))
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    return await _send(request, await chat_reply(request.app, await _body(request)))
 
 
 async def models(request: web.Request) -> web.Response:
