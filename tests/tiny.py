@@ -74,6 +74,7 @@ def build_peft_adapter(
     *,
     seed: int = 0,
     init_scale: float = 0.2,
+    train_saved_modules: bool = False,
     **lora_kwargs: Any,
 ) -> Path:
     """Create a PEFT LoRA adapter for the model at `base_path` with PEFT's own code.
@@ -81,7 +82,8 @@ def build_peft_adapter(
     `lora_kwargs` go to `peft.LoraConfig` (r, lora_alpha, target_modules, use_rslora,
     rank_pattern, alpha_pattern, layers_to_transform, use_dora, ...). LoRA B is zero at
     PEFT's init, so all LoRA weights are re-drawn from a seeded normal to make the adapter
-    actually change the output.
+    actually change the output. `train_saved_modules` also perturbs the trained copies of
+    `modules_to_save` (otherwise they equal the base modules, as right after PEFT's init).
     """
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
@@ -99,5 +101,28 @@ def build_peft_adapter(
                 p.mul_(1.0 + 0.1 * torch.randn(p.shape, generator=gen))
             elif "lora_" in name:
                 p.copy_(torch.randn(p.shape, generator=gen) * init_scale / max(p.shape[-1], 1) ** 0.5)
+            elif train_saved_modules and "modules_to_save" in name:
+                p.add_(torch.randn(p.shape, generator=gen) * 0.05)
     peft_model.save_pretrained(str(out_path))
     return Path(out_path)
+
+
+def build_tiny_gpt2(path: str | Path, *, seed: int = 0, **overrides: Any) -> Path:
+    """A tiny seeded-random GPT-2 (Conv1D layers with [in, out] weights, tied wte/lm_head) in `path`."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    path = Path(path)
+    kw: dict[str, Any] = dict(vocab_size=VOCAB_SIZE + 5, n_positions=128, n_embd=32, n_layer=2, n_head=4,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0)  # fmt: skip
+    kw.update(overrides)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(**kw)).to(torch.float32).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.08)
+            elif not p.any():  # zero-initialised biases: make them matter
+                p.normal_(0.0, 0.02)
+    model.save_pretrained(str(path), safe_serialization=True)
+    save_byte_tokenizer(path)
+    return path
