@@ -11,6 +11,7 @@ from mlora_cli._common import console
 _ENGINE = "Engine"
 _LORA = "LoRA"
 _HTTP = "HTTP"
+_RAY = "Ray"
 
 
 def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
@@ -60,6 +61,9 @@ def serve(
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on (0 = any free port).", rich_help_panel=_HTTP)] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MLORA_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 route (/health and /metrics stay open).", rich_help_panel=_HTTP, show_default=False)] = None,
     grace_period: Annotated[float, typer.Option("--grace-period", min=0.0, help="Seconds SIGINT/SIGTERM waits for in-flight requests before aborting them.", rich_help_panel=_HTTP)] = 10.0,
+    ray: Annotated[bool, typer.Option("--ray", help="Serve with N engine replicas on Ray Serve behind one ingress; requests for an adapter go to a replica that holds it. Needs mlora\\[ray].", rich_help_panel=_RAY)] = False,
+    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Engine replicas with --ray (each one loads the base model; --max-loras/--max-cpu-loras are per replica).", rich_help_panel=_RAY)] = 2,
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Join this Ray cluster with --ray (e.g. auto, or HEAD_IP:6379). Default: start a local one.", rich_help_panel=_RAY, show_default=False)] = None,
 ) -> None:
     """Serve the base model and its LoRA adapters behind an OpenAI-compatible API.
 
@@ -72,6 +76,9 @@ def serve(
                           adapter_root=adapter_root, dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_queue=max_queue, host=host, port=port, api_key=api_key,
                           grace_period=grace_period)
+    if ray:
+        _serve_ray(config, replicas, ray_address)
+        return
     from engine.server.run import serve as run_server
 
     console.print("[dim]loading the model...[/]", highlight=False)
@@ -79,11 +86,30 @@ def serve(
     console.print("[dim]server stopped[/]", highlight=False)
 
 
-def _ready(config: Any) -> Any:
+def _serve_ray(config: Any, replicas: int, address: str | None) -> None:
+    """`--ray`: deploy on Ray Serve (engine.server.ray_ingress) with the same ServerConfig."""
+    from engine.errors import ConfigError
+
+    try:
+        import ray.serve  # noqa: F401
+    except ImportError:
+        raise ConfigError("--ray needs Ray Serve, which is not installed: install mlora[ray]",
+                          hint='pip install "mlora[ray]"') from None
+    from engine.server.ray_ingress import RayConfig, serve_ray
+
+    ray_config = RayConfig(server=config, replicas=replicas, address=address)
+    where = f"joining the Ray cluster at {address}" if address else "starting a local Ray instance"
+    console.print(f"[dim]{where}; deploying {replicas} replica(s)...[/]", highlight=False)
+    serve_ray(ray_config, on_ready=_ready(config, replicas=replicas))
+    console.print("[dim]server stopped[/]", highlight=False)
+
+
+def _ready(config: Any, replicas: int | None = None) -> Any:
     def on_ready(url: str, base: str, adapters: list[str]) -> None:
         from rich.markup import escape
 
-        console.print(f"[bold green]mlora serving[/] {escape(base)} at [bold]{url}[/]  (OpenAI base_url: {url}/v1)",
+        on_ray = f" on Ray Serve ({replicas} replica{'s' if replicas != 1 else ''})" if replicas else ""
+        console.print(f"[bold green]mlora serving[/] {escape(base)}{on_ray} at [bold]{url}[/]  (OpenAI base_url: {url}/v1)",
                       highlight=False, soft_wrap=True)
         shown = ", ".join(escape(a) for a in adapters) if adapters else "[dim]none[/]"
         console.print(f"adapters: {shown}", highlight=False, soft_wrap=True)

@@ -173,3 +173,25 @@ class RequestTracker:
         self.m.requests.labels(self.label, outcome).inc()
         self.m.prompt_tokens.labels(self.label).inc(prompt_tokens)
         self.m.e2e.labels(self.label).observe(time.monotonic() - self.arrival)
+
+
+def merge_expositions(parts: list[tuple[str, bytes]], *, label: str) -> bytes:
+    """One Prometheus exposition from several (e.g. one per Ray Serve replica), each sample tagged
+    with `label`="<its part's name>", so the same series of different replicas stay apart."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    families: dict[str, Metric] = {}
+    for value, text in parts:
+        for fam in text_string_to_metric_families(text.decode()):
+            merged = families.get(fam.name)
+            if merged is None:
+                merged = families[fam.name] = Metric(fam.name, fam.documentation, fam.type, fam.unit)
+            merged.samples.extend(s._replace(labels={label: value, **s.labels}) for s in fam.samples)
+
+    class _Merged:
+        def collect(self) -> Iterable[Metric]:
+            return list(families.values())
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Merged())  # type: ignore[arg-type]
+    return generate_latest(registry)

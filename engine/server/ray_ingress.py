@@ -1,0 +1,306 @@
+"""`mlora serve --ray`: the same OpenAI-compatible routes, served by N engine replicas on Ray Serve.
+
+    client --HTTP--> Serve proxy --> MloraIngress (1) --handle, multiplexed_model_id=adapter--> MloraReplica (N)
+
+The ingress parses the JSON body (400 for malformed JSON, like the single-process server), reads
+`model`, and calls a replica with `multiplexed_model_id` = that adapter's name ("" for the base
+model, or for a name that is not an adapter: the replica then answers 404 after the body is
+validated, as the single-process server does). Ray Serve's router prefers replicas that already
+hold the adapter (adapter affinity); engine.server.ray_replica does the rest. Every response
+carries `x-mlora-replica: <replica id>`.
+
+A replica that dies (crash, node loss, `ray.kill`) is restarted by Serve. Requests that had not
+sent a byte yet (all non-streamed ones, streams before their first event) are retried on another
+replica up to `retries` times; a stream cut mid-way ends with one OpenAI error event (503) and
+`data: [DONE]`, as a late error does on the single-process server. /metrics gathers every
+replica's registry (`handle.broadcast`) with a `replica` label.
+
+    from engine.server.ray_ingress import RayConfig, serve_ray
+    serve_ray(RayConfig(server=ServerConfig(port=8000), replicas=2))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from engine.errors import ConfigError, MloraError
+from engine.server import protocol as P
+from engine.server.app import api_error_for
+from engine.server.config import ServerConfig
+from engine.server.metrics import CONTENT_TYPE, merge_expositions
+from engine.server.ray_replica import ROUTES, MloraReplica, adapter_catalog
+from engine.server.security import OPEN_PATHS, check_api_key
+
+log = logging.getLogger("mlora.server.ray")
+
+REPLICA_HEADER = "x-mlora-replica"
+MAX_BODY = 8 * 1024 * 1024  # as the single-process server's client_max_size
+_METHODS = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET",
+            "/metrics": "GET", "/v1/load_lora_adapter": "POST", "/v1/unload_lora_adapter": "POST"}
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """`mlora serve --ray`: the server's config plus how to deploy it on Ray Serve.
+
+    `address`: a Ray cluster to join ("auto", "ray://host:10001", "host:6379"); None starts a
+    local one. Each replica reserves `replica_cpus` CPUs and `replica_gpus` GPUs (None: 1 when
+    the engine's device is cuda, else 0). `max_ongoing_requests` per replica (None = the
+    engine's max_num_seqs) is also where Ray stops preferring the replica that holds an adapter
+    and spills to others. `retries`: re-sends of a request whose replica died before answering.
+    """
+
+    server: ServerConfig = field(default_factory=ServerConfig)
+    replicas: int = 2
+    address: str | None = None
+    app_name: str = "mlora"
+    replica_cpus: float = 1.0
+    replica_gpus: float | None = None
+    max_ongoing_requests: int | None = None
+    retries: int = 2
+    health_check_period_s: float = 10.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.replicas, int) or self.replicas < 1:
+            raise ConfigError(f"--replicas must be an integer >= 1, got {self.replicas!r}")
+        if self.server.port == 0:
+            raise ConfigError("--port 0 is not supported with --ray (Ray Serve's proxy needs a fixed port)")
+        if self.server.allow_runtime_lora:
+            raise ConfigError("--allow-runtime-lora is not supported with --ray",
+                              hint="list the adapters at start with --lora NAME=PATH")
+        if self.replica_cpus < 0 or (self.replica_gpus is not None and self.replica_gpus < 0):
+            raise ConfigError("replica_cpus and replica_gpus must be >= 0")
+        if self.retries < 0:
+            raise ConfigError(f"retries must be >= 0, got {self.retries}")
+
+
+def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Any:
+    from starlette.responses import Response
+
+    return Response(json.dumps(body).encode(), status_code=status, headers=headers,
+                    media_type="application/json; charset=utf-8")
+
+
+def _error(err: P.APIError, extra: dict[str, str] | None = None) -> Any:
+    return _json(err.status, P.error_body(err), {**err.headers, **(extra or {})})
+
+
+def _retryable() -> tuple[type[BaseException], ...]:
+    """Errors that mean "the replica went away", not "the request is bad"."""
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    return (RayActorError, ReplicaUnavailableError)
+
+
+def replica_failed(exc: BaseException, retry_after_s: int) -> P.APIError:
+    """The 503 a client gets when its replica died (after the retries) or Serve has none available."""
+    return P.APIError(503, f"the replica serving this request failed ({type(exc).__name__}); retry the request",
+                      headers={"Retry-After": str(retry_after_s)})
+
+
+class MloraIngress:
+    """The HTTP ingress deployment (a plain Starlette-request callable; Serve's proxy does the HTTP)."""
+
+    def __init__(self, replica: Any, config: ServerConfig, retries: int = 2) -> None:
+        self.replica = replica
+        self.config = config
+        self.retries = retries
+        self.catalog = adapter_catalog(config)
+        self.created = P.now_s()
+        self._info: dict[str, Any] | None = None
+
+    async def __call__(self, request: Any) -> Any:
+        try:
+            return await self._route(request)
+        except P.APIError as exc:
+            return _error(exc)
+        except MloraError as exc:
+            return _error(api_error_for(exc, self.config.retry_after_s))
+        except Exception:  # noqa: BLE001 - never a traceback to the client
+            log.exception("unhandled error in %s %s", request.method, request.url.path)
+            return _error(P.APIError(500, "internal server error (see the server log)"))
+
+    async def _route(self, request: Any) -> Any:
+        path, method = request.url.path, request.method
+        if path not in OPEN_PATHS:
+            check_api_key(path, request.headers.get("authorization"), self.config.api_key)
+        want = _METHODS.get(path)
+        if want is None:
+            raise P.APIError(404, "Not Found")
+        if method != want and not (want == "GET" and method == "HEAD"):
+            raise P.APIError(405, "Method Not Allowed")
+        if path in ROUTES:
+            raw = await request.body()
+            if len(raw) > MAX_BODY:
+                raise P.APIError(413, "Request Entity Too Large")
+            return await self._generate(path, P.parse_json(raw))
+        if path == "/v1/models":
+            return _json(200, await self._models())
+        if path == "/metrics":
+            return await self._metrics()
+        if path == "/health":
+            from starlette.responses import Response
+
+            return Response(status_code=200)
+        raise P.APIError(403, "runtime adapter loading is not supported with --ray; list adapters at start with --lora")
+
+    # -- generation ------------------------------------------------------------------------------
+    async def _generate(self, route: str, body: Any) -> Any:
+        model = body.get("model") if isinstance(body, dict) else None
+        adapter = model if isinstance(model, str) and model in self.catalog else ""
+        stream = isinstance(body, dict) and body.get("stream") is True
+        handle = self.replica.options(multiplexed_model_id=adapter, stream=stream)
+        last: BaseException | None = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                log.warning("retrying a request after its replica failed (%s), attempt %d", last, attempt + 1)
+                await asyncio.sleep(0.2 * attempt)
+            try:
+                if not stream:
+                    head = await handle.complete.remote(route, body)
+                    return self._head_response(head)
+                gen = handle.stream.remote(route, body)
+                head = await gen.__anext__()
+            except _retryable() as exc:
+                last = exc
+                continue
+            if head["status"] != 200 or head["body"] is not None:
+                gen.cancel()
+                return self._head_response(head)
+            from starlette.responses import StreamingResponse
+
+            return StreamingResponse(self._relay(gen), status_code=200,
+                                     headers={**head["headers"], REPLICA_HEADER: head["replica"]})
+        assert last is not None
+        raise replica_failed(last, self.config.retry_after_s)
+
+    @staticmethod
+    def _head_response(head: dict[str, Any]) -> Any:
+        return _json(head["status"], head["body"], {**head["headers"], REPLICA_HEADER: head["replica"]})
+
+    async def _relay(self, gen: Any) -> AsyncIterator[bytes]:
+        """The replica's SSE events; a replica lost mid-stream ends the stream with an error event and [DONE]."""
+        try:
+            async for data in gen:
+                yield data
+        except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
+            if isinstance(exc, _retryable()):
+                err = replica_failed(exc, self.config.retry_after_s)
+            else:
+                log.exception("error while relaying a stream")
+                err = P.APIError(500, "internal server error (see the server log)")
+            yield P.sse(P.error_body(err))
+            yield P.sse("[DONE]")
+        finally:  # the client went away (or we are done): stop the replica's generator
+            gen.cancel()
+
+    # -- models and metrics ----------------------------------------------------------------------
+    async def _models(self) -> dict[str, Any]:
+        if self._info is None:
+            self._info = await self.replica.info.remote()
+        base, max_len = self._info["model_name"], self._info["max_model_len"]
+        cards = [P.model_card(base, root=self._info["root"], parent=None, created=self.created, max_model_len=max_len)]
+        paths = dict(self.config.engine.loras)  # as the single-process server: --lora path, else the name
+        cards += [P.model_card(name, root=paths.get(name, name), parent=base, created=self.created,
+                               max_model_len=max_len) for name in self.catalog]
+        return {"object": "list", "data": cards}
+
+    async def _metrics(self) -> Any:
+        from starlette.responses import Response
+
+        results = await self.replica.broadcast("metrics_text").results_async(timeout_s=30, return_exceptions=True)
+        parts = [r for r in results if not isinstance(r, BaseException)]
+        for r in results:
+            if isinstance(r, BaseException):
+                log.warning("a replica did not answer the metrics scrape: %s", r)
+        return Response(merge_expositions(parts, label="replica"), headers={"Content-Type": CONTENT_TYPE})
+
+
+# -- deploying ------------------------------------------------------------------------------------
+def build_app(config: RayConfig) -> Any:
+    """The Serve application: MloraIngress over `config.replicas` MloraReplica deployments."""
+    from ray import serve
+
+    ecfg = config.server.engine
+    gpus = config.replica_gpus if config.replica_gpus is not None else (1.0 if ecfg.device == "cuda" else 0.0)
+    replica = serve.deployment(
+        name="MloraReplica",
+        num_replicas=config.replicas,
+        ray_actor_options={"num_cpus": config.replica_cpus, "num_gpus": gpus},
+        max_ongoing_requests=config.max_ongoing_requests or ecfg.max_num_seqs,
+        health_check_period_s=config.health_check_period_s,
+        graceful_shutdown_timeout_s=config.server.grace_period,
+    )(MloraReplica)
+    ingress = serve.deployment(name="MloraIngress", num_replicas=1, ray_actor_options={"num_cpus": 0},
+                               max_ongoing_requests=4096)(MloraIngress)
+    return ingress.bind(replica.bind(config.server), config.server, config.retries)
+
+
+def start(config: RayConfig) -> str:
+    """Join or start Ray, start Serve's HTTP proxy on host:port, deploy and wait until ready; the URL."""
+    import ray
+    from ray import serve
+
+    if not ray.is_initialized():
+        ray.init(address=config.address, log_to_driver=False)
+    srv = config.server
+    serve.start(http_options={"host": srv.host, "port": srv.port})
+    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
+    shown = f"[{srv.host}]" if ":" in srv.host else srv.host
+    return f"http://{shown}:{srv.port}"
+
+
+def stop(config: RayConfig, *, started_ray: bool) -> None:
+    """Delete the application; shut Serve and Ray down too when this process started them."""
+    import ray
+    from ray import serve
+
+    try:
+        serve.delete(config.app_name)
+    finally:
+        if started_ray:
+            serve.shutdown()
+            ray.shutdown()
+
+
+ReadyCallback = Callable[[str, str, list[str]], None]  # (url, base model name, adapter names)
+
+
+def serve_ray(config: RayConfig, on_ready: ReadyCallback | None = None) -> None:
+    """Blocking entry point of `mlora serve --ray`: deploy, run until SIGINT/SIGTERM, tear down."""
+    import ray
+
+    started_ray = not ray.is_initialized() and config.address is None
+    try:
+        url = start(config)
+    except Exception as exc:
+        if started_ray and ray.is_initialized():
+            ray.shutdown()
+        if isinstance(exc, MloraError):
+            raise
+        raise ConfigError(f"cannot deploy on Ray Serve: {type(exc).__name__}: {str(exc).splitlines()[0]}") from exc
+    stopped = threading.Event()
+    previous = {sig: signal.signal(sig, lambda *_: stopped.set()) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if on_ready is not None:
+            on_ready(url, config.server.engine.model or _demo_name(), list(adapter_catalog(config.server)))
+        while not stopped.wait(1.0):
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        stop(config, started_ray=started_ray)
+
+
+def _demo_name() -> str:
+    from engine.demo import DEMO_MODEL_NAME
+
+    return DEMO_MODEL_NAME
