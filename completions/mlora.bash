@@ -56,8 +56,13 @@ _mlora() {
             case "$prev" in
                 --out|-o) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
                 --base|-b) return 0 ;;
+                --adapter|-a) return 0 ;;
+                --weight|-w) return 0 ;;
+                --dtype) return 0 ;;
+                --tolerance) return 0 ;;
+                --json) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--out -o --base -b --force -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--out -o --base -b --adapter -a --weight -w --dtype --force --verify --tolerance --json -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         serve)
             case "$prev" in
@@ -76,8 +81,10 @@ _mlora() {
                 --port|-p) return 0 ;;
                 --api-key) return 0 ;;
                 --grace-period) return 0 ;;
+                --replicas) return 0 ;;
+                --ray-address) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --host --port -p --api-key --grace-period -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --host --port -p --api-key --grace-period --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
             case "$prev" in
