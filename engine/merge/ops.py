@@ -7,7 +7,8 @@ Semantics (per base tensor W, base layout; s = alpha/r or alpha/sqrt(r) with rsL
                 W'    = (m / n) * (W + delta)               # m = lora_magnitude_vector [out]
     embedding:  delta = s * (B @ A).T                       # A [r, vocab], B [dim, r] -> [vocab, dim]
     bias:       b'    = b + s * lora_B.bias                 # lora_bias=True
-    replace:    W'    = T                                   # modules_to_save / saved base layers
+    replace:    W'    = T                                   # modules_to_save (the trained copy)
+    base:       W    <- T  before the adapter's LoRA         # saved embedding base_layer (save_embedding_layers)
 Several adapters with weights w_i:  W' = W + sum_i w_i * (W'_i - W), with W'_i - W = delta_i
 exactly for the linear kinds. A single adapter with weight 1 is applied directly (bit-identical
 to PEFT for float32 bases). PEFT returns delta in the adapter's dtype; so do we, before adding.
@@ -26,11 +27,11 @@ from engine.errors import AdapterError
 @dataclass(frozen=True)
 class Contribution:
     """One adapter's change to one base tensor. `keys` name the adapter tensors it reads:
-    lora (A, B) or (A, B, magnitude) for DoRA; embedding (A, B); bias (lora_B.bias,); replace (T,)."""
+    lora (A, B) or (A, B, magnitude) for DoRA; embedding (A, B); bias (lora_B.bias,); replace/base (T,)."""
 
     adapter: int
     weight: float
-    kind: str  # "lora" | "embedding" | "bias" | "replace"
+    kind: str  # "lora" | "embedding" | "bias" | "replace" | "base" (a saved base_layer: replaces W before the LoRA)
     keys: tuple[str, ...]
     scaling: float = 1.0
     fan_in_fan_out: bool = False
@@ -65,7 +66,7 @@ def apply(w32: torch.Tensor, c: Contribution, get: Callable[[int, str], torch.Te
     """(W'_c, is_delta): the merged tensor for one contribution, or just its delta when the
     kind is linear in W (lora, embedding, bias) so callers can sum deltas without cancellation."""
     t = [get(c.adapter, k) for k in c.keys]
-    if c.kind == "replace":
+    if c.kind in ("replace", "base"):
         if tuple(t[0].shape) != tuple(w32.shape):
             raise AdapterError(
                 f"{c.module}: the adapter's saved module is {list(t[0].shape)} but the base tensor is {list(w32.shape)}: "
@@ -82,13 +83,31 @@ def apply(w32: torch.Tensor, c: Contribution, get: Callable[[int, str], torch.Te
     return delta, True
 
 
+def _adapter_result(w32: torch.Tensor, group: list[Contribution], get: Callable[[int, str], torch.Tensor]) -> tuple[torch.Tensor, bool]:
+    """One adapter's (W'_i, is_delta) for a tensor: its saved base layer (if any), then its change."""
+    start, is_delta = w32, False
+    main = [c for c in group if c.kind != "base"]
+    for c in group:
+        if c.kind == "base":
+            start, _ = apply(w32, c, get)
+    if not main:
+        return start, False
+    out, is_delta = apply(start, main[0], get)
+    if is_delta and start is not w32:
+        return start + out, False
+    return out, is_delta
+
+
 def merge_tensor(w32: torch.Tensor, contributions: tuple[Contribution, ...], get: Callable[[int, str], torch.Tensor]) -> torch.Tensor:
     """W' in float32 for one base tensor (see the module docstring)."""
-    if len(contributions) == 1 and contributions[0].weight == 1.0:
-        out, is_delta = apply(w32, contributions[0], get)
+    groups: dict[int, list[Contribution]] = {}
+    for c in contributions:
+        groups.setdefault(c.adapter, []).append(c)
+    if len(groups) == 1 and contributions[0].weight == 1.0:
+        out, is_delta = _adapter_result(w32, list(contributions), get)
         return w32 + out if is_delta else out
     acc = w32.clone()
-    for c in contributions:
-        out, is_delta = apply(w32, c, get)
-        acc += c.weight * (out if is_delta else out - w32)
+    for group in groups.values():
+        out, is_delta = _adapter_result(w32, group, get)
+        acc += group[0].weight * (out if is_delta else out - w32)
     return acc

@@ -126,7 +126,8 @@ def _contributions(i: int, src: AdapterSource, bk: BaseKeys, shapes: dict[str, t
         if target is None:
             raise AdapterError(f"{wf.path.name}: tensor {key!r} is not LoRA, a saved module or a bias; mlora merge cannot apply it")
         base = _resolve(bk, target, wf.path.name, key)
-        out.append((base, Contribution(i, w, "replace", (key,), module=strip_prefix(key))))
+        kind = "base" if ".base_layer." in key else "replace"
+        out.append((base, Contribution(i, w, kind, (key,), module=strip_prefix(key))))
     for module, roles in sorted(groups.items()):
         emb = "embedding_A" in roles or "embedding_B" in roles
         ka, kb = (roles.get("embedding_A"), roles.get("embedding_B")) if emb else (roles.get("A"), roles.get("B"))
@@ -207,7 +208,7 @@ def build_plan(config: MergeConfig) -> MergePlan:
     for i, src in enumerate(adapters):
         seen: set[tuple[str, str]] = set()
         for key, c in _contributions(i, src, bk, shapes):
-            tag = "bias" if c.kind == "bias" else "tensor"
+            tag = c.kind if c.kind in ("bias", "base") else "tensor"
             if (key, tag) in seen:
                 raise AdapterError(f"{src.path}: two entries change {key} (e.g. LoRA and modules_to_save on one module)")
             seen.add((key, tag))

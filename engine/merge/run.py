@@ -128,6 +128,8 @@ def _merged(plan: MergePlan, t: TensorPlan, base: torch.Tensor, report: MergeRep
         raise AdapterError(f"{t.name}: the merged tensor has NaN/Inf values: the adapter seems broken")
     report.tensors_merged += 1
     for c in t.contributions:
+        if c.kind == "base":
+            continue
         kind = "dora" if c.is_dora else c.kind
         attr = {"lora": "lora_modules", "dora": "dora_modules", "embedding": "embedding_modules",
                 "bias": "bias_modules", "replace": "replaced_tensors"}[kind]  # fmt: skip
