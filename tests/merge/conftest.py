@@ -78,6 +78,7 @@ def run_cli(*args: str, capsys) -> tuple[int, str, str]:
     """`mlora merge ARGS` in-process through the real entry point: (exit code, stdout, stderr)."""
     from mlora_cli import main as cli
 
+    capsys.readouterr()  # drop what earlier setup printed (transformers' loading bars)
     old, debug = sys.argv, os.environ.pop("MLORA_DEBUG", None)
     sys.argv = ["mlora", "merge", *args]
     code = 0
