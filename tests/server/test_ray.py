@@ -1,0 +1,280 @@
+"""`mlora serve --ray` on a local Ray cluster: 2 replicas of the demo model behind the Ray Serve ingress.
+
+The oracle is the single-process server (real AsyncLLM, real aiohttp) over the same demo model:
+the same request must give the same body (ids and timestamps aside), the same SSE text, and the
+same error bodies. Affinity is read from the `x-mlora-replica` header and the per-replica
+counters of the merged /metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import openai
+import pytest
+
+from engine.config import EngineConfig
+from engine.demo.tasks import heldout_strings
+from engine.server.config import ServerConfig
+from tests.server.real_server import ServerThread
+
+ray = pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install 'mlora[ray]'")
+
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(400)]
+
+BASE = "mlora-demo"
+ADAPTERS = ["upper", "reverse", "rot13"]
+MODELS = [BASE, *ADAPTERS]
+HEADER = "x-mlora-replica"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def oracle() -> Iterator[ServerThread]:
+    """The single-process `mlora serve` over the demo model."""
+    server = ServerThread(ServerConfig(engine=EngineConfig(device="cpu"), port=0)).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A local Ray instance with `mlora serve --ray`: 2 replicas, each holding at most 2 of the 3 adapters
+    (max_cpu_loras=2), so routing without affinity would keep unloading and reloading them."""
+    from ray import serve
+
+    from engine.server.ray_ingress import RayConfig, start
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=200 * 1024**2, log_to_driver=False)
+    try:
+        config = RayConfig(server=ServerConfig(engine=EngineConfig(device="cpu", max_loras=1, max_cpu_loras=2),
+                                               port=_free_port()),
+                           replicas=2, health_check_period_s=1.0)
+        yield start(config)
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+
+def _client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="none", max_retries=0, timeout=60)
+
+
+def _strip(body: dict[str, Any]) -> dict[str, Any]:
+    """A response body without what differs between any two requests (id, created)."""
+    return {k: v for k, v in body.items() if k not in ("id", "created")}
+
+
+def _one(url: str, model: str, prompt: str, kind: str) -> tuple[str, str, Any]:
+    """(replica header, text, comparable body) of one request through the openai client."""
+    client = _client(url)
+    if kind == "chat":
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=32, temperature=0)
+        r = raw.parse()
+        return raw.headers.get(HEADER, ""), r.choices[0].message.content or "", _strip(r.model_dump())
+    if kind == "stream":
+        raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=32, temperature=0,
+                                                          stream=True)
+        chunks = list(raw.parse())
+        text = "".join(c.choices[0].text for c in chunks)
+        tail = [(c.choices[0].finish_reason, c.usage.model_dump() if c.usage else None) for c in chunks[-1:]]
+        return raw.headers.get(HEADER, ""), text, tail
+    raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=32, temperature=0)
+    r = raw.parse()
+    return raw.headers.get(HEADER, ""), r.choices[0].text, _strip(r.model_dump())
+
+
+def _metrics(url: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=60).read().decode()
+    out = {}
+    for m in re.finditer(r"^([\w:]+)\{(.*)\} (\S+)$", text, re.M):
+        out[(m.group(1), frozenset(re.findall(r'(\w+)="([^"]*)"', m.group(2))))] = float(m.group(3))
+    return out
+
+
+def _per_replica(metrics: dict[Any, float], name: str) -> Counter[tuple[str, str]]:
+    """{(adapter, replica): value} summed over the other labels."""
+    out: Counter[tuple[str, str]] = Counter()
+    for (n, labels), v in metrics.items():
+        if n == name:
+            d = dict(labels)
+            out[d["adapter"], d["replica"]] += v
+    return out
+
+
+def test_interleaved_adapters_are_correct_and_stick_to_their_replicas(cluster: str, oracle: ServerThread) -> None:
+    prompts = heldout_strings(12, seed=7)
+    kinds = ["completion", "stream", "chat"]
+    jobs = [(MODELS[i % 4], prompts[i % len(prompts)], kinds[i % 3]) for i in range(48)]
+    with ThreadPoolExecutor(6) as pool:
+        got = list(pool.map(lambda job: _one(cluster, *job), jobs))
+    want = [_one(oracle.url, *job) for job in jobs]
+    for job, (replica, text, body), (_, want_text, want_body) in zip(jobs, got, want):
+        assert (text, body) == (want_text, want_body), job
+        assert replica, job
+    assert [t for (m, _, _), (_, t, _) in zip(jobs, got) if m == "upper"] == [p.upper() for m, p, _ in jobs if m == "upper"]
+
+    # Affinity: the per-replica counters agree with the headers, an adapter was only served where it
+    # was registered, and registrations (multiplexing misses) are far fewer than requests.
+    served = Counter((m, r) for (m, _, _), (r, _, _) in zip(jobs, got))
+    metrics = _metrics(cluster)
+    requests = _per_replica(metrics, "mlora:requests_total")
+    assert {k: v for k, v in requests.items() if v} == served
+    loads = _per_replica(metrics, "mlora:replica_adapter_loads_total")
+    for (model, replica), n in served.items():
+        if model != BASE:
+            assert loads[model, replica] >= 1, (model, replica)
+    adapter_requests = sum(n for (m, _), n in served.items() if m != BASE)
+    assert sum(loads.values()) <= 6 < adapter_requests / 4, (loads, served)
+    assert len({r for _, r in served}) == 2  # both replicas took requests
+
+
+def _raw(url: str, path: str, body: bytes | None = None, method: str = "POST") -> tuple[int, Any, dict[str, str]]:
+    req = urllib.request.Request(f"{url}{path}", data=body, method=method,
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            return r.status, json.loads(r.read() or b"null"), dict(r.headers)
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read() or b"null"), dict(e.headers)
+
+
+ERROR_CASES = [
+    ("/v1/completions", b'{"model": "upper", "prompt": "hi"', "POST"),  # malformed JSON
+    ("/v1/completions", b'{"model": "nope", "prompt": "hi"}', "POST"),  # unknown adapter
+    ("/v1/chat/completions", b'{"model": "nope", "messages": [{"role": "user", "content": "x"}]}', "POST"),
+    ("/v1/completions", b'{"model": "nope", "prompt": "hi", "temperature": "hot"}', "POST"),  # 400 before 404
+    ("/v1/completions", b'{"model": "rot13", "prompt": ""}', "POST"),
+    ("/v1/completions", b'{"model": "upper", "prompt": "hi", "stream": true, "n": 99}', "POST"),
+    ("/v1/completions", b'[1, 2]', "POST"),
+    ("/v1/nothing", b'{}', "POST"),
+    ("/v1/completions", None, "GET"),
+]
+
+
+def test_error_bodies_and_models_match_the_single_process_server(cluster: str, oracle: ServerThread) -> None:
+    for path, body, method in ERROR_CASES:
+        status, got, _ = _raw(cluster, path, body, method)
+        want_status, want, _ = _raw(oracle.url, path, body, method)
+        assert (status, got) == (want_status, want), (path, body)
+        assert status >= 400 and set(got["error"]) == {"message", "type", "param", "code"}
+    statuses = {_raw(cluster, p, b, m)[0] for p, b, m in ERROR_CASES[:2]}
+    assert statuses == {400, 404}
+    with pytest.raises(openai.NotFoundError, match="The model 'nope' does not exist"):
+        _client(cluster).completions.create(model="nope", prompt="hello", max_tokens=4)
+    models = [m.model_dump() for m in _client(cluster).models.list().data]
+    want_models = [m.model_dump() for m in _client(oracle.url).models.list().data]
+    assert [_strip(m) for m in models] == [_strip(m) for m in want_models]
+
+
+def _stream_raw(url: str, model: str, prompt: str, on_first: threading.Event | None = None,
+                out: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A long streamed completion (3 choices, EOS ignored) read with plain HTTP: header, texts, errors, [DONE].
+    `out` fills as the stream goes; `on_first` is set at the first generated text."""
+    body = json.dumps({"model": model, "prompt": prompt, "max_tokens": 100, "ignore_eos": True, "temperature": 0,
+                       "n": 3, "stream": True}).encode()
+    req = urllib.request.Request(f"{url}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    out = {} if out is None else out
+    out.update({"text": ["", "", ""], "errors": [], "done": False})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as r:
+            out["replica"] = r.headers.get(HEADER)
+            out["status"] = r.status
+            for line in r:
+                line = line.strip()
+                if not line.startswith(b"data: "):
+                    continue
+                data = line[len(b"data: "):]
+                if data == b"[DONE]":
+                    out["done"] = True
+                    continue
+                event = json.loads(data)
+                if "error" in event:
+                    out["errors"].append(event["error"])
+                else:
+                    out["text"][event["choices"][0]["index"]] += event["choices"][0]["text"]
+                    if on_first is not None:
+                        on_first.set()
+    except urllib.error.HTTPError as e:
+        out["status"], out["body"] = e.code, json.loads(e.read())
+    return out
+
+
+def _replica_actor(replica_id: str) -> Any:
+    """The Ray actor of the Serve replica with this id (its name ends with it)."""
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        if entry["name"].startswith("SERVE_REPLICA::") and entry["name"].endswith(f"#{replica_id}"):
+            return ray.get_actor(entry["name"], namespace=entry["namespace"])
+    raise AssertionError(f"no Serve replica actor named ...#{replica_id}")
+
+
+def test_a_killed_replica_fails_its_streams_cleanly_and_serve_recovers(cluster: str, oracle: ServerThread) -> None:
+    prompts = heldout_strings(8, seed=11)
+    jobs = [(MODELS[i % 4], prompts[i]) for i in range(8)]
+    want = {job: _stream_raw(oracle.url, *job)["text"] for job in jobs}
+    before = {s["replica"] for s in _peek(cluster)}
+    first = threading.Event()
+    live: dict[str, Any] = {}
+    with ThreadPoolExecutor(len(jobs) + 4) as pool:
+        streams = [pool.submit(_stream_raw, cluster, m, p, *((first, live) if i == 0 else ()))
+                   for i, (m, p) in enumerate(jobs)]
+        assert first.wait(60)  # the first stream is generating: kill its replica now
+        victim = live["replica"]
+        # non-streamed requests sent around the kill: retried on the other replica, or a clean 503
+        plain = [pool.submit(_raw, cluster, "/v1/completions",
+                             json.dumps({"model": m, "prompt": p, "max_tokens": 32, "temperature": 0}).encode())
+                 for m, p in jobs[:4]]
+        ray.kill(_replica_actor(victim), no_restart=True)
+        results = [s.result(timeout=120) for s in streams]
+        plain_results = [f.result(timeout=120) for f in plain]
+
+    killed = [r for r in results if r["replica"] == victim]
+    survived = [(job, r) for job, r in zip(jobs, results) if r["replica"] != victim]
+    assert killed, "no stream was running on the killed replica"
+    for r in killed:  # cut mid-way: one OpenAI-shaped 503 event, then [DONE]
+        assert r["done"] and len(r["errors"]) == 1, r
+        assert r["errors"][0]["code"] == 503 and r["errors"][0]["type"] == "service_unavailable"
+        assert "replica" in r["errors"][0]["message"]
+    for job, r in survived:
+        assert r["done"] and not r["errors"] and r["text"] == want[job], (job, r)
+    for (m, p), (status, body, _) in zip(jobs[:4], plain_results):
+        assert status in (200, 503), body
+        if status == 503:
+            assert set(body["error"]) == {"message", "type", "param", "code"}
+
+    # Serve starts a new replica; afterwards every request succeeds.
+    deadline = time.monotonic() + 120
+    seen: set[str] = set()
+    while time.monotonic() < deadline and not (seen - before):
+        seen |= {s["replica"] for s in _peek(cluster)}
+        time.sleep(0.5)
+    assert seen - before, "Serve did not bring up a new replica"
+    with ThreadPoolExecutor(4) as pool:
+        after = list(pool.map(lambda job: _one(cluster, job[0], job[1], "completion"), jobs))
+    assert [t for _, t, _ in after] == [_one(oracle.url, m, p, "completion")[1] for m, p in jobs]
+
+
+def _peek(url: str) -> list[dict[str, str]]:
+    """The replicas answering /metrics now (one scrape asks every live replica)."""
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=60).read().decode()
+    return [{"replica": r} for r in sorted(set(re.findall(r'replica="([^"]+)"', text)))]
