@@ -112,6 +112,19 @@ class MergeReport:
 
 
 def peak_rss_bytes() -> int:
-    """Peak resident set size of this process so far (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    """Peak resident set size of this process so far, in bytes.
+
+    Linux: VmHWM from /proc/self/status, the high-water mark of this process image. Not
+    ru_maxrss there: getrusage keeps the maximum across execve(2), so a merge started from a
+    large parent (e.g. a test runner holding a model) would report the parent's RSS as its own.
+    Elsewhere: resource.getrusage's ru_maxrss (KiB on Linux, bytes on macOS).
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return int(rss if sys.platform == "darwin" else rss * 1024)
