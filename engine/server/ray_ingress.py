@@ -250,10 +250,12 @@ def start(config: RayConfig) -> str:
     from ray import serve
 
     if not ray.is_initialized():
-        ray.init(address=config.address, log_to_driver=False)
+        ray.init(address=config.address)
     srv = config.server
     serve.start(http_options={"host": srv.host, "port": srv.port})
-    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False)
+    # mlora's own INFO lines (adapter registrations, errors) reach the terminal; per-request access lines do not
+    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False,
+              logging_config={"enable_access_log": False})
     shown = f"[{srv.host}]" if ":" in srv.host else srv.host
     return f"http://{shown}:{srv.port}"
 

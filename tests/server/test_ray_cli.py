@@ -1,0 +1,79 @@
+"""`mlora serve --ray` as users run it: a clear error without Ray or with unsupported flags, and a real
+start (local Ray instance, 1 replica), a request, Ctrl+C, exit 0 with Ray torn down."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import urllib.request
+
+import pytest
+
+
+def _cli(*args: str, hide_ray: bool = False) -> subprocess.CompletedProcess:
+    """Run `mlora ARGS` in a fresh interpreter (as the console script does); `hide_ray`: as if Ray were not installed."""
+    hide = "import sys; sys.modules['ray'] = None; sys.modules['ray.serve'] = None; " if hide_ray else "import sys; "
+    code = hide + "from mlora_cli.main import main; sys.argv = ['mlora', *sys.argv[1:]]; main()"
+    env = {**os.environ, "COLUMNS": "200"}
+    env.pop("MLORA_DEBUG", None)
+    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, timeout=120)
+
+
+def test_ray_not_installed_is_one_line_naming_the_extra() -> None:
+    res = _cli("serve", "--ray", "--device", "cpu", hide_ray=True)
+    assert res.returncode == 1
+    assert "install mlora[ray]" in res.stderr and 'pip install "mlora[ray]"' in res.stderr
+    assert "Traceback" not in res.stderr + res.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.parametrize("flags, message", [
+    (["--port", "0"], "--port 0 is not supported with --ray"),
+    (["--allow-runtime-lora"], "--allow-runtime-lora is not supported with --ray"),
+])
+def test_unsupported_flags_with_ray_are_one_line_errors(flags: list[str], message: str) -> None:
+    pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install 'mlora[ray]'")
+    res = _cli("serve", "--ray", "--device", "cpu", *flags)
+    assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr + res.stdout
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_serve_ray_answers_then_ctrl_c_exits_0() -> None:
+    pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install 'mlora[ray]'")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "RAY_DEDUP_LOGS": "0"}
+    env.pop("RAY_ADDRESS", None)
+    proc = subprocess.Popen([sys.executable, "-m", "mlora_cli.main", "serve", "--ray", "--replicas", "1", "--port",
+                             str(port), "--device", "cpu", "--grace-period", "2"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        seen = []
+        for line in proc.stdout:  # type: ignore[union-attr]
+            seen.append(line)
+            if line.startswith("adapters:"):
+                break
+        out = "".join(seen)
+        m = re.search(r"mlora serving mlora-demo on Ray Serve \(1 replica\) at (http://127\.0\.0\.1:\d+) ", out)
+        assert m, out
+        assert set(re.findall(r"\w+", seen[-1])) >= {"upper", "reverse", "rot13"}
+        body = json.dumps({"model": "reverse", "prompt": "hello world", "max_tokens": 32, "temperature": 0}).encode()
+        req = urllib.request.Request(f"{m.group(1)}/v1/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=60) as r:
+            assert json.loads(r.read())["choices"][0]["text"] == "dlrow olleh"
+            assert r.headers.get("x-mlora-replica")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=120) == 0, proc.stdout.read()  # type: ignore[union-attr]
+        assert "server stopped" in proc.stdout.read()  # type: ignore[union-attr]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
