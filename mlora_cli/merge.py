@@ -46,7 +46,7 @@ def merge(
         typer.Option("--base", "-b", help="Base model dir or hub id (default: the first adapter's base_model_name_or_path)."),
     ] = None,
     adapters: Annotated[
-        Optional[list[str]],
+        Optional[list[Path]],
         typer.Option("--adapter", "-a", help="PEFT adapter dir or hub id; repeat to merge several.", show_default=False),
     ] = None,
     weights: Annotated[
@@ -73,7 +73,7 @@ def merge(
     from engine.errors import ConfigError
     from engine.merge import AdapterSpec, MergeConfig, merge_adapter
 
-    paths = ([str(adapter_arg)] if adapter_arg is not None else []) + list(adapters or [])
+    paths = [str(p) for p in ([adapter_arg] if adapter_arg is not None else []) + list(adapters or [])]
     if not paths:
         raise ConfigError("no adapter given", hint="mlora merge --base MODEL --adapter PATH --out DIR")
     ws = list(weights or [])

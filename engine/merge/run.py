@@ -53,7 +53,10 @@ def merge_adapter(config: MergeConfig, progress: MergeProgress | None = None) ->
         out=config.out, base=plan.base_dir, dtype=config.dtype, notes=list(plan.notes), untied=plan.untie,
         adapters=[{"path": str(a.path), "weight": a.weight} for a in plan.adapters],
     )
-    staging = Staging(config.out)
+    try:
+        staging = Staging(config.out)
+    except OSError as e:
+        raise ConfigError(f"cannot create the output directory next to {config.out}: {e.strerror or e}") from None
     try:
         weight_map: dict[str, str] = {}
         total = 0
@@ -80,6 +83,9 @@ def merge_adapter(config: MergeConfig, progress: MergeProgress | None = None) ->
                     f"({v.method}, {v.prompts} prompts); nothing was written to {config.out}"
                 )
         staging.publish()
+    except OSError as e:  # disk full, permissions, a vanished file: one line, and no half-written --out
+        staging.discard()
+        raise ConfigError(f"writing the merged model failed: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
     except BaseException:
         staging.discard()
         raise
@@ -88,20 +94,23 @@ def merge_adapter(config: MergeConfig, progress: MergeProgress | None = None) ->
 
 
 def _write_shard(plan: MergePlan, shard: ShardPlan, target: Path, report: MergeReport, progress: MergeProgress | None) -> int:
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     entries = [(t.name, t.dtype, t.src_meta.shape) for t in shard.tensors]
+    with safe_open(str(shard.path), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+    writer = StreamingSafetensorsWriter(target, entries, {"format": "pt", **metadata})
+    if progress:
+        progress.start_shard(shard.name, writer.data_bytes)
     try:
-        with safe_open(str(shard.path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-        writer = StreamingSafetensorsWriter(target, entries, {"format": "pt", **metadata})
-        if progress:
-            progress.start_shard(shard.name, writer.data_bytes)
         for t in shard.tensors:
             # A fresh memory map per tensor: pages of a mapping stay resident (and count in RSS)
             # while it is open, so holding one map per shard would cost a whole shard of memory.
-            with safe_open(str(shard.path), framework="pt", device="cpu") as f:
-                base = f.get_tensor(t.source)
+            try:
+                with safe_open(str(shard.path), framework="pt", device="cpu") as f:
+                    base = f.get_tensor(t.source)
+            except SafetensorError as e:
+                raise ConfigError(f"cannot read {t.source} from the base shard {shard.path}: {e}") from None
             tensor = _merged(plan, t, base, report)
             del base
             n = writer.write(t.name, tensor)
@@ -111,13 +120,10 @@ def _write_shard(plan: MergePlan, shard: ShardPlan, target: Path, report: MergeR
             report.tensors += 1
             if progress:
                 progress.advance(n)
-        writer.close()
-    except (AdapterError, ConfigError):
+    except BaseException:
+        writer.abort()
         raise
-    except (OSError, RuntimeError) as e:
-        if isinstance(e, OSError) and not shard.path.exists():
-            raise ConfigError(f"base shard {shard.path} disappeared during the merge") from None
-        raise
+    writer.close()
     if progress:
         progress.end_shard()
     report.shards += 1

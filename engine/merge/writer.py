@@ -66,9 +66,13 @@ class StreamingSafetensorsWriter:
         return nbytes
 
     def close(self) -> None:
+        """Finish the file; RuntimeError if a tensor is missing (the file would be unreadable)."""
+        self._f.close()
         if self._next != len(self._expect):
-            self._f.close()
             raise RuntimeError(f"{self.path.name}: {len(self._expect) - self._next} tensor(s) were never written")
+
+    def abort(self) -> None:
+        """Close without checks (the caller discards the partial file)."""
         self._f.close()
 
 
