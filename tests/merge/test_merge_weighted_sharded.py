@@ -156,3 +156,22 @@ def test_adapter_spec_weights_apply_in_the_python_api(bases, tmp_path) -> None:
     h, f = read_output(tmp_path / "h"), read_output(tmp_path / "f")
     for k in original:
         torch.testing.assert_close(h[k] - original[k], 0.5 * (f[k] - original[k]), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("kw", [dict(r=8), dict(r=4, use_dora=True)], ids=["plain", "dora"])
+def test_bf16_base_stays_bf16_and_matches_peft_in_bf16(bases, tmp_path, kw) -> None:
+    """fp32 compute, cast back to the base dtype: what PEFT does when it merges into a bf16 model."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = tmp_path / "bf16"
+    load_base(bases["llama"]).to(torch.bfloat16).save_pretrained(str(base))
+    shutil.copy(bases["llama"] / "tokenizer.json", base / "tokenizer.json")
+    adapter = build_peft_adapter(bases["llama"], tmp_path / "a", seed=6, **kw)
+    merge_adapter(MergeConfig(base=str(base), adapters=(str(adapter),), out=tmp_path / "m"))
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.bfloat16)
+    theirs = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload().state_dict()
+    ours = read_output(tmp_path / "m")
+    for k, t in ours.items():
+        assert t.dtype == torch.bfloat16
+        torch.testing.assert_close(t, theirs[k], rtol=0, atol=0, msg=lambda m: f"{k}: {m}")
