@@ -130,13 +130,13 @@ def _contributions(i: int, src: AdapterSource, bk: BaseKeys, shapes: dict[str, t
         out.append((base, Contribution(i, w, kind, (key,), module=strip_prefix(key))))
     for module, roles in sorted(groups.items()):
         emb = "embedding_A" in roles or "embedding_B" in roles
-        ka, kb = (roles.get("embedding_A"), roles.get("embedding_B")) if emb else (roles.get("A"), roles.get("B"))
-        rshapes = {r: tuple(wf.shape(roles[k])) for r, k in (("A", "embedding_A" if emb else "A"), ("B", "embedding_B" if emb else "B")) if k in roles}
-        rshapes.update({r: tuple(wf.shape(roles[r])) for r in ("magnitude", "bias") if r in roles})
+        role_a, role_b = ("embedding_A", "embedding_B") if emb else ("A", "B")
+        ka, kb = roles.get(role_a), roles.get(role_b)
+        # A [r, in] and B [out, r] for linears; A [r, vocab] and B [dim, r] for embeddings
+        rshapes = {r: tuple(wf.shape(roles[k])) for r, k in (("A", role_a), ("B", role_b), ("magnitude", "magnitude"), ("bias", "bias")) if k in roles}
         problem = check_module_shapes(cfg, module, rshapes)
         if problem:
             raise AdapterError(f"{wf.path.name}: {problem}")
-        r, _ = cfg.rank_alpha_for(module)
         scaling = cfg.scaling_for(module)
         (_, n_in), (n_out, _) = rshapes["A"], rshapes["B"]
         wkey = _resolve(bk, module + ".weight", wf.path.name, ka)

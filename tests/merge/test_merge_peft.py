@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from engine.merge import MergeConfig, merge_adapter
 from tests.merge.conftest import PROMPTS, hash_dir, load_base, logits, peft_merged_state, peft_model, read_output
