@@ -115,7 +115,7 @@ def _write_shard(plan: MergePlan, shard: ShardPlan, target: Path, report: MergeR
             del base
             n = writer.write(t.name, tensor)
             del tensor
-            if t.contributions:
+            if t.contributions or t.dtype != t.src_meta.dtype:
                 _trim_heap()
             report.tensors += 1
             if progress:
