@@ -59,7 +59,8 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
     h = (torch.zeros if meta.num_no_lora else torch.empty)(T, R, dtype=x.dtype, device=x.device)
     if meta.num_lora_rows == 0:
         return h
-    if meta.cpu_path == "bmm":
+    path = meta.path_for(x.dtype)
+    if path == "bmm":
         G, L = len(meta.distinct_slots), meta.pad_len
         if meta.pad_identity:  # rows already in equal slot-ordered segments: zero-copy views
             xs = x.reshape(G, L, x.shape[1])  # [G, L, K]
@@ -71,7 +72,7 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
         if meta.pad_identity:
             return hs.view(T, R)
         return h.index_copy_(0, meta.pad_rows, hs.view(G * L, R))  # padding rewrites its row's own value
-    if meta.cpu_path == "runs":
+    if path == "runs":
         for a, b, s in meta.runs:
             if s >= 0:
                 torch.mm(x[a:b], lora_a[s].T, out=h[a:b]).mul_(scales[s])
@@ -99,7 +100,8 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
         return out
     if meta.num_lora_rows == 0:
         return out
-    if meta.cpu_path == "bmm":
+    path = meta.path_for(h.dtype)
+    if path == "bmm":
         G, L = len(meta.distinct_slots), meta.pad_len
         if meta.pad_identity:  # rows already in equal slot-ordered segments: update out in place
             view.view(G, L, N).baddbmm_(h.reshape(G, L, h.shape[1]), _per_segment(lora_b, meta).transpose(1, 2))
@@ -109,7 +111,7 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
         ys.baddbmm_(hs, _per_segment(lora_b, meta).transpose(1, 2))  # out + h @ B.T, rounded once
         view.index_copy_(0, meta.pad_rows, ys.view(G * L, N))  # padding rewrites its row's own value
         return out
-    if meta.cpu_path == "runs":
+    if path == "runs":
         for a, b, s in meta.runs:
             if s >= 0:
                 view[a:b].addmm_(h[a:b], lora_b[s].T)

@@ -17,9 +17,15 @@ Strategy (which kernel layout the Triton backend launches), decided from the lay
 The CPU fast path (`kernels.cpu`) uses the same metadata differently (`cpu_path`, chosen here once
 per step so each of the ~7 x num_layers op calls only dispatches):
 - "single": every row has one slot -> one plain matmul.
-- "bmm": many adapter segments with few rows each (decode over many adapters) -> one batched
-  matmul over the segments zero-padded to `pad_len` rows (`pad_rows` gathers them), instead of
-  one tiny matmul per segment: the per-op overhead is paid once, not G times.
+- "bmm": many adapter segments with few rows each (decode over many adapters), or equal segments
+  already in slot order -> one batched matmul over the segments padded to `pad_len` rows
+  (`pad_rows` gathers them; a zero-copy view when `pad_identity`), instead of one tiny matmul per
+  segment: the per-op overhead is paid once, not G times. `cpu_path_half` is the choice for
+  bf16/fp16 activations, where "bmm" wins for longer segments too (`path_for(dtype)` picks).
+  1 thread, hidden 768 -> 2304, rank 16, 16 adapters, shrink + expand, us (runs / bmm):
+  fp32  T=128 equal segments 456 / 301;  8 rows +-15%: 449 / 557;  160 rows +-15%: 2139 / 6918
+  bf16  T=128 equal segments 1041 / 281; 8 rows +-15%: 1033 / 467; 12 rows x 8 adapters: 535 / 346;
+        40 rows x 4: 397 / 423;  160 rows +-15%: 2568 / 4960
 - "runs": few row runs (rows of an adapter contiguous, e.g. prefill) -> one matmul per run on
   zero-copy row slices.
 - "segments": otherwise a sort-gather of the rows, one matmul per segment, one scatter back.
@@ -43,9 +49,15 @@ CPU_MAX_RUNS_PER_SLOT = 2
 # segments are short (mean rows per segment at most CPU_BMM_MAX_MEAN_ROWS: there the per-matmul
 # overhead dominates; longer segments amortise it and the padded row copies cost more than they save)
 # and the padding keeps the padded rows (segments x longest segment) within this factor of the real rows.
+# 16-bit activations move the crossover: a bf16/fp16 CPU matmul costs ~2x an fp32 one in fixed
+# overhead (oneDNN dispatch) while the batched one runs on AMX/AVX-512 units, so "bmm" pays up to
+# CPU_BMM_MAX_MEAN_ROWS_HALF rows per segment (measured below). Equal segments already in slot order
+# (`pad_identity`: zero-copy views, no padding) take "bmm" in every dtype.
 CPU_BMM_MIN_SEGMENTS = 3
 CPU_BMM_MAX_MEAN_ROWS = 4
+CPU_BMM_MAX_MEAN_ROWS_HALF = 32
 CPU_BMM_MAX_PAD_FACTOR = 1.5
+_HALF = (torch.bfloat16, torch.float16)
 CPU_PATHS = ("none", "single", "bmm", "runs", "segments")
 
 
@@ -103,7 +115,12 @@ class LoraBatchMeta:
     pad_rows: torch.Tensor | None = None
     pad_slots: torch.Tensor | None = None
     slot_base: int | None = None
-    pad_identity: bool = False  # "bmm" with pad_rows == arange(T): rows already grouped, equal segments, no -1 rows
+    pad_identity: bool = False  # pad_rows == arange(T): rows already grouped, equal segments, no -1 rows
+    cpu_path_half: str = "none"  # cpu_path for bf16/fp16 activations
+
+    def path_for(self, dtype: torch.dtype) -> str:
+        """The CPU path for activations of `dtype` (16-bit types batch longer segments)."""
+        return self.cpu_path_half if dtype in _HALF else self.cpu_path
 
     @property
     def num_lora_rows(self) -> int:
@@ -187,18 +204,10 @@ class LoraBatchMeta:
 
         L = max(seg_lens_l, default=0)
         lora_runs = sum(1 for _, _, v in runs if v >= 0)
-        if T_lora == 0:
-            cpu_path = "none"
-        elif single is not None:
-            cpu_path = "single"
-        elif (G >= CPU_BMM_MIN_SEGMENTS and T_lora <= CPU_BMM_MAX_MEAN_ROWS * G
-              and G * L <= CPU_BMM_MAX_PAD_FACTOR * T_lora):
-            cpu_path = "bmm"
-        elif lora_runs <= CPU_MAX_RUNS_PER_SLOT * max(1, G):
-            cpu_path = "runs"
-        else:
-            cpu_path = "segments"
-        if cpu_path == "bmm":
+        bmm_ok = G >= CPU_BMM_MIN_SEGMENTS and G * L <= CPU_BMM_MAX_PAD_FACTOR * T_lora
+        pad_identity = False
+        pad_rows = torch.empty(0, dtype=torch.int64, device=dev)
+        if bmm_ok:
             # pos: [G, L] positions into `order`, short segments padded with their first position
             ar = torch.arange(L).unsqueeze(0)  # [1, L]
             lens, seg_start = torch.tensor(seg_lens_l).unsqueeze(1), torch.tensor(starts).unsqueeze(1)  # [G, 1]
@@ -206,9 +215,18 @@ class LoraBatchMeta:
             pad_host = order[pos.reshape(-1)]  # [G * L]
             pad_identity = G * L == T and bool(torch.equal(pad_host, torch.arange(T)))
             pad_rows = pad_host.to(dev)
-        else:
-            pad_rows = torch.empty(0, dtype=torch.int64, device=dev)
-            pad_identity = False
+        fallback = "runs" if lora_runs <= CPU_MAX_RUNS_PER_SLOT * max(1, G) else "segments"
+
+        def choose(max_mean_rows: int) -> str:
+            if T_lora == 0:
+                return "none"
+            if single is not None:
+                return "single"
+            if bmm_ok and (pad_identity or T_lora <= max_mean_rows * G):
+                return "bmm"
+            return fallback
+
+        cpu_path, cpu_path_half = choose(CPU_BMM_MAX_MEAN_ROWS), choose(CPU_BMM_MAX_MEAN_ROWS_HALF)
         contiguous = G > 0 and seg_vals_l[-1] - seg_vals_l[0] == G - 1  # sorted and distinct
         return cls(
             token_slots=host.to(device=dev, dtype=torch.int32),
@@ -233,4 +251,5 @@ class LoraBatchMeta:
             pad_slots=seg_vals.to(dev),
             slot_base=seg_vals_l[0] if contiguous else None,
             pad_identity=pad_identity,
+            cpu_path_half=cpu_path_half,
         )

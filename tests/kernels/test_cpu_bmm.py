@@ -21,13 +21,14 @@ def force_bmm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every layout with a slot != -1 and more than one slot takes the padded bmm path."""
     monkeypatch.setattr(kmeta, "CPU_BMM_MIN_SEGMENTS", 2)
     monkeypatch.setattr(kmeta, "CPU_BMM_MAX_MEAN_ROWS", 1 << 30)
+    monkeypatch.setattr(kmeta, "CPU_BMM_MAX_MEAN_ROWS_HALF", 1 << 30)
     monkeypatch.setattr(kmeta, "CPU_BMM_MAX_PAD_FACTOR", float("inf"))
 
 
 def _meta(slots: torch.Tensor) -> LoraBatchMeta:
     meta = LoraBatchMeta.from_token_slots(slots)
     if len(meta.distinct_slots) >= 2:
-        assert meta.cpu_path == "bmm"
+        assert meta.cpu_path == "bmm" and meta.cpu_path_half == "bmm"
     return meta
 
 
@@ -79,18 +80,23 @@ def test_bmm_path_slot_layouts(slots: list[int], dtype: str, force_bmm: None) ->
     assert_close(got, expected, dtype, "expand")
 
 
-@pytest.mark.parametrize(("slots", "path"), [
-    ([0, 1, 2, 3, 4, 5, 6, 7] * 4, "bmm"),            # decode: 8 adapters, 4 rows each
-    ([0, 0, 1, 1, 2, 2, 3, 3, -1, 4, 4], "bmm"),      # sorted decode with a base-only row
-    ([0, 1] * 8, "segments"),                         # 2 adapters interleaved: too few segments to batch
-    ([0] * 40 + [1] * 40 + [2] * 40, "runs"),         # prefill: long contiguous runs
-    ([0] * 30 + [1, 2, 3], "runs"),                   # one long segment: padding would be 10x
-    ([4] * 6, "single"),
-    ([-1, -1], "none"),
+@pytest.mark.parametrize(("slots", "path", "half_path"), [
+    ([0, 1, 2, 3, 4, 5, 6, 7] * 4, "bmm", "bmm"),            # decode: 8 adapters, 4 rows each
+    ([0, 0, 1, 1, 2, 2, 3, 3, -1, 4, 4], "bmm", "bmm"),      # sorted decode with a base-only row
+    ([0, 1] * 8, "segments", "segments"),                    # 2 adapters interleaved: too few segments to batch
+    ([0] * 40 + [1] * 40 + [2] * 40, "bmm", "bmm"),          # equal runs in slot order: zero-copy bmm views
+    ([0] * 24 + [1] * 20 + [2] * 22, "runs", "bmm"),         # prefill-like unequal runs: 16-bit batches them
+    ([0] * 80 + [1] * 70 + [2] * 75, "runs", "runs"),        # long runs: zero-copy slices in every dtype
+    ([0] * 30 + [1, 2, 3], "runs", "runs"),                  # one long segment: padding would be 10x
+    ([4] * 6, "single", "single"),
+    ([-1, -1], "none", "none"),
 ])
-def test_cpu_path_choice(slots: list[int], path: str) -> None:
-    """The default heuristics: batch many short segments, keep zero-copy slices for long runs."""
-    assert LoraBatchMeta.from_token_slots(slots).cpu_path == path
+def test_cpu_path_choice(slots: list[int], path: str, half_path: str) -> None:
+    """The default heuristics: batch many short segments (longer ones for bf16/fp16), keep zero-copy
+    slices for long runs."""
+    meta = LoraBatchMeta.from_token_slots(slots)
+    assert (meta.cpu_path, meta.path_for(torch.float32)) == (path, path)
+    assert (meta.path_for(torch.bfloat16), meta.path_for(torch.float16)) == (half_path, half_path)
 
 
 @pytest.mark.parametrize("slots", [
