@@ -278,3 +278,74 @@ def _peek(url: str) -> list[dict[str, str]]:
     """The replicas answering /metrics now (one scrape asks every live replica)."""
     text = urllib.request.urlopen(f"{url}/metrics", timeout=60).read().decode()
     return [{"replica": r} for r in sorted(set(re.findall(r'replica="([^"]+)"', text)))]
+
+
+def _sse_texts(events: list[bytes]) -> tuple[dict[int, str], list[Any]]:
+    """(text per choice index, error events) of a replica's SSE byte strings."""
+    texts: dict[int, str] = {}
+    errors = []
+    for raw in events:
+        for line in raw.decode().splitlines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            event = json.loads(line[len("data: "):])
+            if "error" in event:
+                errors.append(event["error"])
+            for c in event.get("choices", []):
+                texts[c["index"]] = texts.get(c["index"], "") + c["text"]
+    return texts, errors
+
+
+def test_lru_unload_removes_the_adapter_from_the_engine_once_its_requests_are_done(
+        cluster: str, oracle: ServerThread) -> None:
+    """One replica holding two adapters at a time (max_cpu_loras=2), called through its deployment handle."""
+    from ray import serve
+
+    from engine.server.ray_ingress import RayConfig, build_app
+
+    config = RayConfig(server=ServerConfig(engine=EngineConfig(device="cpu", max_loras=2, max_cpu_loras=2)),
+                       replicas=1, replica_cpus=0, app_name="mlora-lru")
+    serve.run(build_app(config), name="mlora-lru", route_prefix=None)
+    try:
+        handle = serve.get_deployment_handle("MloraReplica", "mlora-lru")
+
+        def metrics() -> dict[Any, float]:
+            replica, text = handle.metrics_text.remote().result(timeout_s=60)
+            out = {}
+            for m in re.finditer(r"^([\w:]+)(?:\{(.*)\})? (\S+)$", text.decode(), re.M):
+                labels = dict(re.findall(r'(\w+)="([^"]*)"', m.group(2) or ""))
+                out[m.group(1), labels.get("adapter", "")] = float(m.group(3))
+            return out
+
+        long_body = {"model": "upper", "prompt": "hello world", "max_tokens": 100, "ignore_eos": True, "n": 8,
+                     "temperature": 0, "stream": True}
+        gen = handle.options(multiplexed_model_id="upper", stream=True).stream.remote("/v1/completions", long_body)
+        events = [next(gen), next(gen)]
+        assert events[0]["status"] == 200 and events[0]["headers"]["Content-Type"] == "text/event-stream"
+        # "reverse" takes the second place, then "rot13" needs one: Ray's LRU unloads "upper" while it still runs
+        for model, want_text in [("reverse", "dlrow olleh"), ("rot13", "uryyb jbeyq")]:
+            body = {"model": model, "prompt": "hello world", "max_tokens": 32, "temperature": 0}
+            out = handle.options(multiplexed_model_id=model).complete.remote("/v1/completions", body).result(
+                timeout_s=60)
+            assert out["status"] == 200 and out["body"]["choices"][0]["text"] == want_text
+        during = metrics()
+        events += list(gen)
+        texts, errors = _sse_texts(events[1:])
+        want = _stream_raw(oracle.url, "upper", "hello world")["text"][0]
+        assert not errors and set(texts.values()) == {want} and len(texts) == 8
+        assert during["vllm:num_requests_running", ""] >= 1  # the upper request was still running...
+        assert during.get(("mlora:replica_adapter_unloads_total", "upper"), 0) == 0  # ...so upper stayed registered
+        after = metrics()
+        assert after["mlora:replica_adapter_unloads_total", "upper"] == 1
+        assert sorted(k[1] for k in after if k[0] == "mlora:replica_adapter_registered") == ["reverse", "rot13"]
+        for model, want_text in [("rot13", "uryyb jbeyq"), ("upper", "HELLO WORLD"), ("rot13", "uryyb jbeyq")]:
+            body = {"model": model, "prompt": "hello world", "max_tokens": 32, "temperature": 0}
+            out = handle.options(multiplexed_model_id=model).complete.remote("/v1/completions", body).result(
+                timeout_s=60)
+            assert out["body"]["choices"][0]["text"] == want_text
+        final = metrics()  # rot13 hits; upper comes back in place of reverse, the least recently used
+        assert [final["mlora:replica_adapter_loads_total", a] for a in ADAPTERS] == [2, 1, 1]
+        assert [final.get(("mlora:replica_adapter_unloads_total", a), 0) for a in ADAPTERS] == [1, 1, 0]
+        assert sorted(k[1] for k in final if k[0] == "mlora:replica_adapter_registered") == ["rot13", "upper"]
+    finally:
+        serve.delete("mlora-lru")
