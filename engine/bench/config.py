@@ -19,6 +19,8 @@ class BenchConfig:
     Offline runs submit every request at once; with `rate` (requests/s) requests arrive as a
     seeded Poisson process and output lengths vary (identically across workloads).
     `alternatives`: also run the `separate` (one engine per adapter) and `peft` systems.
+    `peft_dtype`: the transformers + PEFT alternative's dtype (None = `dtype`), so each system can run
+    in its fastest dtype on the machine (e.g. transformers is slower in bf16 than fp32 on CPU).
     `repeat`: run the engine workloads that many rounds (interleaved) and keep each one's best
     round, so one noisy-neighbour stall does not decide a ratio. `threads`: torch CPU threads for
     every system (None = torch's default, one per core).
@@ -35,6 +37,7 @@ class BenchConfig:
     rate: float | None = None
     device: str = "auto"
     dtype: str = "auto"
+    peft_dtype: str | None = None
     alternatives: bool = True
     churn: bool = True
     quick: bool = False
@@ -64,6 +67,8 @@ class BenchConfig:
             raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
             raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.peft_dtype not in (None, "auto", "float32", "bfloat16", "float16"):
+            raise ConfigError(f"--peft-dtype must be auto, float32, bfloat16 or float16, got {self.peft_dtype!r}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

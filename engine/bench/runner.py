@@ -221,7 +221,10 @@ def run_bench(cfg: BenchConfig, *, on_step: StepCallback | None = None) -> dict[
             notes.append("peft is not installed: the transformers+PEFT comparison was skipped (pip install peft)")
         else:
             peft_wls = [homog] + ([largest] if largest is not None else [])
-            results.extend(run_peft(model_dir, adapter_paths, peft_wls, device=device, dtype=dtype,
+            peft_dtype = dtype if cfg.peft_dtype is None else resolve_device_dtype(device, cfg.peft_dtype)[1]
+            if peft_dtype != dtype:
+                notes.append(f"transformers + PEFT ran in {peft_dtype}, mlora and separate in {dtype} (--peft-dtype)")
+            results.extend(run_peft(model_dir, adapter_paths, peft_wls, device=device, dtype=peft_dtype,
                                     max_batch=cfg.num_requests, poisson=cfg.rate is not None))  # fmt: skip
 
     if cfg.rate is not None:

@@ -87,10 +87,13 @@ def test_bad_input_is_one_line_exit_1(tmp_path, args, message):
 def test_poisson_arrivals_stream_through_async_engine_and_static_peft(tmp_path):
     out = tmp_path / "rate.json"
     res = run_cli("--preset", "tiny", "--rate", "40", "--num-requests", "6", "--max-tokens", "5", "--max-loras", "2",
-                  "--repeat", "1", "--json", str(out), cache=tmp_path / "cache")  # fmt: skip
+                  "--repeat", "1", "--dtype", "bfloat16", "--peft-dtype", "float32", "--json", str(out),
+                  cache=tmp_path / "cache")  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     rep = json.loads(out.read_text())
     assert rep["config"]["rate"] == 40.0
+    assert (rep["config"]["dtype"], rep["config"]["peft_dtype"], rep["machine"]["dtype"]) == ("bfloat16", "float32", "bfloat16")
+    assert any("PEFT ran in float32, mlora and separate in bfloat16" in n for n in rep["notes"])
     assert rep["ratio_metrics"]["mixed_over_homogeneous"] == "output_tokens_per_s"
     mlora = [w for w in rep["workloads"] if w["system"] == "mlora"]
     lengths = {w["output_tokens"] for w in rep["workloads"]}
