@@ -25,13 +25,14 @@ _mlora() {
                 --max-tokens) return 0 ;;
                 --device) COMPREPLY=( $(compgen -W 'auto cpu cuda' -- "$cur") ); return 0 ;;
                 --dtype) COMPREPLY=( $(compgen -W 'auto float32 bfloat16 float16' -- "$cur") ); return 0 ;;
+                --peft-dtype) COMPREPLY=( $(compgen -W 'auto float32 bfloat16 float16' -- "$cur") ); return 0 ;;
                 --json) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
                 --plot) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
                 --repeat) return 0 ;;
                 --threads) return 0 ;;
                 --min-mixed-ratio) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --kernels -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --kernels -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         budget)
             case "$prev" in
