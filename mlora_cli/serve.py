@@ -30,6 +30,27 @@ def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def scan_lora_dir(directory: str | None) -> tuple[tuple[str, str], ...]:
+    """--lora-dir: every subdirectory of `directory` holding adapter_config.json, named after it, sorted."""
+    if directory is None:
+        return ()
+    from pathlib import Path
+
+    from engine.errors import ConfigError
+    from engine.server.protocol import ADAPTER_NAME_RULE, valid_adapter_name
+
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"--lora-dir {directory!r} is not a directory")
+    found = sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file())
+    if not found:
+        raise ConfigError(f"--lora-dir {directory!r} has no adapter directories (subdirectories with adapter_config.json)")
+    for p in found:
+        if not valid_adapter_name(p.name):
+            raise ConfigError(f"--lora-dir: adapter directory name {p.name!r} is not allowed: use {ADAPTER_NAME_RULE}")
+    return tuple((p.name, str(p)) for p in found)
+
+
 def build_config(**opts: Any) -> Any:
     """The one frozen ServerConfig for these flags (engine options left unset keep the engine's defaults)."""
     from engine.config import EngineConfig
@@ -38,7 +59,8 @@ def build_config(**opts: Any) -> Any:
     engine_keys = ("model", "dtype", "device", "max_model_len", "max_num_seqs", "max_queue", "max_loras",
                    "max_lora_rank", "max_cpu_loras")
     engine_kwargs = {k: opts[k] for k in engine_keys if opts.get(k) is not None}
-    engine = EngineConfig(loras=parse_lora(opts.get("lora") or []), **engine_kwargs)
+    loras = scan_lora_dir(opts.get("lora_dir")) + parse_lora(opts.get("lora") or [])
+    engine = EngineConfig(loras=loras, **engine_kwargs)
     return ServerConfig(engine=engine, host=opts["host"], port=opts["port"], api_key=opts.get("api_key"),
                         allow_runtime_lora=opts["allow_runtime_lora"], adapter_root=opts.get("adapter_root"),
                         grace_period=opts["grace_period"])
@@ -47,6 +69,7 @@ def build_config(**opts: Any) -> Any:
 def serve(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model: a local HF directory or a Hub id. Default: the built-in demo model (adapters upper, reverse, rot13).", rich_help_panel=_ENGINE)] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="Adapter to serve, as NAME=PATH (directory or Hub id). Repeatable. Requests select it with \"model\": NAME.", rich_help_panel=_LORA, show_default=False)] = None,
+    lora_dir: Annotated[Optional[str], typer.Option("--lora-dir", help="Serve every adapter in this directory (each subdirectory with adapter_config.json), named after its subdirectory. With --ray, replicas load them on demand.", rich_help_panel=_LORA, show_default=False)] = None,
     max_loras: Annotated[Optional[int], typer.Option("--max-loras", min=1, help="Adapters resident in device slots at once (distinct adapters per step). \\[default: 4]", rich_help_panel=_LORA)] = None,
     max_lora_rank: Annotated[Optional[int], typer.Option("--max-lora-rank", min=1, help="Largest adapter rank a slot holds. \\[default: 16]", rich_help_panel=_LORA)] = None,
     max_cpu_loras: Annotated[Optional[int], typer.Option("--max-cpu-loras", min=1, help="Adapters kept in CPU memory (>= --max-loras). \\[default: 2 x max-loras]", rich_help_panel=_LORA)] = None,
@@ -71,7 +94,7 @@ def serve(
     GET /metrics, and with --allow-runtime-lora POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
     A request's "model" field picks the adapter; the base model's name picks no adapter.
     """
-    config = build_config(model=model, lora=lora, max_loras=max_loras, max_lora_rank=max_lora_rank,
+    config = build_config(model=model, lora=lora, lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
                           max_cpu_loras=max_cpu_loras, allow_runtime_lora=allow_runtime_lora,
                           adapter_root=adapter_root, dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_queue=max_queue, host=host, port=port, api_key=api_key,

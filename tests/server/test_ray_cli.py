@@ -11,8 +11,12 @@ import socket
 import subprocess
 import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
+
+from engine.errors import ConfigError
+from mlora_cli.serve import build_config, scan_lora_dir
 
 
 def _cli(*args: str, hide_ray: bool = False) -> subprocess.CompletedProcess:
@@ -42,6 +46,24 @@ def test_unsupported_flags_with_ray_are_one_line_errors(flags: list[str], messag
     assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr + res.stdout
 
 
+def test_lora_dir_names_each_adapter_after_its_directory(tmp_path: Path) -> None:
+    from engine.demo import DEMO_ADAPTERS
+
+    root = DEMO_ADAPTERS["upper"].parent
+    cfg = build_config(host="127.0.0.1", port=8000, allow_runtime_lora=False, grace_period=1.0, lora_dir=str(root),
+                       lora=["extra=/somewhere/else"])
+    assert cfg.engine.loras == (("reverse", str(root / "reverse")), ("rot13", str(root / "rot13")),
+                                ("upper", str(root / "upper")), ("extra", "/somewhere/else"))
+    with pytest.raises(ConfigError, match="no adapter directories"):
+        scan_lora_dir(str(tmp_path))
+    (tmp_path / "bad name").mkdir()
+    (tmp_path / "bad name" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="'bad name' is not allowed"):
+        scan_lora_dir(str(tmp_path))
+    with pytest.raises(ConfigError, match="not a directory"):
+        scan_lora_dir(str(tmp_path / "missing"))
+
+
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_serve_ray_answers_then_ctrl_c_exits_0() -> None:
@@ -51,8 +73,13 @@ def test_serve_ray_answers_then_ctrl_c_exits_0() -> None:
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200", "RAY_DEDUP_LOGS": "0"}
     env.pop("RAY_ADDRESS", None)
+    from engine.demo import DEMO_ADAPTERS, DEMO_MODEL_DIR
+
+    # the demo model by path, so its adapters come only from --lora-dir (the replicas' catalog)
+    model, adapters = str(DEMO_MODEL_DIR), str(DEMO_ADAPTERS["upper"].parent)
     proc = subprocess.Popen([sys.executable, "-m", "mlora_cli.main", "serve", "--ray", "--replicas", "1", "--port",
-                             str(port), "--device", "cpu", "--grace-period", "2"],
+                             str(port), "--device", "cpu", "--grace-period", "2", "--model", model,
+                             "--lora-dir", adapters],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     try:
         seen = []
@@ -61,11 +88,15 @@ def test_serve_ray_answers_then_ctrl_c_exits_0() -> None:
             if line.startswith("adapters:"):
                 break
         out = "".join(seen)
-        m = re.search(r"mlora serving mlora-demo on Ray Serve \(1 replica\) at (http://127\.0\.0\.1:\d+) ", out)
-        assert m, out
+        m = re.search(r"mlora serving (\S+) on Ray Serve \(1 replica\) at (http://127\.0\.0\.1:\d+) ", out)
+        assert m and m.group(1) == model, out
+        url = m.group(2)
         assert set(re.findall(r"\w+", seen[-1])) >= {"upper", "reverse", "rot13"}
+        with urllib.request.urlopen(f"{url}/v1/models", timeout=60) as r:
+            cards = {c["id"]: c for c in json.loads(r.read())["data"]}
+        assert set(cards) == {model, "upper", "reverse", "rot13"} and cards["rot13"]["root"] == f"{adapters}/rot13"
         body = json.dumps({"model": "reverse", "prompt": "hello world", "max_tokens": 32, "temperature": 0}).encode()
-        req = urllib.request.Request(f"{m.group(1)}/v1/completions", data=body,
+        req = urllib.request.Request(f"{url}/v1/completions", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             assert json.loads(r.read())["choices"][0]["text"] == "dlrow olleh"
