@@ -225,12 +225,26 @@ class MloraIngress:
 
 
 # -- deploying ------------------------------------------------------------------------------------
-def build_app(config: RayConfig) -> Any:
+def replica_gpus(config: RayConfig, cluster_gpus: float) -> float:
+    """GPUs each replica reserves: as configured, else one with --device cuda, or with auto on a cluster that has GPUs.
+
+    (A replica that reserves none sees no GPU, so device "auto" would quietly mean CPU.)
+    """
+    if config.replica_gpus is not None:
+        return config.replica_gpus
+    device = config.server.engine.device
+    return 1.0 if device == "cuda" or (device == "auto" and cluster_gpus > 0) else 0.0
+
+
+def build_app(config: RayConfig, cluster_gpus: float = 0.0) -> Any:
     """The Serve application: MloraIngress over `config.replicas` MloraReplica deployments."""
     from ray import serve
 
     ecfg = config.server.engine
-    gpus = config.replica_gpus if config.replica_gpus is not None else (1.0 if ecfg.device == "cuda" else 0.0)
+    gpus = replica_gpus(config, cluster_gpus)
+    if gpus and gpus * config.replicas > cluster_gpus:
+        log.warning("%d replica(s) x %g GPU > the %g GPU(s) in the Ray cluster: the rest wait for GPUs to join",
+                    config.replicas, gpus, cluster_gpus)
     replica = serve.deployment(
         name="MloraReplica",
         num_replicas=config.replicas,
@@ -254,7 +268,8 @@ def start(config: RayConfig) -> str:
     srv = config.server
     serve.start(http_options={"host": srv.host, "port": srv.port})
     # mlora's own INFO lines (adapter registrations, errors) reach the terminal; per-request access lines do not
-    serve.run(build_app(config), name=config.app_name, route_prefix="/", blocking=False,
+    app = build_app(config, cluster_gpus=float(ray.cluster_resources().get("GPU", 0)))
+    serve.run(app, name=config.app_name, route_prefix="/", blocking=False,
               logging_config={"enable_access_log": False})
     shown = f"[{srv.host}]" if ":" in srv.host else srv.host
     return f"http://{shown}:{srv.port}"

@@ -108,3 +108,17 @@ def test_serve_ray_answers_then_ctrl_c_exits_0() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.ray
+def test_replicas_reserve_a_gpu_when_they_would_use_one() -> None:
+    pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install 'mlora[ray]'")
+    from engine.config import EngineConfig
+    from engine.server.config import ServerConfig
+    from engine.server.ray_ingress import RayConfig, replica_gpus
+
+    def cfg(device: str, gpus: float | None = None) -> RayConfig:
+        return RayConfig(server=ServerConfig(engine=EngineConfig(device=device)), replica_gpus=gpus)
+
+    assert [replica_gpus(cfg("auto"), 0), replica_gpus(cfg("auto"), 4), replica_gpus(cfg("cpu"), 4)] == [0, 1, 0]
+    assert [replica_gpus(cfg("cuda"), 0), replica_gpus(cfg("cuda", 0.5), 1)] == [1, 0.5]
