@@ -32,23 +32,9 @@ def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
 
 def scan_lora_dir(directory: str | None) -> tuple[tuple[str, str], ...]:
     """--lora-dir: every subdirectory of `directory` holding adapter_config.json, named after it, sorted."""
-    if directory is None:
-        return ()
-    from pathlib import Path
+    from engine.server.config import adapters_in_dir
 
-    from engine.errors import ConfigError
-    from engine.server.protocol import ADAPTER_NAME_RULE, valid_adapter_name
-
-    root = Path(directory).expanduser()
-    if not root.is_dir():
-        raise ConfigError(f"--lora-dir {directory!r} is not a directory")
-    found = sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file())
-    if not found:
-        raise ConfigError(f"--lora-dir {directory!r} has no adapter directories (subdirectories with adapter_config.json)")
-    for p in found:
-        if not valid_adapter_name(p.name):
-            raise ConfigError(f"--lora-dir: adapter directory name {p.name!r} is not allowed: use {ADAPTER_NAME_RULE}")
-    return tuple((p.name, str(p)) for p in found)
+    return () if directory is None else adapters_in_dir(directory, flag="--lora-dir")
 
 
 def build_config(**opts: Any) -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from engine.config import EngineConfig
 from engine.errors import ConfigError
@@ -41,3 +42,20 @@ class ServerConfig:
             if not os.path.isdir(root):
                 raise ConfigError(f"--adapter-root {self.adapter_root!r} is not a directory")
             object.__setattr__(self, "adapter_root", root)
+
+
+def adapters_in_dir(directory: str, *, flag: str = "lora_dir") -> tuple[tuple[str, str], ...]:
+    """((name, path), ...) for every subdirectory of `directory` holding adapter_config.json, named after
+    it and sorted: a directory of adapters as one adapter source (`mlora serve --lora-dir`)."""
+    from engine.server.protocol import ADAPTER_NAME_RULE, valid_adapter_name
+
+    root = Path(directory).expanduser()
+    if not root.is_dir():
+        raise ConfigError(f"{flag} {directory!r} is not a directory")
+    found = sorted(p for p in root.iterdir() if (p / "adapter_config.json").is_file())
+    if not found:
+        raise ConfigError(f"{flag} {directory!r} has no adapter directories (subdirectories with adapter_config.json)")
+    for p in found:
+        if not valid_adapter_name(p.name):
+            raise ConfigError(f"{flag}: adapter directory name {p.name!r} is not allowed: use {ADAPTER_NAME_RULE}")
+    return tuple((p.name, str(p)) for p in found)

@@ -258,6 +258,35 @@ def build_app(config: RayConfig, cluster_gpus: float = 0.0) -> Any:
     return ingress.bind(replica.bind(config.server), config.server, config.retries)
 
 
+_RAY_KEYS = ("replicas", "replica_cpus", "replica_gpus", "max_ongoing_requests", "retries", "health_check_period_s")
+_SERVER_KEYS = ("api_key", "grace_period", "retry_after_s")
+
+
+def app_builder(args: dict[str, Any]) -> Any:
+    """Ray Serve application builder, for `serve run` or a KubeRay RayService's serveConfigV2:
+
+        import_path: engine.server.ray_ingress:app_builder
+        args: {replicas: 2, model: Qwen/Qwen2.5-0.5B, lora_dir: /adapters, loras: {sql: /x/sql}, max_cpu_loras: 8}
+
+    Keys: RayConfig's (replicas, replica_cpus, replica_gpus, max_ongoing_requests, retries,
+    health_check_period_s), ServerConfig's api_key, grace_period, retry_after_s, `loras` (name ->
+    path), `lora_dir`, and any EngineConfig field. The HTTP host/port are Serve's own settings there.
+    """
+    from engine.config import EngineConfig
+    from engine.server.config import adapters_in_dir
+
+    args = dict(args)
+    ray_opts = {k: args.pop(k) for k in _RAY_KEYS if k in args}
+    server_opts = {k: args.pop(k) for k in _SERVER_KEYS if k in args}
+    lora_dir = args.pop("lora_dir", None)
+    loras = (adapters_in_dir(lora_dir) if lora_dir else ()) + tuple(dict(args.pop("loras", None) or {}).items())
+    engine = EngineConfig.from_kwargs(loras=loras, **args)
+    config = RayConfig(server=ServerConfig(engine=engine, **server_opts), **ray_opts)
+    import ray
+
+    return build_app(config, cluster_gpus=float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0)
+
+
 def start(config: RayConfig) -> str:
     """Join or start Ray, start Serve's HTTP proxy on host:port, deploy and wait until ready; the URL."""
     import ray

@@ -303,11 +303,11 @@ def test_lru_unload_removes_the_adapter_from_the_engine_once_its_requests_are_do
     """One replica holding two adapters at a time (max_cpu_loras=2), called through its deployment handle."""
     from ray import serve
 
-    from engine.server.ray_ingress import RayConfig, build_app
+    from engine.server.ray_ingress import app_builder
 
-    config = RayConfig(server=ServerConfig(engine=EngineConfig(device="cpu", max_loras=2, max_cpu_loras=2)),
-                       replicas=1, replica_cpus=0, app_name="mlora-lru")
-    serve.run(build_app(config), name="mlora-lru", route_prefix=None)
+    # deployed as `serve run` / KubeRay would: through the application builder
+    app = app_builder({"device": "cpu", "max_loras": 2, "max_cpu_loras": 2, "replicas": 1, "replica_cpus": 0})
+    serve.run(app, name="mlora-lru", route_prefix=None)
     try:
         handle = serve.get_deployment_handle("MloraReplica", "mlora-lru")
 

@@ -122,3 +122,14 @@ def test_replicas_reserve_a_gpu_when_they_would_use_one() -> None:
 
     assert [replica_gpus(cfg("auto"), 0), replica_gpus(cfg("auto"), 4), replica_gpus(cfg("cpu"), 4)] == [0, 1, 0]
     assert [replica_gpus(cfg("cuda"), 0), replica_gpus(cfg("cuda", 0.5), 1)] == [1, 0.5]
+
+
+@pytest.mark.ray
+def test_app_builder_refuses_unknown_options_in_one_line() -> None:
+    pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install 'mlora[ray]'")
+    from engine.server.ray_ingress import app_builder
+
+    with pytest.raises(ConfigError, match="unknown engine option.*: bogus"):
+        app_builder({"replicas": 1, "bogus": 1})
+    with pytest.raises(ConfigError, match="--replicas must be an integer >= 1"):
+        app_builder({"replicas": 0})
