@@ -270,12 +270,13 @@ def app_builder(args: dict[str, Any]) -> Any:
 
     Keys: RayConfig's (replicas, replica_cpus, replica_gpus, max_ongoing_requests, retries,
     health_check_period_s), ServerConfig's api_key, grace_period, retry_after_s, `loras` (name ->
-    path), `lora_dir`, and any EngineConfig field. The HTTP host/port are Serve's own settings there.
+    path), `lora_dir`, and any EngineConfig field; JSON in strings is decoded (`serve run` passes
+    strings). The HTTP host/port are Serve's own settings there.
     """
     from engine.config import EngineConfig
     from engine.server.config import adapters_in_dir
 
-    args = dict(args)
+    args = {k: _coerce(v) for k, v in args.items()}
     ray_opts = {k: args.pop(k) for k in _RAY_KEYS if k in args}
     server_opts = {k: args.pop(k) for k in _SERVER_KEYS if k in args}
     lora_dir = args.pop("lora_dir", None)
@@ -285,6 +286,16 @@ def app_builder(args: dict[str, Any]) -> Any:
     import ray
 
     return build_app(config, cluster_gpus=float(ray.cluster_resources().get("GPU", 0)) if ray.is_initialized() else 0.0)
+
+
+def _coerce(value: Any) -> Any:
+    """`serve run ... key=value` passes strings: "2" -> 2, "0.5" -> 0.5, "true" -> True, '{"a": "/x"}' -> dict."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
 
 
 def start(config: RayConfig) -> str:

@@ -132,4 +132,6 @@ def test_app_builder_refuses_unknown_options_in_one_line() -> None:
     with pytest.raises(ConfigError, match="unknown engine option.*: bogus"):
         app_builder({"replicas": 1, "bogus": 1})
     with pytest.raises(ConfigError, match="--replicas must be an integer >= 1"):
-        app_builder({"replicas": 0})
+        app_builder({"replicas": "0"})  # `serve run ... replicas=0` passes strings
+    with pytest.raises(ConfigError, match="max_cpu_loras \\(1\\) must be >= max_loras \\(2\\)"):
+        app_builder({"replicas": "1", "max_loras": "2", "max_cpu_loras": "1"})
