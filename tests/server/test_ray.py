@@ -282,6 +282,26 @@ def _peek(url: str) -> list[dict[str, str]]:
     return [{"replica": r} for r in sorted(set(re.findall(r'replica="([^"]+)"', text)))]
 
 
+def test_a_client_that_goes_away_mid_stream_aborts_its_engine_requests(cluster: str) -> None:
+    body = json.dumps({"model": "rot13", "prompt": "goodbye", "max_tokens": 110, "ignore_eos": True, "n": 16,
+                       "temperature": 0, "stream": True}).encode()
+    req = urllib.request.Request(f"{cluster}/v1/completions", data=body, headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=60) as r:
+        replica = r.headers[HEADER]
+        assert r.readline().startswith(b"data: ")  # generating; now hang up
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        metrics = _metrics(cluster)
+        aborted = sum(v for (n, labels), v in metrics.items() if n == "mlora:requests_total"
+                      and dict(labels) == {"adapter": "rot13", "outcome": "abort", "replica": replica})
+        running = sum(v for (n, labels), v in metrics.items() if n == "mlora:num_requests_running_by_adapter"
+                      and dict(labels).get("adapter") == "rot13")
+        if aborted == 16 and running == 0:
+            break
+        time.sleep(0.2)
+    assert (aborted, running) == (16, 0)  # all 16 choices aborted (not finished at length), none left running
+
+
 def _sse_texts(events: list[bytes]) -> tuple[dict[int, str], list[Any]]:
     """(text per choice index, error events) of a replica's SSE byte strings."""
     texts: dict[int, str] = {}
