@@ -1,8 +1,10 @@
 """The aiohttp application: OpenAI/vLLM routes over one AsyncLLM.
 
 Handlers validate, enqueue and await; they never compute (the engine's own task owns the
-step loop and runs it off the event loop). Every error is one OpenAI-shaped JSON object
-with the right status, never a traceback:
+step loop and runs it off the event loop). The generation routes build a transport-neutral
+`Reply` (`completion_reply`, `chat_reply`) that aiohttp sends here and the Ray Serve replicas
+of `mlora serve --ray` send through their ingress, so both speak the same bytes. Every error
+is one OpenAI-shaped JSON object with the right status, never a traceback:
 
     AdapterNotFoundError / unknown model -> 404     PromptTooLongError, bad JSON/params -> 400
     QueueFullError -> 429 + Retry-After             EngineStoppedError, draining -> 503 + Retry-After
@@ -13,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from dataclasses import dataclass, field
 from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
