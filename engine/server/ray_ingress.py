@@ -13,7 +13,8 @@ A replica that dies (crash, node loss, `ray.kill`) is restarted by Serve. Reques
 sent a byte yet (all non-streamed ones, streams before their first event) are retried on another
 replica up to `retries` times; a stream cut mid-way ends with one OpenAI error event (503) and
 `data: [DONE]`, as a late error does on the single-process server. /metrics gathers every
-replica's registry (`handle.broadcast`) with a `replica` label.
+replica's registry (`handle.broadcast`) with a `replica` label, plus the ingress's
+`mlora:ray_replica_failures_total{outcome}`.
 
     from engine.server.ray_ingress import RayConfig, serve_ray
     serve_ray(RayConfig(server=ServerConfig(port=8000), replicas=2))
@@ -116,6 +117,12 @@ class MloraIngress:
         self.catalog = adapter_catalog(config)
         self.created = P.now_s()
         self._info: dict[str, Any] | None = None
+        from prometheus_client import CollectorRegistry, Counter
+
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.m_failures = Counter("mlora:ray_replica_failures", "Requests whose replica died: retried (on another "
+                                  "replica), failed (503 after the retries) or stream_cut (error event mid-stream).",
+                                  ["outcome"], registry=self.registry)
 
     async def __call__(self, request: Any) -> Any:
         try:
@@ -171,6 +178,7 @@ class MloraIngress:
                 head = await gen.__anext__()
             except _retryable() as exc:
                 last = exc
+                self.m_failures.labels("retried" if attempt < self.retries else "failed").inc()
                 continue
             if head["status"] != 200 or head["body"] is not None:
                 gen.cancel()
@@ -194,6 +202,7 @@ class MloraIngress:
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
             if isinstance(exc, _retryable()):
                 err = replica_failed(exc, self.config.retry_after_s)
+                self.m_failures.labels("stream_cut").inc()
             else:
                 log.exception("error while relaying a stream")
                 err = P.APIError(500, "internal server error (see the server log)")
@@ -221,7 +230,10 @@ class MloraIngress:
         for r in results:
             if isinstance(r, BaseException):
                 log.warning("a replica did not answer the metrics scrape: %s", r)
-        return Response(merge_expositions(parts, label="replica"), headers={"Content-Type": CONTENT_TYPE})
+        from prometheus_client import generate_latest
+
+        body = merge_expositions(parts, label="replica") + generate_latest(self.registry)  # + the ingress's own
+        return Response(body, headers={"Content-Type": CONTENT_TYPE})
 
 
 # -- deploying ------------------------------------------------------------------------------------

@@ -257,6 +257,9 @@ def test_a_killed_replica_fails_its_streams_cleanly_and_serve_recovers(cluster: 
         assert "replica" in r["errors"][0]["message"]
     for job, r in survived:
         assert r["done"] and not r["errors"] and r["text"] == want[job], (job, r)
+    failures = {dict(labels)["outcome"]: v for (n, labels), v in _metrics(cluster).items()
+                if n == "mlora:ray_replica_failures_total"}
+    assert failures.get("stream_cut") == len(killed)  # operators see what the clients saw
     for (m, p), (status, body, _) in zip(jobs[:4], plain_results):
         assert status in (200, 503), body
         if status == 200:  # retried on the surviving replica if its first one died
