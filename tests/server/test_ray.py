@@ -92,6 +92,12 @@ def _one(url: str, model: str, prompt: str, kind: str) -> tuple[str, str, Any]:
             model=model, messages=[{"role": "user", "content": prompt}], max_tokens=32, temperature=0)
         r = raw.parse()
         return raw.headers.get(HEADER, ""), r.choices[0].message.content or "", _strip(r.model_dump())
+    if kind == "chat_stream":
+        raw = client.chat.completions.with_raw_response.create(
+            model=model, messages=[{"role": "user", "content": prompt}], max_tokens=32, temperature=0, stream=True)
+        chunks = list(raw.parse())
+        text = "".join(c.choices[0].delta.content or "" for c in chunks)
+        return raw.headers.get(HEADER, ""), text, [c.choices[0].finish_reason for c in chunks][-1:]
     if kind == "stream":
         raw = client.completions.with_raw_response.create(model=model, prompt=prompt, max_tokens=32, temperature=0,
                                                           stream=True)
@@ -124,8 +130,8 @@ def _per_replica(metrics: dict[Any, float], name: str) -> Counter[tuple[str, str
 
 def test_interleaved_adapters_are_correct_and_stick_to_their_replicas(cluster: str, oracle: ServerThread) -> None:
     prompts = heldout_strings(12, seed=7)
-    kinds = ["completion", "stream", "chat"]
-    jobs = [(MODELS[i % 4], prompts[i % len(prompts)], kinds[i % 3]) for i in range(48)]
+    kinds = ["completion", "stream", "chat", "chat_stream"]
+    jobs = [(MODELS[i % 4], prompts[i % len(prompts)], kinds[(i // 4) % 4]) for i in range(48)]
     with ThreadPoolExecutor(6) as pool:
         got = list(pool.map(lambda job: _one(cluster, *job), jobs))
     want = [_one(oracle.url, *job) for job in jobs]
