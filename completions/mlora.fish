@@ -72,7 +72,7 @@ complete -c mlora -n '__fish_seen_subcommand_from serve' -l port -s p -x -d 'Por
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l api-key -x -d 'Require '\''Authorization: Bearer KEY'\'' on every /v1 route (/health and /metrics stay open).'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l grace-period -x -d 'Seconds SIGINT/SIGTERM waits for in-flight requests before aborting them.'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l ray -d 'Serve with N engine replicas on Ray Serve behind one ingress; requests for an adapter go to a replica that holds it. Needs mlora\[ray].'
-complete -c mlora -n '__fish_seen_subcommand_from serve' -l replicas -x -d 'Engine replicas with --ray (each one loads the base model; --max-loras/--max-cpu-loras are per replica).'
+complete -c mlora -n '__fish_seen_subcommand_from serve' -l replicas -x -d 'Engine replicas with --ray (each one loads the base model; --max-loras/--max-cpu-loras are per replica). \[default: 2]'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l ray-address -x -d 'Join this Ray cluster with --ray (e.g. auto, or HEAD_IP:6379). Default: start a local one.'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -s h -l help -d 'Show this message and exit.'
 complete -c mlora -n '__fish_seen_subcommand_from validate' -F

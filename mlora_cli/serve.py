@@ -71,7 +71,7 @@ def serve(
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MLORA_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 route (/health and /metrics stay open).", rich_help_panel=_HTTP, show_default=False)] = None,
     grace_period: Annotated[float, typer.Option("--grace-period", min=0.0, help="Seconds SIGINT/SIGTERM waits for in-flight requests before aborting them.", rich_help_panel=_HTTP)] = 10.0,
     ray: Annotated[bool, typer.Option("--ray", help="Serve with N engine replicas on Ray Serve behind one ingress; requests for an adapter go to a replica that holds it. Needs mlora\\[ray].", rich_help_panel=_RAY)] = False,
-    replicas: Annotated[int, typer.Option("--replicas", min=1, help="Engine replicas with --ray (each one loads the base model; --max-loras/--max-cpu-loras are per replica).", rich_help_panel=_RAY)] = 2,
+    replicas: Annotated[Optional[int], typer.Option("--replicas", min=1, help="Engine replicas with --ray (each one loads the base model; --max-loras/--max-cpu-loras are per replica). \\[default: 2]", rich_help_panel=_RAY, show_default=False)] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Join this Ray cluster with --ray (e.g. auto, or HEAD_IP:6379). Default: start a local one.", rich_help_panel=_RAY, show_default=False)] = None,
 ) -> None:
     """Serve the base model and its LoRA adapters behind an OpenAI-compatible API.
@@ -86,8 +86,12 @@ def serve(
                           max_num_seqs=max_num_seqs, max_queue=max_queue, host=host, port=port, api_key=api_key,
                           grace_period=grace_period)
     if ray:
-        _serve_ray(config, replicas, ray_address)
+        _serve_ray(config, 2 if replicas is None else replicas, ray_address)
         return
+    if replicas is not None:
+        from engine.errors import ConfigError
+
+        raise ConfigError("--replicas needs --ray", hint=f"mlora serve --ray --replicas {replicas}")
     from engine.server.run import serve as run_server
 
     console.print("[dim]loading the model...[/]", highlight=False)

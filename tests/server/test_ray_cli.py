@@ -35,6 +35,11 @@ def test_ray_not_installed_is_one_line_naming_the_extra() -> None:
     assert "Traceback" not in res.stderr + res.stdout
 
 
+def test_replicas_without_ray_is_a_one_line_error() -> None:
+    res = _cli("serve", "--replicas", "3", "--device", "cpu")
+    assert res.returncode == 1 and "--replicas needs --ray" in res.stderr and "Traceback" not in res.stderr
+
+
 @pytest.mark.ray
 @pytest.mark.parametrize("flags, message", [
     (["--port", "0"], "--port 0 is not supported with --ray"),
