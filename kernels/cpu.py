@@ -40,6 +40,11 @@ from kernels.meta import LoraBatchMeta
 
 # Above this many bytes, a whole-batch row gather spills L2 and per-segment gathers win (see above).
 CHUNK_BYTES = 512 << 10
+# "dense" (meta): shrink/expand of many short 16-bit segments as ONE matmul against the stack's slots
+# lo..hi (expand needs B stored rank-major, B[s].T contiguous, as engine.lora.slots does on CPU; the
+# rows' h are scattered into their own R columns of a zeroed [T, span * R]). It does span times the
+# useful FLOPs, so only while span * R stays small next to the base layer's width.
+DENSE_MAX_COLS = 256
 
 
 def _per_segment(stack: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
@@ -60,6 +65,21 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
     if meta.num_lora_rows == 0:
         return h
     path = meta.path_for(x.dtype)
+    if path == "split":  # prefill rows then decode rows, each with its own layout (zero-copy row slices)
+        for a, b, part in meta.parts:
+            h[a:b] = shrink_cpu(x[a:b], lora_a, scales, part)
+        return h
+    if path == "dense":
+        lo = meta.distinct_slots[0]
+        span = meta.distinct_slots[-1] - lo + 1  # slots lo..hi: a view of the stack, no copy
+        if span * R <= DENSE_MAX_COLS:
+            a_cat = lora_a[lo:lo + span].reshape(span * R, x.shape[1])  # [span*R, K]
+            hw = torch.mm(x, a_cat.T).view(T, span, R)  # [T, span, R]: every row against every slot
+            hs = hw[meta.sorted_rows, meta.dense_cols]  # [T_lora, R]: each row's own adapter
+            row_scales = scales.index_select(0, meta.sorted_slots)
+            hs.mul_(row_scales.unsqueeze(1) if row_scales.dim() == 1 else row_scales)
+            return h.index_copy_(0, meta.sorted_rows, hs)
+        path = meta.dense_fallback
     if path == "bmm":
         G, L = len(meta.distinct_slots), meta.pad_len
         if meta.pad_identity:  # rows already in equal slot-ordered segments: zero-copy views
@@ -101,6 +121,20 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
     if meta.num_lora_rows == 0:
         return out
     path = meta.path_for(h.dtype)
+    if path == "split":
+        for a, b, part in meta.parts:
+            expand_cpu(h[a:b], lora_b, out[a:b], part, out_offset)
+        return out
+    if path == "dense":
+        lo, R = meta.distinct_slots[0], h.shape[1]
+        span = meta.distinct_slots[-1] - lo + 1  # slots lo..hi: a view of the stack, no copy
+        if lora_b.stride(1) == 1 and span * R <= DENSE_MAX_COLS:  # rank-major B: [span * R, N] is a view
+            bt = lora_b[lo:lo + span].transpose(1, 2).reshape(span * R, N)  # [span*R, N]
+            hw = torch.zeros(h.shape[0], span, R, dtype=h.dtype, device=h.device)  # [T, span, R]
+            hw[meta.sorted_rows, meta.dense_cols] = h.index_select(0, meta.sorted_rows)
+            view.addmm_(hw.view(-1, span * R), bt)  # out + h @ B.T, rounded once
+            return out
+        path = meta.dense_fallback
     if path == "bmm":
         G, L = len(meta.distinct_slots), meta.pad_len
         if meta.pad_identity:  # rows already in equal slot-ordered segments: update out in place

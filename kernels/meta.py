@@ -29,12 +29,23 @@ per step so each of the ~7 x num_layers op calls only dispatches):
 - "runs": few row runs (rows of an adapter contiguous, e.g. prefill) -> one matmul per run on
   zero-copy row slices.
 - "segments": otherwise a sort-gather of the rows, one matmul per segment, one scatter back.
+- "dense" (bf16/fp16 only): short segments of unequal length, where "bmm" pads and the loops pay a
+  16-bit matmul's overhead per segment -> one matmul against the stack's slots lo..hi (the lowest to
+  the highest slot in the batch: a view, no copy) as [(hi-lo+1) * R, K] (shrink; each row keeps its
+  own R columns) or [(hi-lo+1) * R, N] (expand; rows scattered into their own R columns of a zeroed
+  [T, (hi-lo+1) * R]). (hi-lo+1) times the useful FLOPs, so `kernels.cpu` takes it only while
+  (hi-lo+1) * R <= DENSE_MAX_COLS, else `dense_fallback`. bf16, 1 thread, 16 adapters of rank 16,
+  ~58 rows of unequal segments, 768 -> 2304, expand us: bmm 220 / dense 187; 8 adapters 169 / 103.
+- "split": a step of prefill chunks followed by decode rows (`split=` the first decode row) is two
+  layouts: long prefill runs and many short decode segments. Each part gets its own path
+  (`parts`, zero-copy row slices), so the decode rows still take one bmm when a prompt joins the
+  batch, instead of the whole step falling back to one matmul per run.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -57,8 +68,10 @@ CPU_BMM_MIN_SEGMENTS = 3
 CPU_BMM_MAX_MEAN_ROWS = 4
 CPU_BMM_MAX_MEAN_ROWS_HALF = 32
 CPU_BMM_MAX_PAD_FACTOR = 1.5
+# bf16/fp16 segments up to this many rows on average (not already in equal slot order) take "dense".
+CPU_DENSE_MAX_MEAN_ROWS_HALF = 32
 _HALF = (torch.bfloat16, torch.float16)
-CPU_PATHS = ("none", "single", "bmm", "runs", "segments")
+CPU_PATHS = ("none", "single", "bmm", "runs", "segments", "split", "dense")
 
 
 class KernelError(MloraError):
@@ -117,6 +130,9 @@ class LoraBatchMeta:
     slot_base: int | None = None
     pad_identity: bool = False  # pad_rows == arange(T): rows already grouped, equal segments, no -1 rows
     cpu_path_half: str = "none"  # cpu_path for bf16/fp16 activations
+    dense_fallback: str = "segments"  # the path a "dense" op takes when the dense layout does not apply
+    dense_cols: torch.Tensor | None = None  # [T_lora] int64: sorted_slots - distinct_slots[0] (a row's block in "dense")
+    parts: tuple[tuple[int, int, "LoraBatchMeta"], ...] = ()  # "split": (row start, row end, layout of those rows)
 
     def path_for(self, dtype: torch.dtype) -> str:
         """The CPU path for activations of `dtype` (16-bit types batch longer segments)."""
@@ -144,11 +160,14 @@ class LoraBatchMeta:
 
     @classmethod
     def from_token_slots(
-        cls, token_slots: torch.Tensor | Sequence[int], *, device: torch.device | str | None = None
+        cls, token_slots: torch.Tensor | Sequence[int], *, device: torch.device | str | None = None,
+        split: int | None = None,
     ) -> LoraBatchMeta:
         """Build the layout from the per-row slots (a tensor or a host list; a list avoids a sync).
 
-        `device` is where the index tensors go (default: the tensor's device, else CPU).
+        `device` is where the index tensors go (default: the tensor's device, else CPU). `split`:
+        rows [0, split) and [split, T) are laid out separately by the CPU path (prefill chunks then
+        decode rows; see "split" in the module docstring); the Triton backend ignores it.
         """
         if isinstance(token_slots, torch.Tensor):
             if token_slots.dim() != 1:
@@ -163,7 +182,17 @@ class LoraBatchMeta:
                 raise KernelError("token_slots must be a sequence of ints")
             dev = torch.device(device) if device is not None else torch.device("cpu")
             host = torch.tensor(values, dtype=torch.int64)
-        return cls._build(host, dev)
+        meta = cls._build(host, dev)
+        T = int(host.numel())
+        if split is not None and 0 < split < T and meta.cpu_path not in ("none", "single"):
+            whole_bmm = lambda path: path == "bmm" and meta.pad_identity  # noqa: E731  (already zero-copy)
+            meta = replace(
+                meta,
+                parts=((0, split, cls._build(host[:split], dev)), (split, T, cls._build(host[split:], dev))),
+                cpu_path=meta.cpu_path if whole_bmm(meta.cpu_path) else "split",
+                cpu_path_half=meta.cpu_path_half if whole_bmm(meta.cpu_path_half) else "split",
+            )
+        return meta
 
     @classmethod
     def _build(cls, host: torch.Tensor, dev: torch.device) -> LoraBatchMeta:
@@ -227,6 +256,11 @@ class LoraBatchMeta:
             return fallback
 
         cpu_path, cpu_path_half = choose(CPU_BMM_MAX_MEAN_ROWS), choose(CPU_BMM_MAX_MEAN_ROWS_HALF)
+        if (cpu_path_half in ("bmm", "runs", "segments") and not pad_identity and G >= 2
+                and T_lora <= CPU_DENSE_MAX_MEAN_ROWS_HALF * G):
+            dense_fallback, cpu_path_half = cpu_path_half, "dense"
+        else:
+            dense_fallback = fallback
         contiguous = G > 0 and seg_vals_l[-1] - seg_vals_l[0] == G - 1  # sorted and distinct
         return cls(
             token_slots=host.to(device=dev, dtype=torch.int32),
@@ -252,4 +286,6 @@ class LoraBatchMeta:
             slot_base=seg_vals_l[0] if contiguous else None,
             pad_identity=pad_identity,
             cpu_path_half=cpu_path_half,
+            dense_fallback=dense_fallback,
+            dense_cols=(sorted_vals[num_no_lora:] - (seg_vals_l[0] if G else 0)).to(dev),
         )

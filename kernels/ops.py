@@ -54,15 +54,16 @@ def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor
     """Per-row LoRA up-projection added in place into a column slice of `out`.
 
     Semantics:
-        h: [T, R], lora_b: [S, N, R], token_slots: [T] int in [-1, S), out: [T, >= out_offset + N]
+        h: [T, R], lora_b: [S, N, R] (on the torch/cpu backends also a rank-major view, i.e.
+        `Bt.transpose(1, 2)` of a contiguous [S, R, N]), token_slots: [T] int in [-1, S), out: [T, >= out_offset + N]
         out[t, out_offset:out_offset+N] += h[t] @ lora_b[s].T   with s = token_slots[t]; nothing when s == -1
         returns out (the same tensor); accumulated in fp32, rounded once to out.dtype
     `out_offset` serves fused projections: expand q, k, v (or gate, up) into their column ranges
     of one output. h, lora_b and out share one dtype.
     """
-    _check_expand(h, lora_b, token_slots, out, out_offset)
-    meta = _meta_for(meta, token_slots, lora_b.shape[0])
     be = _resolve(backend, h.device)
+    _check_expand(h, lora_b, token_slots, out, out_offset, rank_major_ok=be != "triton")
+    meta = _meta_for(meta, token_slots, lora_b.shape[0])
     if h.shape[0] == 0:
         return out
     if be == "torch":
@@ -154,9 +155,12 @@ def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tens
 
 
 def _check_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor,
-                  out_offset: int) -> None:
+                  out_offset: int, *, rank_major_ok: bool = False) -> None:
     _check_common("h", h, 2)
-    _check_common("lora_b", lora_b, 3)
+    # the torch backends also take a rank-major B (lora_b.transpose(1, 2) contiguous, as the
+    # engine's CPU slots store it); the Triton kernels need [S, N, R] with unit last stride
+    rank_major = rank_major_ok and lora_b.dim() == 3 and lora_b.stride(1) == 1 and lora_b.transpose(1, 2).is_contiguous()
+    _check_common("lora_b", lora_b if not rank_major else lora_b.transpose(1, 2), 3)
     _check_common("out", out, 2)
     _check_slots(token_slots, h.shape[0])
     _check_devices(h=h, lora_b=lora_b, token_slots=token_slots, out=out)

@@ -7,6 +7,11 @@ truth, so the bytes here equal `budget.adapter_slot_bytes(...) * max_loras`):
     B[module]   [layers, max_loras, out, max_rank]   lora_dtype
     scales      [layers, n_modules, max_loras]       float32
 
+On CPU, B is stored rank-major ([layers, max_loras, max_rank, out] in memory) and exposed as the
+transposed view above: every user indexes it the same way, while the CPU expand reads
+`B[s].T` ([R, out]) and the stacked [G * R, out] of several slots as contiguous memory, which
+lets it run one dense matmul for a mixed batch (see `kernels.cpu`); same bytes.
+
 Scaling is kept PER (layer, module, slot), not folded into B: rank_pattern / alpha_pattern /
 rsLoRA give every module its own `alpha/r` (or `alpha/sqrt(r)`), and the shrink op takes a
 per-slot scale vector, so the math is `delta = scale * B @ A` exactly as PEFT computes it
@@ -117,7 +122,10 @@ class LoraSlots:
         L = dims.layers
         kw = dict(dtype=self.dtype, device=self.device)
         self.A = {m: torch.zeros((L, *a), **kw) for m, (a, _) in shapes.items()}  # [L, S, R, in]
-        self.B = {m: torch.zeros((L, *b), **kw) for m, (_, b) in shapes.items()}  # [L, S, out, R]
+        if self.device.type == "cpu":  # rank-major storage, [L, S, out, R] view (see the module docstring)
+            self.B = {m: torch.zeros((L, b[0], b[2], b[1]), **kw).transpose(2, 3) for m, (_, b) in shapes.items()}
+        else:
+            self.B = {m: torch.zeros((L, *b), **kw) for m, (_, b) in shapes.items()}  # [L, S, out, R]
         self.scales = torch.zeros(L, len(self.modules), max_loras, dtype=torch.float32, device=self.device)
         # which slots have weights for (layer, module index): lets get() return None for idle pairs
         self._users: list[list[set[int]]] = [[set() for _ in self.modules] for _ in range(L)]

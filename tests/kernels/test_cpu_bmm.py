@@ -22,6 +22,7 @@ def force_bmm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kmeta, "CPU_BMM_MIN_SEGMENTS", 2)
     monkeypatch.setattr(kmeta, "CPU_BMM_MAX_MEAN_ROWS", 1 << 30)
     monkeypatch.setattr(kmeta, "CPU_BMM_MAX_MEAN_ROWS_HALF", 1 << 30)
+    monkeypatch.setattr(kmeta, "CPU_DENSE_MAX_MEAN_ROWS_HALF", 0)
     monkeypatch.setattr(kmeta, "CPU_BMM_MAX_PAD_FACTOR", float("inf"))
 
 
@@ -81,13 +82,13 @@ def test_bmm_path_slot_layouts(slots: list[int], dtype: str, force_bmm: None) ->
 
 
 @pytest.mark.parametrize(("slots", "path", "half_path"), [
-    ([0, 1, 2, 3, 4, 5, 6, 7] * 4, "bmm", "bmm"),            # decode: 8 adapters, 4 rows each
-    ([0, 0, 1, 1, 2, 2, 3, 3, -1, 4, 4], "bmm", "bmm"),      # sorted decode with a base-only row
-    ([0, 1] * 8, "segments", "segments"),                    # 2 adapters interleaved: too few segments to batch
+    ([0, 1, 2, 3, 4, 5, 6, 7] * 4, "bmm", "dense"),          # decode: 8 adapters, 4 rows each, interleaved
+    ([0, 0, 1, 1, 2, 2, 3, 3, -1, 4, 4], "bmm", "dense"),    # sorted decode with a base-only row
+    ([0, 1] * 8, "segments", "dense"),                       # 2 adapters interleaved: too few segments to batch
     ([0] * 40 + [1] * 40 + [2] * 40, "bmm", "bmm"),          # equal runs in slot order: zero-copy bmm views
-    ([0] * 24 + [1] * 20 + [2] * 22, "runs", "bmm"),         # prefill-like unequal runs: 16-bit batches them
+    ([0] * 24 + [1] * 20 + [2] * 22, "runs", "dense"),       # prefill-like unequal runs: 16-bit batches them
     ([0] * 80 + [1] * 70 + [2] * 75, "runs", "runs"),        # long runs: zero-copy slices in every dtype
-    ([0] * 30 + [1, 2, 3], "runs", "runs"),                  # one long segment: padding would be 10x
+    ([0] * 30 + [1, 2, 3], "runs", "dense"),                 # one long segment: padding would be 10x
     ([4] * 6, "single", "single"),
     ([-1, -1], "none", "none"),
 ])
@@ -122,3 +123,67 @@ def test_bmm_on_rows_already_grouped_in_place(slots: list[int], dtype: str, forc
     got = lora_expand(h.to(dt), b.to(dt), ts, before.clone(), meta=meta, out_offset=3, backend="cpu")
     assert_close(got, expected, dtype, "expand")
     assert torch.equal(got[:, :3], before[:, :3]) and torch.equal(got[:, 3 + N:], before[:, 3 + N:])
+
+
+@pytest.mark.parametrize(("slots", "split"), [
+    ([3] * 20 + [0] * 9 + list(range(16)) * 2, 29),          # two prompts, then a decode row pair per adapter
+    ([5] * 33 + sorted([0, 1, 2, 3, 4, 6, 7] * 3), 33),      # one prompt, sorted decode segments (bmm part)
+    ([-1] * 12 + [2] * 7 + [0, 0, -1, 1, 1, 4, 4, 9, 9], 19),  # base-only prompt rows and a base decode row
+    ([1] * 10 + [2] * 6 + [-1, -1, -1], 16),                 # decode rows all base: second part "none"
+])
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_prefill_then_decode_split_layout_matches_naive(slots: list[int], split: int, dtype: str) -> None:
+    """A step of prefill chunks followed by decode rows: each part takes its own CPU path, and the
+    shrink/expand results equal the float64 loop; columns outside the expanded slice are untouched."""
+    gen = torch.Generator().manual_seed(7)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    T, R, K, N, S = len(slots), 8, 96, 40, 16
+    x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen) / K ** 0.5
+    h, b = torch.randn(T, R, generator=gen), torch.randn(S, N, R, generator=gen) / R ** 0.5
+    out, ts, scales = torch.randn(T, N + 6, generator=gen), torch.tensor(slots), torch.rand(S, generator=gen) + 0.5
+    meta = LoraBatchMeta.from_token_slots(slots, split=split)
+    assert meta.path_for(dt) == "split" and [(p0, p1) for p0, p1, _ in meta.parts] == [(0, split), (split, T)]
+    whole = LoraBatchMeta.from_token_slots(slots)
+    assert whole.cpu_path != "split" and not whole.parts  # no split asked: one layout
+    got = lora_shrink(x.to(dt), a.to(dt), ts, scales, meta=meta, backend="cpu")
+    assert_close(got, naive_shrink(x.to(dt), a.to(dt), ts, scales), dtype, "shrink")
+    assert torch.all(got[ts < 0] == 0)
+    before = out.to(dt)
+    expected = naive_expand(h.to(dt), b.to(dt), ts, before.clone(), 4)
+    got = lora_expand(h.to(dt), b.to(dt), ts, before.clone(), meta=meta, out_offset=4, backend="cpu")
+    assert_close(got, expected, dtype, "expand")
+    assert torch.equal(got[:, :4], before[:, :4]) and torch.equal(got[:, 4 + N:], before[:, 4 + N:])
+    assert torch.equal(got[ts < 0], before[ts < 0])  # base-only rows get no delta
+
+
+@pytest.mark.parametrize("slots", [
+    [0, 1, 2, 3, 4, 5, 6, 7] * 3 + [2, 5],                   # interleaved decode, unequal segments
+    [3, 3, 3, 1, -1, 1, 0, 0, 0, 0, 7, -1],                  # base-only rows among them
+    [9] * 5 + [2] * 3 + [11] * 7 + [4],                      # sorted runs of unequal length, scattered slots
+    [0, 1] * 6,                                              # two adapters only
+])
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("rank_major", [True, False])
+@pytest.mark.parametrize("R", [8, 64])  # 64: slots lo..hi span too many columns, the fallback path runs
+def test_dense_path_matches_naive(slots: list[int], dtype: str, rank_major: bool, R: int) -> None:
+    """16-bit short unequal segments: one dense matmul against the stacked adapters (B rank-major as
+    the engine's CPU slots store it, or the plain layout, which falls back) equals the float64 loop."""
+    gen = torch.Generator().manual_seed(11)
+    dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    T, K, N, S = len(slots), 80, 36, 16
+    x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen) / K ** 0.5
+    h, b = torch.randn(T, R, generator=gen), torch.randn(S, N, R, generator=gen) / R ** 0.5
+    out, ts, scales = torch.randn(T, N + 3, generator=gen), torch.tensor(slots), torch.rand(S, R, generator=gen) + 0.5
+    meta = LoraBatchMeta.from_token_slots(slots)
+    assert meta.path_for(dt) == "dense"
+    b_dt = b.to(dt).transpose(1, 2).contiguous().transpose(1, 2) if rank_major else b.to(dt)
+    assert (b_dt.stride(1) == 1) == rank_major and torch.equal(b_dt, b.to(dt))
+    got = lora_shrink(x.to(dt), a.to(dt), ts, scales, meta=meta, backend="cpu")
+    assert_close(got, naive_shrink(x.to(dt), a.to(dt), ts, scales), dtype, "shrink")
+    assert torch.all(got[ts < 0] == 0)
+    before = out.to(dt)
+    expected = naive_expand(h.to(dt), b.to(dt), ts, before.clone(), 2)
+    got = lora_expand(h.to(dt), b_dt, ts, before.clone(), meta=meta, out_offset=2, backend="cpu")
+    assert_close(got, expected, dtype, "expand")
+    assert torch.equal(got[:, :2], before[:, :2]) and torch.equal(got[:, 2 + N:], before[:, 2 + N:])
+    assert torch.equal(got[ts < 0], before[ts < 0])
