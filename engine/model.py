@@ -97,12 +97,22 @@ class LoraContext:
 # `small` preset's linears (1 thread, weights not in cache, ms, x @ W.T / W @ x.T): gate_up T=8
 # 2.24 / 1.74, T=16 1.80 / 1.73, T=32 2.41 / 2.38, qkv T=32 0.95 / 0.83, down T=32 0.94 / 0.72; but
 # T=2 0.70 / 1.62 and T=64 3.03 / 4.15, so 1-7 rows and prefill-sized batches keep F.linear.
+# In bf16/fp16 (oneDNN) W @ x.T wins from 2 rows up to 64, and a single row is fastest as a matrix-
+# vector product: the 12 layers of `small`, 1 thread, ms per step (F.linear / W @ x.T / mv): T=1
+# 21.5 / 21.8 / 16.2, T=4 23.0 / 16.8, T=16 23.8 / 18.6, T=48 31.7 / 25.6, T=64 32.4 / 30.3,
+# T=100 37.1 / 38.0. (fp32 T=1: F.linear and mv both 26.1.)
 SMALL_BATCH_ROWS = range(8, 49)
+SMALL_BATCH_ROWS_HALF = range(2, 65)
 
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) as a contiguous [T, out]; 8-48 row CPU batches go through weight @ x.T."""
-    if x.device.type != "cpu" or x.shape[0] not in SMALL_BATCH_ROWS:
+    """x @ weight.T (+ bias) as a contiguous [T, out]; small CPU batches go through weight @ x.T."""
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    if half and x.shape[0] == 1 and x.device.type == "cpu":
+        y = torch.mv(weight, x[0]).unsqueeze(0)  # [1, out]
+        return y.add_(bias) if bias is not None else y
+    rows = SMALL_BATCH_ROWS_HALF if half else SMALL_BATCH_ROWS
+    if x.device.type != "cpu" or x.shape[0] not in rows:
         return F.linear(x, weight, bias)
     y = torch.mm(weight, x.t()).t().contiguous()  # [T, out]
     return y.add_(bias) if bias is not None else y
@@ -139,8 +149,9 @@ class LoraLinear(nn.Module):
                 stack = lora.stacks.get(self.layer, name)
                 if stack is not None:
                     a, b, scales = stack
-                    h = lora_shrink(x, a, lora.token_slots, scales, meta=lora.meta)  # [T, R]
-                    lora_expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset)
+                    # stacks and meta are built consistent per step: skip the per-call argument checks
+                    h = lora_shrink(x, a, lora.token_slots, scales, meta=lora.meta, check=False)  # [T, R]
+                    lora_expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset, check=False)
                     dora = getattr(lora.stacks, "dora", None)
                     g = dora(self.layer, name) if dora is not None else None
                     if g is not None:  # DoRA: rescale this part's output per token (see engine.lora.slots)

@@ -100,3 +100,21 @@ def test_import_kernels_does_not_import_triton() -> None:
     code = "import sys, kernels; print('triton' in sys.modules)"
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and res.stdout.strip() == "False", res.stderr
+
+
+def test_unchecked_hot_path_gives_the_same_result_and_still_checks_without_meta() -> None:
+    """check=False (the engine's per-step calls) computes exactly what the checked call does; without a
+    meta the arguments are still validated, so a caller cannot skip both."""
+    gen = torch.Generator().manual_seed(3)
+    x, a, b = torch.randn(6, 32, generator=gen), torch.randn(3, 8, 32, generator=gen), torch.randn(3, 40, 8, generator=gen)
+    ts, scales = torch.tensor([0, 2, -1, 1, 2, 0]), torch.rand(3, generator=gen)
+    meta = LoraBatchMeta.from_token_slots(ts)
+    h = lora_shrink(x, a, ts, scales, meta=meta)
+    assert torch.equal(lora_shrink(x, a, ts, scales, meta=meta, check=False), h)
+    out = torch.randn(6, 48, generator=gen)
+    want = lora_expand(h, b, ts, out.clone(), meta=meta, out_offset=4)
+    assert torch.equal(lora_expand(h, b, ts, out.clone(), meta=meta, out_offset=4, check=False), want)
+    with pytest.raises(KernelError, match="lora_a dtype"):
+        lora_shrink(x, a.half(), ts, scales, check=False)
+    with pytest.raises(KernelError, match="out_offset 9"):
+        lora_expand(h, b, ts, out.clone(), out_offset=9, check=False)
