@@ -69,7 +69,10 @@ CPU_BMM_MAX_MEAN_ROWS = 4
 CPU_BMM_MAX_MEAN_ROWS_HALF = 32
 CPU_BMM_MAX_PAD_FACTOR = 1.5
 # bf16/fp16 segments up to this many rows on average (not already in equal slot order) take "dense".
-CPU_DENSE_MAX_MEAN_ROWS_HALF = 32
+# bf16, 1 thread, shrink + expand 768 -> 2304, us (runs / bmm / dense): 10 prompts of 30-38 rows
+# 864 / 814 / 496; 8 x 60-70 rows 910 / 1161 / 557; 3 x 100-130 rows 432 / 745 / 297;
+# 16 x 140-180 rows 2817 / 5524 / 3013 (past the crossover); 16 x 1-3 rows 869 / - / 200.
+CPU_DENSE_MAX_MEAN_ROWS_HALF = 128
 _HALF = (torch.bfloat16, torch.float16)
 CPU_PATHS = ("none", "single", "bmm", "runs", "segments", "split", "dense")
 

@@ -87,7 +87,8 @@ def test_bmm_path_slot_layouts(slots: list[int], dtype: str, force_bmm: None) ->
     ([0, 1] * 8, "segments", "dense"),                       # 2 adapters interleaved: too few segments to batch
     ([0] * 40 + [1] * 40 + [2] * 40, "bmm", "bmm"),          # equal runs in slot order: zero-copy bmm views
     ([0] * 24 + [1] * 20 + [2] * 22, "runs", "dense"),       # prefill-like unequal runs: 16-bit batches them
-    ([0] * 80 + [1] * 70 + [2] * 75, "runs", "runs"),        # long runs: zero-copy slices in every dtype
+    ([0] * 80 + [1] * 70 + [2] * 75, "runs", "dense"),       # prompt-length runs: one 16-bit matmul beats 3
+    ([0] * 160 + [1] * 140 + [2] * 150, "runs", "runs"),     # long runs: zero-copy slices in every dtype
     ([0] * 30 + [1, 2, 3], "runs", "dense"),                 # one long segment: padding would be 10x
     ([4] * 6, "single", "single"),
     ([-1, -1], "none", "none"),
