@@ -226,7 +226,8 @@ class LlamaModel(nn.Module):
     ) -> torch.Tensor:
         """Hidden states after the final norm: [T, hidden]."""
         x = F.embedding(input_ids, self.embed_tokens)
-        cos, sin = self.cos[positions], self.sin[positions]  # [T, D]
+        # [T, D] in the activation dtype once per step, not once per layer (as transformers casts them)
+        cos, sin = self.cos[positions].to(x.dtype), self.sin[positions].to(x.dtype)
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, meta, kv_cache[i, 0], kv_cache[i, 1], lora)
         return self.norm(x)
