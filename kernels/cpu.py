@@ -14,6 +14,13 @@ the step's `LoraBatchMeta`:
   hidden 768, T=32 rows over 16 adapters, 1 thread: shrink 275 -> 90 us, expand 260 -> 116 us.
 - few row runs (rows of an adapter contiguous, e.g. prefill or a sorted decode batch): one
   matmul per run on zero-copy row slices.
+- bf16/fp16 short segments of unequal length (`"dense"`): one matmul against the stack's slots
+  lo..hi stacked as [span * R, K] (shrink; each row then keeps its own R columns) or
+  [span * R, N] (expand, needs B stored rank-major as engine.lora.slots does on CPU; rows are
+  scattered into their own R columns of a zeroed [T, span * R]) - the 16-bit per-matmul
+  overhead is paid once; bounded by DENSE_MAX_COLS since it does span times the useful FLOPs.
+- prefill chunks followed by decode rows (`"split"`): each part runs its own path above on
+  zero-copy row slices.
 - otherwise (interleaved decode rows): gather the rows once in slot order (`index_select`),
   one matmul per adapter segment on contiguous slices, scatter back once (`index_copy_` /
   `index_add_`); when that gathered block would exceed ~L2 (`CHUNK_BYTES`), gather and scatter
