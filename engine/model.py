@@ -107,14 +107,15 @@ SMALL_BATCH_ROWS_HALF = range(2, 65)
 
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) as a contiguous [T, out]; small CPU batches go through weight @ x.T."""
-    half = x.dtype in (torch.bfloat16, torch.float16)
-    if half and x.shape[0] == 1 and x.device.type == "cpu":
-        y = torch.mv(weight, x[0]).unsqueeze(0)  # [1, out]
-        return y.add_(bias) if bias is not None else y
-    rows = SMALL_BATCH_ROWS_HALF if half else SMALL_BATCH_ROWS
-    if x.device.type != "cpu" or x.shape[0] not in rows:
+    if x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    y = torch.mm(weight, x.t()).t().contiguous()  # [T, out]
+    half = x.dtype in (torch.bfloat16, torch.float16)
+    if half and x.shape[0] == 1:
+        y = torch.mv(weight, x[0]).unsqueeze(0)  # [1, out]
+    elif x.shape[0] in (SMALL_BATCH_ROWS_HALF if half else SMALL_BATCH_ROWS):
+        y = torch.mm(weight, x.t()).t().contiguous()  # [T, out]
+    else:
+        return F.linear(x, weight, bias)
     return y.add_(bias) if bias is not None else y
 
 

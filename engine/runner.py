@@ -203,11 +203,10 @@ class ModelRunner:
             self._decode_meta(meta, [items[i].seq for i in decode_rows])
         lora = None
         if stacks is not None and slots is not None and any(s >= 0 for s in slots):
-            ts = torch.tensor(token_slots, dtype=torch.int32, device=dev)
             # once per step; prefill chunks and decode rows get separate CPU layouts (kernels.meta "split")
             split = meta.decode_start if prefills and decode_rows else None
-            lora = LoraContext(token_slots=ts, meta=LoraBatchMeta.from_token_slots(token_slots, device=dev, split=split),
-                               stacks=stacks)  # fmt: skip
+            lmeta = LoraBatchMeta.from_token_slots(token_slots, device=dev, split=split)
+            lora = LoraContext(token_slots=lmeta.token_slots, meta=lmeta, stacks=stacks)  # [T] int32 on dev
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         hidden = self.model(input_ids, positions, meta, self.kv_cache, lora)  # [T, hidden]

@@ -155,12 +155,6 @@ class LoraBatchMeta:
         a, b, _ = self.segments[g]
         return self.sorted_rows[a:b]
 
-    @property
-    def use_runs(self) -> bool:
-        """CPU path: slice contiguous row runs instead of gathering rows (few runs per slot)."""
-        lora_runs = sum(1 for _, _, s in self.runs if s >= 0)
-        return lora_runs <= CPU_MAX_RUNS_PER_SLOT * max(1, len(self.distinct_slots))
-
     @classmethod
     def from_token_slots(
         cls, token_slots: torch.Tensor | Sequence[int], *, device: torch.device | str | None = None,
