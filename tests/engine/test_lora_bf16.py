@@ -47,6 +47,7 @@ def test_every_row_gets_its_own_adapter_delta(bf16_llm, layout: str) -> None:
     meta = LoraBatchMeta.from_token_slots(ts_list, split=split)
     assert meta.path_for(torch.bfloat16) in ("dense", "split")
     ctx = LoraContext(token_slots=torch.tensor(ts_list, dtype=torch.int32), meta=meta, stacks=slots)
+    loaded = {n: load_adapter(paths[n]) for n in names}
     layer = runner.model.layers[1]
     gen = torch.Generator().manual_seed(0)
     for lin, parts in ((layer.qkv, ("q_proj", "k_proj", "v_proj")), (layer.down_proj, ("down_proj",))):
@@ -59,7 +60,7 @@ def test_every_row_gets_its_own_adapter_delta(bf16_llm, layout: str) -> None:
             for t, name in enumerate(which):
                 want = base[t, offset:offset + n_out].clone()
                 if name is not None:
-                    mod = load_adapter(paths[name]).modules.get((1, part))
+                    mod = loaded[name].modules.get((1, part))
                     if mod is not None:
                         want += mod.scaling * (x[t].double() @ mod.lora_a.double().T) @ mod.lora_b.double().T
                 torch.testing.assert_close(got[t, offset:offset + n_out], want, atol=0.05, rtol=0.02,

@@ -26,6 +26,19 @@ def force_bmm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kmeta, "CPU_BMM_MAX_PAD_FACTOR", float("inf"))
 
 
+def _op_inputs(slots: list[int], *, R: int, K: int, N: int, S: int, extra_cols: int, seed: int,
+               rank_scales: bool = True) -> tuple[torch.Tensor, ...]:
+    """Seeded fp32 shrink/expand inputs: x [T, K], a [S, R, K], h [T, R], b [S, N, R],
+    out [T, N + extra_cols], token slots [T] and scales [S, R] (or [S])."""
+    gen = torch.Generator().manual_seed(seed)
+    T = len(slots)
+    x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen) / K ** 0.5
+    h, b = torch.randn(T, R, generator=gen), torch.randn(S, N, R, generator=gen) / R ** 0.5
+    out = torch.randn(T, N + extra_cols, generator=gen)
+    scales = torch.rand(*((S, R) if rank_scales else (S,)), generator=gen) + 0.5
+    return x, a, h, b, out, torch.tensor(slots), scales
+
+
 def _meta(slots: torch.Tensor) -> LoraBatchMeta:
     meta = LoraBatchMeta.from_token_slots(slots)
     if len(meta.distinct_slots) >= 2:
@@ -64,12 +77,8 @@ def test_bmm_path_expand_matches_naive(case: Case, force_bmm: None) -> None:
 ])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_bmm_path_slot_layouts(slots: list[int], dtype: str, force_bmm: None) -> None:
-    gen = torch.Generator().manual_seed(0)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    T, R, K, N, S = len(slots), 8, 96, 80, 8
-    x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen) / K ** 0.5
-    h, b = torch.randn(T, R, generator=gen), torch.randn(S, N, R, generator=gen) / R ** 0.5
-    out, ts, scales = torch.randn(T, N + 9, generator=gen), torch.tensor(slots), torch.rand(S, R, generator=gen) + 0.5
+    x, a, h, b, out, ts, scales = _op_inputs(slots, R=8, K=96, N=80, S=8, extra_cols=9, seed=0)
     meta = _meta(ts)
     distinct = sorted({s for s in slots if s >= 0})
     assert (meta.slot_base is not None) == (distinct == list(range(distinct[0], distinct[-1] + 1)))
@@ -109,12 +118,9 @@ def test_cpu_path_choice(slots: list[int], path: str, half_path: str) -> None:
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_bmm_on_rows_already_grouped_in_place(slots: list[int], dtype: str, force_bmm: None) -> None:
     """Rows already in equal slot-ordered segments take the zero-copy path and stay exact."""
-    gen = torch.Generator().manual_seed(1)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    T, R, K, N, S = len(slots), 8, 64, 48, 16
-    x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen) / K ** 0.5
-    h, b = torch.randn(T, R, generator=gen), torch.randn(S, N, R, generator=gen) / R ** 0.5
-    out, ts, scales = torch.randn(T, N + 5, generator=gen), torch.tensor(slots), torch.rand(S, R, generator=gen) + 0.5
+    x, a, h, b, out, ts, scales = _op_inputs(slots, R=8, K=64, N=48, S=16, extra_cols=5, seed=1)
+    N = b.shape[1]
     meta = _meta(ts)
     assert meta.pad_identity
     got = lora_shrink(x.to(dt), a.to(dt), ts, scales, meta=meta, backend="cpu")
@@ -136,12 +142,9 @@ def test_bmm_on_rows_already_grouped_in_place(slots: list[int], dtype: str, forc
 def test_prefill_then_decode_split_layout_matches_naive(slots: list[int], split: int, dtype: str) -> None:
     """A step of prefill chunks followed by decode rows: each part takes its own CPU path, and the
     shrink/expand results equal the float64 loop; columns outside the expanded slice are untouched."""
-    gen = torch.Generator().manual_seed(7)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    T, R, K, N, S = len(slots), 8, 96, 40, 16
-    x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen) / K ** 0.5
-    h, b = torch.randn(T, R, generator=gen), torch.randn(S, N, R, generator=gen) / R ** 0.5
-    out, ts, scales = torch.randn(T, N + 6, generator=gen), torch.tensor(slots), torch.rand(S, generator=gen) + 0.5
+    x, a, h, b, out, ts, scales = _op_inputs(slots, R=8, K=96, N=40, S=16, extra_cols=6, seed=7, rank_scales=False)
+    T, N = len(slots), b.shape[1]
     meta = LoraBatchMeta.from_token_slots(slots, split=split)
     assert meta.path_for(dt) == "split" and [(p0, p1) for p0, p1, _ in meta.parts] == [(0, split), (split, T)]
     whole = LoraBatchMeta.from_token_slots(slots)
@@ -169,12 +172,9 @@ def test_prefill_then_decode_split_layout_matches_naive(slots: list[int], split:
 def test_dense_path_matches_naive(slots: list[int], dtype: str, rank_major: bool, R: int) -> None:
     """16-bit short unequal segments: one dense matmul against the stacked adapters (B rank-major as
     the engine's CPU slots store it, or the plain layout, which falls back) equals the float64 loop."""
-    gen = torch.Generator().manual_seed(11)
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    T, K, N, S = len(slots), 80, 36, 16
-    x, a = torch.randn(T, K, generator=gen), torch.randn(S, R, K, generator=gen) / K ** 0.5
-    h, b = torch.randn(T, R, generator=gen), torch.randn(S, N, R, generator=gen) / R ** 0.5
-    out, ts, scales = torch.randn(T, N + 3, generator=gen), torch.tensor(slots), torch.rand(S, R, generator=gen) + 0.5
+    x, a, h, b, out, ts, scales = _op_inputs(slots, R=R, K=80, N=36, S=16, extra_cols=3, seed=11)
+    N = b.shape[1]
     meta = LoraBatchMeta.from_token_slots(slots)
     assert meta.path_for(dt) == "dense"
     b_dt = b.to(dt).transpose(1, 2).contiguous().transpose(1, 2) if rank_major else b.to(dt)
