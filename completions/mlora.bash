@@ -15,7 +15,7 @@ _mlora() {
             return 0 ;;
         bench)
             case "$prev" in
-                --preset) COMPREPLY=( $(compgen -W 'tiny small' -- "$cur") ); return 0 ;;
+                --preset) COMPREPLY=( $(compgen -W 'tiny small llama-1b' -- "$cur") ); return 0 ;;
                 --model|-m) return 0 ;;
                 --rank|-r) return 0 ;;
                 --max-loras) return 0 ;;
@@ -32,7 +32,7 @@ _mlora() {
                 --threads) return 0 ;;
                 --min-mixed-ratio) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --kernels -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --no-separate --no-churn --kernels -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         budget)
             case "$prev" in

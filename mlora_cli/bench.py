@@ -17,6 +17,7 @@ import typer
 class Preset(str, Enum):
     tiny = "tiny"
     small = "small"
+    llama_1b = "llama-1b"
 
 
 class Device(str, Enum):
@@ -33,7 +34,7 @@ class Dtype(str, Enum):
 
 
 def bench(
-    preset: Annotated[Optional[Preset], typer.Option("--preset", help="Built-in seeded model: tiny (CI) or small (~100M params). (default: small; tiny with --quick)", show_default=False)] = None,
+    preset: Annotated[Optional[Preset], typer.Option("--preset", help="Built-in seeded model: tiny (CI), small (~100M params) or llama-1b (Llama-3.2-1B's shape, for GPUs). (default: small; tiny with --quick)", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="A local HF model dir (or hub id) instead of --preset; seeded adapters are built for it.", show_default=False)] = None,
     rank: Annotated[int, typer.Option("--rank", "-r", min=1, help="LoRA rank of the seeded adapters (and of the engine's slots).")] = 16,
     max_loras: Annotated[Optional[int], typer.Option("--max-loras", min=1, help="Device adapter slots; mixed-N runs N = 2, 4, 8, ... up to this. (default: 16; 4 with --quick)", show_default=False)] = None,
@@ -51,6 +52,8 @@ def bench(
     quick: Annotated[bool, typer.Option("--quick", help="CI mode: tiny preset, few short requests, N up to 4; about a minute on 2 CPU cores.")] = False,
     min_mixed_ratio: Annotated[Optional[float], typer.Option("--min-mixed-ratio", min=0.0, help="Exit 1 when mixed-N/homogeneous (largest N) is below this.", show_default=False)] = None,
     no_alternatives: Annotated[bool, typer.Option("--no-alternatives", help="Skip the separate-engines and transformers+PEFT comparisons.")] = False,
+    no_separate: Annotated[bool, typer.Option("--no-separate", help="Skip the separate-engines alternative (one engine start per adapter: slow on big models).")] = False,
+    no_churn: Annotated[bool, typer.Option("--no-churn", help="Skip the churn workload (more adapters than slots).")] = False,
     kernels: Annotated[bool, typer.Option("--kernels", help="Run the LoRA kernel micro-benchmark (shrink/expand) instead.")] = False,
 ) -> None:
     """Benchmark mixed-adapter batches against homogeneous ones, the base model and the alternatives.
@@ -85,6 +88,8 @@ def bench(
         dtype=dtype.value,
         peft_dtype=peft_dtype.value if peft_dtype is not None else None,
         alternatives=not no_alternatives,
+        separate=not no_separate,
+        churn=not no_churn,
         repeat=repeat or defaults["repeat"],
         threads=threads,
         quick=quick,

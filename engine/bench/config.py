@@ -18,7 +18,8 @@ class BenchConfig:
     The model is `model` (a directory or hub id) or the built-in `preset` (exactly one).
     Offline runs submit every request at once; with `rate` (requests/s) requests arrive as a
     seeded Poisson process and output lengths vary (identically across workloads).
-    `alternatives`: also run the `separate` (one engine per adapter) and `peft` systems.
+    `alternatives`: also run the `separate` (one engine per adapter; `separate=False` skips it) and
+    `peft` systems.
     `peft_dtype`: the transformers + PEFT alternative's dtype (None = `dtype`), so each system can run
     in its fastest dtype on the machine (e.g. transformers is slower in bf16 than fp32 on CPU).
     `repeat`: run the engine workloads that many rounds (interleaved) and keep each one's best
@@ -39,6 +40,7 @@ class BenchConfig:
     dtype: str = "auto"
     peft_dtype: str | None = None
     alternatives: bool = True
+    separate: bool = True
     churn: bool = True
     quick: bool = False
     repeat: int = 1

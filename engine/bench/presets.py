@@ -26,7 +26,7 @@ from engine.errors import ConfigError
 BUILDER_VERSION = 1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
-# hidden/intermediate/layers/heads/vocab of each preset; `small` is ~110M parameters.
+# hidden/intermediate/layers/heads/vocab of each preset; `small` is ~110M parameters, `llama-1b` ~1.24B.
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(
         hidden_size=64, intermediate_size=176, num_hidden_layers=2, num_attention_heads=4,
@@ -35,6 +35,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small": dict(
         hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
         num_key_value_heads=12, vocab_size=32000, tie_word_embeddings=True,
+    ),
+    # Llama-3.2-1B's shape (1.24B parameters, GQA 32/8, tied 128k vocab) with seeded random weights:
+    # the 1B-class GPU benchmark. ~5 GB of fp32 files on first use.
+    "llama-1b": dict(
+        hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, rope_theta=500000.0,
     ),
 }
 _COMMON = dict(

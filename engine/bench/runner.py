@@ -139,7 +139,7 @@ class _Plan:
         rounds = [_round_label(i, cfg.repeat) for i in range(cfg.repeat)]
         self.steps = ["build model + adapters", "start engine + warm up"] + [w.name + r for r in rounds for w in workloads]
         if cfg.alternatives:
-            self.steps += ["separate engines", "transformers + peft"]
+            self.steps += (["separate engines"] if cfg.separate else []) + ["transformers + peft"]
 
 
 def plan_steps(cfg: BenchConfig) -> list[str]:
@@ -211,8 +211,8 @@ def run_bench(cfg: BenchConfig, *, on_step: StepCallback | None = None) -> dict[
     if cfg.alternatives:
         largest = max((w for w in workloads if w.kind == "mixed"), key=lambda w: w.num_adapters, default=None)
         homog = next(w for w in workloads if w.kind == "homogeneous")
-        step(plan.steps[-2])
-        if largest is not None:
+        if cfg.separate and largest is not None:
+            step(plan.steps[-2])
             results.append(run_separate(cfg, model_dir, device, dtype, prompt_tokens, largest, adapter_paths))
         step(plan.steps[-1])
         from engine.bench.alternatives import peft_available, run_peft

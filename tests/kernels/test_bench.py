@@ -14,13 +14,17 @@ def test_run_kernel_bench_reports_every_case_and_method() -> None:
     res = run_kernel_bench(device="cpu", hidden_sizes=(64,), rank=4, tokens=(1, 4), adapters=(1, 2),
                            repeats=1, rotate_bytes=1 << 16, bandwidth_bytes=1 << 20)
     assert res["device"] == "cpu" and res["dtype"] == "float32" and res["bandwidth_gbs"] > 0
-    # cases (T, N): (1, 1), (4, 1), (4, 2)  (N > T skipped); 2 ops x 3 methods each
-    assert len(res["rows"]) == 3 * 2 * 3
-    assert {r["method"] for r in res["rows"]} == {"chosen", "row-gather", "adapter-loop"}
+    # cases (T, N): (1, 1), (4, 1), (4, 2)  (N > T skipped); 2 ops x 4 methods each
+    assert len(res["rows"]) == 3 * 2 * 4
+    assert {r["method"] for r in res["rows"]} == {"chosen", "row-gather", "bmm", "adapter-loop"}
+    assert res["copy_gbs"] > 0
     row = next(r for r in res["rows"] if r["op"] == "shrink" and r["T"] == 4 and r["N"] == 2)
     assert row["bytes"] == (4 * 64 + 4 * 4 + 2 * 4 * 64) * 4  # x + h + the 2 adapters' A
     assert row["gbs"] == pytest.approx(row["bytes"] / (row["us"] * 1e-6) / 1e9)
     assert row["bound_fraction"] == pytest.approx(row["gbs"] / res["bandwidth_gbs"])
+    assert row["copy_fraction"] == pytest.approx(row["gbs"] / res["copy_gbs"])
+    bmm = next(r for r in res["rows"] if r["op"] == "shrink" and r["T"] == 4 and r["N"] == 2 and r["method"] == "bmm")
+    assert bmm["vs_bmm"] == pytest.approx(1.0) and row["vs_bmm"] == pytest.approx(row["us"] / bmm["us"])
     assert row["tokens_per_s"] == pytest.approx(4 / (row["us"] * 1e-6))
     loops = [r for r in res["rows"] if r["method"] == "adapter-loop"]
     assert all(r["speedup_vs_loop"] == pytest.approx(1.0) for r in loops)
