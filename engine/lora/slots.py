@@ -236,7 +236,7 @@ class LoraSlots:
         from engine.adapters import check_servable, load_adapter
 
         adapter = load_adapter(path, name=name)
-        check_servable(adapter, allow_dora=self.dora_enabled)
+        check_servable(adapter, allow_dora=self.dora_enabled, dtype=self.dtype)  # values checked in the slot dtype
         return self.prepare(adapter)  # checks shapes/ranks, copies out of the memory-mapped file
 
     def prepare(self, adapter: Any) -> PreparedAdapter:
@@ -250,7 +250,10 @@ class LoraSlots:
         by_module: dict[str, list[tuple[int, Any]]] = {}
         for (layer, module), w in adapter.modules.items():
             by_module.setdefault(module, []).append((layer, w))
-            out.scales[layer, self._mindex[module]] = float(w.scaling)
+            scale = float(w.scaling)
+            if not abs(scale) <= torch.finfo(torch.float32).max:  # the scales are fp32 (NaN fails too)
+                raise AdapterError(f"adapter {name!r}: layer {layer} {module} has scaling {scale:.3g}, not a finite float32")
+            out.scales[layer, self._mindex[module]] = scale
         for module, items in by_module.items():
             items.sort(key=lambda t: t[0])
             ranks = {int(w.lora_a.shape[0]) for _, w in items}
