@@ -266,6 +266,11 @@ class LoraSlots:
                 lst = [(layer, self._host(w.lora_a), self._host(w.lora_b)) for layer, w in items]
                 out.per_layer[module] = lst
                 out.nbytes += sum(a.nbytes + b.nbytes for _, a, b in lst)
+        from engine.adapters.limits import all_finite
+
+        held = [t for pair in out.stacked.values() for t in pair] + [t for lst in out.per_layer.values() for _, a, b in lst for t in (a, b)]
+        if not all(all_finite(t) for t in held):  # a slot never holds NaN/Inf: other tenants' rows share its matmuls
+            raise AdapterError(f"adapter {name!r}: LoRA weights hold NaN/Inf in the slot dtype {str(self.dtype).replace('torch.', '')}")
         out.targeted = frozenset(adapter.modules)
         for key, w in adapter.modules.items():
             if getattr(w, "magnitude", None) is not None:

@@ -228,3 +228,34 @@ def test_sampling_params_refuse_wrong_types(kwargs, fragment):
 
     with pytest.raises(ConfigError, match=fragment):
         SamplingParams(**kwargs)
+
+
+def test_a_slot_never_takes_non_finite_weights_even_past_validation(llm, tmp_path):
+    """set_slot with an unchecked adapter whose B overflows the slot dtype: refused, slot unchanged
+    (rows of other tenants share the slot stacks' matmuls on some kernel paths, where 0 * inf = NaN)."""
+    from engine.adapters import load_adapter
+    from engine.lora import LoraSlots
+
+    slots = LoraSlots(llm.engine.runner.dims, max_loras=2, max_rank=16, dtype=torch.bfloat16)
+    path = _poisoned_copy(tmp_path / "inf", factor=1e300)  # fp32 file: B is already inf
+    adapter = load_adapter(path)
+    with pytest.raises(AdapterError, match="NaN/Inf in the slot dtype bfloat16"):
+        slots.set_slot(0, adapter)
+    assert slots.occupant(0) is None and all(not slots.B[m][:, 0].any() for m in slots.modules)
+
+
+def test_preempted_and_recomputed_requests_next_to_a_poisoned_one_equal_their_solo_runs(tmp_path, monkeypatch):
+    """A pool so small that requests are preempted and recomputed while poisoned requests come and
+    go: recomputed sequences rewrite every position they read, so they still equal their solo runs."""
+    llm = LLM(enable_lora=True, max_loras=4, max_num_seqs=8, num_kv_blocks=14, block_size=4, seed=0)
+    tenants = [("hello world", None), ("the cat sat", "upper"), ("abc", "reverse"), ("rot me", "rot13")]
+    solo = [llm.generate([p], GREEDY, adapters=[a])[0].token_ids for p, a in tenants]
+    monkeypatch.setattr(adapter_loader, "module_value_issue", lambda *a, **k: None)
+    llm.add_adapter("evil", str(_poisoned_copy(tmp_path / "evil")))
+    prompts = ["poison"] + [p for p, _ in tenants] * 2 + ["poison again"]
+    adapters = ["evil"] + [a for _, a in tenants] * 2 + ["evil"]
+    outs = llm.generate(prompts, GREEDY, adapters=adapters)
+    assert llm.engine.scheduler.num_preemptions > 0
+    assert outs[0].error and outs[-1].error
+    assert [o.token_ids for o in outs[1:-1]] == solo * 2
+    assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
