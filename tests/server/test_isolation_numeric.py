@@ -182,3 +182,18 @@ def test_serve_exits_non_zero_when_the_engine_dies(monkeypatch):
     with pytest.raises(EngineDeadError, match="the engine died: EngineDeadError: 3 engine steps failed") as exc:
         asyncio.run(asyncio.wait_for(serve_async(cfg), timeout=120))
     assert exc.value.exit_code == 1
+
+
+def test_a_ray_replica_with_a_dead_engine_fails_its_health_check():
+    """Ray Serve calls check_health() on each replica and replaces one that raises."""
+    from engine.server.ray_replica import MloraReplica
+
+    class Engine:
+        error: str | None = None
+
+    replica = MloraReplica.__new__(MloraReplica)
+    replica.engine = Engine()
+    asyncio.run(replica.check_health())
+    replica.engine.error = "EngineDeadError: device lost"
+    with pytest.raises(RuntimeError, match="the engine died: EngineDeadError: device lost"):
+        asyncio.run(replica.check_health())
