@@ -29,7 +29,7 @@ from engine.errors import ConfigError, EngineDeadError, PromptTooLongError
 from engine.loader import demo_adapters, load_hf_config, load_tokenizer, resolve_model_path
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 
 log = logging.getLogger("mlora.engine")
@@ -184,6 +184,7 @@ class EngineCore:
         failed = []
         if lora is not None:  # adapters that could not be loaded any more (files changed on disk)
             for seq, message in lora.take_failed():
+                log.warning("request %s: %s", seq.request_id, message)
                 seq.finish_reason, seq.stop_reason = "abort", message
                 self.scheduler.finish(seq)
                 failed.append(self._finish(self._requests[seq.request_id]))
@@ -238,7 +239,7 @@ class EngineCore:
         self.runner.scrub(seq.block_table)  # zero its K/V (NaN) before the blocks are handed out again
         return self._fail(seq, error)
 
-    def _fail_step(self, out: Any, exc: Exception) -> list[RequestOutput]:
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
         """A step's forward raised: end that step's requests (each logged by id), keep the engine."""
         self._failed_steps += 1
         ids = [it.seq.request_id for it in out.scheduled]

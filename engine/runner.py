@@ -120,13 +120,13 @@ class ModelRunner:
         self.model.init_rope(hf_config, self.max_model_len)
         a = self.args
         # kv_cache: [layers, K/V, num_blocks * block_size + 1, kv_heads, head_dim]. The last kv_slot
-        # (`zero_slot`) belongs to no block, is never written and stays zero: every padded or
+        # (`zero_kv_slot`) belongs to no block, is never written and stays zero: every padded or
         # not-yet-written position of a gather reads it, so no arithmetic ever touches K/V another
         # request (or an earlier owner of a reused block) left behind (0 * NaN would be NaN even
         # under a mask).
-        self.zero_slot = self.num_blocks * self.block_size
+        self.zero_kv_slot = self.num_blocks * self.block_size
         self.kv_cache = torch.zeros(
-            a.num_layers, 2, self.zero_slot + 1, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
+            a.num_layers, 2, self.zero_kv_slot + 1, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
         )
         self._generators: dict[int, torch.Generator] = {}
         self._seed_source = torch.Generator().manual_seed(config.seed)
@@ -301,7 +301,7 @@ class ModelRunner:
         # positions at or past a row's length (padding, and the unwritten tail of its last block,
         # which may hold a previous owner's K/V) read the always-zero kv_slot, never stale data
         written = torch.arange(length, device=dev)[None, :] < lens_t[:, None]  # [B, L]
-        meta.decode_gather = torch.where(written, gather, self.zero_slot)  # [B, L]
+        meta.decode_gather = torch.where(written, gather, self.zero_kv_slot)  # [B, L]
         if min(lens) == length:  # every row sees its whole gather (e.g. batch 1): no mask needed
             meta.decode_mask = None
         else:

@@ -109,10 +109,10 @@ def test_sampled_requests_of_every_tenant_still_succeed(llm, evil):
 def test_a_reused_block_with_stale_nan_is_never_read(llm, solo):
     """Freed blocks keep whatever their last owner wrote; a decode batch must read none of it.
     Fill every KV slot with NaN (as a failed request would leave it), then run mixed-length batches."""
-    llm.engine.runner.kv_cache[:, :, : llm.engine.runner.zero_slot].fill_(float("nan"))
+    llm.engine.runner.kv_cache[:, :, : llm.engine.runner.zero_kv_slot].fill_(float("nan"))
     outs = llm.generate([p for p, _ in TENANTS], GREEDY, adapters=[a for _, a in TENANTS])
     assert [o.token_ids for o in outs] == [solo[t] for t in TENANTS]
-    assert bool((llm.engine.runner.kv_cache[:, :, llm.engine.runner.zero_slot] == 0).all())
+    assert bool((llm.engine.runner.kv_cache[:, :, llm.engine.runner.zero_kv_slot] == 0).all())
 
 
 def test_reset_and_reused_lora_slots_hold_nothing_of_the_previous_adapter(llm):
