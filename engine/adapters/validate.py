@@ -277,7 +277,7 @@ def _check_magnitude(report: ValidationReport, config: AdapterConfig, wf: Weight
         report.add("magnitude", "fail", exc.message)
         return
     if problems:
-        report.add("magnitude", "fail", _first(problems, 1) + (f" (and {len(problems) - 1} more module(s))" if len(problems) > 1 else ""))
+        report.add("magnitude", "fail", _first(problems, 1) + (" module(s)" if len(problems) > 1 else ""))
     elif worst or lora_paths:
         report.add("magnitude", "pass", f"largest LoRA gain {worst:.3g} (limit {MAX_LORA_GAIN:.0e}); scaling within limits")
 
