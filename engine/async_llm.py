@@ -6,11 +6,16 @@
   core is only ever touched by one thread at a time.
 - Each request has its own asyncio.Queue of outputs; `generate()` is an async iterator over it.
   Closing or cancelling the iterator before the end aborts the request (its KV blocks are freed).
+- A failure inside one step ends only that step's requests (EngineCore). If the loop itself cannot
+  go on, the engine is dead: the error is logged, every waiter gets EngineStoppedError, new
+  requests are refused, `error` says why and `wait_dead()` returns, so the server answers /health
+  with 503 and exits non-zero for a supervisor to restart it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import queue
 from collections.abc import AsyncIterator
 from typing import Any
@@ -20,6 +25,8 @@ from engine.core import EngineCore, EngineStats
 from engine.errors import ConfigError, EngineStoppedError, QueueFullError
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
+
+log = logging.getLogger("mlora.engine")
 
 
 class AsyncLLM:
@@ -34,6 +41,7 @@ class AsyncLLM:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._error: BaseException | None = None
+        self._dead: asyncio.Event | None = None
 
     # -- facts the server reads --------------------------------------------------------------
     @property
@@ -48,10 +56,25 @@ class AsyncLLM:
     def max_model_len(self) -> int:
         return self.core.max_model_len
 
+    @property
+    def error(self) -> str | None:
+        """Why the engine loop died (None while it is healthy): /health answers 503 with it."""
+        return None if self._error is None else f"{type(self._error).__name__}: {self._error}"
+
+    async def wait_dead(self) -> str:
+        """Return (the reason) once the engine loop has died; never returns while it is healthy."""
+        if self._dead is None:
+            self._dead = asyncio.Event()
+        if self._error is None:
+            await self._dead.wait()
+        return self.error or "the engine loop stopped"
+
     # -- lifecycle -----------------------------------------------------------------------------
     async def start(self) -> None:
         """Start the loop task (idempotent)."""
         if self._task is None:
+            if self._dead is None:
+                self._dead = asyncio.Event()
             self._wake = asyncio.Event()
             self._stopping = False
             self._task = asyncio.create_task(self._loop(), name="mlora-engine-loop")
@@ -201,6 +224,10 @@ class AsyncLLM:
             raise
         except BaseException as e:  # a bug or device error: fail every waiter, refuse new work
             self._error = e
+            log.critical("the engine loop died (%s: %s); failing request(s) %s", type(e).__name__, e,
+                         ", ".join(self._queues) or "(none)", exc_info=e)
             for q in self._queues.values():
                 q.put_nowait(EngineStoppedError(f"the engine loop failed: {type(e).__name__}: {e}"))
+            if self._dead is not None:
+                self._dead.set()
             raise

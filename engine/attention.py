@@ -1,7 +1,9 @@
 """Paged attention in plain torch: write new K/V into the block pool, attend over gathered blocks.
 
-The KV pool of one layer is a flat view [num_blocks * block_size, kv_heads, head_dim]; token t of
-a sequence lives at slot `block_table[t // block_size] * block_size + t % block_size`.
+The KV pool of one layer is a flat view [num_blocks * block_size + 1, kv_heads, head_dim]; token t of
+a sequence lives at slot `block_table[t // block_size] * block_size + t % block_size`. The extra last
+kv_slot is never written and stays zero: gathers point padding at it, so attention never reads K/V
+that belongs to another request or to an earlier owner of a reused block (a masked 0 * NaN is NaN).
 
 A step's tokens are laid out as [prefill spans..., decode rows...] (the runner orders them so).
 - Fresh prompts (prefill spans with no cached context) attend all at once when a step holds two
@@ -39,7 +41,7 @@ class PrefillSpan:
 class PrefillBatch:
     """Fresh prompts of one step padded to a common length L, attended with one SDPA."""
 
-    index: torch.Tensor  # [P * L] step token row of each padded position (padding repeats a real row)
+    index: torch.Tensor  # [P * L] step token row of each padded position (padding repeats the prompt's own last row)
     mask: torch.Tensor | None  # [P, 1, L, L] bool (causal and key < length), None when all lengths are L
     valid: torch.Tensor  # [N] padded positions of the real tokens, in step order
     rows: torch.Tensor  # [N] their step token rows
@@ -55,7 +57,7 @@ class AttentionMetadata:
     prefills: list[PrefillSpan] = field(default_factory=list)  # spans attended one by one
     prefill_batch: PrefillBatch | None = None  # fresh prompts attended together
     decode_start: int = 0  # decode rows are tokens [decode_start, T)
-    decode_gather: torch.Tensor | None = None  # [B, L] flat slots (padding points at slot 0)
+    decode_gather: torch.Tensor | None = None  # [B, L] flat slots (padding points at the runner's always-zero kv_slot)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool, True = attend
 
 

@@ -6,10 +6,17 @@ One step is nano-vllm's three lines plus bookkeeping:
     scheduler.postprocess(out, tokens)          # append tokens, finish, free blocks
 LLM (offline) and AsyncLLM (server) both drive this class; it is not thread-safe by itself
 (AsyncLLM applies adds/aborts between steps).
+
+Failures stay with the request that met them: a request whose logits turn non-finite ends alone
+(finish_reason "abort", `error` says why) and its KV blocks are zeroed before reuse; an exception
+inside one step's forward ends that step's requests the same way and the engine keeps serving.
+Only `MAX_CONSECUTIVE_STEP_FAILURES` failed steps in a row (a broken device, not a bad request)
+raise `EngineDeadError` out of `step()`: the caller must stop using this engine.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,12 +25,18 @@ from engine.block_manager import BlockManager
 from engine.config import EngineConfig
 from engine.demo import DEMO_MODEL_NAME
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import ConfigError, PromptTooLongError
+from engine.errors import ConfigError, EngineDeadError, PromptTooLongError
 from engine.loader import demo_adapters, load_hf_config, load_tokenizer, resolve_model_path
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
+from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+
+log = logging.getLogger("mlora.engine")
+
+# Failed steps in a row after which the engine gives up (each failure already ended that step's
+# requests; this many in a row means every step fails, e.g. a lost device, so a restart is due).
+MAX_CONSECUTIVE_STEP_FAILURES = 3
 
 
 @dataclass
@@ -82,6 +95,7 @@ class EngineCore:
         self.eos_token_ids = self._eos_ids()
         self.vocab_size = self.runner.args.vocab_size
         self._requests: dict[str, _Request] = {}
+        self._failed_steps = 0  # consecutive steps whose forward raised
         if self.lora is not None:
             initial = dict(demo_adapters()) if config.model is None else {}
             initial.update(dict(config.loras))
@@ -170,6 +184,7 @@ class EngineCore:
         failed = []
         if lora is not None:  # adapters that could not be loaded any more (files changed on disk)
             for seq, message in lora.take_failed():
+                log.warning("request %s: %s", seq.request_id, message)
                 seq.finish_reason, seq.stop_reason = "abort", message
                 self.scheduler.finish(seq)
                 failed.append(self._finish(self._requests[seq.request_id]))
@@ -179,8 +194,15 @@ class EngineCore:
         for item in out.scheduled:
             if item.seq.metrics.first_scheduled_time is None:
                 item.seq.metrics.first_scheduled_time = now
-        slots, stacks = lora.step_inputs(out) if lora is not None else (None, None)
-        tokens, logprobs = self.runner.run(out, slots, stacks)
+        try:
+            slots, stacks = lora.step_inputs(out) if lora is not None else (None, None)
+            tokens, logprobs = self.runner.run(out, slots, stacks)
+        except Exception as exc:  # noqa: BLE001 - ends this step's requests, not the engine
+            return failed + self._fail_step(out, exc)
+        self._failed_steps = 0
+        for item, tok in zip(out.scheduled, tokens):
+            if item.sample and tok is None:  # the runner found this row's logits non-finite
+                failed.append(self._fail_nonfinite(item.seq))
         for item, lp in zip(out.scheduled, logprobs):
             if lp is not None and item.seq.logprobs is not None:
                 item.seq.logprobs.append(lp)
@@ -202,6 +224,38 @@ class EngineCore:
             lora.after_step(self.scheduler)
         return outputs
 
+    def _fail(self, seq: Sequence, error: str) -> RequestOutput:
+        """End one request with an engine-side error (finish_reason "abort", `error` = why)."""
+        seq.finish_reason, seq.stop_reason, seq.error = "abort", error, error
+        if not seq.is_finished:
+            self.scheduler.finish(seq)
+        return self._finish(self._requests[seq.request_id])
+
+    def _fail_nonfinite(self, seq: Sequence) -> RequestOutput:
+        where = f"adapter {seq.adapter!r}" if seq.adapter is not None else "the base model"
+        error = (f"the model's logits became non-finite (NaN/Inf) at output token {seq.num_output_tokens + 1} "
+                 f"with {where}; the request was stopped")
+        log.error("request %s: %s", seq.request_id, error)
+        self.runner.scrub(seq.block_table)  # zero its K/V (NaN) before the blocks are handed out again
+        return self._fail(seq, error)
+
+    def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
+        """A step's forward raised: end that step's requests (each logged by id), keep the engine."""
+        self._failed_steps += 1
+        ids = [it.seq.request_id for it in out.scheduled]
+        log.error("engine step failed (%d in a row) for request(s) %s: %s: %s", self._failed_steps,
+                  ", ".join(ids), type(exc).__name__, exc, exc_info=exc)
+        error = f"the engine failed while computing this request: {type(exc).__name__}: {exc}"
+        outputs = []
+        for it in out.scheduled:
+            seq = it.seq
+            if seq.request_id in self._requests:
+                self.runner.scrub(seq.block_table)  # a half-written step: never let it be read
+                outputs.append(self._fail(seq, error))
+        if self._failed_steps >= MAX_CONSECUTIVE_STEP_FAILURES:
+            raise EngineDeadError(f"{self._failed_steps} engine steps failed in a row; last: {type(exc).__name__}: {exc}") from exc
+        return outputs
+
     def _output(self, req: _Request) -> RequestOutput:
         seq = req.seq
         text = req.detok.visible_text(seq.is_finished)
@@ -209,7 +263,7 @@ class EngineCore:
         out = RequestOutput(
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids, adapter=seq.adapter,
             text=text, token_ids=list(ids), delta_text=text[req.sent_chars :], delta_token_ids=ids[req.sent_tokens :],
-            finished=seq.is_finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+            finished=seq.is_finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, error=seq.error,
             logprobs=list(seq.logprobs) if seq.logprobs is not None else None, metrics=seq.metrics,
         )  # fmt: skip
         req.sent_chars, req.sent_tokens = len(text), len(ids)

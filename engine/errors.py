@@ -45,3 +45,7 @@ class QueueFullError(MloraError):
 
 class EngineStoppedError(MloraError):
     """The engine is shutting down and accepts no new requests (HTTP 503)."""
+
+
+class EngineDeadError(MloraError):
+    """The engine loop cannot continue (every step fails): the process should exit and be restarted."""

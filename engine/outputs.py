@@ -33,7 +33,9 @@ class RequestOutput:
     cumulative (`text`, `token_ids` so far) and also carries the increment since the last
     yield (`delta_text`, `delta_token_ids`) so a streaming server can forward it directly.
     `finish_reason` is None while running, then "stop" (EOS, stop token or stop string),
-    "length" (max_tokens or context limit) or "abort".
+    "length" (max_tokens or context limit) or "abort". `error` is set (and finish_reason is
+    "abort") when the engine ended the request because of a failure of its own (non-finite
+    logits, a failed step): the message says why; other requests are not affected.
     """
 
     request_id: str
@@ -47,6 +49,7 @@ class RequestOutput:
     finished: bool = False
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None
     logprobs: list[TokenLogprob] | None = None
     metrics: RequestMetrics | None = None
 

@@ -119,9 +119,14 @@ class ModelRunner:
         self.block_size = config.block_size
         self.model.init_rope(hf_config, self.max_model_len)
         a = self.args
-        # kv_cache: [layers, K/V, num_blocks * block_size, kv_heads, head_dim]
+        # kv_cache: [layers, K/V, num_blocks * block_size + 1, kv_heads, head_dim]. The last kv_slot
+        # (`zero_kv_slot`) belongs to no block, is never written and stays zero: every padded or
+        # not-yet-written position of a gather reads it, so no arithmetic ever touches K/V another
+        # request (or an earlier owner of a reused block) left behind (0 * NaN would be NaN even
+        # under a mask).
+        self.zero_kv_slot = self.num_blocks * self.block_size
         self.kv_cache = torch.zeros(
-            a.num_layers, 2, self.num_blocks * self.block_size, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
+            a.num_layers, 2, self.zero_kv_slot + 1, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
         )
         self._generators: dict[int, torch.Generator] = {}
         self._seed_source = torch.Generator().manual_seed(config.seed)
@@ -148,6 +153,15 @@ class ModelRunner:
         """Forget a finished/aborted sequence's generator."""
         self._generators.pop(id(seq), None)
 
+    @torch.inference_mode()
+    def scrub(self, block_table: list[int]) -> None:
+        """Zero the K/V of these blocks (a request that failed may have left NaN/Inf there)."""
+        if block_table:
+            bs = self.block_size
+            blocks = torch.tensor(block_table, dtype=torch.long, device=self.device)
+            kv_slots = (blocks[:, None] * bs + torch.arange(bs, device=self.device)).reshape(-1)
+            self.kv_cache.index_fill_(2, kv_slots, 0)
+
     # -- one step --------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(
@@ -158,7 +172,8 @@ class ModelRunner:
     ) -> tuple[list[int | None], list[TokenLogprob | None]]:
         """Forward the scheduled tokens; `slots[i]` is scheduled item i's LoRA slot (-1 = base).
 
-        Returns (token or None, logprob or None) per scheduled item, in `out.scheduled` order.
+        Returns (token or None, logprob or None) per scheduled item, in `out.scheduled` order; a
+        sampling item gets None when its logits were non-finite (the engine ends that request).
         """
         items = out.scheduled
         # prefills first, then decodes; inside each group rows of one adapter slot are contiguous,
@@ -260,7 +275,9 @@ class ModelRunner:
         rows: list[int] = []
         for i, (p, n) in enumerate(zip(spans, lens)):
             index.extend(range(p.start, p.end))
-            index.extend([p.end - 1] * (length - n))  # padding repeats a real row (masked out as a key)
+            # padding repeats this prompt's own last row (masked out as a key): a padded position
+            # never reads another prompt's K/V, so one prompt's NaN cannot reach another's
+            index.extend([p.end - 1] * (length - n))
             valid.extend(range(i * length, i * length + n))
             rows.extend(range(p.start, p.end))
         mask = None
@@ -281,8 +298,11 @@ class ModelRunner:
         length = max(lens)
         gather = (table[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(len(seqs), -1)[:, :length]
         lens_t = torch.tensor(lens, device=dev)
-        meta.decode_gather = gather  # [B, L]
+        # positions at or past a row's length (padding, and the unwritten tail of its last block,
+        # which may hold a previous owner's K/V) read the always-zero kv_slot, never stale data
+        written = torch.arange(length, device=dev)[None, :] < lens_t[:, None]  # [B, L]
+        meta.decode_gather = torch.where(written, gather, self.zero_kv_slot)  # [B, L]
         if min(lens) == length:  # every row sees its whole gather (e.g. batch 1): no mask needed
             meta.decode_mask = None
         else:
-            meta.decode_mask = (torch.arange(length, device=dev)[None, :] < lens_t[:, None])[:, None, None, :]
+            meta.decode_mask = written[:, None, None, :]

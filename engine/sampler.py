@@ -3,6 +3,8 @@
 Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then draw with the
 request's own torch.Generator, so a seeded request gives the same tokens alone or in any batch.
 Logprobs (when asked) are those of the model's raw distribution (log_softmax of the logits).
+A row whose logits are not all finite (NaN/Inf, e.g. activations blown up by an adapter) gets no
+token (None): it is checked before any sampling math, so one bad row never fails the batch.
 """
 
 from __future__ import annotations
@@ -12,14 +14,24 @@ import torch
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 
+# Temperatures below this act as this (vLLM treats < 1e-5 as greedy): keeps logits / T finite.
+TEMPERATURE_FLOOR = 1e-5
+_GREEDY = SamplingParams(temperature=0.0)  # stands in for a non-finite row's params (no draw, no logprobs)
+
 
 def sample(
     logits: torch.Tensor,  # [N, V] fp32
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
-) -> tuple[list[int], list[TokenLogprob | None]]:
-    """Token ids [N] and, for rows with params.logprobs set, a TokenLogprob."""
+) -> tuple[list[int | None], list[TokenLogprob | None]]:
+    """Token ids [N] (None for a row with non-finite logits) and, for rows with params.logprobs set, a TokenLogprob."""
     n = logits.shape[0]
+    finite = torch.isfinite(logits).all(dim=-1)  # [N]
+    bad: set[int] = set()
+    if not bool(finite.all()):
+        bad = set(torch.nonzero(~finite).flatten().tolist())
+        logits = torch.where(finite[:, None], logits, 0.0)  # harmless stand-in; these rows get None
+        params = [p if i not in bad else _GREEDY for i, p in enumerate(params)]
     # [N] greedy default: max(dim).indices is argmax (first index of the maximum), ~3x faster on CPU
     # (128 x 32000 fp32, 1 thread: 3.0 ms against 10.2 ms)
     tokens = logits.max(dim=-1).indices
@@ -28,15 +40,18 @@ def sample(
         rows = torch.tensor(sampled_rows, device=logits.device)
         sub = logits.index_select(0, rows)  # [M, V]
         temps = torch.tensor([params[i].temperature for i in sampled_rows], dtype=sub.dtype, device=sub.device)
+        temps = temps.clamp_min(TEMPERATURE_FLOOR)  # logits / 1e-45 would be inf, and softmax(inf) NaN
         sub = sub / temps[:, None]
         sub = _top_k(sub, [params[i].top_k for i in sampled_rows])
         sub = _top_p(sub, [params[i].top_p for i in sampled_rows])
         probs = torch.softmax(sub, dim=-1)
         for j, i in enumerate(sampled_rows):
             tokens[i] = torch.multinomial(probs[j], 1, generator=generators[i]).squeeze(0)
-    token_list = tokens.tolist()
+    token_list: list[int | None] = tokens.tolist()
+    for i in bad:
+        token_list[i] = None
     logprobs: list[TokenLogprob | None] = [None] * n
-    want = [i for i, p in enumerate(params) if p.logprobs is not None]
+    want = [i for i, p in enumerate(params) if p.logprobs is not None and i not in bad]
     if want:
         rows = torch.tensor(want, device=logits.device)
         lp = torch.log_softmax(logits.index_select(0, rows), dim=-1)  # [M, V]

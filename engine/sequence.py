@@ -43,6 +43,7 @@ class Sequence:
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None  # why the engine ended it (non-finite logits, a failed step); None otherwise
     logprobs: list[TokenLogprob] | None = None
     num_preemptions: int = 0
     seq_no: int = field(default_factory=lambda: next(_counter))  # admission order for tie-breaks

@@ -15,6 +15,7 @@ import torch
 from engine.adapters.config import AdapterConfig, parse_adapter_config
 from engine.adapters.files import WeightsFile, find_weights_file, read_adapter_config_json, resolve_adapter_dir
 from engine.adapters.keys import LoraKey, parse_lora_key
+from engine.adapters.limits import all_finite, module_value_issue
 from engine.adapters.servable import DORA_WARNING, servability_issues
 from engine.errors import AdapterError
 
@@ -174,17 +175,15 @@ def load_adapter(path_or_hub_id: str | Path, *, name: str | None = None) -> Lora
     )
 
 
-def all_finite(t: torch.Tensor) -> bool:
-    """No NaN/Inf in `t`. Fast screen first: any NaN/Inf makes the fp32 sum non-finite, so a finite
-    sum proves the tensor finite; only a non-finite (or overflowing) sum pays the elementwise check."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
-
-
-def check_servable(adapter: LoraAdapter, *, allow_dora: bool = False, check_values: bool = True) -> None:
+def check_servable(
+    adapter: LoraAdapter, *, allow_dora: bool = False, check_values: bool = True, dtype: torch.dtype = torch.bfloat16
+) -> None:
     """Raise AdapterError naming every feature of `adapter` that a slot cannot serve.
 
-    With `check_values`, also refuses non-float (quantised) LoRA tensors and NaN/Inf values
-    (one cheap pass over the weights), so a broken adapter never reaches a slot.
+    With `check_values`, also refuses non-float (quantised) LoRA tensors, NaN/Inf values, values
+    that overflow when cast to the serving `dtype`, and a scaling or LoRA gain beyond the limits of
+    `engine.adapters.limits` (one cheap pass over the weights), so a broken or hostile adapter never
+    reaches a slot.
     """
     reasons = adapter.unservable_reasons(allow_dora=allow_dora)
     if not adapter.modules:
@@ -197,5 +196,11 @@ def check_servable(adapter: LoraAdapter, *, allow_dora: bool = False, check_valu
             bad = [f"layer {layer} {mod}" for (layer, mod), m in adapter.modules.items() if not all(all_finite(t) for t in m.tensors())]
             if bad:
                 reasons.append(f"NaN/Inf values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
+            else:
+                for (layer, mod), m in adapter.modules.items():
+                    issue = module_value_issue(m.lora_a, m.lora_b, m.scaling, dtype)
+                    if issue:  # the first one says enough; the others are usually the same
+                        reasons.append(f"layer {layer} {mod}: {issue}")
+                        break
     if reasons:
         raise AdapterError(f"adapter {adapter.name!r} cannot be served: " + "; ".join(reasons))

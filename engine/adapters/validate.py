@@ -17,7 +17,8 @@ from engine.adapters.base import BaseDims, read_base_dims
 from engine.adapters.config import SERVABLE_MODULES, AdapterConfig, parse_adapter_config
 from engine.adapters.files import WeightsFile, find_weights_file, read_adapter_config_json, resolve_adapter_dir
 from engine.adapters.keys import parse_lora_key
-from engine.adapters.loader import all_finite, check_module_shapes
+from engine.adapters.limits import MAX_LORA_GAIN, all_finite, lora_gain, module_value_issue
+from engine.adapters.loader import check_module_shapes
 from engine.adapters.servable import servability_issues
 from engine.errors import AdapterError, MloraError
 
@@ -25,7 +26,7 @@ STATUSES = ("pass", "warn", "fail")
 # Display order of the named checks (the order issue 2 lists them in).
 CHECK_ORDER = (
     "config", "required_fields", "rank", "max_rank", "weights_file", "lora_pairs", "shapes", "dtype", "finite",
-    "target_modules", "servable", "base_config", "base_modules", "base_dims", "base_layers", "base_name", "internal",
+    "magnitude", "target_modules", "servable", "base_config", "base_modules", "base_dims", "base_layers", "base_name", "internal",
 )
 SERVE_DTYPES = ("float32", "float16", "bfloat16")
 
@@ -87,12 +88,16 @@ def _first(items: list[str], k: int = 3) -> str:
 
 
 def validate_adapter(
-    path: str | Path, *, base: str | Path | None = None, max_lora_rank: int | None = None
+    path: str | Path, *, base: str | Path | None = None, max_lora_rank: int | None = None, dtype: str = "bfloat16"
 ) -> ValidationReport:
-    """Run every check on the adapter at `path` (directory or hub id); never raises for bad files."""
+    """Run every check on the adapter at `path` (directory or hub id); never raises for bad files.
+
+    `dtype` is the serving dtype the values are checked in (finite after the cast, bounded gain);
+    bfloat16 by default, whose range is the narrower of bf16 and fp32.
+    """
     report = ValidationReport(path=str(path))
     try:
-        _run(report, path, base, max_lora_rank)
+        _run(report, path, base, max_lora_rank, getattr(torch, dtype))
     except MloraError as exc:  # defensive: every stage catches its own errors
         report.add("internal", "fail", exc.message)
     except Exception as exc:  # noqa: BLE001 - a hostile file must never crash validate
@@ -101,7 +106,8 @@ def validate_adapter(
     return report
 
 
-def _run(report: ValidationReport, path: str | Path, base: str | Path | None, max_lora_rank: int | None) -> None:
+def _run(report: ValidationReport, path: str | Path, base: str | Path | None, max_lora_rank: int | None,
+         dtype: torch.dtype) -> None:
     adapter_dir: Path | None
     try:
         adapter_dir = resolve_adapter_dir(path)
@@ -154,7 +160,8 @@ def _run(report: ValidationReport, path: str | Path, base: str | Path | None, ma
         if config is not None and rank_ok:
             _check_shapes(report, config, wf, lora_paths)
         _check_dtype(report, wf, lora_paths)
-        _check_finite(report, wf)
+        if _check_finite(report, wf, dtype) and config is not None and rank_ok:
+            _check_magnitude(report, config, wf, lora_paths, dtype)
     if config is not None and wf is not None:
         _check_targets(report, config, lora_paths)
     if config is not None:
@@ -222,8 +229,11 @@ def _check_dtype(report: ValidationReport, wf: WeightsFile, lora_paths: dict[str
         report.add("dtype", "pass", dtypes[0])
 
 
-def _check_finite(report: ValidationReport, wf: WeightsFile) -> None:
+def _check_finite(report: ValidationReport, wf: WeightsFile, dtype: torch.dtype) -> bool:
+    """No NaN/Inf in any float tensor, in the file's dtype and after the cast to `dtype`; True = pass."""
     bad: list[str] = []
+    over: list[str] = []
+    name = str(dtype).replace("torch.", "")
     try:
         for k, m in wf.meta.items():
             if not (m.dtype.startswith("float") or m.dtype.startswith("bfloat")) or 0 in m.shape:
@@ -232,13 +242,44 @@ def _check_finite(report: ValidationReport, wf: WeightsFile) -> None:
             if not all_finite(t):
                 n_nan, n_inf = int(torch.isnan(t).sum()), int(torch.isinf(t).sum())
                 bad.append(f"{k} ({n_nan} NaN, {n_inf} Inf)")
+            elif t.dtype != dtype and not all_finite(t.to(dtype)):
+                over.append(f"{k} ({int(torch.isinf(t.to(dtype)).sum())} values, max |x| {float(t.abs().max()):.3g})")
     except AdapterError as exc:
         report.add("finite", "fail", exc.message)
-        return
+        return False
     if bad:
         report.add("finite", "fail", f"non-finite values in {_first(bad)}: training diverged or the file is corrupt")
+    elif over:
+        report.add("finite", "fail", f"values overflow to Inf when cast to the serving dtype {name}: {_first(over)}; "
+                                     "the file is corrupt or hostile")
     else:
-        report.add("finite", "pass", "no NaN or Inf in any tensor")
+        report.add("finite", "pass", f"no NaN or Inf in any tensor, also after the cast to {name}")
+    return not bad and not over
+
+
+def _check_magnitude(report: ValidationReport, config: AdapterConfig, wf: WeightsFile,
+                     lora_paths: dict[str, dict[str, str]], dtype: torch.dtype) -> None:
+    """Scaling and LoRA gain within `engine.adapters.limits` for every module (the engine's own rule)."""
+    worst, problems = 0.0, []
+    try:
+        for p, roles in sorted(lora_paths.items()):
+            if "A" not in roles or "B" not in roles or check_module_shapes(config, p, {r: wf.shape(k) for r, k in roles.items()}):
+                continue  # reported by lora_pairs / shapes
+            a, b, scaling = wf.get(roles["A"]), wf.get(roles["B"]), config.scaling_for(p)
+            if not (a.is_floating_point() and b.is_floating_point()):
+                continue  # reported by dtype
+            issue = module_value_issue(a, b, scaling, dtype)
+            if issue:
+                problems.append(f"{p}: {issue}")
+            else:
+                worst = max(worst, lora_gain(a.to(dtype), b.to(dtype), scaling))
+    except AdapterError as exc:
+        report.add("magnitude", "fail", exc.message)
+        return
+    if problems:
+        report.add("magnitude", "fail", _first(problems, 1) + (" module(s)" if len(problems) > 1 else ""))
+    elif worst or lora_paths:
+        report.add("magnitude", "pass", f"largest LoRA gain {worst:.3g} (limit {MAX_LORA_GAIN:.0e}); scaling within limits")
 
 
 def _check_targets(report: ValidationReport, config: AdapterConfig, lora_paths: dict[str, dict[str, str]]) -> None:

@@ -236,7 +236,7 @@ class LoraSlots:
         from engine.adapters import check_servable, load_adapter
 
         adapter = load_adapter(path, name=name)
-        check_servable(adapter, allow_dora=self.dora_enabled)
+        check_servable(adapter, allow_dora=self.dora_enabled, dtype=self.dtype)  # values checked in the slot dtype
         return self.prepare(adapter)  # checks shapes/ranks, copies out of the memory-mapped file
 
     def prepare(self, adapter: Any) -> PreparedAdapter:
@@ -250,7 +250,10 @@ class LoraSlots:
         by_module: dict[str, list[tuple[int, Any]]] = {}
         for (layer, module), w in adapter.modules.items():
             by_module.setdefault(module, []).append((layer, w))
-            out.scales[layer, self._mindex[module]] = float(w.scaling)
+            scale = float(w.scaling)
+            if not abs(scale) <= torch.finfo(torch.float32).max:  # the scales are fp32 (NaN fails too)
+                raise AdapterError(f"adapter {name!r}: layer {layer} {module} has scaling {scale:.3g}, not a finite float32")
+            out.scales[layer, self._mindex[module]] = scale
         for module, items in by_module.items():
             items.sort(key=lambda t: t[0])
             ranks = {int(w.lora_a.shape[0]) for _, w in items}
@@ -263,6 +266,11 @@ class LoraSlots:
                 lst = [(layer, self._host(w.lora_a), self._host(w.lora_b)) for layer, w in items]
                 out.per_layer[module] = lst
                 out.nbytes += sum(a.nbytes + b.nbytes for _, a, b in lst)
+        from engine.adapters.limits import all_finite
+
+        held = [t for pair in out.stacked.values() for t in pair] + [t for lst in out.per_layer.values() for _, a, b in lst for t in (a, b)]
+        if not all(all_finite(t) for t in held):  # a slot never holds NaN/Inf: other tenants' rows share its matmuls
+            raise AdapterError(f"adapter {name!r}: LoRA weights hold NaN/Inf in the slot dtype {str(self.dtype).replace('torch.', '')}")
         out.targeted = frozenset(adapter.modules)
         for key, w in adapter.modules.items():
             if getattr(w, "magnitude", None) is not None:

@@ -136,6 +136,9 @@ async def _start(app: web.Application, prompts: list[str | list[int]], params: A
         raise err from None
     if any(ch.pending is not None and ch.pending.finish_reason == "abort" for ch in choices.items):
         await choices.close()
+        for ch in choices.items:  # ended by the engine before its first token: the reason, headers not sent yet
+            if ch.pending is not None:
+                _check_abort(ch.pending)
         raise _aborted()  # aborted before its first token (shutdown): a plain 503, headers not sent yet
     return name, choices
 
@@ -210,6 +213,8 @@ def _aborted() -> P.APIError:
 
 
 def _check_abort(o: Any) -> None:
+    if getattr(o, "error", None):  # the engine ended this request alone (non-finite logits, failed step)
+        raise P.APIError(500, f"the request failed: {o.error}")
     if o.finish_reason == "abort":
         raise _aborted()
 
@@ -390,6 +395,9 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
 
 
 async def health(request: web.Request) -> web.Response:
+    dead = getattr(request.app[ENGINE], "error", None)  # the engine loop died: restart this process
+    if dead:
+        return web.Response(status=503, text=f"engine dead: {dead}")
     if request.app[STATE].draining:
         return web.Response(status=503, text="draining")
     return web.Response(status=200)

@@ -192,6 +192,11 @@ class MloraReplica:
                 await reply.aclose()
             await self._release(name)
 
+    async def check_health(self) -> None:
+        """Ray Serve's health probe: a replica whose engine loop died is replaced, never kept serving 503s."""
+        if self.engine.error:
+            raise RuntimeError(f"the engine died: {self.engine.error}")
+
     async def info(self) -> dict[str, Any]:
         """What /v1/models needs: the base model's name and context length, and this replica's id."""
         return {"model_name": self.engine.model_name, "max_model_len": self.engine.max_model_len,

@@ -4,6 +4,10 @@ Shutdown order: stop accepting connections and answer new requests on open conne
 503; let in-flight requests finish for up to `grace_period` seconds (a second signal cuts the
 wait short); then stop the engine, which aborts whatever is left (streams end with an error
 event, non-streamed requests get 503); close the connections; return normally (exit 0).
+
+If the engine loop dies (it could not continue: /health already answers 503), the server shuts
+down at once and `serve` raises EngineDeadError, so `mlora serve` exits 1 and a supervisor
+restarts it.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, EngineDeadError
 from engine.server.app import STATE, create_app
 from engine.server.config import ServerConfig
 
@@ -102,7 +106,16 @@ async def serve_async(config: ServerConfig, on_ready: ReadyCallback | None = Non
     try:
         if on_ready is not None:
             on_ready(server.url, engine.model_name, list(engine.list_adapters()))
-        await stop.wait()
+        stopped = asyncio.create_task(stop.wait())
+        died = asyncio.create_task(engine.wait_dead())
+        await asyncio.wait([stopped, died], return_when=asyncio.FIRST_COMPLETED)
+        for t in (stopped, died):
+            t.cancel()
+        if died.done() and not died.cancelled():
+            reason = died.result()
+            log.critical("the engine died (%s): shutting down with exit status 1", reason)
+            await shutdown(server, engine, 0.0, force)
+            raise EngineDeadError(f"the engine died: {reason}", hint="restart the server; MLORA_DEBUG=1 shows the traceback")
         log.info("shutting down (grace period %.0fs)", config.grace_period)
         await shutdown(server, engine, config.grace_period, force)
     finally:

@@ -58,7 +58,7 @@ def test_valid_adapter_json_summary_matches_the_loaded_adapter(llama_adapter, ba
     assert all(c["status"] == "pass" for c in doc["checks"]), doc["checks"]
     names = [c["name"] for c in doc["checks"]]
     assert names == ["config", "required_fields", "rank", "max_rank", "weights_file", "lora_pairs", "shapes", "dtype",
-                     "finite", "target_modules", "servable", "base_config", "base_modules", "base_dims", "base_layers",
+                     "finite", "magnitude", "target_modules", "servable", "base_config", "base_modules", "base_dims", "base_layers",
                      "base_name"]
     a = load_adapter(llama_adapter)
     assert doc["adapter"] == {
