@@ -13,6 +13,12 @@ from engine.errors import ConfigError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+CPU_LORAS_PER_SLOT = 2  # CPU cache = 2x the device slots: a working set twice the slots swaps without disk reads
+
+
+def default_max_cpu_loras(max_loras: int) -> int:
+    """max_cpu_loras when it is not given: the one default of serve, LLM and `mlora budget`."""
+    return CPU_LORAS_PER_SLOT * max_loras
 
 
 @dataclass(frozen=True)
@@ -68,7 +74,7 @@ class EngineConfig:
         if self.num_kv_blocks is not None and self.kv_cache_memory_bytes is not None:
             raise ConfigError("give either num_kv_blocks or kv_cache_memory_bytes, not both")
         if self.max_cpu_loras is None:
-            set_("max_cpu_loras", max(self.max_loras, 2 * self.max_loras))
+            set_("max_cpu_loras", default_max_cpu_loras(self.max_loras))
         elif self.max_cpu_loras < self.max_loras:
             raise ConfigError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})",
