@@ -11,7 +11,7 @@ from typing import Any
 
 __all__ = [
     "LLM", "SamplingParams", "RequestOutput", "AsyncLLM", "EngineConfig",
-    "LoRARequest", "CompletionOutput", "TextPrompt", "TokensPrompt",
+    "LoRARequest", "CompletionOutput", "TextPrompt", "TokensPrompt", "LLMEngine", "EngineArgs",
 ]  # fmt: skip
 
 _LAZY = {
@@ -22,6 +22,8 @@ _LAZY = {
     "RequestOutput": "engine.outputs",
     "CompletionOutput": "engine.outputs",
     "LoRARequest": "engine.lora_request",
+    "LLMEngine": "engine.llm_engine",
+    "EngineArgs": "engine.llm_engine",
     "TextPrompt": "engine.vllm_compat",
     "TokensPrompt": "engine.vllm_compat",
 }

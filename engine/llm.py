@@ -47,6 +47,10 @@ class LLM:
     def tokenizer(self) -> Any:
         return self.engine.tokenizer
 
+    def get_tokenizer(self) -> Any:
+        """vLLM's accessor for `tokenizer`."""
+        return self.engine.tokenizer
+
     @property
     def max_model_len(self) -> int:
         return self.engine.max_model_len
@@ -104,7 +108,7 @@ class LLM:
                 raise ConfigError("pass adapters= or lora_request=, not both")
             if len(rlist) != n:
                 raise ConfigError(f"got {n} prompts but {len(rlist)} lora requests")
-            alist = [self._adapter_of(r) for r in rlist]  # registers new adapters before any request runs
+            alist = [self.adapter_for(r) for r in rlist]  # registers new adapters before any request runs
         else:
             alist = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * n
         if len(plist) != n or len(alist) != n:
@@ -130,7 +134,7 @@ class LLM:
                 out.lora_request = req
         return outs
 
-    def _adapter_of(self, req: LoRARequest | None) -> str | None:
+    def adapter_for(self, req: LoRARequest | None) -> str | None:
         """The adapter name serving `req`, registering its path on first use (vLLM keys by id and name)."""
         if req is None:
             return None

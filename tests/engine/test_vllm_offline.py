@@ -148,3 +148,57 @@ def test_vllm_engine_options(setup: dict[str, Path]) -> None:
     ]:
         with pytest.raises(ConfigError, match=match):
             LLM(str(setup["base"]), **bad)
+
+
+# vLLM's examples/offline_inference/multilora_inference.py (LLMEngine flavour). Changed: the import line,
+# the model and adapter paths (a tiny Llama and PEFT adapters instead of Llama-2-7b and a Hub download),
+# the collected outputs; and the example's `prompt_logprobs=1` and `presence_penalty=0.2` are left out
+# until mlora's SamplingParams has them (issue 18, sampling rows).
+from engine import EngineArgs, LLMEngine, LoRARequest, RequestOutput, SamplingParams  # noqa: E402
+
+
+def create_test_prompts(lora_path: str) -> list[tuple[str, SamplingParams, LoRARequest | None]]:
+    return [
+        ("A robot may not injure a human being", SamplingParams(temperature=0.0, logprobs=1, max_tokens=128), None),
+        ("To be or not to be,", SamplingParams(temperature=0.8, top_k=5, max_tokens=128), None),
+        (SQL_PROMPTS[0], SamplingParams(temperature=0.0, logprobs=1, max_tokens=128, stop_token_ids=[32003]),
+         LoRARequest("sql-lora", 1, lora_path)),
+        (SQL_PROMPTS[0], SamplingParams(temperature=0.0, logprobs=1, max_tokens=128, stop_token_ids=[32003]),
+         LoRARequest("sql-lora2", 2, lora_path)),
+    ]  # fmt: skip
+
+
+def process_requests(engine: LLMEngine, test_prompts: list[tuple[str, SamplingParams, LoRARequest | None]]):
+    request_id = 0
+    finished = []
+    while test_prompts or engine.has_unfinished_requests():
+        if test_prompts:
+            prompt, sampling_params, lora_request = test_prompts.pop(0)
+            engine.add_request(str(request_id), prompt, sampling_params, lora_request=lora_request)
+            request_id += 1
+        request_outputs: list[RequestOutput] = engine.step()
+        for request_output in request_outputs:
+            if request_output.finished:
+                print(request_output)
+                finished.append(request_output)
+    return finished
+
+
+def initialize_engine(model: str) -> LLMEngine:
+    engine_args = EngineArgs(model=model, enable_lora=True, max_loras=1, max_lora_rank=8, max_cpu_loras=2, max_num_seqs=256)
+    return LLMEngine.from_engine_args(engine_args)
+
+
+def test_vllm_multilora_inference_example_with_llm_engine(setup: dict[str, Path]) -> None:
+    engine = initialize_engine(str(setup["base"]))
+    lora_path = str(setup["sql"])
+    finished = process_requests(engine, create_test_prompts(lora_path))
+    by_id = {o.request_id: o for o in finished}
+    assert sorted(by_id) == ["0", "1", "2", "3"]
+    for rid, adapter in (("0", None), ("2", setup["sql"]), ("3", setup["sql"])):  # the greedy ones
+        out = by_id[rid]
+        assert out.outputs[0].token_ids == _peft_greedy(setup["base"], adapter, out.prompt_token_ids, 128), rid
+    assert by_id["2"].outputs[0].token_ids == by_id["3"].outputs[0].token_ids  # two names, one adapter
+    assert by_id["2"].lora_request == LoRARequest("sql-lora", 1, lora_path) and by_id["0"].lora_request is None
+    assert 1 <= len(by_id["1"].outputs[0].token_ids) <= 128 and by_id["1"].outputs[0].finish_reason in ("stop", "length")
+    assert engine.llm.list_adapters() == ["sql-lora", "sql-lora2"]
