@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import io
 
-import pytest
-
 from engine.bench.report import build_report, render
 from engine.bench.runner import _best, ratio_metric
 from engine.bench.stats import RequestTiming, summarize
