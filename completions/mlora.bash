@@ -50,8 +50,9 @@ _mlora() {
                 --block-size) return 0 ;;
                 --trace) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
                 --target-hit-rate) return 0 ;;
+                --served-model-name) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --rank -r --max-loras --target-modules --dtype --max-cpu-loras --adapter --gpu --gpu-memory --gpu-memory-utilization --max-model-len --block-size --trace --target-hit-rate --json -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --rank -r --max-loras --target-modules --dtype --max-cpu-loras --adapter --gpu --gpu-memory --gpu-memory-utilization --max-model-len --block-size --trace --target-hit-rate --served-model-name --json -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         merge)
             case "$prev" in

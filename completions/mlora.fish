@@ -34,7 +34,7 @@ complete -c mlora -n '__fish_seen_subcommand_from budget' -l rank -s r -x -d 'Sl
 complete -c mlora -n '__fish_seen_subcommand_from budget' -l max-loras -x -d 'Adapter slots resident on the GPU.'
 complete -c mlora -n '__fish_seen_subcommand_from budget' -l target-modules -x -d 'Comma list of q,k,v,o,gate,up,down (or q_proj,...), or '\''all'\''.'
 complete -c mlora -n '__fish_seen_subcommand_from budget' -l dtype -x -d 'fp16 | bf16 | fp32 for weights, slots and KV. Default: the model'\''s torch_dtype.'
-complete -c mlora -n '__fish_seen_subcommand_from budget' -l max-cpu-loras -x -d 'Adapters cached in CPU memory. Default: --max-loras.'
+complete -c mlora -n '__fish_seen_subcommand_from budget' -l max-cpu-loras -x -d 'Adapters cached in CPU memory. Default: 2 x --max-loras, as mlora serve.'
 complete -c mlora -n '__fish_seen_subcommand_from budget' -l adapter -x -d 'A PEFT adapter dir: report its true size vs the padded slot (repeatable).'
 complete -c mlora -n '__fish_seen_subcommand_from budget' -l gpu -x -d 'GPU preset: A100-40GB, A100-80GB, H100-80GB, L4, A10G, RTX-4090. Default: H100-80GB.'
 complete -c mlora -n '__fish_seen_subcommand_from budget' -l gpu-memory -x -d 'GPU memory in GiB (2^30 bytes), instead of --gpu.'
@@ -43,6 +43,7 @@ complete -c mlora -n '__fish_seen_subcommand_from budget' -l max-model-len -x -d
 complete -c mlora -n '__fish_seen_subcommand_from budget' -l block-size -x -d 'KV-cache block size in tokens.'
 complete -c mlora -n '__fish_seen_subcommand_from budget' -l trace -r -F -d 'JSONL request log ({'\''timestamp'\'', '\''adapter'\'' or '\''model'\''} per line): replay it to size --max-loras.'
 complete -c mlora -n '__fish_seen_subcommand_from budget' -l target-hit-rate -x -d 'Slot hit rate the recommendation must reach.'
+complete -c mlora -n '__fish_seen_subcommand_from budget' -l served-model-name -x -d 'A name the --trace uses for the base model (repeatable); such lines are base-model requests, like --model as given, its preset or hub name.'
 complete -c mlora -n '__fish_seen_subcommand_from budget' -l json -d 'Print the report as JSON (stable keys).'
 complete -c mlora -n '__fish_seen_subcommand_from budget' -s h -l help -d 'Show this message and exit.'
 complete -c mlora -n '__fish_seen_subcommand_from merge' -F
