@@ -71,6 +71,7 @@ class PreparedAdapter:
     targeted: frozenset[tuple[int, str]] = frozenset()
     dora: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (l, m) -> g [out] fp32
     nbytes: int = 0
+    fingerprint: Any = None  # the LoraAdapter's (content digest + real file paths), for re-read checks
 
 
 BaseWeight = Callable[[int, str], torch.Tensor]  # (layer, module) -> the base linear's W [out, in]
@@ -246,7 +247,8 @@ class LoraSlots:
         self.check(adapter)
         L = self.dims.layers
         name = getattr(adapter, "name", None) or "adapter"
-        out = PreparedAdapter(name=name, scales=torch.zeros(L, len(self.modules), dtype=torch.float32))
+        out = PreparedAdapter(name=name, scales=torch.zeros(L, len(self.modules), dtype=torch.float32),
+                              fingerprint=getattr(adapter, "fingerprint", None))
         by_module: dict[str, list[tuple[int, Any]]] = {}
         for (layer, module), w in adapter.modules.items():
             by_module.setdefault(module, []).append((layer, w))
