@@ -135,8 +135,8 @@ async def _start(app: web.Application, prompts: list[str | list[int]], params: A
         state.metrics.count_error(name, err.status)
         raise err from None
     if any(ch.pending is not None and ch.pending.finish_reason == "abort" for ch in choices.items):
-        await choices.close()
-        raise _aborted()  # aborted before its first token (shutdown): a plain 503, headers not sent yet
+        await choices.close()  # aborted before its first token: shutdown (503) or its adapter is gone (404)
+        raise _aborted(next(ch.pending for ch in choices.items if ch.pending is not None and ch.pending.finish_reason == "abort"))
     return name, choices
 
 
@@ -205,13 +205,15 @@ def _tail(lps: list[Any] | None, n: int) -> list[Any]:
     return list(lps[-n:]) if lps and n else []
 
 
-def _aborted() -> P.APIError:
+def _aborted(o: Any = None) -> P.APIError:
+    if o is not None and o.adapter and isinstance(o.stop_reason, str) and o.stop_reason.startswith(f"adapter {o.adapter!r}"):
+        return P.APIError(404, o.stop_reason, param="model")  # the engine ended it: its adapter was unloaded/changed
     return P.APIError(503, "the request was aborted (the server is shutting down)", headers={"Retry-After": "1"})
 
 
 def _check_abort(o: Any) -> None:
     if o.finish_reason == "abort":
-        raise _aborted()
+        raise _aborted(o)
 
 
 def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, name: str) -> bytes:

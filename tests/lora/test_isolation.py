@@ -278,3 +278,17 @@ def test_waiting_request_for_unloaded_adapter_is_told_so(demo_adapters) -> None:
     assert done["first"].text == "uryyb jbeyq"
     assert done["second"].finish_reason == "abort"
     assert done["second"].stop_reason == "adapter 'upper' was unloaded before this request started"
+
+
+def test_server_maps_an_unloaded_adapter_abort_to_404_not_shutdown() -> None:
+    """Issue 15 case 3 (server side): the engine's 'adapter ... was unloaded' ending becomes a 404
+    naming the adapter; a plain abort (shutdown) stays a 503."""
+    from engine.outputs import RequestOutput
+    from engine.server.app import _aborted
+
+    gone = RequestOutput("r", "hi", [1], adapter="upper", finished=True, finish_reason="abort",
+                         stop_reason="adapter 'upper' was unloaded before this request started")
+    err = _aborted(gone)
+    assert (err.status, err.param, err.message) == (404, "model", gone.stop_reason)
+    shutdown = RequestOutput("r", "hi", [1], adapter="upper", finished=True, finish_reason="abort")
+    assert _aborted(shutdown).status == 503 and "shutting down" in _aborted(shutdown).message
