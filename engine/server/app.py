@@ -387,6 +387,7 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
         raise P.APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
     await engine.remove_adapter(name)
     state.adapter_paths.pop(name, None)
+    state.metrics.forget_adapter(name)  # no stale series per unloaded adapter
     log.info("unloaded LoRA adapter %r", name)
     return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
