@@ -52,9 +52,10 @@ class LoraEngine:
         self._failed: list[tuple[Sequence, str]] = []
 
     # -- registry ----------------------------------------------------------------------------
-    def add_adapter(self, name: str, path: str) -> None:
-        """Validate + load into the CPU tier; raises AdapterError and changes nothing if bad."""
-        self.cache.register(name, path)
+    def add_adapter(self, name: str, path: str, *, root: str | None = None) -> None:
+        """Validate + load into the CPU tier; raises AdapterError and changes nothing if bad.
+        `root`: every file actually read must resolve inside this (resolved) directory."""
+        self.cache.register(name, path, root=root)
 
     def remove_adapter(self, name: str) -> None:
         self.cache.remove(name)

@@ -61,6 +61,21 @@ class AdapterVersionGoneError(AdapterNotFoundError):
     """The adapter version a request was bound to no longer exists (it was replaced or unloaded)."""
 
 
+def _inside(path: str, root: str) -> bool:
+    """Pure string check (no I/O): `path` is `root` or below it (both already resolved)."""
+    root = root.rstrip("/") or "/"
+    return path == root or path.startswith(root if root.endswith("/") else root + "/")
+
+
+def _check_confined(name: str, adapter: Any, root: str) -> None:
+    files = getattr(getattr(adapter, "fingerprint", None), "files", None)
+    if files is None:
+        raise AdapterError(f"adapter {name!r}: cannot tell which files were read, so it cannot be confined to {root}")
+    outside = [f for f in files if not _inside(str(f), root)]
+    if outside:
+        raise AdapterError(f"adapter {name!r}: {outside[0]} lies outside the adapter root {root} (a symlink?)")
+
+
 Loader = Callable[[str, str], Any]
 SlotWriter = Callable[[int, Any], None]
 SlotClearer = Callable[[int], None]
@@ -134,15 +149,20 @@ class AdapterCache:
         self._stats = CacheStats()
 
     # ------------------------------------------------------------------ registry
-    def register(self, name: str, path: str) -> None:
+    def register(self, name: str, path: str, *, root: str | None = None) -> None:
         """Validate and load `path` as adapter `name`; replace an existing `name` (see module doc).
 
+        With `root` (an already resolved directory), every file the loader actually read (its
+        adapter's `fingerprint.files`) must lie inside it: a path checked by the caller and then
+        swapped for a symlink before the load is caught here.
         Raises the loader's error (AdapterError) and changes nothing when the adapter is bad.
         """
         path = str(path)
         t0 = time.perf_counter()
         try:
             adapter = self._loader(name, path)
+            if root is not None:
+                _check_confined(name, adapter, root)
         except Exception:
             with self._lock:
                 self._stats.load_failures += 1

@@ -370,7 +370,7 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
         if failures:
             raise P.bad(f"adapter '{name}' failed validation: " + "; ".join(failures), "lora_path")
     try:
-        await engine.add_adapter(name, path)
+        await engine.add_adapter(name, path, root=config.adapter_root)  # confinement re-checked on the files read
     except AdapterNotFoundError as exc:  # a path or hub id that is not there is the caller's mistake
         raise P.bad(exc.message, "lora_path") from None
     state.adapter_paths[name] = path

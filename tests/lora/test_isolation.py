@@ -292,3 +292,27 @@ def test_server_maps_an_unloaded_adapter_abort_to_404_not_shutdown() -> None:
     assert (err.status, err.param, err.message) == (404, "model", gone.stop_reason)
     shutdown = RequestOutput("r", "hi", [1], adapter="upper", finished=True, finish_reason="abort")
     assert _aborted(shutdown).status == 503 and "shutting down" in _aborted(shutdown).message
+
+
+def test_registration_confines_the_files_actually_read(tmp_path: Path, demo_adapters) -> None:
+    """The server checks --adapter-root before the load; files swapped for outside symlinks between
+    that check and the load are caught on the files the loader really opened, and nothing changes."""
+    from engine import LLM
+    from engine.errors import AdapterError
+
+    root, outside = (tmp_path / "root").resolve(), (tmp_path / "outside").resolve()
+    ok = _copy(demo_adapters["upper"], root / "ok")
+    swapped = _copy(demo_adapters["upper"], root / "swapped")
+    _copy(demo_adapters["reverse"], outside / "evil")
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        (swapped / f).unlink()
+        (swapped / f).symlink_to(outside / "evil" / f)
+    llm = LLM(max_loras=1)
+    lora = llm.engine.lora
+    lora.add_adapter("ok", str(ok), root=str(root))
+    with pytest.raises(AdapterError, match="lies outside the adapter root"):
+        lora.add_adapter("ok", str(swapped), root=str(root))  # a bad replacement keeps the old version
+    with pytest.raises(AdapterError, match="lies outside the adapter root"):
+        lora.add_adapter("new", str(swapped), root=str(root))
+    assert "new" not in llm.list_adapters()
+    assert _run(llm.engine, [("a", "hello world", "ok")])["a"].text == "HELLO WORLD"
