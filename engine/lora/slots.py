@@ -269,6 +269,7 @@ class LoraSlots:
         for key, w in adapter.modules.items():
             if getattr(w, "magnitude", None) is not None:
                 out.dora[key] = self._dora_g(key, w)
+        self._check_finite(out, name)
         if self._pin:
             out.scales = out.scales.pin_memory()
         return out
@@ -282,6 +283,22 @@ class LoraSlots:
         norm = torch.linalg.norm(W.float() + float(w.scaling) * delta, dim=1)  # [out]
         g = (w.magnitude.to(dev, torch.float32) / norm).cpu()
         return g.pin_memory() if self._pin else g
+
+    def _check_finite(self, p: PreparedAdapter, name: str) -> None:
+        """Refuse weights that are finite in the file but not in the slot dtype (e.g. 1e30 in fp16),
+        and non-finite scales: checked on exactly the tensors a slot will hold."""
+        from engine.adapters.loader import all_finite
+
+        tensors = [t for a, b in p.stacked.values() for t in (a, b)]
+        tensors += [t for lst in p.per_layer.values() for _, a, b in lst for t in (a, b)]
+        tensors += list(p.dora.values())
+        if p.scales is not None:
+            tensors.append(p.scales)
+        if not all(all_finite(t) for t in tensors):
+            raise AdapterError(
+                f"adapter {name!r} cannot be served: its weights or scaling overflow the slot dtype "
+                f"({str(self.dtype).removeprefix('torch.')}) to Inf/NaN"
+            )
 
     def _host(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().to(device="cpu", dtype=self.dtype).contiguous()

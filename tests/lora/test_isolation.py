@@ -316,3 +316,26 @@ def test_registration_confines_the_files_actually_read(tmp_path: Path, demo_adap
         lora.add_adapter("new", str(swapped), root=str(root))
     assert "new" not in llm.list_adapters()
     assert _run(llm.engine, [("a", "hello world", "ok")])["a"].text == "HELLO WORLD"
+
+
+def test_weights_that_overflow_the_slot_dtype_are_refused_on_the_bytes_served(tmp_path: Path, demo_adapters) -> None:
+    """Finite in the fp32 file, Inf after the cast to fp16 slots: refused at registration (the
+    check runs on the tensors the slot will hold, not on a separate read)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from engine.errors import AdapterError
+    from engine.lora.slots import LoraSlots
+
+    bad = _copy(demo_adapters["upper"], tmp_path / "bad")
+    sd = load_file(bad / "adapter_model.safetensors")
+    key = next(k for k in sd if "lora_B" in k)
+    sd[key] = sd[key].float() * 0 + 1e30
+    save_file({k: v.float().contiguous() for k, v in sd.items()}, bad / "adapter_model.safetensors")
+    from engine import LLM
+
+    dims = LLM(max_loras=1).engine.runner.dims
+    slots = LoraSlots(dims, max_loras=1, max_rank=16, dtype=torch.float16)
+    with pytest.raises(AdapterError, match="overflow the slot dtype"):
+        slots.load("bad", str(bad))
+    slots.load("upper", str(demo_adapters["upper"]))  # a normal adapter is fine
