@@ -54,6 +54,7 @@ class TensorMeta:
     dtype: str  # torch dtype name, e.g. "float32"
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # absolute byte offset of the data in a safetensors file (0 for .bin)
 
 
 def _stat_regular(path: Path, what: str) -> os.stat_result:
@@ -259,7 +260,7 @@ def _parse_safetensors_header(path: Path, fd: int) -> dict[str, TensorMeta]:
                 f"{name} is truncated: tensor {key!r} ends at byte {8 + n + end} but the file has {size} bytes"
             )
         spans.append((begin, end, key))
-        out[key] = TensorMeta(torch_dtype, tuple(shape), end - begin)
+        out[key] = TensorMeta(torch_dtype, tuple(shape), end - begin, 8 + n + begin)
     pos = 0
     for begin, end, key in sorted(spans):
         if begin != pos:
@@ -304,23 +305,24 @@ def load_bin_state_dict(path: Path, fd: int | None = None) -> dict[str, Any]:
 
 
 class WeightsFile:
-    """Uniform, lazy access to adapter_model.safetensors (memory-mapped) or a legacy .bin:
-    names, shapes and dtypes from metadata; tensor data only when asked for."""
+    """Uniform access to adapter_model.safetensors or a legacy .bin: names, shapes and dtypes from
+    metadata; tensor data only when asked for.
+
+    Safetensors data is read with pread() from the one descriptor opened (and checked) at
+    construction into memory the tensor owns - never a view of a memory map: a map would make a
+    file rewritten in place change weights already loaded (and validated and hashed), and a file
+    truncated in place SIGBUS the server. A short read is an AdapterError."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        fd = open_regular(path, path.name)  # one open: the header, the map and real_path see one file
+        self._fd: int | None = None
+        fd = open_regular(path, path.name)  # one open: header, data and real_path see one file
         try:
             self.real_path = real_path(fd, path)
             if path.name.endswith(".safetensors") or path.name == SAFETENSORS_NAME:
                 self.meta: dict[str, TensorMeta] = read_safetensors_header(path, fd)
-                from safetensors import SafetensorError, safe_open
-
-                try:
-                    self._st = safe_open(fd_path(fd, path), framework="pt", device="cpu")
-                except (SafetensorError, OSError) as exc:
-                    raise AdapterError(f"{path.name} cannot be opened: {exc}") from None
                 self._sd = None
+                self._fd, fd = fd, -1  # kept for get(); closed by close() / garbage collection
             else:
                 self._sd = load_bin_state_dict(path, fd)
                 self.meta = {
@@ -328,7 +330,8 @@ class WeightsFile:
                     for k, v in self._sd.items()
                 }
         finally:
-            os.close(fd)  # the map (or the loaded dict) keeps the file itself alive
+            if fd >= 0:
+                os.close(fd)
 
     def keys(self) -> list[str]:
         return list(self.meta)
@@ -338,8 +341,33 @@ class WeightsFile:
 
     def get(self, key: str) -> "torch.Tensor":
         if self._sd is not None:
-            return self._sd[key]
+            return self._sd[key].clone()  # own memory, not the .bin's map
+        import torch
+
+        m = self.meta[key]
+        assert self._fd is not None, "WeightsFile was closed"
+        buf = bytearray(m.nbytes)
+        view, got = memoryview(buf), 0
         try:
-            return self._st.get_tensor(key)
-        except Exception as exc:  # noqa: BLE001 - a corrupt file surfaces as one line
-            raise AdapterError(f"{self.path.name}: tensor {key!r} cannot be read: {exc}") from None
+            while got < m.nbytes:
+                n = os.preadv(self._fd, [view[got : got + (1 << 30)]], m.offset + got)
+                if n <= 0:
+                    raise AdapterError(f"{self.path.name}: tensor {key!r} cannot be read: the file shrank while being read")
+                got += n
+        except OSError as exc:
+            raise AdapterError(f"{self.path.name}: tensor {key!r} cannot be read: {exc.strerror or exc}") from None
+        dtype = getattr(torch, m.dtype)
+        if not m.nbytes:
+            return torch.empty(m.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(m.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

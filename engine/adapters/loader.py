@@ -165,10 +165,10 @@ def check_module_shapes(config: AdapterConfig, path: str, shapes: dict[str, tupl
 def load_adapter(path_or_hub_id: str | Path, *, name: str | None = None) -> LoraAdapter:
     """Read a PEFT LoRA adapter (directory or hub id) into a LoraAdapter; AdapterError if it is unreadable.
 
-    Safetensors files are memory-mapped by safe_open and each LoRA tensor is copied exactly once
-    out of the map (in Rust, no per-tensor Python copies or dtype casts). Deliberately not kept
-    as views of the map: a file truncated in place later would SIGBUS the server. Legacy
-    adapter_model.bin only via torch.load(weights_only=True). Servability is not enforced here:
+    Each LoRA tensor is read once (pread from the descriptor that was checked, see WeightsFile)
+    into memory it owns, never a view of a memory map: a file rewritten in place later cannot
+    change loaded (validated, hashed) weights, a file truncated in place cannot SIGBUS the
+    server. Legacy adapter_model.bin only via torch.load(weights_only=True). Servability is not enforced here:
     call `check_servable` (the engine does, at registration).
     """
     adapter_dir = resolve_adapter_dir(path_or_hub_id)

@@ -339,3 +339,30 @@ def test_weights_that_overflow_the_slot_dtype_are_refused_on_the_bytes_served(tm
     with pytest.raises(AdapterError, match="overflow the slot dtype"):
         slots.load("bad", str(bad))
     slots.load("upper", str(demo_adapters["upper"]))  # a normal adapter is fine
+
+
+def test_loaded_weights_own_their_memory(tmp_path: Path, demo_adapters) -> None:
+    """Loaded (validated, hashed) weights are not views of the file: rewriting it in place does not
+    change them and truncating it does not crash the process (a memory map would SIGBUS)."""
+    import subprocess
+    import sys
+
+    mine = _copy(demo_adapters["upper"], tmp_path / "mine")
+    code = f"""
+import os, torch
+from pathlib import Path
+from engine.adapters import load_adapter
+a = load_adapter({str(mine)!r})
+before = [t.clone() for m in a.modules.values() for t in m.tensors()]
+f = Path({str(mine)!r}) / "adapter_model.safetensors"
+size = f.stat().st_size
+with open(f, "r+b") as fh:
+    fh.seek(1000); fh.write(b"\\x7f" * (size - 1000))
+after = [t for m in a.modules.values() for t in m.tensors()]
+assert all(torch.equal(x, y) for x, y in zip(before, after)), "weights changed with the file"
+os.truncate(f, 100)
+print(float(sum(t.float().sum() for t in after)))
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                       cwd=Path(__file__).resolve().parents[2])
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
