@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -366,3 +367,56 @@ print(float(sum(t.float().sum() for t in after)))
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                        cwd=Path(__file__).resolve().parents[2])
     assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
+
+
+def test_http_request_waiting_for_an_unloaded_adapter_gets_404_naming_it(tmp_path: Path) -> None:
+    """Through the real server: one seat, a long base request holds it, a request for `upper` waits,
+    `upper` is unloaded: the waiting request gets 404 'adapter 'upper' was unloaded ...', not 503
+    'the server is shutting down'; the base request completes normally."""
+    import json
+    import threading
+    import urllib.error
+    import urllib.request
+
+    from engine.config import EngineConfig
+    from engine.server.config import ServerConfig
+    from tests.server.real_server import KEY, ServerThread, scrape
+
+    cfg = ServerConfig(engine=EngineConfig(max_loras=2, max_num_seqs=1), port=0, api_key=KEY, allow_runtime_lora=True,
+                       adapter_root=str(tmp_path))
+    srv = ServerThread(cfg).start()
+
+    def post(path: str, body: dict) -> tuple[int, dict | str]:
+        req = urllib.request.Request(f"{srv.url}{path}", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=120) as r:
+                text = r.read().decode()
+                return r.status, json.loads(text) if text.startswith("{") else text
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read().decode())
+
+    results: dict[str, tuple[int, object]] = {}
+    long = {"model": "mlora-demo", "prompt": "hello", "max_tokens": 120, "temperature": 0, "ignore_eos": True}
+    short = {"model": "upper", "prompt": "hello", "max_tokens": 8, "temperature": 0}
+    try:
+        a = threading.Thread(target=lambda: results.__setitem__("a", post("/v1/completions", long)))
+        a.start()
+        deadline = time.monotonic() + 60
+        while scrape(srv.url, "vllm:num_requests_running") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        b = threading.Thread(target=lambda: results.__setitem__("b", post("/v1/completions", short)))
+        b.start()
+        while scrape(srv.url, "vllm:num_requests_waiting") < 1:
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
+        assert post("/v1/unload_lora_adapter", {"lora_name": "upper"})[0] == 200
+        a.join(120)
+        b.join(120)
+    finally:
+        srv.stop()
+    assert results["a"][0] == 200
+    status, body = results["b"]
+    assert status == 404, body
+    assert body["error"]["message"] == "adapter 'upper' was unloaded before this request started"
