@@ -124,6 +124,8 @@ class ServerMetrics:
             self.forget_adapter(label)
 
     def count_error(self, adapter_label: str, status: int) -> None:
+        if adapter_label in self._unloaded:  # e.g. a 404 racing the unload: no series for a gone adapter
+            return
         self.requests.labels(adapter_label, str(status)).inc()
 
     def refresh(self, stats: Any) -> None:

@@ -414,6 +414,8 @@ def test_http_request_waiting_for_an_unloaded_adapter_gets_404_naming_it(tmp_pat
         assert post("/v1/unload_lora_adapter", {"lora_name": "upper"})[0] == 200
         a.join(120)
         b.join(120)
+        metrics = urllib.request.urlopen(f"{srv.url}/metrics", timeout=30).read().decode()
+        assert 'adapter="upper"' not in metrics  # the failed request left no series for the unloaded adapter
     finally:
         srv.stop()
     assert results["a"][0] == 200

@@ -45,6 +45,8 @@ def test_a_request_finishing_after_the_unload_leaves_nothing_behind() -> None:
     t.on_output(RequestOutput("r", "hi", [1], adapter="late", token_ids=[5, 6], delta_token_ids=[6],
                               finished=True, finish_reason="stop"))
     assert _series_for(m.render().decode(), "late") == []
+    m.count_error("late", 404)  # a request racing the unload
+    assert _series_for(m.render().decode(), "late") == []
     _serve_one(m, "late")  # loaded again and used: counted again
     assert _series_for(m.render().decode(), "late")
 
