@@ -24,8 +24,9 @@ Rules (after vLLM's adapter manager):
   * Versions, not names, are what a request runs on. `bind(slot)` ties a request to the
     version it was admitted with (a version id) until `unbind`; a preempted request re-acquires
     `acquire(name, version=vid)` and gets those same weights, even if the name was replaced or
-    removed meanwhile. A bound retired version stays in the CPU tier (evictable like any other)
-    and is dropped at its last unbind.
+    removed meanwhile. A bound retired version keeps its CPU copy (not evicted: its files may
+    be gone) and is dropped at its last unbind; if it had already left the CPU tier before the
+    replace, it is re-read (and checked, below) or its requests fail cleanly.
   * Adapters are immutable once registered. The loader's adapter may carry a `fingerprint`
     (content digest + the real paths of the files read); a re-read from disk (after eviction
     from the CPU tier) must reproduce it exactly, else the version is marked broken
@@ -53,8 +54,11 @@ from engine.errors import AdapterError, AdapterNotFoundError, ConfigError
 
 log = logging.getLogger(__name__)
 
+
 class AdapterChangedError(AdapterError):
     """A registered adapter's files no longer give the bytes (or the files) it was registered with."""
+
+    detail: str = ""  # what differs (may name server paths: for the log, not for clients)
 
 
 class AdapterVersionGoneError(AdapterNotFoundError):
@@ -446,7 +450,9 @@ class AdapterCache:
             self._cpu.move_to_end(ver)
             return True
         if len(self._cpu) >= self.max_cpu_loras:
-            victim = next((v for v in self._cpu if v.slot is None), None)
+            # never an adapter in a slot, nor a replaced version that a paused request still needs
+            # (its files may well be gone by now): those leave the CPU tier when their requests end
+            victim = next((v for v in self._cpu if v.slot is None and not (v.retired and v.bindings)), None)
             if victim is None:
                 return False
             del self._cpu[victim]
@@ -486,7 +492,7 @@ class AdapterCache:
                 self._stats.load_failures += 1
                 if isinstance(e, AdapterChangedError):
                     ver.broken = e.message
-                    log.error("%s", e.message)
+                    log.error("%s (%s)", e.message, getattr(e, "detail", ""))
             fut.set_exception(e)
             raise
         dt = time.perf_counter() - t0
@@ -507,15 +513,16 @@ class AdapterCache:
         got = getattr(adapter, "fingerprint", None)
         if got == ver.fingerprint:
             return
-        why = "its contents differ"
+        detail = "its contents differ"
         old_files, new_files = getattr(ver.fingerprint, "files", None), getattr(got, "files", None)
         if old_files is not None and new_files != old_files:
-            why = f"its files now resolve to {', '.join(map(str, new_files or ()))}, not {', '.join(map(str, old_files))}"
-        raise AdapterChangedError(
-            f"adapter {ver.name!r} changed on disk since it was registered ({why}); it is not served "
-            "until it is loaded again",
+            detail = f"its files now resolve to {', '.join(map(str, new_files or ()))}, not {', '.join(map(str, old_files))}"
+        err = AdapterChangedError(  # the message reaches clients: no server paths in it (they go to the log)
+            f"adapter {ver.name!r} changed on disk since it was registered; it is not served until it is loaded again",
             hint="adapter files must not change after registration; load a new version under the same name to replace it",
         )
+        err.detail = detail
+        raise err
 
     def _run_load_quiet(self, ver: _Version, fut: Future) -> None:
         try:

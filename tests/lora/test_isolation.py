@@ -54,7 +54,7 @@ def make(max_loras: int = 1, max_cpu: int = 1) -> tuple[AdapterCache, Disk]:
     return cache, disk
 
 
-def test_bound_version_survives_replace_preemption_and_cpu_eviction() -> None:
+def test_bound_version_survives_replace_and_preemption() -> None:
     cache, disk = make(1, 1)
     disk.content.update({"/p/a1": "v1", "/p/a2": "v2", "/p/b": "b"})
     cache.register("a", "/p/a1")
@@ -62,18 +62,60 @@ def test_bound_version_survives_replace_preemption_and_cpu_eviction() -> None:
     vid = cache.bind(s)  # a request admitted on a's first version
     cache.release("a", s)  # ... is preempted
     cache.register("a", "/p/a2")  # replace: new requests get v2
-    cache.register("b", "/p/b")  # the CPU tier (size 1) drops the old version
+    cache.register("b", "/p/b")
     s2 = cache.acquire("a")
     assert disk.slots[s2].fingerprint == "v2"
     cache.release("a", s2)
-    s3 = cache.acquire("a", version=vid)  # the preempted request comes back: v1, re-read from disk
-    assert disk.slots[s3].fingerprint == "v1" and disk.loads[-1] == "/p/a1"
+    s3 = cache.acquire("a", version=vid)  # the preempted request comes back: v1, not v2
+    assert disk.slots[s3].fingerprint == "v1"
     cache.release("a", s3)
     cache.unbind(vid)  # it finished: the old version is gone for good
     assert "a" in cache and cache.version_of("a") != vid
     with pytest.raises(AdapterVersionGoneError):
         cache.acquire("a", version=vid)
     assert all(v.fingerprint != "v1" for v in cache._cpu)  # no stale copy left in the CPU tier
+
+
+def test_replaced_version_a_paused_request_needs_stays_in_cpu_even_if_its_files_go() -> None:
+    cache, disk = make(1, 2)
+    disk.content.update({"/p/a1": "v1", "/p/a2": "v2", "/p/b": "b", "/p/c": "c"})
+    cache.register("a", "/p/a1")
+    s = cache.acquire("a")
+    vid = cache.bind(s)
+    cache.release("a", s)  # preempted
+    cache.register("a", "/p/a2")
+    del disk.content["/p/a1"]  # the operator deleted the old files after the replace
+    for n in "bc":  # other adapters churn through the CPU tier
+        cache.register(n, f"/p/{n}")
+        cache.release(n, cache.acquire(n))
+    s = cache.acquire("a", version=vid)  # served from the CPU copy: no disk read
+    assert disk.slots[s].fingerprint == "v1"
+    cache.release("a", s)
+    cache.unbind(vid)
+    assert all(v.fingerprint != "v1" for v in cache._cpu)
+
+
+@pytest.mark.parametrize("tampered", [False, True])
+def test_bound_version_evicted_before_the_replace_is_reread_and_checked(tampered: bool) -> None:
+    cache, disk = make(1, 1)
+    disk.content.update({"/p/a1": "v1", "/p/a2": "v2", "/p/b": "b"})
+    cache.register("a", "/p/a1")
+    s = cache.acquire("a")
+    vid = cache.bind(s)
+    cache.release("a", s)  # preempted
+    cache.register("b", "/p/b")
+    cache.release("b", cache.acquire("b"))  # b takes the slot and the CPU tier: v1 is on disk only
+    assert cache.cpu_resident() == ["b"]
+    cache.register("a", "/p/a2")  # replaced while the request is paused
+    if tampered:
+        disk.content["/p/a1"] = "evil"
+        with pytest.raises(AdapterChangedError):
+            cache.acquire("a", version=vid)
+        cache.unbind(vid)  # the engine fails that request; the version is forgotten
+        assert vid not in cache._versions
+    else:
+        s = cache.acquire("a", version=vid)
+        assert disk.slots[s].fingerprint == "v1" and disk.loads[-1] == "/p/a1"
 
 
 def test_unload_keeps_bound_requests_and_tells_new_ones() -> None:
@@ -142,7 +184,7 @@ def _run(core, reqs: list[tuple[str, str, str | None]]) -> dict[str, object]:
     return out
 
 
-def test_symlinks_outside_root_after_eviction_are_never_served(tmp_path: Path, demo_adapters) -> None:
+def test_symlinks_outside_root_after_eviction_are_never_served(tmp_path: Path, demo_adapters, caplog) -> None:
     """Issue 15 case 4: files swapped for symlinks to outside weights, then the adapter pushed out
     of the slots and the CPU tier: the re-read is refused, that adapter's request ends with a clear
     error, the other tenants in the same batch are unaffected."""
@@ -163,7 +205,8 @@ def test_symlinks_outside_root_after_eviction_are_never_served(tmp_path: Path, d
     outs = _run(core, [("c", "hello world", "mine"), ("d", "hello world", "rot13"), ("e", "hello world", None)])
     c = outs["c"]
     assert c.finish_reason == "abort" and c.token_ids == [] and "changed on disk" in c.stop_reason
-    assert "outside" in c.stop_reason  # names where the files now point
+    assert "outside" not in c.stop_reason  # clients are not told server paths ...
+    assert "its files now resolve to" in caplog.text and str(outside) in caplog.text  # ... the log says where
     assert outs["d"].text == "uryyb jbeyq" and outs["e"].text == "hello world"
     # restoring the files does not revive it silently; loading it again (the operator's act) does
     for f in ("adapter_model.safetensors", "adapter_config.json"):
@@ -188,7 +231,7 @@ def test_weights_rewritten_in_place_after_eviction_are_refused(tmp_path: Path, d
     core = llm.engine
     _run(core, [("b", "hi", "rot13")])
     outs = _run(core, [("c", "hello world", "mine"), ("d", "hello world", "reverse")])
-    assert outs["c"].finish_reason == "abort" and "its contents differ" in outs["c"].stop_reason
+    assert outs["c"].finish_reason == "abort" and "changed on disk" in outs["c"].stop_reason
     assert outs["d"].text == "dlrow olleh"
 
 
