@@ -214,6 +214,7 @@ def _parse_safetensors_header(path: Path, fd: int) -> dict[str, TensorMeta]:
     name = path.name
     try:
         with os.fdopen(os.dup(fd), "rb") as f:
+            f.seek(0)  # the dup shares the descriptor's offset
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise AdapterError(f"{name} is truncated: {size} bytes, not even the 8-byte header length")
