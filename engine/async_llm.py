@@ -156,10 +156,11 @@ class AsyncLLM:
         self._poke()
 
     # -- adapters ------------------------------------------------------------------------------
-    async def add_adapter(self, name: str, path: str) -> None:
-        """Validate and register an adapter (loads in a worker thread; the loop keeps stepping)."""
+    async def add_adapter(self, name: str, path: str, *, root: str | None = None) -> None:
+        """Validate and register an adapter (loads in a worker thread; the loop keeps stepping).
+        `root`: the files actually read must resolve inside it (see AdapterCache.register)."""
         lora = self._lora()
-        await asyncio.to_thread(lora.add_adapter, name, str(path))
+        await asyncio.to_thread(lora.add_adapter, name, str(path), root=root)
 
     async def remove_adapter(self, name: str) -> None:
         self._lora().remove_adapter(name)

@@ -35,6 +35,7 @@ class Sequence:
     params: SamplingParams
     prompt: str | None = None
     adapter: str | None = None
+    adapter_version: int | None = None  # set at first admission; preemption re-acquires this version, not the name
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int = 1 << 30
     token_ids: list[int] = field(default_factory=list)

@@ -136,10 +136,10 @@ async def _start(app: web.Application, prompts: list[str | list[int]], params: A
         raise err from None
     if any(ch.pending is not None and ch.pending.finish_reason == "abort" for ch in choices.items):
         await choices.close()
-        for ch in choices.items:  # ended by the engine before its first token: the reason, headers not sent yet
+        for ch in choices.items:  # ended before its first token: the engine's reason (error, adapter gone), headers not sent yet
             if ch.pending is not None:
                 _check_abort(ch.pending)
-        raise _aborted()  # aborted before its first token (shutdown): a plain 503, headers not sent yet
+        raise _aborted()  # aborted before its first token (shutdown): a plain 503
     return name, choices
 
 
@@ -208,7 +208,9 @@ def _tail(lps: list[Any] | None, n: int) -> list[Any]:
     return list(lps[-n:]) if lps and n else []
 
 
-def _aborted() -> P.APIError:
+def _aborted(o: Any = None) -> P.APIError:
+    if o is not None and o.adapter and isinstance(o.stop_reason, str) and o.stop_reason.startswith(f"adapter {o.adapter!r}"):
+        return P.APIError(404, o.stop_reason, param="model")  # the engine ended it: its adapter was unloaded/changed
     return P.APIError(503, "the request was aborted (the server is shutting down)", headers={"Retry-After": "1"})
 
 
@@ -216,7 +218,7 @@ def _check_abort(o: Any) -> None:
     if getattr(o, "error", None):  # the engine ended this request alone (non-finite logits, failed step)
         raise P.APIError(500, f"the request failed: {o.error}")
     if o.finish_reason == "abort":
-        raise _aborted()
+        raise _aborted(o)
 
 
 def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, name: str) -> bytes:
@@ -373,7 +375,7 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
         if failures:
             raise P.bad(f"adapter '{name}' failed validation: " + "; ".join(failures), "lora_path")
     try:
-        await engine.add_adapter(name, path)
+        await engine.add_adapter(name, path, root=config.adapter_root)  # confinement re-checked on the files read
     except AdapterNotFoundError as exc:  # a path or hub id that is not there is the caller's mistake
         raise P.bad(exc.message, "lora_path") from None
     state.adapter_paths[name] = path
@@ -390,6 +392,7 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
         raise P.APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
     await engine.remove_adapter(name)
     state.adapter_paths.pop(name, None)
+    state.metrics.forget_adapter(name)  # no stale series per unloaded adapter
     log.info("unloaded LoRA adapter %r", name)
     return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 

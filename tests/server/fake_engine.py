@@ -73,7 +73,7 @@ class FakeEngine:
     def list_adapters(self) -> list[str]:
         return list(self.adapters)
 
-    async def add_adapter(self, name: str, path: str) -> None:
+    async def add_adapter(self, name: str, path: str, *, root: str | None = None) -> None:
         marker = Path(path) / "transform.txt"
         if not marker.is_file():
             raise AdapterError(f"{path}: no adapter here (transform.txt missing)")
