@@ -380,7 +380,7 @@ def test_weights_that_overflow_the_slot_dtype_are_refused_on_the_bytes_served(tm
 
     dims = LLM(max_loras=1).engine.runner.dims
     slots = LoraSlots(dims, max_loras=1, max_rank=16, dtype=torch.float16)
-    with pytest.raises(AdapterError, match="overflow the slot dtype"):
+    with pytest.raises(AdapterError, match="float16"):
         slots.load("bad", str(bad))
     slots.load("upper", str(demo_adapters["upper"]))  # a normal adapter is fine
 
