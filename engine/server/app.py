@@ -158,7 +158,7 @@ def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
         return engine.model_name, None
     if model in engine.list_adapters():
         return model, model
-    raise P.APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the base model and its adapters.",
+    raise P.APIError(404, f"The model '{model[:200]}' does not exist. GET /v1/models lists the base model and its adapters.",
                      err_type="not_found_error", param="model")
 
 
@@ -182,9 +182,10 @@ async def _start(app: web.Application, prompts: list[str | list[int]], params: A
         err = api_error_for(exc, app[CONFIG].retry_after_s)
         state.metrics.count_error(name, err.status)
         raise err from None
-    if any(ch.pending is not None and ch.pending.finish_reason == "abort" for ch in choices.items):
-        await choices.close()
-        raise _aborted()  # aborted before its first token (shutdown): a plain 503, headers not sent yet
+    for ch in choices.items:  # aborted before its first token: an error status, headers not sent yet
+        if ch.pending is not None and ch.pending.finish_reason == "abort":
+            await choices.close()
+            _check_abort(ch.pending, engine)
     return name, choices
 
 
@@ -257,9 +258,17 @@ def _aborted() -> P.APIError:
     return P.APIError(503, "the request was aborted (the server is shutting down)", headers={"Retry-After": "1"})
 
 
-def _check_abort(o: Any) -> None:
-    if o.finish_reason == "abort":
+def _check_abort(o: Any, engine: Any) -> None:
+    """An aborted output becomes its error: the engine says why in stop_reason (e.g. the request's
+    adapter was unloaded or could not be loaded); without a reason the server is shutting down."""
+    if o.finish_reason != "abort":
+        return
+    if not (isinstance(o.stop_reason, str) and o.stop_reason):
         raise _aborted()
+    if o.adapter is not None and o.adapter not in engine.list_adapters():
+        raise P.APIError(404, f"the adapter '{o.adapter}' was unloaded before this request finished",
+                         err_type="not_found_error", param="model")
+    raise P.APIError(503, o.stop_reason, headers={"Retry-After": "1"})
 
 
 def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, name: str) -> bytes:
@@ -290,7 +299,7 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
     async def chunks() -> AsyncIterator[bytes]:
         offsets: dict[int, int] = {}
         async for ch, o in choices.merged():
-            _check_abort(o)
+            _check_abort(o, engine)
             text = o.delta_text
             if ch.index not in offsets:
                 text = echo_text(ch.prompt) + text
@@ -311,7 +320,7 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
     try:
         outs = await choices.collect()
         for o in outs:
-            _check_abort(o)
+            _check_abort(o, engine)
         body_choices = [P.completion_choice(ch.index, echo_text(ch.prompt) + o.text, o,
                                             P.completion_logprobs(tok, o.logprobs or []) if want_lp else None)
                         for ch, o in zip(choices.items, outs)]
@@ -345,7 +354,7 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
                      "finish_reason": None}
             yield P.sse(P.chunk(kind, rid, created, name, [first]))
         async for ch, o in choices.merged():
-            _check_abort(o)
+            _check_abort(o, engine)
             if not o.delta_text and not o.finished:
                 continue
             lp = P.chat_logprobs(tok, _tail(o.logprobs, len(o.delta_token_ids)), top_n) if want_lp else None
@@ -362,7 +371,7 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
     try:
         outs = await choices.collect()
         for o in outs:
-            _check_abort(o)
+            _check_abort(o, engine)
         body_choices = [P.chat_choice(ch.index, o, P.chat_logprobs(tok, o.logprobs or [], top_n) if want_lp else None)
                         for ch, o in zip(choices.items, outs)]
         use = P.usage(len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs))

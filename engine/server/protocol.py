@@ -84,8 +84,17 @@ def _opt(body: dict[str, Any], key: str, kinds: tuple[type, ...], what: str) -> 
     if isinstance(value, bool) and bool not in kinds:
         raise bad(f"'{key}' must be {what}, got {json.dumps(value)}", key)
     if not isinstance(value, kinds):
-        raise bad(f"'{key}' must be {what}, got {json.dumps(value)[:80]}", key)
+        raise bad(f"'{key}' must be {what}, got {_brief(value)}", key)
     return value
+
+
+def _brief(value: Any) -> str:
+    """A client's value for an error message, without serializing (or echoing) a large one."""
+    if isinstance(value, (dict, list)):
+        return f"an {'object' if isinstance(value, dict) else 'array'} of {len(value)} item(s)"
+    if isinstance(value, int):
+        return _short(value)
+    return json.dumps(value[:80] if isinstance(value, str) else value)
 
 
 def _opt_int(body: dict[str, Any], key: str, lo: int | None = None, hi: int | None = None) -> int | None:

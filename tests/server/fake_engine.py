@@ -10,6 +10,7 @@ real engine live in test_real_engine.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -133,6 +134,12 @@ class FakeEngine:
                 await asyncio.sleep(self.delay)
                 if self.abort_all:
                     out = _step(out, [], "", "abort")
+                    finished = True
+                    yield out
+                    return
+                if adapter is not None and adapter not in self.adapters:  # as the engine: unloaded while waiting
+                    out = dataclasses.replace(_step(out, [], "", "abort"),
+                                              stop_reason=f"adapter {adapter!r} could not be loaded: not registered")
                     finished = True
                     yield out
                     return

@@ -235,6 +235,28 @@ def test_every_json_writer_refuses_nan() -> None:
         P.sse({"x": math.inf})
 
 
+def test_a_request_whose_adapter_is_unloaded_is_told_so(tokenizer: Any, tmp_path: Any, arun: Any) -> None:
+    async def go() -> None:
+        engine = FakeEngine(tokenizer)
+        engine.gate = asyncio.Event()
+        async with running(engine, allow_runtime_lora=True, adapter_root=str(tmp_path)) as srv, \
+                aiohttp.ClientSession() as s:
+            url = f"{srv.url}/v1/completions"
+            plain = asyncio.create_task(s.post(url, json={"model": "upper", "prompt": "abc"}))
+            streamed = asyncio.create_task(s.post(url, json={"model": "upper", "prompt": "abc", "stream": True}))
+            while len(engine.live) < 2:
+                await asyncio.sleep(0.01)
+            r = await s.post(f"{srv.url}/v1/unload_lora_adapter", json={"lora_name": "upper"})
+            assert r.status == 200
+            engine.gate.set()
+            err = await _error(await plain, 404)
+            assert "unloaded" in err["message"] and "shutting down" not in err["message"]
+            text = await (await streamed).text()
+            assert "unloaded" in text and "shutting down" not in text and text.endswith("data: [DONE]\n\n")
+
+    arun(go())
+
+
 # -- slow clients ----------------------------------------------------------------------------------
 
 
