@@ -281,7 +281,10 @@ def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, na
 async def completion_reply(app: web.Application, body: Any) -> Reply:
     """POST /v1/completions (vLLM/OpenAI legacy completions; prompt may be a batch) for a parsed JSON body."""
     engine, config = app[ENGINE], app[CONFIG]
-    req = P.parse_completion(body, vocab_size=len(engine.tokenizer))
+    if isinstance(body, dict) and isinstance(body.get("prompt"), list):  # token ids: checking them scales
+        req = await run_text_work(P.parse_completion, body, len(engine.tokenizer))
+    else:
+        req = P.parse_completion(body, vocab_size=len(engine.tokenizer))
     _start_checks(config, len(req.prompts), req.n)  # before any per-prompt work
     limit = max_prompt_chars(engine.tokenizer, engine.max_model_len)
     for p in req.prompts:

@@ -317,7 +317,7 @@ def _check_tokens(ids: list[int], vocab_size: int) -> list[int]:
     return ids
 
 
-def parse_completion(body: Any, *, vocab_size: int) -> CompletionRequest:
+def parse_completion(body: Any, vocab_size: int) -> CompletionRequest:
     """Validate a /v1/completions body. Raises APIError(400) with the offending parameter."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
