@@ -345,3 +345,39 @@ def test_serve_refuses_to_start_open_by_accident(args: list[str], env: dict[str,
     assert res.returncode == 1
     assert needle in res.stderr + res.stdout and "Traceback" not in res.stderr
     assert "loading the model" not in res.stdout  # refused before any work
+
+
+def test_the_engine_tokenizes_text_prompts_off_the_event_loop(tiny_base: Any, arun: Any) -> None:
+    """AsyncLLM.generate tokenizes a text prompt in a worker thread: a slow tokenization (a huge prompt)
+    does not stop the event loop, which serves every other client meanwhile."""
+    from engine import AsyncLLM, SamplingParams
+    from engine.config import EngineConfig
+
+    async def go() -> None:
+        engine = AsyncLLM(EngineConfig(model=str(tiny_base), dtype="float32", device="cpu", max_model_len=64))
+        tokenize = engine.core.tokenize
+
+        def slow(prompt: Any) -> Any:
+            time.sleep(1.0)
+            return tokenize(prompt)
+
+        engine.core.tokenize = slow  # type: ignore[method-assign]
+        await engine.start()
+        try:
+            ticks = 0
+
+            async def ticker() -> None:
+                nonlocal ticks
+                while True:
+                    await asyncio.sleep(0.01)
+                    ticks += 1
+
+            t = asyncio.create_task(ticker())
+            outs = [o async for o in engine.generate("hello", SamplingParams(max_tokens=2, temperature=0),
+                                                     request_id="r1")]
+            t.cancel()
+            assert outs[-1].finished and ticks > 30  # the loop ran on while the prompt was tokenized
+        finally:
+            await engine.stop(grace_s=0)
+
+    arun(go())
