@@ -80,14 +80,18 @@ _mlora() {
                 --max-model-len) return 0 ;;
                 --max-num-seqs) return 0 ;;
                 --max-queue) return 0 ;;
+                --max-seqs-per-request) return 0 ;;
                 --host) return 0 ;;
                 --port|-p) return 0 ;;
                 --api-key) return 0 ;;
                 --grace-period) return 0 ;;
+                --max-body-bytes) return 0 ;;
+                --header-timeout) return 0 ;;
+                --body-timeout) return 0 ;;
                 --replicas) return 0 ;;
                 --ray-address) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --host --port -p --api-key --grace-period --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-seqs-per-request --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
             case "$prev" in

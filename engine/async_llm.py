@@ -115,13 +115,16 @@ class AsyncLLM:
         Raises AdapterNotFoundError / PromptTooLongError / QueueFullError / EngineStoppedError
         before the first output. Closing the iterator early aborts the request.
         """
+        # PromptTooLongError / bad ids now, not inside the loop; text in a worker thread, as its cost
+        # grows with the client's input and the event loop serves every other client meanwhile.
+        text, ids = await asyncio.to_thread(self.core.tokenize, prompt) if isinstance(prompt, str) else \
+            self.core.tokenize(prompt)
         if self._stopping or self._task is None:
             raise EngineStoppedError("the engine is not running" if self._task is None else "the engine is shutting down")
         if self._error is not None:
             raise EngineStoppedError(f"the engine loop failed: {self._error}")
         if request_id in self._queues:
             raise ConfigError(f"duplicate request id {request_id!r}")
-        text, ids = self.core.tokenize(prompt)  # PromptTooLongError / bad ids now, not inside the loop
         if adapter is not None:
             if self.core.lora is None:
                 from engine.errors import AdapterNotFoundError
