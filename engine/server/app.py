@@ -269,8 +269,13 @@ def _check_abort(o: Any, engine: Any) -> None:
         return
     if not (isinstance(o.stop_reason, str) and o.stop_reason):
         raise _aborted()
-    if o.adapter is not None and (o.stop_reason.startswith(f"adapter {o.adapter!r}") or o.adapter not in engine.list_adapters()):
-        raise P.APIError(404, o.stop_reason, err_type="not_found_error", param="model")
+    if o.adapter is not None:
+        mine = o.stop_reason.startswith(f"adapter {o.adapter!r}")
+        if mine and ("was unloaded" in o.stop_reason or "changed on disk" in o.stop_reason):
+            raise P.APIError(404, o.stop_reason, err_type="not_found_error", param="model")  # gone, or broken until loaded again
+        if o.adapter not in engine.list_adapters():
+            raise P.APIError(404, f"the adapter '{o.adapter}' was unloaded before this request finished",
+                             err_type="not_found_error", param="model")
     raise P.APIError(503, o.stop_reason, headers={"Retry-After": "1"})
 
 

@@ -328,14 +328,24 @@ def test_server_maps_an_unloaded_adapter_abort_to_404_not_shutdown() -> None:
     """Issue 15 case 3 (server side): the engine's 'adapter ... was unloaded' ending becomes a 404
     naming the adapter; a plain abort (shutdown) stays a 503."""
     from engine.outputs import RequestOutput
-    from engine.server.app import _aborted
+    import pytest
+
+    from engine.server.app import _check_abort
+    from engine.server.protocol import APIError
+
+    class Engine:  # the adapter is already gone from the registry
+        def list_adapters(self) -> list[str]:
+            return []
 
     gone = RequestOutput("r", "hi", [1], adapter="upper", finished=True, finish_reason="abort",
                          stop_reason="adapter 'upper' was unloaded before this request started")
-    err = _aborted(gone)
-    assert (err.status, err.param, err.message) == (404, "model", gone.stop_reason)
+    with pytest.raises(APIError) as err:
+        _check_abort(gone, Engine())
+    assert (err.value.status, err.value.param, err.value.message) == (404, "model", gone.stop_reason)
     shutdown = RequestOutput("r", "hi", [1], adapter="upper", finished=True, finish_reason="abort")
-    assert _aborted(shutdown).status == 503 and "shutting down" in _aborted(shutdown).message
+    with pytest.raises(APIError) as err:
+        _check_abort(shutdown, Engine())
+    assert err.value.status == 503 and "shutting down" in err.value.message
 
 
 def test_registration_confines_the_files_actually_read(tmp_path: Path, demo_adapters) -> None:
