@@ -328,8 +328,6 @@ def test_server_maps_an_unloaded_adapter_abort_to_404_not_shutdown() -> None:
     """Issue 15 case 3 (server side): the engine's 'adapter ... was unloaded' ending becomes a 404
     naming the adapter; a plain abort (shutdown) stays a 503."""
     from engine.outputs import RequestOutput
-    import pytest
-
     from engine.server.app import _check_abort
     from engine.server.protocol import APIError
 
