@@ -43,19 +43,23 @@ _SIGTERM = "SIGTERM"
 
 
 @contextlib.contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
+def _sigterm_as_interrupt() -> Iterator[list[bool]]:
     """SIGTERM (a supervisor, `kill`, a CI timeout) stops the merge like Ctrl+C: the staging
-    directory is removed and the CLI exits non-zero with one line, instead of dying mid-write."""
+    directory is removed and the CLI exits non-zero with one line, instead of dying mid-write.
+    Yields a flag set once SIGTERM arrived: raised inside a C call, the KeyboardInterrupt can come
+    out as another exception (torch turns it into a ValueError), and the flag still says why."""
+    termed = [False]
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield termed
         return
 
     def on_term(signum: int, frame: object) -> None:
+        termed[0] = True
         raise KeyboardInterrupt(_SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        yield
+        yield termed
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -112,11 +116,14 @@ def merge(
     config = MergeConfig(base=base, adapters=specs, out=out, dtype=dtype, force=force, verify=verify, tolerance=tolerance)
     quiet = str(json_file) == "-"
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
+    termed = [False]
     try:
-        with _sigterm_as_interrupt(), Progress(*columns, console=console, transient=False, disable=quiet) as progress:
+        with _sigterm_as_interrupt() as termed, Progress(*columns, console=console, transient=False, disable=quiet) as progress:
             report = merge_adapter(config, progress=_RichProgress(progress))
-    except KeyboardInterrupt as e:  # merge_adapter already removed its staging directory
-        term = str(e) == _SIGTERM
+    except BaseException as e:  # merge_adapter already removed its staging directory
+        if not (termed[0] or isinstance(e, KeyboardInterrupt)):
+            raise
+        term = termed[0] or str(e) == _SIGTERM
         raise MloraError(f"interrupted by {'SIGTERM' if term else 'Ctrl+C'}: nothing was written to {out}",
                          exit_code=143 if term else 130) from None
     if json_file is not None:
