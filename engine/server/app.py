@@ -48,12 +48,15 @@ class ServerState:
     draining: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     adapter_paths: dict[str, str] = field(default_factory=dict)
+    resolving: dict[str, asyncio.Task[Any]] = field(default_factory=dict)  # on-demand loads under way, by name
 
     def __post_init__(self) -> None:
         self.idle.set()
 
 
 ENGINE = web.AppKey("engine", object)
+REQUEST_ID = web.RequestKey("request_id", str)  # the client's X-Request-Id, if it sent a usable one
+_MAX_REQUEST_ID = 256
 CONFIG = web.AppKey("config", ServerConfig)
 STATE = web.AppKey("state", ServerState)
 
@@ -101,6 +104,34 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except Exception:
         log.exception("unhandled error in %s %s", request.method, request.path)
         return json_error(P.APIError(500, "internal server error (see the server log)"))
+
+
+@web.middleware
+async def request_id_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    """vLLM's X-Request-Id: a client's header names the request (response `id`, logs) and is echoed back.
+
+    The echo is added in `on_response_prepare`, so streams and errors carry it too."""
+    given = request.headers.get("X-Request-Id", "").strip()
+    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable():
+        request[REQUEST_ID] = given
+    return await handler(request)
+
+
+async def _echo_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    rid = request.get(REQUEST_ID)
+    if rid is not None:
+        response.headers["X-Request-Id"] = rid
+
+
+def _request_ids(request: web.Request | None, prefix: str) -> tuple[str, str]:
+    """(response id, engine request id). With X-Request-Id, the response id is `prefix-<header>` as in
+    vLLM; the engine id gets a short suffix so two clients reusing one header never collide."""
+    given = request.get(REQUEST_ID) if request is not None else None
+    if given is None:
+        rid = P.new_id(prefix)
+        return rid, rid
+    rid = f"{prefix}-{given}"
+    return rid, f"{rid}-{P.new_id('r')[2:10]}"
 
 
 @web.middleware
@@ -162,6 +193,37 @@ def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
                      err_type="not_found_error", param="model")
 
 
+def resolvable_name(name: str) -> bool:
+    """A name the filesystem resolver may look up as `--lora-dir/NAME`: one path component, no dot start."""
+    return P.valid_adapter_name(name) and "/" not in name and ":" not in name and not name.startswith(".")
+
+
+async def _resolve_or_fetch(app: web.Application, model: str | None) -> tuple[str, str | None]:
+    """`_resolve`, plus vLLM's filesystem LoRA resolver: with --allow-runtime-lora and --lora-dir, an
+    unregistered adapter NAME that exists as DIR/NAME is validated, registered (once, however many
+    requests ask for it at the same time) and served. Anything else stays the 404 of `_resolve`."""
+    engine, config, state = app[ENGINE], app[CONFIG], app[STATE]
+    try:
+        return _resolve(engine, model)
+    except P.APIError:
+        if not (config.allow_runtime_lora and config.lora_dir and isinstance(model, str) and resolvable_name(model)):
+            raise
+        path = os.path.join(config.lora_dir, model)
+        if not await asyncio.to_thread(os.path.isfile, os.path.join(path, "adapter_config.json")):
+            raise
+    task = state.resolving.get(model)
+    if task is None:
+        task = asyncio.create_task(_load_lora(engine, config, state, {"lora_name": model, "lora_path": path}))
+        task.add_done_callback(lambda _t, name=model: state.resolving.pop(name, None))
+        state.resolving[model] = task
+    try:
+        await asyncio.shield(task)  # a client that goes away does not cancel the load the others wait on
+    except P.APIError as exc:
+        raise P.APIError(exc.status, f"adapter '{model}' from --lora-dir could not be loaded: {exc.message}",
+                         param="model") from None
+    return _resolve(engine, model)
+
+
 def _start_checks(config: ServerConfig, prompts: int, n: int) -> None:
     """400 for a request that would queue more than max_seqs_per_request sequences (prompts x n)."""
     if prompts * n > config.max_seqs_per_request:
@@ -173,8 +235,9 @@ def _start_checks(config: ServerConfig, prompts: int, n: int) -> None:
 async def _start(app: web.Application, prompts: list[str | list[int]], params: Any, n: int, rid: str,
                  model: str | None) -> tuple[str, Choices]:
     engine, state, config = app[ENGINE], app[STATE], app[CONFIG]
-    name, adapter = _resolve(engine, model)
+    name, adapter = await _resolve_or_fetch(app, model)
     _start_checks(config, len(prompts), n)
+    log.debug("request %s: model %s, %d sequence(s)", rid, name, len(prompts) * n)
     try:
         choices = await open_choices(engine, prompts, params, n=n, request_id=rid, adapter=adapter,
                                      metrics=state.metrics, label=name)
@@ -286,7 +349,7 @@ def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, na
     return P.sse(P.chunk(kind, rid, created, name, [], P.usage(prompt_tokens, sum(len(o.token_ids) for o in outs))))
 
 
-async def completion_reply(app: web.Application, body: Any) -> Reply:
+async def completion_reply(app: web.Application, body: Any, request: web.Request | None = None) -> Reply:
     """POST /v1/completions (vLLM/OpenAI legacy completions; prompt may be a batch) for a parsed JSON body."""
     engine, config = app[ENGINE], app[CONFIG]
     if isinstance(body, dict) and isinstance(body.get("prompt"), list):  # token ids: checking them scales
@@ -300,12 +363,16 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
             check_prompt_chars(p, limit)  # longer than any tokenization of it could fit: refused untokenized
         elif len(p) >= engine.max_model_len:
             raise P.bad(f"the prompt has {len(p)} tokens; this model's context is {engine.max_model_len} tokens", "prompt")
-    rid, created = P.new_id("cmpl"), P.now_s()
-    name, choices = await _start(app, req.prompts, req.params, req.n, rid, req.model)
+    (rid, engine_rid), created = _request_ids(request, "cmpl"), P.now_s()
+    name, choices = await _start(app, req.prompts, req.params, req.n, engine_rid, req.model)
     tok, want_lp = engine.tokenizer, req.params.logprobs is not None
 
     def echo_text(prompt: str | list[int]) -> str:
         return (prompt if isinstance(prompt, str) else tok.decode(prompt)) if req.echo else ""
+
+    # usage only when asked: in OpenAI's one final `choices: []` chunk (include_usage), and also
+    # on every chunk with vLLM's continuous_usage_stats; a choice's last chunk carries none of its own
+    every_chunk = req.stream_options.include_usage and req.stream_options.continuous_usage_stats
 
     async def chunks() -> AsyncIterator[bytes]:
         offsets: dict[int, int] = {}
@@ -319,8 +386,7 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
             offset = offsets.get(ch.index, 0)
             offsets[ch.index] = offset + len(text)
             lp = P.completion_logprobs(tok, _tail(o.logprobs, len(o.delta_token_ids)), offset) if want_lp else None
-            final = o.finished or req.stream_options.continuous_usage_stats
-            use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if final else None
+            use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if every_chunk else None
             yield P.sse(P.chunk("text_completion", rid, created, name,
                                 [P.completion_choice(ch.index, text, o, lp)], use))
         if req.stream_options.include_usage:
@@ -341,7 +407,7 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
         await choices.close()
 
 
-async def chat_reply(app: web.Application, body: Any) -> Reply:
+async def chat_reply(app: web.Application, body: Any, request: web.Request | None = None) -> Reply:
     """POST /v1/chat/completions (prompt from the tokenizer's chat template, or the plain fallback)."""
     engine, config = app[ENGINE], app[CONFIG]
     req = P.parse_chat(body)
@@ -354,10 +420,12 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
     if not req.max_tokens_given:  # OpenAI's default: as many as the context leaves
         n_prompt = len(prompt) if isinstance(prompt, list) else len(await run_text_work(tok.encode, prompt))
         req.params.max_tokens = max(1, engine.max_model_len - n_prompt)
-    rid, created = P.new_id("chatcmpl"), P.now_s()
-    name, choices = await _start(app, [prompt], req.params, req.n, rid, req.model)
+    (rid, engine_rid), created = _request_ids(request, "chatcmpl"), P.now_s()
+    name, choices = await _start(app, [prompt], req.params, req.n, engine_rid, req.model)
     tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None
     kind = "chat.completion.chunk"
+
+    every_chunk = req.stream_options.include_usage and req.stream_options.continuous_usage_stats
 
     async def chunks() -> AsyncIterator[bytes]:
         for ch in choices.items:  # OpenAI/vLLM open each choice with the role
@@ -369,8 +437,7 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
             if not o.delta_text and not o.finished:
                 continue
             lp = P.chat_logprobs(tok, _tail(o.logprobs, len(o.delta_token_ids)), top_n) if want_lp else None
-            final = o.finished or req.stream_options.continuous_usage_stats
-            use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if final else None
+            use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if every_chunk else None
             c = {"index": ch.index, "delta": {"content": o.delta_text} if o.delta_text else {}, "logprobs": lp,
                  "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
             yield P.sse(P.chunk(kind, rid, created, name, [c], use))
@@ -394,13 +461,13 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     async with _inflight(request):
-        return await _send(request, await completion_reply(request.app, body))
+        return await _send(request, await completion_reply(request.app, body, request))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     async with _inflight(request):
-        return await _send(request, await chat_reply(request.app, body))
+        return await _send(request, await chat_reply(request.app, body, request))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -412,6 +479,82 @@ async def models(request: web.Request) -> web.Response:
         cards.append(P.model_card(name, root=state.adapter_paths.get(name, name), parent=base, created=state.created,
                                   max_model_len=engine.max_model_len))
     return json_response({"object": "list", "data": cards})
+
+
+async def model_by_id(request: web.Request) -> web.Response:
+    """GET /v1/models/{id}: one model object, as OpenAI's retrieve-model; 404 for an unknown id."""
+    engine, state, config = request.app[ENGINE], request.app[STATE], request.app[CONFIG]
+    model_id = request.match_info["model_id"]
+    name, adapter = _resolve(engine, model_id)
+    if adapter is None:
+        card = P.model_card(name, root=config.engine.model or name, parent=None, created=state.created,
+                            max_model_len=engine.max_model_len)
+    else:
+        card = P.model_card(name, root=state.adapter_paths.get(name, name), parent=engine.model_name,
+                            created=state.created, max_model_len=engine.max_model_len)
+    return json_response(card)
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """POST /tokenize (vLLM): `{"model", "prompt"}` or `{"model", "messages", "add_generation_prompt"}`
+    -> `{"count", "max_model_len", "tokens"}` (+ `token_strs` with `return_token_strs`). The chat form
+    renders exactly as /v1/chat/completions does. Rendering and tokenizing run in the worker pool,
+    bounded like a generation request's prompt."""
+    engine, config = request.app[ENGINE], request.app[CONFIG]
+    body = await _body(request)
+    async with _inflight(request):
+        if not isinstance(body, dict):
+            raise P.bad("the request body must be a JSON object")
+        await _resolve_or_fetch(request.app, body.get("model"))
+        tok, limit = engine.tokenizer, max_prompt_chars(engine.tokenizer, engine.max_model_len)
+        if "messages" in body:
+            chat = {k: v for k, v in body.items() if k in ("model", "messages", "add_generation_prompt",
+                                                              "continue_final_message", "chat_template",
+                                                              "chat_template_kwargs")}
+            req = P.parse_chat(chat)
+            if req.chat_template is not None and not config.trust_request_chat_template:
+                raise P.bad("this server does not accept a chat template from the request "
+                            "(the operator can allow it with --trust-request-chat-template)", "chat_template")
+            prompt = await run_text_work(render_chat, tok, req, limit)
+            add_special = P._opt_bool(body, "add_special_tokens", False)
+            if isinstance(prompt, str):
+                prompt = await run_text_work(_encode, tok, prompt, add_special)
+        else:
+            text = body.get("prompt")
+            if not isinstance(text, str):
+                raise P.bad("'prompt' must be a string (or send 'messages')", "prompt")
+            check_prompt_chars(text, limit)
+            prompt = await run_text_work(_encode, tok, text, P._opt_bool(body, "add_special_tokens", True))
+        out: dict[str, Any] = {"count": len(prompt), "max_model_len": engine.max_model_len, "tokens": prompt}
+        if P._opt_bool(body, "return_token_strs", False):
+            out["token_strs"] = tok.convert_ids_to_tokens(prompt)
+        return json_response(out)
+
+
+async def detokenize(request: web.Request) -> web.Response:
+    """POST /detokenize (vLLM): `{"model", "tokens"}` -> `{"prompt"}`; ids outside the vocabulary are a 400."""
+    engine = request.app[ENGINE]
+    body = await _body(request)
+    async with _inflight(request):
+        if not isinstance(body, dict):
+            raise P.bad("the request body must be a JSON object")
+        await _resolve_or_fetch(request.app, body.get("model"))
+        tokens, vocab = body.get("tokens"), len(engine.tokenizer)
+        if (not isinstance(tokens, list) or len(tokens) > engine.max_model_len
+                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)):
+            raise P.bad(f"'tokens' must be a list of at most {engine.max_model_len} token ids in 0..{vocab - 1}",
+                        "tokens")
+        return json_response({"prompt": await run_text_work(engine.tokenizer.decode, tokens)})
+
+
+async def version(request: web.Request) -> web.Response:
+    from engine.version import __version__
+
+    return json_response({"version": __version__})
 
 
 def _validation_failures(path: str, config: ServerConfig) -> list[str]:
@@ -505,7 +648,9 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_app(engine: Any, config: ServerConfig) -> web.Application:
     """The application for one started (or about to start) AsyncLLM. Routes are vLLM's."""
-    app = web.Application(middlewares=[error_middleware, guard_middleware], client_max_size=config.max_body_bytes)
+    app = web.Application(middlewares=[error_middleware, request_id_middleware, guard_middleware],
+                          client_max_size=config.max_body_bytes)
+    app.on_response_prepare.append(_echo_request_id)
     ecfg = config.engine
     app[ENGINE] = engine
     app[CONFIG] = config
@@ -515,8 +660,14 @@ def create_app(engine: Any, config: ServerConfig) -> web.Application:
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model_id:.+}", model_by_id)
+    app.router.add_post("/tokenize", tokenize)
+    app.router.add_post("/detokenize", detokenize)
+    app.router.add_get("/version", version)
     app.router.add_post("/v1/load_lora_adapter", load_lora_adapter)
     app.router.add_post("/v1/unload_lora_adapter", unload_lora_adapter)
     app.router.add_get("/health", health)
+    app.router.add_get("/ping", health)  # vLLM's (SageMaker's) liveness route: same answer as /health
+    app.router.add_post("/ping", health)
     app.router.add_get("/metrics", metrics)
     return app

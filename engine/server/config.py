@@ -18,6 +18,8 @@ class ServerConfig:
     blank key is an error, not an open server (an empty MLORA_API_KEY must not disable auth).
     `allow_runtime_lora` enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter and needs
     `adapter_root`, which confines their paths after resolving symlinks ("/" = anywhere, explicitly).
+    `lora_dir` (with `allow_runtime_lora`) is vLLM's filesystem LoRA resolver: a request for an
+    unregistered adapter NAME that exists as `lora_dir/NAME` loads it; it must lie inside `adapter_root`.
     `grace_period` is how long SIGINT/SIGTERM waits for in-flight requests before aborting them.
     `port=0` binds a free port (the bound URL is reported to `on_ready`).
 
@@ -41,6 +43,7 @@ class ServerConfig:
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     trust_request_chat_template: bool = False
+    lora_dir: str | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
@@ -65,6 +68,14 @@ class ServerConfig:
             if not os.path.isdir(root):
                 raise ConfigError(f"--adapter-root {self.adapter_root!r} is not a directory")
             object.__setattr__(self, "adapter_root", root)
+        if self.lora_dir is not None:
+            lora_dir = os.path.realpath(os.path.expanduser(self.lora_dir))
+            object.__setattr__(self, "lora_dir", lora_dir)
+            if self.allow_runtime_lora and self.adapter_root != os.sep and os.path.commonpath(
+                    [lora_dir, self.adapter_root]) != self.adapter_root:
+                raise ConfigError(f"--lora-dir {lora_dir!r} is outside --adapter-root {self.adapter_root!r}: "
+                                  "adapters loaded on demand from it would escape the root",
+                                  hint="put the directory inside --adapter-root, or point --adapter-root at it")
 
 
 def adapters_in_dir(directory: str, *, flag: str = "lora_dir") -> tuple[tuple[str, str], ...]:
@@ -82,3 +93,20 @@ def adapters_in_dir(directory: str, *, flag: str = "lora_dir") -> tuple[tuple[st
         if not valid_adapter_name(p.name):
             raise ConfigError(f"{flag}: adapter directory name {p.name!r} is not allowed: use {ADAPTER_NAME_RULE}")
     return tuple((p.name, str(p)) for p in found)
+
+
+def servable_adapters_in_dir(directory: str, *, base: str | None, max_lora_rank: int,
+                             flag: str = "--lora-dir") -> tuple[tuple[tuple[str, str], ...], list[str]]:
+    """`adapters_in_dir`, minus the adapters the validate library refuses: (servable, one warning per
+    skipped adapter). One broken adapter in a directory of many must not keep the others from being served."""
+    from engine.adapters import validate_adapter
+
+    good, skipped = [], []
+    for name, path in adapters_in_dir(directory, flag=flag):
+        report = validate_adapter(path, base=base, max_lora_rank=max_lora_rank)
+        fails = [f"{c.name}: {c.message}" for c in report.checks if c.status == "fail"]
+        if fails:
+            skipped.append(f"{flag}: skipping adapter {name!r} ({path}): {'; '.join(fails)}"[:500])
+        else:
+            good.append((name, path))
+    return tuple(good), skipped

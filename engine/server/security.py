@@ -15,7 +15,7 @@ import os
 from engine.server.protocol import APIError
 
 
-OPEN_PATHS = frozenset({"/health", "/metrics"})
+OPEN_PATHS = frozenset({"/health", "/ping", "/version", "/metrics"})  # probes and scrapers need no secret
 MAX_ADAPTER_ENTRIES = 1000  # files and directories under one adapter directory (PEFT saves a handful)
 
 

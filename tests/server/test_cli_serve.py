@@ -62,7 +62,8 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_base: Path) -> Non
                 break
         assert url, "".join(seen) + proc.stderr.read()  # type: ignore[union-attr]
         assert "adapters:" in proc.stdout.readline()  # type: ignore[union-attr]
-        body = json.dumps({"prompt": "drain me", "max_tokens": 100, "ignore_eos": True, "stream": True}).encode()
+        body = json.dumps({"prompt": "drain me", "max_tokens": 100, "ignore_eos": True, "stream": True,
+                           "stream_options": {"include_usage": True}}).encode()
         resp = urllib.request.urlopen(urllib.request.Request(f"{url}/v1/completions", data=body), timeout=60)
         first = resp.readline()
         assert first.startswith(b"data: ") and json.loads(first[6:])["choices"][0]["finish_reason"] is None
@@ -70,7 +71,7 @@ def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_base: Path) -> Non
         rest = resp.read().decode()
         events = [json.loads(first[6:])] + [json.loads(b[6:]) for b in rest.strip().split("\n\n") if b != "data: [DONE]"]
         assert rest.endswith("data: [DONE]\n\n")
-        assert events[-1]["choices"][0]["finish_reason"] == "length"
+        assert events[-2]["choices"][0]["finish_reason"] == "length"
         assert events[-1]["usage"]["completion_tokens"] == 100  # every token arrived
         assert proc.wait(timeout=60) == 0
         assert "Traceback" not in proc.stderr.read()  # type: ignore[union-attr]

@@ -84,12 +84,18 @@ def test_streamed_completion_equals_non_streamed_and_carries_usage(tokenizer: An
             text_events, usage_event = events[:-1], events[-1]
             assert "".join(e["choices"][0]["text"] for e in text_events) == full["choices"][0]["text"] == "STREAM ME"
             assert [e["choices"][0]["finish_reason"] for e in text_events][-1] == "stop"
-            assert all(e["usage"] is None for e in text_events[:-1])
-            assert text_events[-1]["usage"] == full["usage"]  # the finishing chunk carries usage
+            # usage exactly once: only the final choices-less chunk carries it (clients that sum it count once)
+            assert all(e.get("usage") is None for e in text_events)
             assert usage_event["choices"] == [] and usage_event["usage"] == full["usage"]
-            # without include_usage: no choices-less chunk (naive clients index choices[0])
+            # without include_usage: no usage at all, and no choices-less chunk (naive clients index choices[0])
             r = await s.post(f"{srv.url}/v1/completions", json={**req, "stream": True})
-            assert all(e["choices"] for e in await _sse_events(r))
+            plain = await _sse_events(r)
+            assert all(e["choices"] for e in plain) and all(e.get("usage") is None for e in plain)
+            # continuous_usage_stats (vLLM): usage on every chunk, still one final usage chunk
+            r = await s.post(f"{srv.url}/v1/completions", json={**req, "stream": True, "stream_options": {
+                "include_usage": True, "continuous_usage_stats": True}})
+            cont = await _sse_events(r)
+            assert all(e["usage"] is not None for e in cont) and cont[-1]["choices"] == []
 
     arun(go())
 
