@@ -51,7 +51,8 @@ class EngineStats:
     kv_total_blocks: int = 0
     lora_loads: int = 0
     lora_evictions: int = 0
-    lora_load_seconds: list[float] = field(default_factory=list)
+    lora_load_seconds: list[float] = field(default_factory=list)  # disk -> CPU loads since the last stats()
+    lora_slot_load_seconds: list[float] = field(default_factory=list)  # CPU -> device slot writes since then
     resident_adapters: list[str] = field(default_factory=list)
     max_loras: int = 0
     num_preemptions: int = 0
@@ -75,7 +76,9 @@ class EngineCore:
         self.model_path = resolve_model_path(config.model, revision=config.revision)
         self.hf_config = load_hf_config(self.model_path, trust_remote_code=config.trust_remote_code)
         self.tokenizer = load_tokenizer(self.model_path, trust_remote_code=config.trust_remote_code)
-        self.model_name = config.model or DEMO_MODEL_NAME
+        if config.chat_template is not None:
+            self.tokenizer.chat_template = config.chat_template
+        self.model_name = config.served_model_name or config.model or DEMO_MODEL_NAME
         self.runner = ModelRunner(config, self.hf_config, self.model_path)
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)

@@ -134,6 +134,7 @@ class LoraEngine:
         s.lora_loads = st.device_loads
         s.lora_evictions = st.device_evictions
         s.lora_load_seconds = self.cache.drain_load_seconds()
+        s.lora_slot_load_seconds = self.cache.drain_slot_load_seconds()
         s.resident_adapters = self.cache.resident()
         s.max_loras = self.max_loras
 

@@ -381,6 +381,12 @@ class AdapterCache:
             out, self._stats.disk_load_seconds = self._stats.disk_load_seconds, []
             return out
 
+    def drain_slot_load_seconds(self) -> list[float]:
+        """Slot load (CPU -> device slot write) durations recorded since the last call."""
+        with self._lock:
+            out, self._stats.device_load_seconds = self._stats.device_load_seconds, []
+            return out
+
     # ------------------------------------------------------------------ internals
     def _version(self, name: str) -> _Version:
         ver = self._current.get(name)

@@ -11,6 +11,18 @@ wall-clock time of the update), which the Gateway API Inference Extension reads 
 affinity. Unlike vLLM we keep only the latest `lora_requests_info` series (old label sets are
 dropped), which is what a reader that picks the newest timestamp sees anyway.
 
+vLLM's core request series are exported beside mlora's per-adapter ones, under vLLM's names and
+labels (`model_name` = the served base model name, `engine` = "0"), so vLLM's Grafana dashboards
+and alerts work unchanged: `vllm:prompt_tokens_total`, `vllm:generation_tokens_total`,
+`vllm:request_success_total{finished_reason}`, `vllm:time_to_first_token_seconds`,
+`vllm:inter_token_latency_seconds` (and its older name `vllm:time_per_output_token_seconds`),
+`vllm:e2e_request_latency_seconds`, `vllm:request_prompt_tokens`, `vllm:request_generation_tokens`,
+`vllm:num_preemptions_total`. As in vLLM they count every request, adapters included, under the
+base model's name; `mlora:*` splits them by adapter.
+
+`mlora:lora_load_duration_seconds{tier}` times both loads: `tier="disk"` (files -> CPU memory)
+and `tier="slot"` (CPU memory -> a device slot, which every request of a non-resident adapter waits on).
+
 Unloading an adapter removes every series labelled with it (`forget_adapter`), so a server that
 loads and unloads adapters all day exports only the adapters it serves. Requests of that adapter
 still in flight at the unload are counted, then their series are removed again as each one ends.
@@ -41,9 +53,11 @@ LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 
 class _EngineCollector:
     """Yields the cumulative engine counters from the last stats snapshot (no double counting)."""
 
-    def __init__(self) -> None:
+    def __init__(self, labels: tuple[str, str]) -> None:
         self.loads = 0
         self.evictions = 0
+        self.preemptions = 0
+        self.labels = labels
 
     def collect(self) -> Iterable[Metric]:
         c = CounterMetricFamily("mlora:lora_loads", "Adapter loads into a device slot (cumulative).")
@@ -52,6 +66,10 @@ class _EngineCollector:
         e = CounterMetricFamily("mlora:lora_evictions", "Adapter evictions from a device slot (cumulative).")
         e.add_metric([], float(self.evictions))
         yield e
+        p = CounterMetricFamily("vllm:num_preemptions", "Cumulative number of preemptions from the engine.",
+                                labels=["model_name", "engine"])
+        p.add_metric(list(self.labels), float(self.preemptions))
+        yield p
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -75,8 +93,29 @@ class ServerMetrics:
                               ["adapter"], buckets=TPOT_BUCKETS, registry=r)
         self.e2e = Histogram("mlora:e2e_request_latency_seconds", "Time from arrival to the last token.",
                              ["adapter"], buckets=E2E_BUCKETS, registry=r)
-        self.load_seconds = Histogram("mlora:lora_load_duration_seconds", "Time to load an adapter into a slot.",
+        self.load_seconds = Histogram("mlora:lora_load_duration_seconds", "Time to load an adapter: tier=disk "
+                                      "(files -> CPU memory) or tier=slot (CPU memory -> a device slot).", ["tier"],
                                       buckets=LOAD_BUCKETS, registry=r)
+        # vLLM's names and labels (model_name, engine) for the same request events, all adapters together
+        v = ["model_name", "engine"]
+        self.v_prompt = Counter("vllm:prompt_tokens", "Number of prefill tokens processed.", v, registry=r)
+        self.v_gen = Counter("vllm:generation_tokens", "Number of generation tokens processed.", v, registry=r)
+        self.v_success = Counter("vllm:request_success", "Count of successfully processed requests.",
+                                 v + ["finished_reason"], registry=r)
+        self.v_ttft = Histogram("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.",
+                                v, buckets=TTFT_BUCKETS, registry=r)
+        self.v_itl = Histogram("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.",
+                               v, buckets=TPOT_BUCKETS, registry=r)
+        self.v_tpot = Histogram("vllm:time_per_output_token_seconds", "Histogram of time per output token in "
+                                "seconds (vLLM's older name of vllm:inter_token_latency_seconds).", v,
+                                buckets=TPOT_BUCKETS, registry=r)
+        self.v_e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
+                               v, buckets=E2E_BUCKETS, registry=r)
+        token_buckets = _one_two_five(1 << 20)
+        self.v_req_prompt = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", v,
+                                      buckets=token_buckets, registry=r)
+        self.v_req_gen = Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.", v,
+                                   buckets=token_buckets, registry=r)
         self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", ["model_name", "engine"],
                              registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", ["model_name", "engine"],
@@ -96,9 +135,9 @@ class ServerMetrics:
         if lora_enabled:
             self.lora_info = Gauge("vllm:lora_requests_info", "Running stats on lora requests.",
                                    ["max_lora", "waiting_lora_adapters", "running_lora_adapters"], registry=r)
-        self._engine = _EngineCollector()
-        r.register(self._engine)  # type: ignore[arg-type]
         self._labels = (model_name, "0")
+        self._engine = _EngineCollector(self._labels)
+        r.register(self._engine)  # type: ignore[arg-type]
         # unloaded adapters (most recent last, capped): a request of theirs that was still in flight
         # removes its series again when it ends; a new request for the name means it is served again
         self._unloaded: OrderedDict[str, None] = OrderedDict()
@@ -150,8 +189,10 @@ class ServerMetrics:
                 gauge.labels(self._adapter_label(name)).set(count)
         self._engine.loads = g("lora_loads")
         self._engine.evictions = g("lora_evictions")
-        for seconds in g("lora_load_seconds", []) or []:
-            self.load_seconds.observe(seconds)
+        self._engine.preemptions = g("num_preemptions")
+        for tier, key in (("disk", "lora_load_seconds"), ("slot", "lora_slot_load_seconds")):
+            for seconds in g(key, []) or []:
+                self.load_seconds.labels(tier).observe(seconds)
         if self.lora_info is not None:
             names = lambda counts: ",".join(n for n, c in counts.items() if n and c)  # noqa: E731
             self.lora_info.clear()
@@ -166,6 +207,18 @@ class ServerMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+def _one_two_five(limit: int) -> list[int]:
+    """1, 2, 5, 10, 20, 50, ... up to `limit` (vLLM's token-count buckets)."""
+    out, exp = [], 0
+    while True:
+        for m in (1, 2, 5):
+            value = m * 10**exp
+            if value > limit:
+                return out
+            out.append(value)
+        exp += 1
 
 
 def _remove_matching(metric: Any, label: str, value: str) -> None:
@@ -187,20 +240,26 @@ class RequestTracker:
         self.arrival = time.monotonic()
         self.last: float | None = None
         self.done = False
+        self.generated = 0
 
     def on_output(self, out: RequestOutput) -> None:
         n = len(out.delta_token_ids)
         if n:
             now = time.monotonic()
+            v = self.m._labels
             if self.last is None:
                 self.m.ttft.labels(self.label).observe(now - self.arrival)
+                self.m.v_ttft.labels(*v).observe(now - self.arrival)
                 n -= 1  # the first token's time is TTFT, not inter-token latency
             if n > 0 and self.last is not None:
                 per_token = (now - self.last) / n
-                for _ in range(n):
-                    self.m.tpot.labels(self.label).observe(per_token)
+                for hist in (self.m.tpot.labels(self.label), self.m.v_itl.labels(*v), self.m.v_tpot.labels(*v)):
+                    for _ in range(n):
+                        hist.observe(per_token)
             self.last = now
+            self.generated += len(out.delta_token_ids)
             self.m.generation_tokens.labels(self.label).inc(len(out.delta_token_ids))
+            self.m.v_gen.labels(*v).inc(len(out.delta_token_ids))
         if out.finished:
             self.finish(out.finish_reason or "stop", len(out.prompt_token_ids))
 
@@ -208,9 +267,16 @@ class RequestTracker:
         if self.done:
             return
         self.done = True
+        elapsed = time.monotonic() - self.arrival
         self.m.requests.labels(self.label, outcome).inc()
         self.m.prompt_tokens.labels(self.label).inc(prompt_tokens)
-        self.m.e2e.labels(self.label).observe(time.monotonic() - self.arrival)
+        self.m.e2e.labels(self.label).observe(elapsed)
+        v = self.m._labels
+        self.m.v_prompt.labels(*v).inc(prompt_tokens)
+        self.m.v_success.labels(*v, outcome).inc()  # stop, length or abort: vLLM's finished_reason values
+        self.m.v_e2e.labels(*v).observe(elapsed)
+        self.m.v_req_prompt.labels(*v).observe(prompt_tokens)
+        self.m.v_req_gen.labels(*v).observe(self.generated)
         self.m._tracker_done(self.label)
 
 
