@@ -69,6 +69,16 @@ _mlora() {
         serve)
             case "$prev" in
                 --model|-m) return 0 ;;
+                --served-model-name) return 0 ;;
+                --revision) return 0 ;;
+                --chat-template) return 0 ;;
+                --seed) return 0 ;;
+                --gpu-memory-utilization) return 0 ;;
+                --kv-cache-memory-bytes|--kv-cache-memory) return 0 ;;
+                --num-kv-blocks|--num-gpu-blocks-override) return 0 ;;
+                --block-size) return 0 ;;
+                --max-num-batched-tokens) return 0 ;;
+                --threads) return 0 ;;
                 --lora) return 0 ;;
                 --lora-dir) return 0 ;;
                 --max-loras) return 0 ;;
@@ -91,7 +101,7 @@ _mlora() {
                 --replicas) return 0 ;;
                 --ray-address) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-seqs-per-request --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --served-model-name --revision --trust-remote-code --chat-template --seed --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-memory --num-kv-blocks --num-gpu-blocks-override --block-size --max-num-batched-tokens --threads --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-seqs-per-request --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
             case "$prev" in

@@ -26,13 +26,17 @@ class EngineConfig:
     """Everything the engine needs to start.
 
     model: a local HF model directory or a hub id; None = the built-in demo model.
-    KV capacity comes from `num_kv_blocks` or `kv_cache_memory_bytes` (at most one); with
-    neither, the engine sizes the cache for `max_num_seqs` full-length sequences within a
-    device-dependent memory cap. `max_model_len=None` means the model's own limit (clamped to
+    KV capacity comes from `num_kv_blocks`, `kv_cache_memory_bytes` or (CUDA) `gpu_memory_utilization`
+    (at most one); with none, the engine sizes the cache for `max_num_seqs` full-length sequences
+    within a device-dependent memory cap. `gpu_memory_utilization` is vLLM's: the share of the GPU's
+    total memory this process may fill (weights, LoRA slots, KV); ignored with a warning on CPU. `max_model_len=None` means the model's own limit (clamped to
     what the KV cache can hold). `max_queue` bounds the waiting queue of the async engine
     (QueueFullError beyond it; None = unbounded).
     LoRA: `max_loras` device slots of rank `max_lora_rank`, `max_cpu_loras` adapters kept in
     CPU memory, `loras` = ((name, path), ...) registered at start.
+    `served_model_name`: the base model's name in the API (default: `model` as given, as vLLM does;
+    the demo model's name without one). `chat_template`: template text that replaces the tokenizer's.
+    `cpu_threads`: torch's intra-op CPU threads (None = torch's default).
     """
 
     model: str | None = None
@@ -54,6 +58,10 @@ class EngineConfig:
     loras: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     trust_remote_code: bool = False
     revision: str | None = None
+    served_model_name: str | None = None
+    gpu_memory_utilization: float | None = None
+    chat_template: str | None = None
+    cpu_threads: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -65,14 +73,23 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
-        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "max_cpu_loras"):
+        for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "max_cpu_loras", "cpu_threads"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise UsageError(f"{name} must be an integer >= 1 (or unset), got {value!r}")
         if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 0):
             raise UsageError(f"max_queue must be an integer >= 0 (or unset), got {self.max_queue!r}")
-        if self.num_kv_blocks is not None and self.kv_cache_memory_bytes is not None:
-            raise UsageError("give either num_kv_blocks or kv_cache_memory_bytes, not both")
+        sizing = [k for k in ("num_kv_blocks", "kv_cache_memory_bytes", "gpu_memory_utilization")
+                  if getattr(self, k) is not None]
+        if len(sizing) > 1:
+            raise UsageError(f"give at most one of num_kv_blocks, kv_cache_memory_bytes, gpu_memory_utilization; "
+                             f"got {' and '.join(sizing)}")
+        util = self.gpu_memory_utilization
+        if util is not None and (isinstance(util, bool) or not isinstance(util, (int, float)) or not 0 < util <= 1):
+            raise UsageError(f"gpu_memory_utilization must be a fraction in (0, 1], got {util!r}")
+        if self.served_model_name is not None and (not isinstance(self.served_model_name, str)
+                                                   or not self.served_model_name.strip()):
+            raise UsageError(f"served_model_name must be a non-empty string, got {self.served_model_name!r}")
         if self.max_cpu_loras is None:
             set_("max_cpu_loras", default_max_cpu_loras(self.max_loras))
         elif self.max_cpu_loras < self.max_loras:

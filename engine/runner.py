@@ -11,6 +11,7 @@ group ordered by LoRA slot.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,14 @@ def resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dty
     return _TORCH_DTYPES.get(raw.replace("torch.", ""), torch.bfloat16)
 
 
+def _slot_reserve(config: EngineConfig, dims: ModelDims, dtype: torch.dtype) -> int:
+    """Bytes of the LoRA slot stacks, allocated after the KV pool (0 without LoRA)."""
+    if not config.enable_lora:
+        return 0
+    lora_dtype = str(dtype) if config.lora_dtype == "auto" else config.lora_dtype
+    return total_slot_bytes(dims, max_loras=config.max_loras, max_rank=config.max_lora_rank, dtype=lora_dtype)
+
+
 @dataclass
 class KVPlan:
     num_blocks: int
@@ -72,6 +81,10 @@ def plan_kv(config: EngineConfig, dims: ModelDims, args: ModelArgs, dtype: torch
     """How many KV blocks to allocate and the resulting max_model_len (see EngineConfig)."""
     per_token = kv_bytes_per_token(dims, str(dtype))
     per_block = per_token * config.block_size
+    if config.gpu_memory_utilization is not None and device.type != "cuda":
+        logging.getLogger("mlora.engine").warning(
+            "gpu_memory_utilization applies to CUDA only: ignored on %s (size the KV cache with "
+            "kv_cache_memory_bytes / --kv-cache-memory-bytes or num_kv_blocks / --num-kv-blocks)", device.type)
     limit = args.max_position_embeddings
     if args.sliding_window:
         limit = min(limit, args.sliding_window)  # attention is exact only inside the window
@@ -82,15 +95,21 @@ def plan_kv(config: EngineConfig, dims: ModelDims, args: ModelArgs, dtype: torch
         blocks = config.num_kv_blocks
     elif config.kv_cache_memory_bytes is not None:
         blocks = config.kv_cache_memory_bytes // per_block
+    elif config.gpu_memory_utilization is not None and device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        reserve = _slot_reserve(config, dims, dtype)
+        cap = int(total * config.gpu_memory_utilization) - (total - free) - reserve  # weights are loaded: in total - free
+        if cap < per_block:
+            raise ConfigError(
+                f"gpu_memory_utilization {config.gpu_memory_utilization} leaves no room for the KV cache "
+                f"({(total - free) / 2**30:.1f} GiB of {total / 2**30:.1f} GiB already in use)",
+                hint="raise --gpu-memory-utilization, or lower --max-loras / --max-lora-rank")
+        blocks = cap // per_block
     else:
         want = math.ceil(config.max_num_seqs * want_len / config.block_size)
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
-            reserve = 0
-            if config.enable_lora:  # the LoRA slot stacks are allocated after the KV pool
-                lora_dtype = str(dtype) if config.lora_dtype == "auto" else config.lora_dtype
-                reserve = total_slot_bytes(dims, max_loras=config.max_loras, max_rank=config.max_lora_rank, dtype=lora_dtype)
-            cap = int((free - reserve) * 0.85)
+            cap = int((free - _slot_reserve(config, dims, dtype)) * 0.85)
         else:
             cap = CPU_KV_CAP_BYTES
         blocks = max(1, min(want, cap // per_block))
@@ -112,6 +131,8 @@ class ModelRunner:
 
     def __init__(self, config: EngineConfig, hf_config: Any, model_path: Path) -> None:
         self.config = config
+        if config.cpu_threads is not None:
+            torch.set_num_threads(config.cpu_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
         self.args = ModelArgs.from_hf_config(hf_config)

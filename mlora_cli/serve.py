@@ -16,25 +16,51 @@ _RAY = "Ray"
 
 def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
     """`name=path` items (path: directory or Hub id) -> ((name, path), ...); a clear error otherwise."""
-    from engine.errors import ConfigError
+    from engine.errors import UsageError
     from engine.server.protocol import ADAPTER_NAME_RULE, valid_adapter_name
 
     out = []
     for spec in specs:
         name, sep, path = spec.partition("=")
-        if not sep or not name.strip() or not path.strip():
-            raise ConfigError(f"--lora expects NAME=PATH, got {spec!r}", hint="e.g. --lora sql=./adapters/sql-lora")
+        if not sep or not name.strip() or not path.strip():  # NAME= would shadow a demo adapter with nothing
+            raise UsageError(f"--lora expects NAME=PATH, got {spec!r}", hint="e.g. --lora sql=./adapters/sql-lora")
         if not valid_adapter_name(name.strip()):
-            raise ConfigError(f"--lora name {name.strip()!r} is not allowed: use {ADAPTER_NAME_RULE}")
+            raise UsageError(f"--lora name {name.strip()!r} is not allowed: use {ADAPTER_NAME_RULE}")
         out.append((name.strip(), path.strip()))
     return tuple(out)
 
 
-def scan_lora_dir(directory: str | None) -> tuple[tuple[str, str], ...]:
-    """--lora-dir: every subdirectory of `directory` holding adapter_config.json, named after it, sorted."""
-    from engine.server.config import adapters_in_dir
+def scan_lora_dir(directory: str | None, *, base: str | None = None, max_lora_rank: int | None = None
+                  ) -> tuple[tuple[str, str], ...]:
+    """--lora-dir: every subdirectory of `directory` holding adapter_config.json, named after it, sorted;
+    one that fails validation is skipped with a warning (the others are still served)."""
+    from engine.config import EngineConfig
+    from engine.server.config import servable_adapters_in_dir
+    from mlora_cli._common import err_console
 
-    return () if directory is None else adapters_in_dir(directory, flag="--lora-dir")
+    if directory is None:
+        return ()
+    rank = max_lora_rank or EngineConfig.max_lora_rank
+    good, skipped = servable_adapters_in_dir(directory, base=base, max_lora_rank=rank)
+    for line in skipped:
+        err_console.print(f"[yellow]warning:[/] {line}", highlight=False, markup=True, soft_wrap=True)
+    return good
+
+
+def read_chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's contents, or the template itself when no such file exists (vLLM's rule)."""
+    import os
+
+    from engine.errors import UsageError
+
+    if value is None:
+        return None
+    if os.path.isfile(os.path.expanduser(value)):
+        with open(os.path.expanduser(value), encoding="utf-8") as f:
+            return f.read()
+    if not any(mark in value for mark in ("{{", "{%")):
+        raise UsageError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return value
 
 
 def build_config(**opts: Any) -> Any:
@@ -43,22 +69,42 @@ def build_config(**opts: Any) -> Any:
     from engine.server.config import ServerConfig
 
     engine_keys = ("model", "dtype", "device", "max_model_len", "max_num_seqs", "max_queue", "max_loras",
-                   "max_lora_rank", "max_cpu_loras")
+                   "max_lora_rank", "max_cpu_loras", "served_model_name", "gpu_memory_utilization",
+                   "kv_cache_memory_bytes", "num_kv_blocks", "block_size", "max_num_batched_tokens", "seed",
+                   "revision", "cpu_threads")
     engine_kwargs = {k: opts[k] for k in engine_keys if opts.get(k) is not None}
-    loras = scan_lora_dir(opts.get("lora_dir")) + parse_lora(opts.get("lora") or [])
-    engine = EngineConfig(loras=loras, **engine_kwargs)
+    if opts.get("trust_remote_code"):
+        engine_kwargs["trust_remote_code"] = True
+    template = read_chat_template(opts.get("chat_template"))
+    if template is not None:
+        engine_kwargs["chat_template"] = template
+    explicit = parse_lora(opts.get("lora") or [])  # usage errors first, before any adapter is read
+    EngineConfig(**{k: v for k, v in engine_kwargs.items() if k != "model"})  # flag values checked before any I/O
+    loras = scan_lora_dir(opts.get("lora_dir"), base=opts.get("model"), max_lora_rank=opts.get("max_lora_rank"))
+    engine = EngineConfig(loras=loras + explicit, **engine_kwargs)
     server_keys = ("max_seqs_per_request", "max_body_bytes", "header_timeout", "body_timeout",
                    "trust_request_chat_template")
     server_kwargs = {k: opts[k] for k in server_keys if opts.get(k) is not None}
     return ServerConfig(engine=engine, host=opts["host"], port=opts["port"], api_key=opts.get("api_key"),
                         allow_runtime_lora=opts["allow_runtime_lora"], adapter_root=opts.get("adapter_root"),
-                        grace_period=opts["grace_period"], **server_kwargs)
+                        grace_period=opts["grace_period"], lora_dir=opts.get("lora_dir"), **server_kwargs)
 
 
 def serve(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model: a local HF directory or a Hub id. Default: the built-in demo model (adapters upper, reverse, rot13).", rich_help_panel=_ENGINE)] = None,
+    served_model_name: Annotated[Optional[str], typer.Option("--served-model-name", help="The base model's name in the API (/v1/models, responses, \"model\" of requests). \[default: --model as given, as vLLM]", rich_help_panel=_ENGINE, show_default=False)] = None,
+    revision: Annotated[Optional[str], typer.Option("--revision", help="Hub revision (branch, tag or commit) of --model.", rich_help_panel=_ENGINE, show_default=False)] = None,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Let transformers run code shipped with the model's config/tokenizer.", rich_help_panel=_ENGINE)] = False,
+    chat_template: Annotated[Optional[str], typer.Option("--chat-template", help="Chat template for /v1/chat/completions: a file, or the Jinja text itself. \[default: the tokenizer's]", rich_help_panel=_ENGINE, show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option("--seed", min=0, help="Seed of the sampling generators of requests without their own seed. \[default: 0]", rich_help_panel=_ENGINE, show_default=False)] = None,
+    gpu_memory_utilization: Annotated[Optional[float], typer.Option("--gpu-memory-utilization", min=0.0, max=1.0, help="CUDA: share of the GPU's total memory this server may fill (weights, LoRA slots, KV cache); the KV cache gets the rest. Ignored on CPU. \[default: 85% of what is free after loading]", rich_help_panel=_ENGINE, show_default=False)] = None,
+    kv_cache_memory_bytes: Annotated[Optional[int], typer.Option("--kv-cache-memory-bytes", "--kv-cache-memory", min=1, help="KV cache size in bytes (CPU or CUDA).", rich_help_panel=_ENGINE, show_default=False)] = None,
+    num_kv_blocks: Annotated[Optional[int], typer.Option("--num-kv-blocks", "--num-gpu-blocks-override", min=1, help="KV cache size in blocks of --block-size tokens.", rich_help_panel=_ENGINE, show_default=False)] = None,
+    block_size: Annotated[Optional[int], typer.Option("--block-size", min=1, help="Tokens per KV-cache block. \[default: 16]", rich_help_panel=_ENGINE, show_default=False)] = None,
+    max_num_batched_tokens: Annotated[Optional[int], typer.Option("--max-num-batched-tokens", min=1, help="Tokens one step may process (prefill chunks + decodes). \[default: 2048]", rich_help_panel=_ENGINE, show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch's ops. \[default: torch's]", rich_help_panel=_ENGINE, show_default=False)] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="Adapter to serve, as NAME=PATH (directory or Hub id). Repeatable. Requests select it with \"model\": NAME.", rich_help_panel=_LORA, show_default=False)] = None,
-    lora_dir: Annotated[Optional[str], typer.Option("--lora-dir", help="Serve every adapter in this directory (each subdirectory with adapter_config.json), named after its subdirectory. With --ray, replicas load them on demand.", rich_help_panel=_LORA, show_default=False)] = None,
+    lora_dir: Annotated[Optional[str], typer.Option("--lora-dir", help="Serve every adapter in this directory (each subdirectory with adapter_config.json), named after its subdirectory; one that fails validation is skipped with a warning. With --allow-runtime-lora, an adapter added there later loads on its first request (vLLM's filesystem resolver). With --ray, replicas load them on demand.", rich_help_panel=_LORA, show_default=False)] = None,
     max_loras: Annotated[Optional[int], typer.Option("--max-loras", min=1, help="Adapters resident in device slots at once (distinct adapters per step). \\[default: 4]", rich_help_panel=_LORA)] = None,
     max_lora_rank: Annotated[Optional[int], typer.Option("--max-lora-rank", min=1, help="Largest adapter rank a slot holds. \\[default: 16]", rich_help_panel=_LORA)] = None,
     max_cpu_loras: Annotated[Optional[int], typer.Option("--max-cpu-loras", min=1, help="Adapters kept in CPU memory (>= --max-loras). \\[default: 2 x max-loras]", rich_help_panel=_LORA)] = None,
@@ -84,11 +130,20 @@ def serve(
 ) -> None:
     """Serve the base model and its LoRA adapters behind an OpenAI-compatible API.
 
-    Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health,
-    GET /metrics, and with --allow-runtime-lora POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
+    Routes: POST /v1/completions, POST /v1/chat/completions, GET /v1/models[/ID], POST /tokenize,
+    POST /detokenize, GET /version, GET /health, GET|POST /ping, GET /metrics, and with
+    --allow-runtime-lora POST /v1/load_lora_adapter and /v1/unload_lora_adapter.
     A request's "model" field picks the adapter; the base model's name picks no adapter.
     """
-    config = build_config(model=model, lora=lora, lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
+    if replicas is not None and not ray:
+        from engine.errors import UsageError
+
+        raise UsageError("--replicas needs --ray", hint=f"mlora serve --ray --replicas {replicas}")
+    config = build_config(model=model, served_model_name=served_model_name, revision=revision,
+                          trust_remote_code=trust_remote_code, chat_template=chat_template, seed=seed,
+                          gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
+                          num_kv_blocks=num_kv_blocks, block_size=block_size,
+                          max_num_batched_tokens=max_num_batched_tokens, cpu_threads=threads, lora=lora, lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
                           max_cpu_loras=max_cpu_loras, allow_runtime_lora=allow_runtime_lora,
                           adapter_root=adapter_root, dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_queue=max_queue, host=host, port=port,
@@ -99,10 +154,6 @@ def serve(
     if ray:
         _serve_ray(config, 2 if replicas is None else replicas, ray_address)
         return
-    if replicas is not None:
-        from engine.errors import ConfigError
-
-        raise ConfigError("--replicas needs --ray", hint=f"mlora serve --ray --replicas {replicas}")
     from engine.server.run import serve as run_server
 
     console.print("[dim]loading the model...[/]", highlight=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -36,12 +37,48 @@ class RunningServer:
 
     app: web.Application
     runner: web.AppRunner
-    site: web.TCPSite
+    site: web.BaseSite
     url: str
 
 
-async def start_server(engine: Any, config: ServerConfig) -> RunningServer:
-    """Listen on config.host:config.port (0 = a free port) with routes over a started `engine`."""
+def bind_socket(host: str, port: int) -> socket.socket:
+    """A listening socket on host:port, bound before the model loads so a busy port fails in a second."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}", hint="check --host") from None
+    family, kind, proto, _, addr = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp: restart over TIME_WAIT
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}",
+                          hint="pick another --port, or stop what is using it") from None
+    sock.setblocking(False)
+    return sock
+
+
+def engine_summary(engine: Any) -> str:
+    """One line a user reads at startup: model, dtype, device, KV tokens, max context, LoRA slots."""
+    core = getattr(engine, "core", None)
+    runner = getattr(core, "runner", None)
+    if runner is None:
+        return f"model {engine.model_name}, max context {engine.max_model_len} tokens"
+    cfg = core.config
+    dtype = str(runner.dtype).replace("torch.", "")
+    lora = (f"{cfg.max_loras} LoRA slots of rank <= {cfg.max_lora_rank}, {cfg.max_cpu_loras} in CPU memory"
+            if cfg.enable_lora else "LoRA off")
+    return (f"model {engine.model_name} ({core.model_path}), {dtype} on {runner.device}, "
+            f"KV cache {runner.num_blocks * runner.block_size} tokens ({runner.num_blocks} blocks of {runner.block_size}), "
+            f"max context {engine.max_model_len} tokens, {lora}")
+
+
+async def start_server(engine: Any, config: ServerConfig, sock: socket.socket | None = None) -> RunningServer:
+    """Listen on config.host:config.port (0 = a free port), or on `sock` already bound (`bind_socket`),
+    with routes over a started `engine`."""
     app = create_app(engine, config)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
     # keepalive_timeout: aiohttp arms it when a connection opens and after each response, and closes the
@@ -51,7 +88,7 @@ async def start_server(engine: Any, config: ServerConfig) -> RunningServer:
     runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0,
                            keepalive_timeout=config.header_timeout, lingering_time=1.0)
     await runner.setup()
-    site = web.TCPSite(runner, config.host, config.port)
+    site: web.BaseSite = web.SockSite(runner, sock) if sock is not None else web.TCPSite(runner, config.host, config.port)
     try:
         await site.start()
     except OSError as exc:
@@ -93,11 +130,18 @@ async def serve_async(config: ServerConfig, on_ready: ReadyCallback | None = Non
     """Start the engine and the server, run until SIGINT/SIGTERM, then shut down gracefully."""
     from engine import AsyncLLM
 
-    engine = AsyncLLM(config.engine)
+    sock = bind_socket(config.host, config.port)  # a busy port is an error before minutes of loading
+    try:
+        engine = AsyncLLM(config.engine)
+    except BaseException:
+        sock.close()
+        raise
+    log.info("%s", engine_summary(engine))
     await engine.start()
     try:
-        server = await start_server(engine, config)
+        server = await start_server(engine, config, sock)
     except BaseException:
+        sock.close()
         await engine.stop(grace_s=0.0)
         raise
     loop = asyncio.get_running_loop()

@@ -37,7 +37,7 @@ def test_ray_not_installed_is_one_line_naming_the_extra() -> None:
 
 def test_replicas_without_ray_is_a_one_line_error() -> None:
     res = _cli("serve", "--replicas", "3", "--device", "cpu")
-    assert res.returncode == 1 and "--replicas needs --ray" in res.stderr and "Traceback" not in res.stderr
+    assert res.returncode == 2 and "--replicas needs --ray" in res.stderr  # a usage error and "Traceback" not in res.stderr
 
 
 @pytest.mark.ray
