@@ -42,10 +42,15 @@ def demo_adapters() -> dict[str, Path]:
 
 
 def resolve_model_path(model: str | None, *, revision: str | None = None) -> Path:
-    """A local directory for `model`: an existing path, else a hub id via huggingface_hub."""
+    """A local directory for `model`: an existing path, else a hub id via huggingface_hub. None, or the
+    demo model's name (what the shipped demo adapters give as base_model_name_or_path), is the demo model."""
+    from engine.demo import DEMO_MODEL_NAME
+
     if model is None:
         return demo_model_dir()
     path = Path(model).expanduser()
+    if model == DEMO_MODEL_NAME and not path.exists():
+        return demo_model_dir()
     if path.exists():
         if path.is_file() and path.name == "config.json":
             path = path.parent

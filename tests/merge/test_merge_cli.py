@@ -119,3 +119,18 @@ def test_verify_fails_on_a_model_that_is_not_base_plus_adapter(bases, tmp_path, 
     plan = build_plan(MergeConfig(base=str(base), adapters=(AdapterSpec(str(a)),), out=tmp_path / "unused"))
     result = verify_merge(plan, tmp_path / "mb", None, "auto")  # merged with b, checked against base + a
     assert not result.passed and result.max_abs_diff > 100 * result.tolerance
+
+
+def test_readme_shorthand_merges_a_shipped_demo_adapter(tmp_path):
+    """`mlora merge ADAPTER --out DIR` on a demo adapter: its base, 'mlora-demo', is the built-in demo
+    model (not a Hub lookup), and the merged model behaves as base + adapter."""
+    from engine import LLM, SamplingParams
+    from engine.demo import DEMO_ADAPTERS
+    from tests.test_cli import run_cli
+
+    out = tmp_path / "merged"
+    res = run_cli("merge", str(DEMO_ADAPTERS["upper"]), "--out", str(out))
+    assert res.returncode == 0, res.stderr
+    llm = LLM(str(out), device="cpu", enable_lora=False)
+    got = llm.generate(["hello world"], SamplingParams(max_tokens=16, temperature=0.0))
+    assert got[0].outputs[0].text == "HELLO WORLD"
