@@ -19,7 +19,7 @@ from engine.demo import DEMO_ADAPTERS
 from engine.errors import UsageError
 from engine.server.config import ServerConfig
 from mlora_cli.serve import build_config
-from tests.server.real_server import ServerThread
+from tests.server.real_server import ServerThread, scrape
 from tests.test_cli import run_cli
 
 _BASE = dict(host="127.0.0.1", port=0, allow_runtime_lora=False, grace_period=1.0, max_queue=8)
@@ -64,6 +64,10 @@ def test_served_model_name_tokenize_and_summary_on_the_demo_model() -> None:
         body = json.dumps({"model": "my-llm", "prompt": "hello"}).encode()
         tok = json.loads(urllib.request.urlopen(urllib.request.Request(f"{srv.url}/tokenize", data=body)).read())
         assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == srv.engine.max_model_len
+        # vLLM's series under the served name; slot loads are timed (tier="slot"), not only disk loads
+        assert scrape(srv.url, "vllm:request_success_total", model_name="my-llm", finished_reason="stop") >= 1
+        assert scrape(srv.url, "vllm:prompt_tokens_total", model_name="my-llm") > 0
+        assert scrape(srv.url, "mlora:lora_load_duration_seconds_count", tier="slot") >= 1
         line = engine_summary(srv.engine)
         assert "model my-llm" in line and "float32 on cpu" in line and "KV cache 512 tokens (64 blocks of 8)" in line
         assert f"max context {srv.engine.max_model_len} tokens" in line and "4 LoRA slots" in line
@@ -105,3 +109,24 @@ def test_lora_dir_skips_a_broken_adapter_with_a_warning(tmp_path: Path, capsys: 
     assert [n for n, _ in cfg.engine.loras] == ["good"]
     err = capsys.readouterr().err
     assert "warning:" in err and "skipping adapter 'broken'" in err
+
+
+def test_lora_dir_resolver_on_the_real_engine(tmp_path: Path) -> None:
+    """vLLM's filesystem resolver with the openai client: an adapter copied into --lora-dir while the
+    server runs is validated, registered and served on its first request; a missing one stays 404."""
+    root = tmp_path / "root"
+    loras = root / "loras"
+    loras.mkdir(parents=True)
+    cfg = ServerConfig(engine=EngineConfig(device="cpu", num_kv_blocks=64, block_size=8), port=0,
+                       allow_runtime_lora=True, adapter_root=str(root), lora_dir=str(loras))
+    srv = ServerThread(cfg).start()
+    try:
+        client = openai.OpenAI(base_url=srv.base_url, api_key="none", max_retries=0)
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="r13", prompt="hello", max_tokens=8)
+        shutil.copytree(DEMO_ADAPTERS["rot13"], loras / "r13")
+        r = client.completions.create(model="r13", prompt="hello world", max_tokens=16, temperature=0)
+        assert r.choices[0].text == "uryyb jbeyq" and r.model == "r13"
+        assert "r13" in {m.id for m in client.models.list().data}
+    finally:
+        srv.stop()
