@@ -43,7 +43,8 @@ log = logging.getLogger("mlora.server.ray")
 
 REPLICA_HEADER = "x-mlora-replica"
 _METHODS = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET",
-            "/metrics": "GET", "/v1/load_lora_adapter": "POST", "/v1/unload_lora_adapter": "POST"}
+            "/metrics": "GET", "/v1/load_lora_adapter": "POST", "/v1/unload_lora_adapter": "POST", "/ping": "GET",
+            "/version": "GET"}
 
 
 @dataclass(frozen=True)
@@ -141,7 +142,7 @@ class MloraIngress:
         want = _METHODS.get(path)
         if want is None:
             raise P.APIError(404, "Not Found")
-        if method != want and not (want == "GET" and method == "HEAD"):
+        if method != want and not (want == "GET" and method == "HEAD") and not (path == "/ping" and method == "POST"):
             raise P.APIError(405, "Method Not Allowed")
         if path in ROUTES:
             raw = await request.body()
@@ -152,10 +153,14 @@ class MloraIngress:
             return _json(200, await self._models())
         if path == "/metrics":
             return await self._metrics()
-        if path == "/health":
+        if path in ("/health", "/ping"):
             from starlette.responses import Response
 
             return Response(status_code=200)
+        if path == "/version":
+            from engine.version import __version__
+
+            return _json(200, {"version": __version__})
         raise P.APIError(403, "runtime adapter loading is not supported with --ray; list adapters at start with --lora")
 
     # -- generation ------------------------------------------------------------------------------

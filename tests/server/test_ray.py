@@ -191,6 +191,10 @@ def test_error_bodies_and_models_match_the_single_process_server(cluster: str, o
     models = [m.model_dump() for m in _client(cluster).models.list().data]
     want_models = [m.model_dump() for m in _client(oracle.url).models.list().data]
     assert [_strip(m) for m in models] == [_strip(m) for m in want_models]
+    for url in (cluster, oracle.url):  # vLLM's probes answer the same on both
+        assert urllib.request.urlopen(f"{url}/ping", timeout=30).status == 200
+        assert urllib.request.urlopen(urllib.request.Request(f"{url}/ping", data=b""), timeout=30).status == 200
+        assert set(json.loads(urllib.request.urlopen(f"{url}/version", timeout=30).read())) == {"version"}
 
 
 def _stream_raw(url: str, model: str, prompt: str, on_first: threading.Event | None = None,
