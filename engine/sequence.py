@@ -35,6 +35,8 @@ class Sequence:
     params: SamplingParams
     prompt: str | None = None
     adapter: str | None = None
+    tenant: str | None = None  # whose share this request draws on (scheduler); None = the adapter's name
+    priority: int = 0  # lower runs first under the `priority` scheduling policy (vLLM's convention)
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int = 1 << 30
     token_ids: list[int] = field(default_factory=list)
@@ -52,6 +54,8 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.tenant is None:
+            self.tenant = self.adapter or ""
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
 
