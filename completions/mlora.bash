@@ -79,6 +79,9 @@ _mlora() {
                 --max-model-len) return 0 ;;
                 --max-num-seqs) return 0 ;;
                 --max-queue) return 0 ;;
+                --scheduling-policy) COMPREPLY=( $(compgen -W 'fair fcfs priority' -- "$cur") ); return 0 ;;
+                --lora-weight) return 0 ;;
+                --max-seqs-per-tenant) return 0 ;;
                 --host) return 0 ;;
                 --port|-p) return 0 ;;
                 --api-key) return 0 ;;
@@ -86,7 +89,7 @@ _mlora() {
                 --replicas) return 0 ;;
                 --ray-address) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --host --port -p --api-key --grace-period --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --scheduling-policy --lora-weight --max-seqs-per-tenant --host --port -p --api-key --grace-period --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
             case "$prev" in

@@ -10,7 +10,7 @@ from collections.abc import Sequence as Seq
 from typing import Any
 
 from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
+from engine.config import EngineConfig, positive_number
 from engine.core import EngineCore, EngineStats
 from engine.errors import ConfigError
 from engine.outputs import RequestOutput
@@ -42,9 +42,14 @@ class LLM:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def add_adapter(self, name: str, path: str) -> None:
-        """Register (validate + load) a LoRA adapter under `name`; same name again replaces it."""
+    def add_adapter(self, name: str, path: str, weight: float | None = None) -> None:
+        """Register (validate + load) a LoRA adapter under `name`; same name again replaces it.
+        `weight`: its fair-share weight (None = keep the configured one, default 1)."""
+        if weight is not None:
+            weight = positive_number(weight, f"the weight of {name!r}")
         self._lora().add_adapter(name, str(path))
+        if weight is not None:
+            self.engine.scheduler.set_weight(name, weight)
 
     def remove_adapter(self, name: str) -> None:
         self._lora().remove_adapter(name)
@@ -62,11 +67,13 @@ class LLM:
         prompts: str | list[int] | Seq[str | list[int]],
         params: SamplingParams | Seq[SamplingParams] | None = None,
         adapters: str | None | Seq[str | None] = None,
+        priority: Seq[int] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt (text or token ids); outputs keep the prompts' order.
 
         `params`: one SamplingParams for all, or one per prompt (default: SamplingParams()).
         `adapters`: one adapter name (or None = base model) for all, or one per prompt.
+        `priority`: one value per prompt (lower first) for the `priority` scheduling policy, as vLLM.
         """
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
@@ -76,11 +83,14 @@ class LLM:
         alist = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * n
         if len(plist) != n or len(alist) != n:
             raise ConfigError(f"got {n} prompts but {len(plist)} sampling params and {len(alist)} adapters")
+        prio = [0] * n if priority is None else list(priority)
+        if len(prio) != n:
+            raise ConfigError(f"got {n} prompts but {len(prio)} priorities")
         ids = [f"gen-{next(self._ids)}" for _ in range(n)]
         added: list[str] = []
         try:
-            for rid, prompt, p, a in zip(ids, prompts, plist, alist):
-                self.engine.add_request(rid, prompt, p, a)
+            for rid, prompt, p, a, pr in zip(ids, prompts, plist, alist, prio):
+                self.engine.add_request(rid, prompt, p, a, priority=pr)
                 added.append(rid)
             final: dict[str, RequestOutput] = {}
             while self.engine.has_unfinished():

@@ -124,12 +124,12 @@ def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
 
 
 async def _start(app: web.Application, prompts: list[str | list[int]], params: Any, n: int, rid: str,
-                 model: str | None) -> tuple[str, Choices]:
+                 model: str | None, *, priority: int = 0, tenant: str | None = None) -> tuple[str, Choices]:
     engine, state = app[ENGINE], app[STATE]
     name, adapter = _resolve(engine, model)
     try:
         choices = await open_choices(engine, prompts, params, n=n, request_id=rid, adapter=adapter,
-                                     metrics=state.metrics, label=name)
+                                     metrics=state.metrics, label=name, priority=priority, tenant=tenant)
     except MloraError as exc:
         err = api_error_for(exc, app[CONFIG].retry_after_s)
         state.metrics.count_error(name, err.status)
@@ -231,7 +231,8 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
     engine = app[ENGINE]
     req = P.parse_completion(body, vocab_size=len(engine.tokenizer))
     rid, created = P.new_id("cmpl"), P.now_s()
-    name, choices = await _start(app, req.prompts, req.params, req.n, rid, req.model)
+    name, choices = await _start(app, req.prompts, req.params, req.n, rid, req.model, priority=req.priority,
+                                 tenant=req.tenant)
     tok, want_lp = engine.tokenizer, req.params.logprobs is not None
 
     def echo_text(prompt: str | list[int]) -> str:
@@ -280,7 +281,8 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
         n_prompt = len(prompt) if isinstance(prompt, list) else len(engine.tokenizer.encode(prompt))
         req.params.max_tokens = max(1, engine.max_model_len - n_prompt)
     rid, created = P.new_id("chatcmpl"), P.now_s()
-    name, choices = await _start(app, [prompt], req.params, req.n, rid, req.model)
+    name, choices = await _start(app, [prompt], req.params, req.n, rid, req.model, priority=req.priority,
+                                 tenant=req.tenant)
     tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None
     kind = "chat.completion.chunk"
 
@@ -316,12 +318,21 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
         await choices.close()
 
 
+async def _generation_body(request: web.Request) -> Any:
+    """The JSON body, with the X-Tenant-Id header as its "tenant" when the body names none."""
+    body = await _body(request)
+    tenant = request.headers.get(P.TENANT_HEADER)
+    if tenant is not None and isinstance(body, dict) and "tenant" not in body:
+        body = {**body, "tenant": tenant}
+    return body
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _send(request, await completion_reply(request.app, await _body(request)))
+    return await _send(request, await completion_reply(request.app, await _generation_body(request)))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _send(request, await chat_reply(request.app, await _body(request)))
+    return await _send(request, await chat_reply(request.app, await _generation_body(request)))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -367,13 +378,16 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
     path = body.get("lora_path")
     if not isinstance(path, str) or not path.strip():
         raise P.bad("'lora_path' must be a non-empty string", "lora_path")
+    weight = body.get("weight")
+    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0):
+        raise P.bad("'weight' must be a number > 0 (the adapter's fair-share weight)", "weight")
     path = confine_adapter_path(path, config.adapter_root)
     if os.path.exists(path):
         failures = await asyncio.to_thread(_validation_failures, path, config)
         if failures:
             raise P.bad(f"adapter '{name}' failed validation: " + "; ".join(failures), "lora_path")
     try:
-        await engine.add_adapter(name, path)
+        await engine.add_adapter(name, path, weight=weight)
     except AdapterNotFoundError as exc:  # a path or hub id that is not there is the caller's mistake
         raise P.bad(exc.message, "lora_path") from None
     state.adapter_paths[name] = path

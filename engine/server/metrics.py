@@ -38,6 +38,7 @@ class _EngineCollector:
     def __init__(self) -> None:
         self.loads = 0
         self.evictions = 0
+        self.tenants: tuple[dict[str, float], dict[str, int], dict[str, int]] = ({}, {}, {})
 
     def collect(self) -> Iterable[Metric]:
         c = CounterMetricFamily("mlora:lora_loads", "Adapter loads into a device slot (cumulative).")
@@ -46,6 +47,18 @@ class _EngineCollector:
         e = CounterMetricFamily("mlora:lora_evictions", "Adapter evictions from a device slot (cumulative).")
         e.add_metric([], float(self.evictions))
         yield e
+        service, prompt, output = self.tenants
+        v = GaugeMetricFamily("mlora:tenant_service", "Fair-share counter of each tenant: weighted tokens served "
+                              "(prompt x fair_prompt_weight + output x fair_output_weight) / its weight.", labels=["tenant"])
+        for name, value in sorted(service.items()):
+            v.add_metric([name], value)
+        yield v
+        for family, counts, what in (("mlora:tenant_prompt_tokens", prompt, "Prompt tokens admitted"),
+                                     ("mlora:tenant_generation_tokens", output, "Tokens generated")):
+            c = CounterMetricFamily(family, f"{what} per tenant (cumulative).", labels=["tenant"])
+            for name, count in sorted(counts.items()):
+                c.add_metric([name], float(count))
+            yield c
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -71,6 +84,8 @@ class ServerMetrics:
                              ["adapter"], buckets=E2E_BUCKETS, registry=r)
         self.load_seconds = Histogram("mlora:lora_load_duration_seconds", "Time to load an adapter into a slot.",
                                       buckets=LOAD_BUCKETS, registry=r)
+        self.queue_wait = Histogram("mlora:tenant_queue_wait_seconds", "Time from arrival to first being scheduled, "
+                                    "per tenant.", ["tenant"], buckets=TTFT_BUCKETS, registry=r)
         self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", ["model_name", "engine"],
                              registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", ["model_name", "engine"],
@@ -94,8 +109,8 @@ class ServerMetrics:
         r.register(self._engine)  # type: ignore[arg-type]
         self._labels = (model_name, "0")
 
-    def tracker(self, adapter_label: str) -> "RequestTracker":
-        return RequestTracker(self, adapter_label)
+    def tracker(self, adapter_label: str, tenant: str | None = None) -> "RequestTracker":
+        return RequestTracker(self, adapter_label, tenant or adapter_label)
 
     def count_error(self, adapter_label: str, status: int) -> None:
         self.requests.labels(adapter_label, str(status)).inc()
@@ -122,6 +137,8 @@ class ServerMetrics:
                 gauge.labels(self._adapter_label(name)).set(count)
         self._engine.loads = g("lora_loads")
         self._engine.evictions = g("lora_evictions")
+        self._engine.tenants = (dict(g("tenant_service", {}) or {}), dict(g("tenant_prompt_tokens", {}) or {}),
+                                dict(g("tenant_output_tokens", {}) or {}))
         for seconds in g("lora_load_seconds", []) or []:
             self.load_seconds.observe(seconds)
         if self.lora_info is not None:
@@ -143,9 +160,10 @@ class ServerMetrics:
 class RequestTracker:
     """Latency and token accounting of one engine request, fed with each RequestOutput."""
 
-    def __init__(self, metrics: ServerMetrics, adapter_label: str) -> None:
+    def __init__(self, metrics: ServerMetrics, adapter_label: str, tenant: str | None = None) -> None:
         self.m = metrics
         self.label = adapter_label
+        self.tenant = tenant or adapter_label
         self.arrival = time.monotonic()
         self.last: float | None = None
         self.done = False
@@ -156,6 +174,9 @@ class RequestTracker:
             now = time.monotonic()
             if self.last is None:
                 self.m.ttft.labels(self.label).observe(now - self.arrival)
+                timing = out.metrics
+                if timing is not None and timing.first_scheduled_time is not None:
+                    self.m.queue_wait.labels(self.tenant).observe(max(0.0, timing.first_scheduled_time - timing.arrival_time))
                 n -= 1  # the first token's time is TTFT, not inter-token latency
             if n > 0 and self.last is not None:
                 per_token = (now - self.last) / n

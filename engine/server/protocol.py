@@ -190,6 +190,22 @@ def _model(body: dict[str, Any]) -> str | None:
     return _opt(body, "model", (str,), "a string")
 
 
+TENANT_HEADER = "X-Tenant-Id"  # names the request's tenant when the body has no "tenant" (app.py)
+
+
+def _priority(body: dict[str, Any]) -> int:
+    """vLLM's `priority` (lower runs first under --scheduling-policy priority; default 0)."""
+    return _opt_int(body, "priority", -(2**31), 2**31 - 1) or 0
+
+
+def _tenant(body: dict[str, Any]) -> str | None:
+    """Whose fair share the request uses; None = its adapter's (or the base model's) own."""
+    tenant = _opt(body, "tenant", (str,), "a string")
+    if tenant is not None and not valid_adapter_name(tenant):
+        raise bad(f"'tenant' must be {ADAPTER_NAME_RULE}", "tenant")
+    return tenant
+
+
 def _n(body: dict[str, Any]) -> int:
     n = _opt_int(body, "n", 1, MAX_N) or 1
     best_of = _opt_int(body, "best_of", 1)
@@ -225,6 +241,8 @@ class CompletionRequest:
     stream: bool = False
     stream_options: StreamOptions = field(default_factory=StreamOptions)
     echo: bool = False
+    priority: int = 0
+    tenant: str | None = None
 
 
 @dataclass
@@ -241,6 +259,8 @@ class ChatRequest:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    tenant: str | None = None
 
 
 def _is_token_list(value: Any) -> bool:
@@ -281,6 +301,8 @@ def parse_completion(body: Any, *, vocab_size: int) -> CompletionRequest:
         stream=stream,
         stream_options=opts,
         echo=_opt_bool(body, "echo"),
+        priority=_priority(body),
+        tenant=_tenant(body),
     )
 
 
@@ -334,6 +356,8 @@ def parse_chat(body: Any) -> ChatRequest:
         add_generation_prompt=_opt_bool(body, "add_generation_prompt", True),
         continue_final_message=_opt_bool(body, "continue_final_message"),
         chat_template_kwargs=kwargs,
+        priority=_priority(body),
+        tenant=_tenant(body),
     )
 
 
