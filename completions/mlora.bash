@@ -31,8 +31,15 @@ _mlora() {
                 --repeat) return 0 ;;
                 --threads) return 0 ;;
                 --min-mixed-ratio) return 0 ;;
+                --workload) COMPREPLY=( $(compgen -W 'standard flood trace' -- "$cur") ); return 0 ;;
+                --trace) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --policy) COMPREPLY=( $(compgen -W 'fair fcfs priority' -- "$cur") ); return 0 ;;
+                --max-num-seqs) return 0 ;;
+                --light-requests) return 0 ;;
+                --light-tenants) return 0 ;;
+                --light-delay) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --no-separate --no-churn --kernels -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --no-separate --no-churn --kernels --workload --trace --policy --max-num-seqs --light-requests --light-tenants --light-delay -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         budget)
             case "$prev" in
