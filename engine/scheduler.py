@@ -123,7 +123,7 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self._enqueued_at[id(seq)] = self.step_no
         self.waiting.append(seq)
-        self._activate(seq.tenant or "")
+        self._activate(seq.tenant)
 
     def set_weight(self, tenant: str, weight: float) -> None:
         """Share weight of `tenant` from now on (service already counted keeps its old weight)."""
@@ -149,7 +149,7 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
-            self._deactivate(seq.tenant or "")
+            self._deactivate(seq.tenant)
         self.bm.free(seq)
         self._enqueued_at.pop(id(seq), None)
         if seq.status is SeqStatus.RUNNING and self._release is not None:
@@ -201,11 +201,11 @@ class Scheduler:
         per_tenant: dict[str, int] = {}
         if cap is not None:
             for s in self.running:
-                per_tenant[s.tenant or ""] = per_tenant.get(s.tenant or "", 0) + 1
+                per_tenant[s.tenant] = per_tenant.get(s.tenant, 0) + 1
         for seq in self._order(resident):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
-            if cap is not None and per_tenant.get(seq.tenant or "", 0) >= cap:
+            if cap is not None and per_tenant.get(seq.tenant, 0) >= cap:
                 continue
             aged = self.step_no - self._enqueued_at.get(id(seq), self.step_no) >= self.aging_steps
             needs_slot = seq.adapter is not None and seq.adapter not in active
@@ -222,17 +222,17 @@ class Scheduler:
                 continue
             self.bm.allocate(seq, n)
             self.waiting.remove(seq)
-            self._deactivate(seq.tenant or "")
+            self._deactivate(seq.tenant)
             self._enqueued_at.pop(id(seq), None)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             if seq.adapter is not None:
                 active.add(seq.adapter)
             if cap is not None:
-                per_tenant[seq.tenant or ""] = per_tenant.get(seq.tenant or "", 0) + 1
+                per_tenant[seq.tenant] = per_tenant.get(seq.tenant, 0) + 1
             if seq.num_preemptions == 0:  # a recompute after preemption is not charged again
                 self._charge(seq, self.prompt_weight * seq.num_prompt_tokens)
-                self.prompt_served[seq.tenant or ""] = self.prompt_served.get(seq.tenant or "", 0) + seq.num_prompt_tokens
+                self.prompt_served[seq.tenant] = self.prompt_served.get(seq.tenant, 0) + seq.num_prompt_tokens
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
             budget -= n
         return budget
@@ -245,7 +245,7 @@ class Scheduler:
             return
         queues: dict[str, deque[Sequence]] = {}
         for seq in self.waiting:  # queue order within a tenant: preempted first, then arrival
-            queues.setdefault(seq.tenant or "", deque()).append(seq)
+            queues.setdefault(seq.tenant, deque()).append(seq)
 
         def entry(tenant: str) -> tuple[float, int, int, str]:
             head = queues[tenant][0]
@@ -281,29 +281,28 @@ class Scheduler:
 
         return sorted(self.waiting, key=key)
 
+    def _standing(self, seq: Sequence) -> float:
+        """How far back the policy puts a running `seq`: its tenant's counter (`fair`), its priority
+        value (`priority`), nothing (`fcfs`: admission order alone decides)."""
+        if self.policy == "fair":
+            return self.vtc.get(seq.tenant, 0.0)
+        return float(seq.priority) if self.policy == "priority" else 0.0
+
     def _running_key(self, seq: Sequence) -> tuple[bool, float]:
-        """Order of the running loop: decodes before prefills, then (stable: by admission) the least
-        served tenant (`fair`) or the lowest priority value (`priority`) first, so the ones a
-        preemption should take are still unscheduled when the KV pool runs short."""
-        standing = {"fair": lambda: self.vtc.get(seq.tenant or "", 0.0), "priority": lambda: float(seq.priority)}
-        return (seq.num_pending_tokens > 1, standing.get(self.policy, lambda: 0.0)())
+        """Order of the running loop: decodes before prefills, then (stable: by admission) the best
+        standing first, so the ones a preemption should take are still unscheduled if KV runs short."""
+        return (seq.num_pending_tokens > 1, self._standing(seq))
 
     def _victim(self, seq: Sequence, done: set[int]) -> Sequence:
         """The running sequence to preempt so that `seq` can grow (`seq` itself when no other can go):
-        the latest admitted (`fcfs`), of the most over-served tenant (`fair`), of the largest
-        priority value (`priority`); never one already scheduled this step."""
+        the worst standing (the most over-served tenant, the largest priority value), then the latest
+        admitted; never one already scheduled this step."""
         others = [(i, s) for i, s in enumerate(self.running) if id(s) not in done and s is not seq]
-        if not others:
-            return seq
-        if self.policy == "fair":
-            return max(others, key=lambda p: (self.vtc.get(p[1].tenant or "", 0.0), p[0]))[1]
-        if self.policy == "priority":
-            return max(others, key=lambda p: (p[1].priority, p[0]))[1]
-        return others[-1][1]
+        return max(others, key=lambda p: (self._standing(p[1]), p[0]))[1] if others else seq
 
     # -- fair-share accounting ----------------------------------------------------------------
     def _charge(self, seq: Sequence, cost: float) -> None:
-        tenant = seq.tenant or ""
+        tenant = seq.tenant
         self.vtc[tenant] = self.vtc.get(tenant, 0.0) + cost / self.weights.get(tenant, 1.0)
 
     def _activate(self, tenant: str) -> None:
@@ -334,7 +333,7 @@ class Scheduler:
         self.num_preemptions += 1
         self._enqueued_at[id(seq)] = self.step_no - self.aging_steps  # preempted work counts as aged
         self.waiting.appendleft(seq)
-        self._activate(seq.tenant or "")
+        self._activate(seq.tenant)
 
     def postprocess(self, out: SchedulerOutput, tokens: list[int | None]) -> list[Sequence]:
         """Advance the scheduled sequences with the sampled tokens (aligned with `out.scheduled`).
@@ -350,7 +349,7 @@ class Scheduler:
             if item.sample and tok is not None:
                 seq.append_token(tok)
                 self._charge(seq, self.output_weight)
-                self.output_served[seq.tenant or ""] = self.output_served.get(seq.tenant or "", 0) + 1
+                self.output_served[seq.tenant] = self.output_served.get(seq.tenant, 0) + 1
                 touched.append(seq)
                 if seq.check_token_stop():
                     self.finish(seq)

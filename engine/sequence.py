@@ -35,7 +35,7 @@ class Sequence:
     params: SamplingParams
     prompt: str | None = None
     adapter: str | None = None
-    tenant: str | None = None  # whose share this request draws on (scheduler); None = the adapter's name
+    tenant: str = ""  # whose fair share this request draws on (scheduler); "" = the adapter's name
     priority: int = 0  # lower runs first under the `priority` scheduling policy (vLLM's convention)
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int = 1 << 30
@@ -54,8 +54,7 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
-        if self.tenant is None:
-            self.tenant = self.adapter or ""
+        self.tenant = self.tenant or self.adapter or ""
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
 

@@ -10,6 +10,10 @@ know keep vLLM's spelling: `vllm:num_requests_running`, `vllm:num_requests_waiti
 wall-clock time of the update), which the Gateway API Inference Extension reads for LoRA
 affinity. Unlike vLLM we keep only the latest `lora_requests_info` series (old label sets are
 dropped), which is what a reader that picks the newest timestamp sees anyway.
+Fair share is labelled by `tenant` (the request's "tenant" / X-Tenant-Id, else its adapter or the
+base model's name): `mlora:tenant_service` (the scheduler's weighted counter),
+`mlora:tenant_prompt_tokens_total`, `mlora:tenant_generation_tokens_total` (from the engine) and
+`mlora:tenant_queue_wait_seconds` (arrival to first scheduled, per request).
 """
 
 from __future__ import annotations

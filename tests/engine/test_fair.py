@@ -140,7 +140,7 @@ def test_no_starvation_with_any_weights(weights: dict[str, float]) -> None:
                 live.append(seq)
         _step(s)
         for q in [q for q in live if q.is_finished]:
-            done[q.tenant] += 1  # type: ignore[index]
+            done[q.tenant] += 1
             live.remove(q)
     assert min(done.values()) >= 10, done
     total = sum(done.values())
@@ -208,7 +208,7 @@ def test_preemption_takes_the_most_over_served_tenant() -> None:
     victims: list[str] = []
     for _ in range(30):
         out = s.schedule()
-        victims += [v.tenant for v in out.preempted]  # type: ignore[misc]
+        victims += [v.tenant for v in out.preempted]
         s.postprocess(out, [7 if it.sample else None for it in out.scheduled])
         if victims:
             break
