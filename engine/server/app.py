@@ -319,12 +319,7 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
 
 
 async def _generation_body(request: web.Request) -> Any:
-    """The JSON body, with the X-Tenant-Id header as its "tenant" when the body names none."""
-    body = await _body(request)
-    tenant = request.headers.get(P.TENANT_HEADER)
-    if tenant is not None and isinstance(body, dict) and "tenant" not in body:
-        body = {**body, "tenant": tenant}
-    return body
+    return P.with_tenant_header(await _body(request), request.headers.get(P.TENANT_HEADER))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
