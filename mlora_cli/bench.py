@@ -95,7 +95,7 @@ def bench(
             policies=tuple(p.value for p in policy) if policy else ("fcfs", "fair"), max_num_seqs=max_num_seqs,
             heavy_requests=num_requests or 60, light_requests=light_requests, light_tenants=light_tenants,
             light_delay_s=light_delay, light_rate=rate, max_tokens=max_tokens or 40, device=device.value,
-            dtype=dtype.value, threads=threads,
+            dtype=dtype.value, threads=threads, repeat=repeat or 1,
         )  # fmt: skip
         _run_fairness(fcfg, json_file)
         return

@@ -2,7 +2,8 @@
 60 streaming requests of 40 tokens, a second adapter sends 4 one second later.
 
 Under the default policy (`fair`) the newcomer's median time to first token is at most 25% of the
-flooder's; under `fcfs` it waits behind the flood (today's behaviour). Throughput is compared in
+flooder's; under `fcfs` it waits behind the whole flood (today's behaviour: its first token comes after
+every flood request's first token, which holds however fast the machine is). Throughput is compared in
 engine steps (the same tokens in as many steps), not wall time, which a shared machine makes noisy;
 `mlora bench --workload flood` reports the wall-clock tokens/s.
 """
@@ -24,8 +25,8 @@ from engine.server.run import shutdown, start_server
 HEAVY, LIGHT, MAX_TOKENS, LIGHT_DELAY_S = 60, 4, 40, 1.0
 
 
-async def _ttft(session: aiohttp.ClientSession, url: str, model: str, out: list[float]) -> None:
-    """Stream one completion; append its client-side time to first token."""
+async def _ttft(session: aiohttp.ClientSession, url: str, model: str, out: list[tuple[float, float]]) -> None:
+    """Stream one completion; append (sent, first token) client-side times."""
     body = {"model": model, "prompt": "hello world", "max_tokens": MAX_TOKENS, "stream": True, "ignore_eos": True,
             "temperature": 0}
     t0 = time.monotonic()
@@ -36,7 +37,7 @@ async def _ttft(session: aiohttp.ClientSession, url: str, model: str, out: list[
             if first is None and line.startswith(b"data: {"):
                 first = time.monotonic()
     assert first is not None
-    out.append(first - t0)
+    out.append((t0, first))
 
 
 async def _flood(policy: str) -> dict[str, Any]:
@@ -45,11 +46,11 @@ async def _flood(policy: str) -> dict[str, Any]:
     server = await start_server(engine, ServerConfig(engine=engine.config, host="127.0.0.1", port=0))
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as s:
-            warm: list[float] = []
+            warm: list[tuple[float, float]] = []
             await asyncio.gather(_ttft(s, server.url, "upper", warm), _ttft(s, server.url, "reverse", warm))
             steps0 = engine.core.scheduler.step_no
-            heavy: list[float] = []
-            light: list[float] = []
+            heavy: list[tuple[float, float]] = []
+            light: list[tuple[float, float]] = []
             t0 = time.monotonic()
             flood = [asyncio.create_task(_ttft(s, server.url, "upper", heavy)) for _ in range(HEAVY)]
             await asyncio.sleep(LIGHT_DELAY_S)
@@ -57,7 +58,9 @@ async def _flood(policy: str) -> dict[str, Any]:
             await asyncio.gather(*flood, *late)
             wall = time.monotonic() - t0
             metrics = await (await s.get(f"{server.url}/metrics")).text()
-        return {"heavy_p50": statistics.median(heavy), "light_p50": statistics.median(light),
+        return {"heavy_p50": statistics.median(b - a for a, b in heavy),
+                "light_p50": statistics.median(b - a for a, b in light),
+                "light_first_before_flood_last": min(b for _, b in light) - max(b for _, b in heavy),
                 "steps": engine.core.scheduler.step_no - steps0, "tok_s": (HEAVY + LIGHT) * MAX_TOKENS / wall,
                 "metrics": metrics}
     finally:
@@ -70,7 +73,7 @@ def test_flood_fair_by_default_fcfs_as_before() -> None:
     summary = {k: {m: round(v, 3) for m, v in r.items() if m != "metrics"} for k, r in (("fair", fair), ("fcfs", fcfs))}
     print(summary)  # the measured numbers (pytest -s)
     assert fair["light_p50"] <= 0.25 * fair["heavy_p50"], summary
-    assert fcfs["light_p50"] >= 0.5 * fcfs["heavy_p50"], summary  # behind the flood, as before
+    assert fcfs["light_first_before_flood_last"] >= 0, summary  # behind the whole flood, as before
     assert fair["steps"] <= fcfs["steps"] / 0.9, summary  # no throughput lost to fairness
     text = fair["metrics"]
     assert 'mlora:tenant_generation_tokens_total{tenant="upper"}' in text
