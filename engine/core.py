@@ -55,7 +55,6 @@ class EngineStats:
     resident_adapters: list[str] = field(default_factory=list)
     max_loras: int = 0
     num_preemptions: int = 0
-    scheduling_policy: str = "fcfs"
     tenant_service: dict[str, float] = field(default_factory=dict)  # tenant -> fair-share counter (weighted)
     tenant_prompt_tokens: dict[str, int] = field(default_factory=dict)  # tenant -> prompt tokens admitted
     tenant_output_tokens: dict[str, int] = field(default_factory=dict)  # tenant -> tokens generated
@@ -303,7 +302,6 @@ class EngineCore:
             kv_free_blocks=self.block_manager.num_free_blocks,
             kv_total_blocks=self.block_manager.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
-            scheduling_policy=self.scheduler.policy,
             tenant_service=dict(self.scheduler.vtc),  # dict() copies are atomic under the GIL
             tenant_prompt_tokens=dict(self.scheduler.prompt_served),
             tenant_output_tokens=dict(self.scheduler.output_served),

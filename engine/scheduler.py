@@ -25,8 +25,10 @@ The order of step 2 is the scheduling policy (`policy`); the text above is `fcfs
   with the least counter goes next (re-read after every admission), FCFS within a tenant,
   resident adapters first among equal counters. A tenant that becomes active is lifted to the
   least counter of the active tenants (no credit for idle time). Preemption takes the most
-  over-served tenant's request. The counters of two backlogged tenants stay within a bound set
-  by one admission and the output of the running requests (tests/engine/test_fair.py).
+  over-served tenant's request. Two tenants that both have waiting requests stay within
+  (prompt_weight * longest prompt + output_weight * max_tokens * max_num_seqs) / least weight of
+  each other's counter: one admission plus what a full batch can still generate
+  (tests/engine/test_fair.py checks it under adversarial arrivals).
 - `priority`: lower `seq.priority` first, then resident adapters, then arrival (vLLM's order);
   preemption takes the largest priority value.
 In `fair` and `priority` aging does not reorder (that would undo the policy); an aged request
