@@ -21,6 +21,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.config import positive_number
 from engine.errors import (AdapterError, AdapterNotFoundError, ConfigError, EngineStoppedError, MloraError,
                            PromptTooLongError, QueueFullError)
 from engine.server import protocol as P
@@ -374,8 +375,11 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
     if not isinstance(path, str) or not path.strip():
         raise P.bad("'lora_path' must be a non-empty string", "lora_path")
     weight = body.get("weight")
-    if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0):
-        raise P.bad("'weight' must be a number > 0 (the adapter's fair-share weight)", "weight")
+    if weight is not None:
+        try:
+            weight = positive_number(weight, "'weight' (the adapter's fair-share weight)")
+        except ConfigError as exc:
+            raise P.bad(exc.message, "weight") from None
     path = confine_adapter_path(path, config.adapter_root)
     if os.path.exists(path):
         failures = await asyncio.to_thread(_validation_failures, path, config)
