@@ -249,3 +249,18 @@ def test_unknown_policy_and_bad_weight_are_refused() -> None:
         _scheduler("lottery")
     with pytest.raises(ValueError, match="> 0"):
         _scheduler().set_weight("a", 0)
+
+
+def test_engine_config_scheduling_fields() -> None:
+    from engine.config import EngineConfig
+    from engine.errors import ConfigError
+
+    cfg = EngineConfig(lora_weights={"sql": 2, "chat": 0.5})
+    assert cfg.scheduling_policy == "fair" and cfg.lora_weights == (("sql", 2.0), ("chat", 0.5))
+    for bad, message in ((dict(scheduling_policy="lottery"), "fair, fcfs, priority"),
+                         (dict(lora_weights={"sql": 0}), "weight of 'sql' must be a number > 0"),
+                         (dict(lora_weights=[("sql",)]), "pairs"),
+                         (dict(fair_output_weight=-1.0), "fair_output_weight"),
+                         (dict(max_seqs_per_tenant=0), "max_seqs_per_tenant")):
+        with pytest.raises(ConfigError, match=message):
+            EngineConfig(**bad)  # type: ignore[arg-type]

@@ -52,3 +52,19 @@ def test_runtime_load_takes_a_weight(tokenizer: Any, peft_adapter: Path, tmp_pat
             assert r.status == 200 and engine.weights == {"gold": 2.5}
 
     arun(go())
+
+
+def test_serve_flags_build_the_scheduling_config() -> None:
+    import pytest
+
+    from engine.errors import ConfigError
+    from mlora_cli.serve import build_config
+
+    base = dict(host="127.0.0.1", port=0, allow_runtime_lora=False, grace_period=1.0)
+    cfg = build_config(**base, scheduling_policy="priority", lora_weight=["upper=2", "acme=0.5"], max_seqs_per_tenant=3)
+    assert cfg.engine.scheduling_policy == "priority" and cfg.engine.max_seqs_per_tenant == 3
+    assert cfg.engine.lora_weights == (("upper", 2.0), ("acme", 0.5))
+    assert build_config(**base).engine.scheduling_policy == "fair"
+    for spec in ("upper", "upper=", "=2", "upper=heavy", "upper=0", "upper=-1"):
+        with pytest.raises(ConfigError, match="--lora-weight"):
+            build_config(**base, lora_weight=[spec])
