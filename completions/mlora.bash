@@ -57,8 +57,9 @@ _mlora() {
                 --block-size) return 0 ;;
                 --trace) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
                 --target-hit-rate) return 0 ;;
+                --served-model-name) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --rank -r --max-loras --target-modules --dtype --max-cpu-loras --adapter --gpu --gpu-memory --gpu-memory-utilization --max-model-len --block-size --trace --target-hit-rate --json -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --rank -r --max-loras --target-modules --dtype --max-cpu-loras --adapter --gpu --gpu-memory --gpu-memory-utilization --max-model-len --block-size --trace --target-hit-rate --served-model-name --json -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         merge)
             case "$prev" in
@@ -86,6 +87,7 @@ _mlora() {
                 --max-model-len) return 0 ;;
                 --max-num-seqs) return 0 ;;
                 --max-queue) return 0 ;;
+                --max-seqs-per-request) return 0 ;;
                 --scheduling-policy) COMPREPLY=( $(compgen -W 'fair fcfs priority' -- "$cur") ); return 0 ;;
                 --lora-weight) return 0 ;;
                 --max-seqs-per-tenant) return 0 ;;
@@ -93,10 +95,13 @@ _mlora() {
                 --port|-p) return 0 ;;
                 --api-key) return 0 ;;
                 --grace-period) return 0 ;;
+                --max-body-bytes) return 0 ;;
+                --header-timeout) return 0 ;;
+                --body-timeout) return 0 ;;
                 --replicas) return 0 ;;
                 --ray-address) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --scheduling-policy --lora-weight --max-seqs-per-tenant --host --port -p --api-key --grace-period --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
             case "$prev" in

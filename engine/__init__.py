@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "AsyncLLM", "EngineConfig"]
+__all__ = [
+    "LLM", "SamplingParams", "RequestOutput", "AsyncLLM", "EngineConfig",
+    "LoRARequest", "CompletionOutput", "TextPrompt", "TokensPrompt", "LLMEngine", "EngineArgs",
+]  # fmt: skip
 
 _LAZY = {
     "LLM": "engine.llm",
@@ -17,6 +20,12 @@ _LAZY = {
     "EngineConfig": "engine.config",
     "SamplingParams": "engine.sampling_params",
     "RequestOutput": "engine.outputs",
+    "CompletionOutput": "engine.outputs",
+    "LoRARequest": "engine.lora_request",
+    "LLMEngine": "engine.llm_engine",
+    "EngineArgs": "engine.llm_engine",
+    "TextPrompt": "engine.vllm_compat",
+    "TokensPrompt": "engine.vllm_compat",
 }
 
 

@@ -118,13 +118,16 @@ class AsyncLLM:
         Raises AdapterNotFoundError / PromptTooLongError / QueueFullError / EngineStoppedError
         before the first output. Closing the iterator early aborts the request.
         """
+        # PromptTooLongError / bad ids now, not inside the loop; text in a worker thread, as its cost
+        # grows with the client's input and the event loop serves every other client meanwhile.
+        text, ids = await asyncio.to_thread(self.core.tokenize, prompt) if isinstance(prompt, str) else \
+            self.core.tokenize(prompt)
         if self._stopping or self._task is None:
             raise EngineStoppedError("the engine is not running" if self._task is None else "the engine is shutting down")
         if self._error is not None:
             raise EngineStoppedError(f"the engine loop failed: {self._error}")
         if request_id in self._queues:
             raise ConfigError(f"duplicate request id {request_id!r}")
-        text, ids = self.core.tokenize(prompt)  # PromptTooLongError / bad ids now, not inside the loop
         if adapter is not None:
             if self.core.lora is None:
                 from engine.errors import AdapterNotFoundError
@@ -159,13 +162,14 @@ class AsyncLLM:
         self._poke()
 
     # -- adapters ------------------------------------------------------------------------------
-    async def add_adapter(self, name: str, path: str, weight: float | None = None) -> None:
+    async def add_adapter(self, name: str, path: str, weight: float | None = None, *, root: str | None = None) -> None:
         """Validate and register an adapter (loads in a worker thread; the loop keeps stepping).
-        `weight`: its fair-share weight from now on (None = unchanged), applied between steps."""
+        `weight`: its fair-share weight from now on (None = unchanged), applied between steps.
+        `root`: the files actually read must resolve inside it (see AdapterCache.register)."""
         lora = self._lora()
         if weight is not None:
             weight = positive_number(weight, f"the weight of {name!r}")
-        await asyncio.to_thread(lora.add_adapter, name, str(path))
+        await asyncio.to_thread(lora.add_adapter, name, str(path), root=root)
         if weight is not None:
             self._inbox.put(("weight", (name, weight)))
             self._poke()

@@ -34,8 +34,9 @@ from engine.budget import (
     slot_stack_shapes,
     dtype_bytes,
 )
+from engine.config import default_max_cpu_loras
 from engine.errors import ConfigError
-from engine.presets import DEFAULT_GPU_PRESET, gpu_memory_bytes, resolve_model_config
+from engine.presets import DEFAULT_GPU_PRESET, DEFAULT_MODEL_PRESET, find_model_preset, gpu_memory_bytes, resolve_model_config
 from engine.trace import ProgressFn, replay_trace
 
 DEFAULT_MAX_MODEL_LEN_CAP = 8192  # default --max-model-len: the model's max_position_embeddings, capped here
@@ -54,7 +55,7 @@ class BudgetConfig:
     max_loras: int = 4
     target_modules: tuple[str, ...] = LORA_MODULES
     dtype: str | None = None  # None: the model's torch_dtype (bfloat16 when the config has none)
-    max_cpu_loras: int | None = None  # None: same as max_loras
+    max_cpu_loras: int | None = None  # None: engine.config.default_max_cpu_loras (as serve)
     adapters: tuple[str, ...] = ()
     gpu: str | None = None  # preset name; None and no gpu_memory_bytes: DEFAULT_GPU_PRESET
     gpu_memory_bytes: int | None = None
@@ -63,6 +64,7 @@ class BudgetConfig:
     block_size: int = 16
     trace: str | None = None
     target_hit_rate: float = 0.99
+    served_model_names: tuple[str, ...] = ()  # extra names the trace uses for the base model
 
     def __post_init__(self) -> None:
         for name in ("rank", "max_loras", "block_size"):
@@ -146,6 +148,7 @@ class TraceSummary:
     recommended_fits: bool | None  # None without a recommendation
     best_hit_rate: float  # with max_loras >= distinct_adapters: only cold misses
     simulated_up_to: int  # hit rates are exact for max_loras <= this (engine.trace.MAX_SIMULATED_SLOTS cap)
+    base_model_names: tuple[str, ...] = ()  # trace names counted as base-model requests, sorted
 
 
 @dataclass(frozen=True)
@@ -207,7 +210,7 @@ def plan_budget(config: BudgetConfig, *, progress: ProgressFn | None = None) -> 
         rows.append(ModuleRow(m, in_f, out_f, in_f + out_f, a, b, (prod(a) + prod(b)) // config.max_loras * nbytes))
     per_slot = adapter_slot_bytes(dims, rank=config.rank, modules=mods, dtype=dtype)
     total_slots = per_slot * config.max_loras
-    cpu_loras = config.max_loras if config.max_cpu_loras is None else config.max_cpu_loras
+    cpu_loras = default_max_cpu_loras(config.max_loras) if config.max_cpu_loras is None else config.max_cpu_loras
     breakdown = base_weight_breakdown(dims, dtype)
     base = sum(breakdown.values())
     kv_tok = kv_bytes_per_token(dims, dtype)
@@ -239,7 +242,7 @@ def plan_budget(config: BudgetConfig, *, progress: ProgressFn | None = None) -> 
         shortfall = 0
 
     adapters = tuple(_adapter_row(p, dims, config, dtype, per_slot) for p in config.adapters)
-    trace = _trace_summary(config, per_slot, kv_at, progress) if config.trace else None
+    trace = _trace_summary(config, per_slot, kv_at, progress, base_model_names(config.model, raw)) if config.trace else None
     return BudgetReport(
         model_source=source, model=dims, dtype=dtype, rank=config.rank, max_loras=config.max_loras,
         target_modules=mods, modules=tuple(rows), bytes_per_adapter=per_slot, total_slot_bytes=total_slots,
@@ -272,8 +275,34 @@ def _adapter_row(path: str, dims: ModelDims, config: BudgetConfig, dtype: str, p
     )  # fmt: skip
 
 
-def _trace_summary(config: BudgetConfig, per_slot: int, kv_at: Any, progress: ProgressFn | None) -> TraceSummary:
-    replay = replay_trace(config.trace, progress=progress)  # type: ignore[arg-type]
+def base_model_names(model: str | None, raw: dict[str, Any]) -> frozenset[str]:
+    """The names a request log may use for the base model `model` (as `mlora budget --model` takes it):
+    the string as given, its resolved path, its preset name, the config's `_name_or_path`, and
+    the demo model's served name when it is the demo model."""
+    from engine.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
+
+    given = (model or DEFAULT_MODEL_PRESET).strip()
+    names = {given}
+    path = Path(given).expanduser()
+    if path.exists():
+        resolved = path.resolve()
+        names.add(str(resolved))
+        if resolved in (DEMO_MODEL_DIR.resolve(), (DEMO_MODEL_DIR / "config.json").resolve()):
+            names.add(DEMO_MODEL_NAME)
+    else:
+        preset = find_model_preset(given)
+        if preset is not None:
+            names.add(preset)
+    if isinstance(raw.get("_name_or_path"), str) and raw["_name_or_path"]:
+        names.add(raw["_name_or_path"])
+    return frozenset(names)
+
+
+def _trace_summary(
+    config: BudgetConfig, per_slot: int, kv_at: Any, progress: ProgressFn | None, base_names: frozenset[str]
+) -> TraceSummary:
+    names = base_names | set(config.served_model_names)
+    replay = replay_trace(config.trace, progress=progress, base_names=names)  # type: ignore[arg-type]
     rows = tuple(
         TraceRow(n, replay.hit_rate(n), replay.loads(n), replay.loads_per_second(n), n * per_slot)
         for n in replay.candidate_slots()
@@ -289,7 +318,7 @@ def _trace_summary(config: BudgetConfig, per_slot: int, kv_at: Any, progress: Pr
         target_hit_rate=config.target_hit_rate, rows=rows, recommended_max_loras=best,
         recommended_slot_bytes=None if best is None else best * per_slot, recommended_kv_tokens=rec_tokens,
         recommended_max_concurrent_sequences=rec_seqs, recommended_fits=rec_fits, best_hit_rate=replay.best_hit_rate,
-        simulated_up_to=replay.exact_limit,
+        simulated_up_to=replay.exact_limit, base_model_names=tuple(sorted(names)),
     )  # fmt: skip
 
 

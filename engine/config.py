@@ -9,12 +9,18 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULING_POLICIES = ("fair", "fcfs", "priority")  # engine.scheduler.POLICIES (which imports no config)
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+CPU_LORAS_PER_SLOT = 2  # CPU cache = 2x the device slots: a working set twice the slots swaps without disk reads
+
+
+def default_max_cpu_loras(max_loras: int) -> int:
+    """max_cpu_loras when it is not given: the one default of serve, LLM and `mlora budget`."""
+    return CPU_LORAS_PER_SLOT * max_loras
 
 
 @dataclass(frozen=True)
@@ -66,33 +72,33 @@ class EngineConfig:
         set_("dtype", _norm_dtype(self.dtype, "dtype"))
         set_("lora_dtype", _norm_dtype(self.lora_dtype, "lora_dtype"))
         if self.device not in DEVICES:
-            raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
+            raise UsageError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
         for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+                raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
         for name in ("max_model_len", "num_kv_blocks", "kv_cache_memory_bytes", "max_cpu_loras"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ConfigError(f"{name} must be an integer >= 1 (or unset), got {value!r}")
+                raise UsageError(f"{name} must be an integer >= 1 (or unset), got {value!r}")
         if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 0):
-            raise ConfigError(f"max_queue must be an integer >= 0 (or unset), got {self.max_queue!r}")
+            raise UsageError(f"max_queue must be an integer >= 0 (or unset), got {self.max_queue!r}")
         if self.num_kv_blocks is not None and self.kv_cache_memory_bytes is not None:
-            raise ConfigError("give either num_kv_blocks or kv_cache_memory_bytes, not both")
+            raise UsageError("give either num_kv_blocks or kv_cache_memory_bytes, not both")
         if self.max_cpu_loras is None:
-            set_("max_cpu_loras", max(self.max_loras, 2 * self.max_loras))
+            set_("max_cpu_loras", default_max_cpu_loras(self.max_loras))
         elif self.max_cpu_loras < self.max_loras:
-            raise ConfigError(
+            raise UsageError(
                 f"max_cpu_loras ({self.max_cpu_loras}) must be >= max_loras ({self.max_loras})",
                 hint="every adapter in a device slot is also kept in the CPU cache",
             )
         loras = tuple(tuple(item) for item in (self.loras or ()))
         for item in loras:
             if len(item) != 2 or not all(isinstance(x, str) and x for x in item):
-                raise ConfigError(f"loras entries must be (name, path) pairs of strings, got {item!r}")
+                raise UsageError(f"loras entries must be (name, path) pairs of strings, got {item!r}")
         names = [n for n, _ in loras]
         if len(set(names)) != len(names):
-            raise ConfigError(f"duplicate adapter names in loras: {names}")
+            raise UsageError(f"duplicate adapter names in loras: {names}")
         set_("loras", loras)
         if self.scheduling_policy not in SCHEDULING_POLICIES:
             raise ConfigError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
@@ -137,5 +143,5 @@ def _norm_dtype(value: str, name: str) -> str:
     value = str(value).replace("torch.", "")
     value = _DTYPE_ALIASES.get(value, value)
     if value not in DTYPES:
-        raise ConfigError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
+        raise UsageError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
     return value

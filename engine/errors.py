@@ -31,6 +31,12 @@ class ConfigError(MloraError):
     """A bad configuration value (model config, engine config, CLI flags)."""
 
 
+class UsageError(ConfigError):
+    """A bad option value, caught before any work starts: a CLI usage error (exit 2, like click's own)."""
+
+    exit_code = 2
+
+
 class AdapterNotFoundError(MloraError):
     """A request or command named an adapter that is not registered (HTTP 404)."""
 

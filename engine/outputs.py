@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -26,6 +27,32 @@ class RequestMetrics:
 
 
 @dataclass
+class Logprob:
+    """vLLM's per-token logprob entry (`CompletionOutput.logprobs[i][token_id]`); rank 1 = most likely."""
+
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
+
+
+@dataclass
+class CompletionOutput:
+    """vLLM's `RequestOutput.outputs[i]`: one generated sequence of a request."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None
+    logprobs: list[dict[int, Logprob]] | None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    lora_request: Any = None
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
 class RequestOutput:
     """The state of one request.
 
@@ -36,6 +63,8 @@ class RequestOutput:
     "length" (max_tokens or context limit) or "abort". `error` is set (and finish_reason is
     "abort") when the engine ended the request because of a failure of its own (non-finite
     logits, a failed step): the message says why; other requests are not affected.
+    vLLM's shape is there too: `outputs[0].text/token_ids/finish_reason`, and `lora_request`
+    (the LoRARequest the request was made with, from `LLM.generate(..., lora_request=)`).
     """
 
     request_id: str
@@ -52,6 +81,7 @@ class RequestOutput:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None
     metrics: RequestMetrics | None = None
+    lora_request: Any = None
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -60,3 +90,20 @@ class RequestOutput:
     @property
     def num_generated_tokens(self) -> int:
         return len(self.token_ids)
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """vLLM's view: one CompletionOutput holding this request's text, ids and logprobs."""
+        logprobs = None if self.logprobs is None else [_vllm_logprobs(lp) for lp in self.logprobs]
+        cumulative = None if self.logprobs is None else sum(lp.logprob for lp in self.logprobs)
+        return [CompletionOutput(0, self.text, list(self.token_ids), cumulative, logprobs,
+                                 self.finish_reason, self.stop_reason, self.lora_request)]  # fmt: skip
+
+
+def _vllm_logprobs(lp: TokenLogprob) -> dict[int, Logprob]:
+    """{token id: Logprob} for the chosen token and the top-k, ranks counted from the top-k."""
+    ranked = sorted(lp.top.items(), key=lambda kv: -kv[1])
+    out = {tid: Logprob(v, rank=i + 1) for i, (tid, v) in enumerate(ranked)}
+    if lp.token_id not in out:
+        out = {lp.token_id: Logprob(lp.logprob), **out}
+    return out

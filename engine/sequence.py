@@ -35,6 +35,7 @@ class Sequence:
     params: SamplingParams
     prompt: str | None = None
     adapter: str | None = None
+    adapter_version: int | None = None  # set at first admission; preemption re-acquires this version, not the name
     tenant: str = ""  # whose fair share this request draws on (scheduler); "" = the adapter's name
     priority: int = 0  # lower runs first under the `priority` scheduling policy (vLLM's convention)
     eos_token_ids: frozenset[int] = frozenset()

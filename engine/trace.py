@@ -1,8 +1,9 @@
 """Working-set replay: how many LoRA slots a real request trace needs (torch-free).
 
 A trace is JSONL, one request per line: `{"timestamp": ..., "adapter": "name"}`, or an OpenAI
-request-log record where `model` names the adapter. `adapter`/`model` null or "" is a
-base-model request: it needs no slot and is excluded from hit rates. `timestamp` (optional) is
+request-log record where `model` names the adapter. `adapter`/`model` null, "" or one of
+`base_names` (the base model's served names) is a base-model request: it needs no slot and is
+excluded from hit rates. `timestamp` (optional) is
 unix seconds (number or numeric string) or ISO 8601; it only sets the trace duration for loads/s.
 Requests are replayed in file order.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 import json
 import os
 from bisect import bisect_left
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -110,9 +111,17 @@ class TraceReplay:
 
 
 def replay_trace(
-    path: str | os.PathLike[str], *, max_slots: int = MAX_SIMULATED_SLOTS, progress: ProgressFn | None = None
+    path: str | os.PathLike[str],
+    *,
+    max_slots: int = MAX_SIMULATED_SLOTS,
+    progress: ProgressFn | None = None,
+    base_names: Collection[str] = (),
 ) -> TraceReplay:
-    """Replay a JSONL trace against an LRU slot cache of every size 1..max_slots in one pass."""
+    """Replay a JSONL trace against an LRU slot cache of every size 1..max_slots in one pass.
+
+    A request naming one of `base_names` is a base-model request, like one naming no adapter.
+    """
+    base_names = frozenset(base_names)
     path = Path(path)
     try:
         total = path.stat().st_size
@@ -156,6 +165,9 @@ def replay_trace(
                 continue
             if type(name) is not str:
                 raise TraceError(f"{path.name} line {lineno}: adapter name must be a string, got {name!r}")
+            if name in base_names:  # the base model under its served name
+                base += 1
+                continue
             prev = last.get(name)
             if prev is not None and prev >= recent[0]:  # among the max_slots most recent: a reuse
                 k = bisect(recent, prev)

@@ -7,8 +7,19 @@ import os
 from rich.console import Console
 from rich.markup import escape
 
-console = Console()
-err_console = Console(stderr=True)
+PIPE_WIDTH = 1000  # when piped (CI logs, files) rich would wrap and cut tables at 80 columns; lines are never that wide
+
+
+def _console(*, stderr: bool = False) -> Console:
+    """A console that never squeezes tables to 80 columns when not on a terminal (COLUMNS still wins)."""
+    c = Console(stderr=stderr)
+    if not c.is_terminal and not os.environ.get("COLUMNS"):
+        c = Console(stderr=stderr, width=PIPE_WIDTH)
+    return c
+
+
+console = _console()
+err_console = _console(stderr=True)
 
 DEBUG_ENV = "MLORA_DEBUG"
 

@@ -100,13 +100,13 @@ def bench(
         _run_fairness(fcfg, json_file)
         return
     from engine.bench.config import FULL_DEFAULTS, QUICK_DEFAULTS, BenchConfig
-    from engine.errors import ConfigError
+    from engine.errors import ConfigError, UsageError
 
     if plot_file is not None:
         _check_matplotlib()
     defaults = QUICK_DEFAULTS if quick else FULL_DEFAULTS
     if preset is not None and model is not None:
-        raise ConfigError("give either --preset or --model, not both")
+        raise UsageError("give either --preset or --model, not both")
     config = BenchConfig(
         preset=None if model is not None else (preset.value if preset else ("tiny" if quick else "small")),
         model=model,

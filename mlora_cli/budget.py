@@ -42,7 +42,7 @@ def budget(
     max_loras: Annotated[int, typer.Option("--max-loras", min=1, help="Adapter slots resident on the GPU.")] = 4,
     target_modules: Annotated[str, typer.Option("--target-modules", help="Comma list of q,k,v,o,gate,up,down (or q_proj,...), or 'all'.")] = "all",
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp16 | bf16 | fp32 for weights, slots and KV. Default: the model's torch_dtype.", show_default=False)] = None,
-    max_cpu_loras: Annotated[Optional[int], typer.Option("--max-cpu-loras", min=0, help="Adapters cached in CPU memory. Default: --max-loras.", show_default=False)] = None,
+    max_cpu_loras: Annotated[Optional[int], typer.Option("--max-cpu-loras", min=0, help="Adapters cached in CPU memory. Default: 2 x --max-loras, as mlora serve.", show_default=False)] = None,
     adapter: Annotated[Optional[list[Path]], typer.Option("--adapter", help="A PEFT adapter dir: report its true size vs the padded slot (repeatable).")] = None,
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU preset: A100-40GB, A100-80GB, H100-80GB, L4, A10G, RTX-4090. Default: H100-80GB.", show_default=False)] = None,
     gpu_memory: Annotated[Optional[float], typer.Option("--gpu-memory", min=0.001, help="GPU memory in GiB (2^30 bytes), instead of --gpu.", show_default=False)] = None,
@@ -51,6 +51,7 @@ def budget(
     block_size: Annotated[int, typer.Option("--block-size", min=1, help="KV-cache block size in tokens.")] = 16,
     trace: Annotated[Optional[Path], typer.Option("--trace", help="JSONL request log ({'timestamp', 'adapter' or 'model'} per line): replay it to size --max-loras.")] = None,
     target_hit_rate: Annotated[float, typer.Option("--target-hit-rate", min=0.0, max=1.0, help="Slot hit rate the recommendation must reach.")] = 0.99,
+    served_model_name: Annotated[Optional[list[str]], typer.Option("--served-model-name", help="A name the --trace uses for the base model (repeatable); such lines are base-model requests, like --model as given, its preset or hub name.", show_default=False)] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON (stable keys).")] = False,
 ) -> None:
     """Exact LoRA slot memory, base weights and KV-cache headroom; with --trace, the max_loras a real workload needs.
@@ -74,6 +75,7 @@ def budget(
         block_size=block_size,
         trace=None if trace is None else str(trace),
         target_hit_rate=target_hit_rate,
+        served_model_names=tuple(served_model_name or ()),
     )
     if trace is not None and not as_json:
         report = _plan_with_progress(config)
@@ -180,7 +182,8 @@ def _render(report) -> None:  # noqa: ANN001 - BudgetReport, imported lazily
     if report.trace is not None:
         t = report.trace
         span = f", {t.duration_s:,.0f} s" if t.duration_s else ""
-        tr = Table(title=f"Trace replay: {t.adapter_requests:,} adapter requests, {t.distinct_adapters:,} adapters{span}",
+        base = f", {t.base_requests:,} base-model requests" if t.base_requests else ""
+        tr = Table(title=f"Trace replay: {t.adapter_requests:,} adapter requests, {t.distinct_adapters:,} adapters{base}{span}",
                    title_justify="left", caption=f"hit rate = {t.hit_rate_definition}", caption_justify="left")  # fmt: skip
         for col in ("max_loras", "hit rate", "loads", "loads / s", "slot memory"):
             tr.add_column(col, justify="right")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ class BaseDims:
     name: str  # what the user passed (path or hub id)
     source: str  # the config.json that was read
     dims: ModelDims
+    aliases: tuple[str, ...] = ()  # other names of this base (the demo model's served name)
 
     @property
     def model_type(self) -> str:
@@ -48,7 +49,9 @@ class BaseDims:
 
     def same_name(self, other: str) -> bool:
         """Whether an adapter's base_model_name_or_path plausibly names this base."""
-        return _canon(other) == _canon(self.name) or (os.path.exists(other) and _same_path(other, self.name))
+        if any(_canon(other) == _canon(n) for n in (self.name, *self.aliases)):
+            return True
+        return os.path.exists(other) and _same_path(other, self.name)
 
 
 def _same_path(a: str, b: str) -> bool:
@@ -83,8 +86,12 @@ def dims_from_config(cfg: Any, *, name: str, source: str) -> BaseDims:
 
 def read_base_dims(base: str | Path) -> BaseDims:
     """BaseDims for `base`: a model directory, its config.json, or a hub id; ConfigError if unreadable."""
+    from engine.demo import DEMO_MODEL_DIR, DEMO_MODEL_NAME
+
     name = str(base)
     p = Path(base).expanduser()
+    if name == DEMO_MODEL_NAME and not p.exists():  # the demo model by its served name
+        p = DEMO_MODEL_DIR
     if p.is_dir():
         cfg_path = p / "config.json"
     elif p.exists() or os.path.lexists(p):
@@ -102,4 +109,7 @@ def read_base_dims(base: str | Path) -> BaseDims:
         cfg = read_json_file(cfg_path, "base config")
     except AdapterError as exc:
         raise ConfigError(f"--base {name}: {exc.message}") from None
-    return dims_from_config(cfg, name=name, source=str(cfg_path))
+    dims = dims_from_config(cfg, name=name, source=str(cfg_path))
+    if _same_path(str(DEMO_MODEL_DIR), str(cfg_path)):  # adapters trained on the demo name it "mlora-demo"
+        dims = replace(dims, aliases=(DEMO_MODEL_NAME,))
+    return dims

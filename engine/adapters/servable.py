@@ -65,6 +65,8 @@ def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple
         issues.append(init)
 
     has_magnitude = has_lora_bias = False
+    lora_paths: set[str] = set()  # decoder modules with lora_A/lora_B
+    magnitude_paths: set[str] = set()  # decoder modules with a DoRA magnitude vector
     embedding_paths: set[str] = set()
     foreign_paths: set[str] = set()
     others: dict[str, list[str]] = {}
@@ -78,11 +80,20 @@ def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple
             foreign_paths.add(lk.module_path)
         elif lk.role == "magnitude":
             has_magnitude = True
+            magnitude_paths.add(lk.module_path)
+        elif lk.role in ("A", "B"):
+            lora_paths.add(lk.module_path)
         elif lk.role == "bias":
             has_lora_bias = True
 
     if config.use_dora or has_magnitude:
-        issues.append(("warn", DORA_WARNING))
+        unscaled = sorted(lora_paths - magnitude_paths)
+        if unscaled:  # the engine's slots refuse this too (LoraSlots.check), with the same reason
+            more = f" and {len(unscaled) - 2} more" if len(unscaled) > 2 else ""
+            issues.append(("fail", f"use_dora is set but some modules have no lora_magnitude_vector ({', '.join(unscaled[:2])}{more}): "
+                                   "DoRA cannot be applied without it; re-save the adapter with PEFT"))
+        else:
+            issues.append(("warn", DORA_WARNING))
     if config.lora_bias or has_lora_bias:
         issues.append(("fail", "lora_bias: LoRA B carries a bias vector; slots hold only A and B, so the bias would be dropped (" + _MERGE_HINT + ")"))
     if config.bias != "none":

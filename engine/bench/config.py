@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from engine.errors import ConfigError
+from engine.errors import UsageError
 
 QUICK_DEFAULTS = dict(num_requests=16, max_tokens=12, max_loras=4, repeat=3)
 FULL_DEFAULTS = dict(num_requests=32, max_tokens=32, max_loras=16, repeat=1)
@@ -49,28 +49,28 @@ class BenchConfig:
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.model is None):
-            raise ConfigError("give exactly one of --preset and --model")
+            raise UsageError("give exactly one of --preset and --model")
         if self.preset is not None:
             from engine.bench.presets import preset_names
 
             if self.preset not in preset_names():
-                raise ConfigError(f"unknown preset {self.preset!r}; choose from {', '.join(preset_names())}")
+                raise UsageError(f"unknown preset {self.preset!r}; choose from {', '.join(preset_names())}")
         for name in ("rank", "max_loras", "num_requests", "max_tokens", "prompt_chars", "repeat"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
-            raise ConfigError(f"--threads must be an integer >= 1, got {self.threads!r}")
+            raise UsageError(f"--threads must be an integer >= 1, got {self.threads!r}")
         if self.zipf is not None and not self.zipf > 0:
-            raise ConfigError(f"--zipf must be > 0, got {self.zipf}")
+            raise UsageError(f"--zipf must be > 0, got {self.zipf}")
         if self.rate is not None and not self.rate > 0:
-            raise ConfigError(f"--rate must be > 0 requests/s, got {self.rate}")
+            raise UsageError(f"--rate must be > 0 requests/s, got {self.rate}")
         if self.device not in ("auto", "cpu", "cuda"):
-            raise ConfigError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+            raise UsageError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
+            raise UsageError(f"--dtype must be auto, float32, bfloat16 or float16, got {self.dtype!r}")
         if self.peft_dtype not in (None, "auto", "float32", "bfloat16", "float16"):
-            raise ConfigError(f"--peft-dtype must be auto, float32, bfloat16 or float16, got {self.peft_dtype!r}")
+            raise UsageError(f"--peft-dtype must be auto, float32, bfloat16 or float16, got {self.peft_dtype!r}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -6,6 +6,8 @@ every distinct adapter in the batch (a bytes each), so when decode is memory-bou
     bound(homogeneous / base)    = W / (W + a)
 W and a come from engine.budget (linear_weight_bytes, adapter_slot_bytes), the same
 functions the slot allocator uses. Efficiency = measured ratio / bound.
+`bench_warnings` says when the numbers should not be trusted: an efficiency far above 100% (the
+run was not memory-bound, or noise slowed the reference run) or repeated rounds that disagree.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from engine.errors import ConfigError
 SCHEMA_VERSION = 1
 RATIO_KEYS = ("mixed_over_homogeneous", "homogeneous_over_base", "mlora_over_peft", "mlora_over_separate")
 BOUND_KEYS = ("mixed_over_homogeneous", "homogeneous_over_base")
+EFFICIENCY_WARN_ABOVE = 1.5  # 150% of a traffic bound is no longer memory-bound decode: noise or another bottleneck
+ROUND_SPREAD_WARN_ABOVE = 0.25  # rounds of one workload 25% apart: the machine was busy; ratios are unreliable
+
+
+def metric_label(metric: str) -> str:
+    """'decode_tokens_per_s' -> 'decode tok/s', 'output_tokens_per_s' -> 'e2e tok/s' (tables and notes)."""
+    return metric.replace("_tokens_per_s", " tok/s").replace("output", "e2e")
 
 
 def traffic_bytes(hf_config: Any, *, rank: int, dtype: str) -> tuple[int, int]:
@@ -118,6 +127,7 @@ def build_report(
     notes: list[str],
 ) -> dict[str, Any]:
     """The whole bench result as one JSON-serialisable dict (the `--json` document)."""
+    ratios = compute_ratios(results, w=w, a=a, metric=metric)
     return {
         "schema_version": SCHEMA_VERSION,
         "config": config,
@@ -125,9 +135,29 @@ def build_report(
         "model": model,
         "traffic": {"W_bytes": w, "a_bytes": a},
         "workloads": [r.to_json() for r in results],
-        **compute_ratios(results, w=w, a=a, metric=metric),
+        **ratios,
         "notes": notes,
+        "warnings": bench_warnings(ratios, results),
     }
+
+
+def bench_warnings(ratios: dict[str, Any], results: list[WorkloadResult]) -> list[str]:
+    """Why the printed ratios may not mean what they say (empty when the run looks sound)."""
+    out = []
+    rows = [(f"mixed-{m['n']} / homogeneous", m["efficiency"]) for m in ratios["mixed"]]
+    rows.append(("homogeneous / base", ratios["efficiency"]["homogeneous_over_base"]))
+    for label, eff in rows:
+        if eff is not None and eff > EFFICIENCY_WARN_ABOVE:
+            out.append(f"{label}: efficiency {eff:.0%} is far above its memory-traffic bound (> {EFFICIENCY_WARN_ABOVE:.0%}): "
+                       "this run was not memory-bound or its reference run was slowed by noise; do not read it as a "
+                       "speed-up (rerun with --repeat 3 on an idle machine)")  # fmt: skip
+    for r in results:
+        vals = r.round_values
+        if len(vals) > 1 and max(vals) > 0 and (max(vals) - min(vals)) / max(vals) > ROUND_SPREAD_WARN_ABOVE:
+            out.append(f"{r.name} ({r.system}): rounds disagree by {(max(vals) - min(vals)) / max(vals):.0%} "
+                       f"({metric_label(r.round_metric or '')}: {', '.join(f'{v:.1f}' for v in vals)}); the machine was "
+                       "busy, so the ratios are unreliable")  # fmt: skip
+    return out
 
 
 def check_min_mixed_ratio(report: dict[str, Any], threshold: float | None) -> str | None:
@@ -176,7 +206,7 @@ def render(report: dict[str, Any], console: Any) -> None:
     rt = Table(title="ratios (measured vs traffic bound)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
     for col in ("ratio", "measured", "bound", "efficiency", "from"):
         rt.add_column(col, justify="left" if col in ("ratio", "metric") else "right")
-    metrics = {k: v.replace("_tokens_per_s", " tok/s").replace("output", "e2e") for k, v in report["ratio_metrics"].items()}
+    metrics = {k: metric_label(v) for k, v in report["ratio_metrics"].items()}
     for m in report["mixed"]:
         rt.add_row(f"mixed-{m['n']} / homogeneous", _f(m["ratio"], "{:.3f}"), _f(m["bound"], "{:.3f}"),
                    _f(m["efficiency"], "{:.0%}"), metrics["mixed_over_homogeneous"])
@@ -192,6 +222,8 @@ def render(report: dict[str, Any], console: Any) -> None:
                   f"a = {traffic['a_bytes'] / 1e6:.2f} MB per adapter (engine.budget)[/]")
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
+    for warning in report.get("warnings", ()):
+        console.print(f"[bold yellow]warning:[/] {warning}", highlight=False)
 
 
 def plot(report: dict[str, Any], path: str | Path) -> None:

@@ -73,6 +73,8 @@ class WorkloadResult:
     adapter_evictions: int | None = None
     startup_s: float | None = None
     notes: list[str] = field(default_factory=list)
+    round_metric: str | None = None  # with --repeat: the metric the best round was picked by
+    round_values: list[float] = field(default_factory=list)  # ... and its value in every round
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

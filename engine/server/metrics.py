@@ -14,11 +14,16 @@ Fair share is labelled by `tenant` (the request's "tenant" / X-Tenant-Id, else i
 base model's name): `mlora:tenant_service` (the scheduler's weighted counter),
 `mlora:tenant_prompt_tokens_total`, `mlora:tenant_generation_tokens_total` (from the engine) and
 `mlora:tenant_queue_wait_seconds` (arrival to first scheduled, per request).
+
+Unloading an adapter removes every series labelled with it (`forget_adapter`), so a server that
+loads and unloads adapters all day exports only the adapters it serves. Requests of that adapter
+still in flight at the unload are counted, then their series are removed again as each one ends.
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -33,6 +38,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0)
+MAX_UNLOADED_REMEMBERED = 1024  # unloaded names whose late-finishing requests still get their series removed
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -112,11 +118,33 @@ class ServerMetrics:
         self._engine = _EngineCollector()
         r.register(self._engine)  # type: ignore[arg-type]
         self._labels = (model_name, "0")
+        # unloaded adapters (most recent last, capped): a request of theirs that was still in flight
+        # removes its series again when it ends; a new request for the name means it is served again
+        self._unloaded: OrderedDict[str, None] = OrderedDict()
 
     def tracker(self, adapter_label: str, tenant: str | None = None) -> "RequestTracker":
+        self._unloaded.pop(adapter_label, None)
         return RequestTracker(self, adapter_label, tenant or adapter_label)
 
+    def forget_adapter(self, name: str) -> None:
+        """Remove every series labelled `adapter=name` (call when the adapter is unloaded)."""
+        if name == self.model_name:
+            return
+        for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e,
+                       self.resident_by_name, self.running_by_adapter, self.waiting_by_adapter):
+            _remove_matching(metric, "adapter", name)
+        self._unloaded[name] = None
+        self._unloaded.move_to_end(name)
+        while len(self._unloaded) > MAX_UNLOADED_REMEMBERED:
+            self._unloaded.popitem(last=False)
+
+    def _tracker_done(self, label: str) -> None:
+        if label in self._unloaded:  # it finished after its adapter was unloaded
+            self.forget_adapter(label)
+
     def count_error(self, adapter_label: str, status: int) -> None:
+        if adapter_label in self._unloaded:  # e.g. a 404 racing the unload: no series for a gone adapter
+            return
         self.requests.labels(adapter_label, str(status)).inc()
 
     def refresh(self, stats: Any) -> None:
@@ -161,6 +189,16 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
+def _remove_matching(metric: Any, label: str, value: str) -> None:
+    """Drop every child of a labelled metric whose `label` equals `value`."""
+    if hasattr(metric, "remove_by_labels"):  # prometheus_client >= 0.22
+        metric.remove_by_labels({label: value})
+        return
+    pos = list(metric._labelnames).index(label)
+    for values in [v for v in list(metric._metrics) if v[pos] == value]:
+        metric.remove(*values)
+
+
 class RequestTracker:
     """Latency and token accounting of one engine request, fed with each RequestOutput."""
 
@@ -198,6 +236,7 @@ class RequestTracker:
         self.m.requests.labels(self.label, outcome).inc()
         self.m.prompt_tokens.labels(self.label).inc(prompt_tokens)
         self.m.e2e.labels(self.label).observe(time.monotonic() - self.arrival)
+        self.m._tracker_done(self.label)
 
 
 def merge_expositions(parts: list[tuple[str, bytes]], *, label: str) -> bytes:

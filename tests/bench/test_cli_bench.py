@@ -70,16 +70,16 @@ def test_min_mixed_ratio_gate_exits_1_with_the_ratio(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "args, message",
+    "args, message, code",
     [
-        (["--preset", "tiny", "--model", "x"], "either --preset or --model"),
-        (["--preset", "tiny", "--zipf", "0"], "--zipf must be > 0"),
-        (["--model", "/no/such/model/dir"], "does not exist"),
+        (["--preset", "tiny", "--model", "x"], "either --preset or --model", 2),  # usage errors exit 2
+        (["--preset", "tiny", "--zipf", "0"], "--zipf must be > 0", 2),
+        (["--model", "/no/such/model/dir"], "does not exist", 1),
     ],
 )
-def test_bad_input_is_one_line_exit_1(tmp_path, args, message):
+def test_bad_input_is_one_line_exit_1_bad_flags_exit_2(tmp_path, args, message, code):
     res = run_cli(*args, cache=tmp_path)
-    assert res.returncode == 1
+    assert res.returncode == code
     assert message in res.stderr
     assert "Traceback" not in res.stderr
 

@@ -193,3 +193,42 @@ def test_help_names_the_default_preset():
     text = " ".join(res.stdout.split())
     assert res.returncode == 0 and "mlora budget" in text
     assert "Default: llama-3.1-8b." in text and "Default: H100-80GB." in text and "capped at 8192" in text
+
+
+def test_trace_lines_naming_the_base_model_are_base_requests(tmp_path):
+    """An OpenAI request log names the base model in `model`: those lines need no slot."""
+    base = build_tiny_model(tmp_path / "base", "llama")
+    lines = [{"model": name} for name in ["a", "b", "meta-llama/Llama-3.1-8B", "a", "llama-3.1-8b", "b", "", "served"]]
+    trace = tmp_path / "log.jsonl"
+    trace.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    t = budget_json("--trace", str(trace))["trace"]  # default preset llama-3.1-8b (meta-llama/Llama-3.1-8B)
+    assert (t["adapter_requests"], t["base_requests"], t["distinct_adapters"]) == (5, 3, 3)  # 'served' is an adapter
+    t = budget_json("--trace", str(trace), "--served-model-name", "served")["trace"]
+    assert (t["adapter_requests"], t["base_requests"], t["distinct_adapters"]) == (4, 4, 2)
+    assert "served" in t["base_model_names"]
+    res = mlora("--trace", str(trace), "--served-model-name", "served")
+    assert res.returncode == 0 and "4 adapter requests, 2 adapters, 4 base-model requests" in res.stdout
+    # a local model dir: the path as given and resolved both name the base
+    trace.write_text("".join(json.dumps({"model": m}) + "\n" for m in [str(base), "x", str(base.resolve()), "x"]))
+    t = budget_json("--model", str(base), "--gpu-memory", "1", "--trace", str(trace))["trace"]
+    assert (t["adapter_requests"], t["base_requests"], t["distinct_adapters"]) == (2, 2, 1)
+
+
+def test_demo_model_trace_counts_mlora_demo_as_base(tmp_path):
+    from engine.demo import DEMO_MODEL_DIR
+
+    trace = tmp_path / "demo.jsonl"
+    trace.write_text("".join(json.dumps({"model": m}) + "\n" for m in ["mlora-demo", "upper", "rot13", "mlora-demo"]))
+    t = budget_json("--model", str(DEMO_MODEL_DIR), "--gpu-memory", "1", "--trace", str(trace))["trace"]
+    assert (t["adapter_requests"], t["base_requests"], t["distinct_adapters"]) == (2, 2, 2)
+
+
+def test_max_cpu_loras_defaults_to_serves_default():
+    from engine.config import EngineConfig, default_max_cpu_loras
+
+    out = budget_json("--max-loras", "3")
+    assert out["max_cpu_loras"] == default_max_cpu_loras(3) == EngineConfig(max_loras=3).max_cpu_loras == 6
+    assert out["cpu_cache_bytes"] == 6 * out["bytes_per_adapter"]
+    assert budget_json("--max-loras", "3", "--max-cpu-loras", "5")["max_cpu_loras"] == 5
+    res = mlora("--max-loras", "3")
+    assert res.returncode == 0 and "CPU cache (6 adapters)" in res.stdout

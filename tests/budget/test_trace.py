@@ -127,3 +127,13 @@ def test_malformed_line_is_reported_with_its_line_number(tmp_path, bad_line, mes
 def test_missing_trace_file_is_a_trace_error(tmp_path):
     with pytest.raises(TraceError, match="cannot read trace"):
         replay_trace(tmp_path / "nope.jsonl")
+
+
+def test_base_names_count_as_base_requests(tmp_path):
+    names = ["a", "base", "b", "a", "base", None, "b"]
+    path = write_trace(tmp_path / "m.jsonl", names, key="model")
+    plain = replay_trace(path)
+    assert (plain.adapter_requests, plain.base_requests, plain.distinct_adapters) == (6, 1, 3)
+    replay = replay_trace(path, base_names={"base"})
+    assert (replay.adapter_requests, replay.base_requests, replay.distinct_adapters) == (4, 3, 2)
+    assert replay.hits(2) == brute_force_lru_hits([n for n in names if n != "base"], 2) == 2

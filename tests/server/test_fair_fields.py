@@ -42,7 +42,7 @@ def test_runtime_load_takes_a_weight(tokenizer: Any, peft_adapter: Path, tmp_pat
 
     async def go() -> None:
         engine = FakeEngine(tokenizer)
-        async with running(engine, allow_runtime_lora=True) as srv, aiohttp.ClientSession() as s:
+        async with running(engine, allow_runtime_lora=True, adapter_root=str(tmp_path)) as srv, aiohttp.ClientSession() as s:
             load = f"{srv.url}/v1/load_lora_adapter"
             for bad in (0, -1, "2", True):
                 r = await s.post(load, json={"lora_name": "gold", "lora_path": str(tmp_path / "gold"), "weight": bad})

@@ -1,0 +1,26 @@
+"""Bad flag values are usage errors across commands: exit 2 (README), one line, no traceback."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.test_cli import run_cli
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (("serve", "--dtype", "int4"), "dtype must be one of auto, float32, bfloat16, float16, got 'int4'"),
+        (("serve", "--device", "tpu"), "device must be one of auto, cpu, cuda, got 'tpu'"),
+        (("serve", "--max-loras", "4", "--max-cpu-loras", "2"), "max_cpu_loras (2) must be >= max_loras (4)"),
+        (("bench", "--zipf", "0"), "--zipf must be > 0"),
+        (("bench", "--rate", "0"), "--rate must be > 0"),
+        (("bench", "--preset", "tiny", "--model", "some/dir"), "give either --preset or --model, not both"),
+        (("budget", "--dtype", "int4"), "unsupported dtype int4"),
+        (("validate", "x", "--max-lora-rank", "0"), "--max-lora-rank"),
+    ],
+)
+def test_bad_flag_values_exit_2(args, fragment):
+    res = run_cli(*args)
+    assert res.returncode == 2, (res.returncode, res.stderr)
+    assert fragment in res.stderr and "Traceback" not in res.stderr + res.stdout
