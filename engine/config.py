@@ -101,20 +101,20 @@ class EngineConfig:
             raise UsageError(f"duplicate adapter names in loras: {names}")
         set_("loras", loras)
         if self.scheduling_policy not in SCHEDULING_POLICIES:
-            raise ConfigError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+            raise UsageError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
                               f"got {self.scheduling_policy!r}")
         weights = []
         for item in self.lora_weights.items() if isinstance(self.lora_weights, dict) else (self.lora_weights or ()):
             item = tuple(item)
             if len(item) != 2 or not isinstance(item[0], str) or not item[0]:
-                raise ConfigError(f"lora_weights entries must be (name, weight) pairs, got {item!r}")
-            weights.append((item[0], positive_number(item[1], f"the weight of {item[0]!r}")))
+                raise UsageError(f"lora_weights entries must be (name, weight) pairs, got {item!r}")
+            weights.append((item[0], positive_number(item[1], f"the weight of {item[0]!r}", error=UsageError)))
         set_("lora_weights", tuple(weights))
         for name in ("fair_prompt_weight", "fair_output_weight"):
-            positive_number(getattr(self, name), name, zero_ok=True)
+            positive_number(getattr(self, name), name, zero_ok=True, error=UsageError)
         if self.max_seqs_per_tenant is not None and (not isinstance(self.max_seqs_per_tenant, int)
                                                      or self.max_seqs_per_tenant < 1):
-            raise ConfigError(f"max_seqs_per_tenant must be an integer >= 1 (or unset), got {self.max_seqs_per_tenant!r}")
+            raise UsageError(f"max_seqs_per_tenant must be an integer >= 1 (or unset), got {self.max_seqs_per_tenant!r}")
         if self.model is not None and not isinstance(self.model, str):
             set_("model", str(self.model))
 
@@ -131,11 +131,13 @@ class EngineConfig:
         return cls(model=model, **kwargs)
 
 
-def positive_number(value: object, what: str, *, zero_ok: bool = False) -> float:
-    """`value` as a float > 0 (>= 0 with `zero_ok`), or a ConfigError that names `what` (e.g. a weight)."""
+def positive_number(value: object, what: str, *, zero_ok: bool = False,
+                    error: type[ConfigError] = ConfigError) -> float:
+    """`value` as a float > 0 (>= 0 with `zero_ok`), or an `error` that names `what` (e.g. a weight);
+    UsageError where the value is an option's (exit 2 on the command line)."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or not (value >= 0 if zero_ok else value > 0):  # type: ignore[operator]
-        raise ConfigError(f"{what} must be a number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+        raise error(f"{what} must be a number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
     return float(value)  # type: ignore[arg-type]
 
 

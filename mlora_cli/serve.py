@@ -41,7 +41,7 @@ def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
 def parse_lora_weights(specs: list[str]) -> tuple[tuple[str, float], ...]:
     """`NAME=W` items (NAME: an adapter, the base model or a request-named tenant) -> ((name, weight), ...)."""
     from engine.config import positive_number
-    from engine.errors import ConfigError
+    from engine.errors import UsageError
 
     out = []
     for spec in specs:
@@ -51,8 +51,8 @@ def parse_lora_weights(specs: list[str]) -> tuple[tuple[str, float], ...]:
         except ValueError:
             weight = float("nan")
         if not sep or not name.strip() or weight != weight:
-            raise ConfigError(f"--lora-weight expects NAME=WEIGHT, got {spec!r}", hint="e.g. --lora-weight sql=2")
-        out.append((name.strip(), positive_number(weight, f"--lora-weight {name.strip()}")))
+            raise UsageError(f"--lora-weight expects NAME=WEIGHT, got {spec!r}", hint="e.g. --lora-weight sql=2")
+        out.append((name.strip(), positive_number(weight, f"--lora-weight {name.strip()}", error=UsageError)))
     return tuple(out)
 
 

@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from engine.bench.stats import percentile
 from engine.bench.workloads import make_prompts, poisson_arrivals
-from engine.errors import ConfigError
+from engine.errors import ConfigError, UsageError
 
 WORKLOADS = ("flood", "trace")
 BASE_TENANT = "base"  # label of requests without adapter or tenant
@@ -58,22 +58,22 @@ class FairnessConfig:
         from engine.config import SCHEDULING_POLICIES
 
         if self.workload not in WORKLOADS:
-            raise ConfigError(f"--workload must be one of {', '.join(WORKLOADS)} here, got {self.workload!r}")
+            raise UsageError(f"--workload must be one of {', '.join(WORKLOADS)} here, got {self.workload!r}")
         if (self.workload == "trace") != (self.trace is not None):
-            raise ConfigError("--trace FILE and --workload trace go together")
+            raise UsageError("--trace FILE and --workload trace go together")
         if self.model is not None and self.preset is not None:
-            raise ConfigError("give either --preset or --model, not both")
+            raise UsageError("give either --preset or --model, not both")
         bad = [p for p in self.policies if p not in SCHEDULING_POLICIES]
         if bad or not self.policies:
-            raise ConfigError(f"policies must be among {', '.join(SCHEDULING_POLICIES)}, got {', '.join(self.policies) or 'none'}")
+            raise UsageError(f"policies must be among {', '.join(SCHEDULING_POLICIES)}, got {', '.join(self.policies) or 'none'}")
         for name in ("max_num_seqs", "heavy_requests", "light_requests", "light_tenants", "max_tokens", "rank", "repeat"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
         if self.light_delay_s < 0:
-            raise ConfigError(f"the light tenants' delay must be >= 0 s, got {self.light_delay_s}")
+            raise UsageError(f"the light tenants' delay must be >= 0 s, got {self.light_delay_s}")
         if self.light_rate is not None and not self.light_rate > 0:
-            raise ConfigError(f"--rate must be > 0 requests/s, got {self.light_rate}")
+            raise UsageError(f"--rate must be > 0 requests/s, got {self.light_rate}")
 
 
 @dataclass(frozen=True)
