@@ -175,7 +175,10 @@ class AsyncLLM:
             self._poke()
 
     async def remove_adapter(self, name: str) -> None:
+        """Unregister `name`; its default tenant's fair-share accounting goes too (between steps)."""
         self._lora().remove_adapter(name)
+        self._inbox.put(("forget", name))
+        self._poke()
 
     def list_adapters(self) -> list[str]:
         return [] if self.core.lora is None else self.core.lora.names()
@@ -194,7 +197,7 @@ class AsyncLLM:
             self._wake.set()
 
     def _pending_adds(self) -> int:
-        return self._inbox.qsize()
+        return self._inbox.qsize()  # counts the few weight/forget messages too: a bound, not an exact count
 
     def _apply_inbox(self) -> None:
         """Apply queued adds/aborts (between steps: the core is not running)."""
@@ -213,6 +216,8 @@ class AsyncLLM:
                     self._queues[rid].put_nowait(e)
             elif kind == "weight":
                 self.core.scheduler.set_weight(*arg)
+            elif kind == "forget":
+                self.core.scheduler.forget_tenant(arg)
             else:
                 out = self.core.abort(arg)
                 q = self._queues.get(arg)

@@ -65,7 +65,9 @@ class LLM:
             self.engine.scheduler.set_weight(name, weight)
 
     def remove_adapter(self, name: str) -> None:
+        """Unregister `name` (and forget its default tenant's fair-share accounting)."""
         self._lora().remove_adapter(name)
+        self.engine.scheduler.forget_tenant(name)
         self._lora_ids = {i: n for i, n in self._lora_ids.items() if n != name}
 
     def list_adapters(self) -> list[str]:

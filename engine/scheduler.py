@@ -106,7 +106,9 @@ class Scheduler:
         self.prompt_served: dict[str, int] = {}  # tenant -> prompt tokens admitted (first admission only)
         self.output_served: dict[str, int] = {}  # tenant -> output tokens generated
         self._active: dict[str, int] = {}  # tenant -> its waiting sequences (present only if > 0)
-        self._last_left = ""  # the last tenant whose queue emptied: its counter is the lift floor when none waits
+        self._last_left: str | None = ""  # the last tenant whose queue emptied: its counter is the lift floor when none waits
+        self._left_floor = 0.0  # that floor when the last tenant to leave was forgotten since (_last_left None)
+        self._forget: set[str] = set()  # tenants to forget once their last request ends (forget_tenant)
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -125,6 +127,7 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self._enqueued_at[id(seq)] = self.step_no
         self.waiting.append(seq)
+        self._forget.discard(seq.tenant)  # asked for again: served again, its accounting stays
         self._activate(seq.tenant)
 
     def set_weight(self, tenant: str, weight: float) -> None:
@@ -132,6 +135,24 @@ class Scheduler:
         if not weight > 0:
             raise ValueError(f"a tenant's weight must be > 0, got {weight!r}")
         self.weights[tenant] = float(weight)
+
+    def forget_tenant(self, tenant: str) -> None:
+        """Drop `tenant`'s fair-share accounting (counter, token totals: its adapter was unloaded), so a
+        server that loads and unloads adapters all day keeps no state per name it no longer serves.
+        Now if none of its requests is queued or running, else when the last one ends (unless a new
+        request of it arrives first). Its weight stays. Back later, it is lifted like any tenant that
+        becomes active, so forgetting gives it no credit over the tenants then waiting."""
+        self._forget.add(tenant)
+        self._maybe_forget(tenant)
+
+    def _maybe_forget(self, tenant: str) -> None:
+        if tenant not in self._forget or tenant in self._active or any(s.tenant == tenant for s in self.running):
+            return
+        self._forget.discard(tenant)
+        if tenant == self._last_left:
+            self._left_floor, self._last_left = self.vtc.get(tenant, 0.0), None
+        for served in (self.vtc, self.prompt_served, self.output_served):
+            served.pop(tenant, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -157,6 +178,8 @@ class Scheduler:
         if seq.status is SeqStatus.RUNNING and self._release is not None:
             self._release(seq)
         seq.status = SeqStatus.FINISHED
+        if self._forget:
+            self._maybe_forget(seq.tenant)
 
     def waiting_adapters(self) -> list[str]:
         """Adapters that waiting requests need, in the order they would be admitted."""
@@ -313,7 +336,8 @@ class Scheduler:
         the last one that left: no credit for the time it did not ask for service (VTC)."""
         n = self._active.get(tenant, 0)
         if n == 0:
-            floor = min((self.vtc.get(t, 0.0) for t in self._active), default=self.vtc.get(self._last_left, 0.0))
+            left = self._left_floor if self._last_left is None else self.vtc.get(self._last_left, 0.0)
+            floor = min((self.vtc.get(t, 0.0) for t in self._active), default=left)
             self.vtc[tenant] = max(self.vtc.get(tenant, 0.0), floor)
         self._active[tenant] = n + 1
 

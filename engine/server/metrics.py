@@ -18,6 +18,7 @@ base model's name): `mlora:tenant_service` (the scheduler's weighted counter),
 Unloading an adapter removes every series labelled with it (`forget_adapter`), so a server that
 loads and unloads adapters all day exports only the adapters it serves. Requests of that adapter
 still in flight at the unload are counted, then their series are removed again as each one ends.
+The `tenant` series of its name go too (its default tenant: the scheduler drops those counters).
 """
 
 from __future__ import annotations
@@ -133,6 +134,7 @@ class ServerMetrics:
         for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e,
                        self.resident_by_name, self.running_by_adapter, self.waiting_by_adapter):
             _remove_matching(metric, "adapter", name)
+        _remove_matching(self.queue_wait, "tenant", name)  # the adapter's default tenant (the engine forgets it too)
         self._unloaded[name] = None
         self._unloaded.move_to_end(name)
         while len(self._unloaded) > MAX_UNLOADED_REMEMBERED:

@@ -126,6 +126,30 @@ def test_returning_tenant_gets_no_credit_for_idle_time() -> None:
     assert s2.vtc["y"] == s2.vtc["x"] > 0
 
 
+def test_unloaded_adapters_tenant_is_forgotten_after_its_last_request() -> None:
+    """forget_tenant (adapter unloaded): no per-name state left behind, none dropped under a request."""
+    s = _scheduler(seqs=2)
+    s.add(_seq("a", 4, 3))
+    busy = _seq("gone", 4, 3)
+    s.add(busy)
+    _step(s)
+    s.forget_tenant("gone")  # its request is still running: kept until it ends
+    assert "gone" in s.vtc
+    while s.has_unfinished():
+        _step(s)
+    assert "gone" not in s.vtc and "gone" not in s.prompt_served and "gone" not in s.output_served
+    assert s.vtc["a"] > 0
+    s.forget_tenant("a")  # idle and the last tenant to leave: dropped now, its counter stays the floor
+    assert "a" not in s.vtc
+    s.add(_seq("new", 4, 3))
+    assert s.vtc["new"] > 0  # lifted to the last leaver's counter, as without the forget
+    s.forget_tenant("new")  # waiting: kept...
+    s.add(_seq("new", 4, 3))  # ...and asked for again: not forgotten at all
+    while s.has_unfinished():
+        _step(s)
+    assert "new" in s.vtc and not s._forget
+
+
 @pytest.mark.parametrize("weights", [{"a": 1.0, "b": 1.0}, {"a": 100.0, "b": 0.01}, {"a": 0.01, "b": 100.0}, {"a": 7.0, "b": 0.3}])
 def test_no_starvation_with_any_weights(weights: dict[str, float]) -> None:
     """Both tenants flood forever; each keeps finishing requests, at a share that follows its weight."""
