@@ -20,7 +20,7 @@ import queue
 from collections.abc import AsyncIterator
 from typing import Any
 
-from engine.config import EngineConfig, positive_number
+from engine.config import EngineConfig, check_priority, positive_number
 from engine.core import EngineCore, EngineStats
 from engine.errors import ConfigError, EngineStoppedError, QueueFullError
 from engine.outputs import RequestOutput
@@ -128,6 +128,7 @@ class AsyncLLM:
             raise EngineStoppedError(f"the engine loop failed: {self._error}")
         if request_id in self._queues:
             raise ConfigError(f"duplicate request id {request_id!r}")
+        check_priority(self.config, priority)
         if adapter is not None:
             if self.core.lora is None:
                 from engine.errors import AdapterNotFoundError

@@ -147,3 +147,13 @@ def _norm_dtype(value: str, name: str) -> str:
     if value not in DTYPES:
         raise UsageError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
     return value
+
+
+def check_priority(config: "EngineConfig", priority: int) -> None:
+    """A request's `priority` only means something under the `priority` policy: elsewhere a
+    non-zero value is refused rather than silently ignored (vLLM: "Got priority X but Priority
+    scheduling is not enabled")."""
+    if priority and config.scheduling_policy != "priority":
+        raise ConfigError(f"got priority {priority}, but the scheduling policy is {config.scheduling_policy!r}; "
+                          "priorities need --scheduling-policy priority")
+

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig
+from engine.config import EngineConfig, check_priority
 from engine.demo import DEMO_MODEL_NAME
 from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, EngineDeadError, PromptTooLongError
@@ -162,6 +162,7 @@ class EngineCore:
         `priority`: lower first under the `priority` scheduling policy."""
         if request_id in self._requests:
             raise ConfigError(f"duplicate request id {request_id!r}")
+        check_priority(self.config, priority)
         params = params or SamplingParams()
         text, ids = self.tokenize(prompt)
         text = text if prompt_text is None else prompt_text

@@ -16,6 +16,7 @@ import time
 from typing import Any
 
 import aiohttp
+import pytest
 
 from engine.config import EngineConfig
 from engine.llm import AsyncLLM
@@ -109,3 +110,18 @@ def test_priority_policy_on_the_demo_engine() -> None:
                         adapters=["upper", "reverse", None, "upper"], priority=[5, 0, 3, 0])
     order = sorted(range(4), key=lambda i: outs[i].metrics.first_scheduled_time)  # type: ignore[union-attr]
     assert order == [1, 3, 2, 0]
+
+
+def test_priority_outside_the_priority_policy_is_refused_not_ignored() -> None:
+    """vLLM refuses a non-zero priority unless priority scheduling is on; so does mlora (fair and fcfs),
+    before anything is queued."""
+    from engine import LLM, SamplingParams
+    from engine.errors import ConfigError
+
+    for policy in ("fair", "fcfs"):
+        llm = LLM(max_num_seqs=2, device="cpu", scheduling_policy=policy)
+        with pytest.raises(ConfigError, match="scheduling policy"):
+            llm.generate(["abc", "abd"], SamplingParams(max_tokens=2), priority=[0, 1])
+        assert not llm.engine.has_unfinished()
+        out = llm.generate(["abc"], SamplingParams(max_tokens=4, temperature=0), priority=[0])
+        assert out[0].finished
