@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any, Optional
 
 import typer
@@ -12,6 +13,13 @@ _ENGINE = "Engine"
 _LORA = "LoRA"
 _HTTP = "HTTP"
 _RAY = "Ray"
+_SCHED = "Scheduling"
+
+
+class Policy(str, Enum):
+    fair = "fair"
+    fcfs = "fcfs"
+    priority = "priority"
 
 
 def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
@@ -27,6 +35,24 @@ def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
         if not valid_adapter_name(name.strip()):
             raise UsageError(f"--lora name {name.strip()!r} is not allowed: use {ADAPTER_NAME_RULE}")
         out.append((name.strip(), path.strip()))
+    return tuple(out)
+
+
+def parse_lora_weights(specs: list[str]) -> tuple[tuple[str, float], ...]:
+    """`NAME=W` items (NAME: an adapter, the base model or a request-named tenant) -> ((name, weight), ...)."""
+    from engine.config import positive_number
+    from engine.errors import UsageError
+
+    out = []
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name.strip() or weight != weight:
+            raise UsageError(f"--lora-weight expects NAME=WEIGHT, got {spec!r}", hint="e.g. --lora-weight sql=2")
+        out.append((name.strip(), positive_number(weight, f"--lora-weight {name.strip()}", error=UsageError)))
     return tuple(out)
 
 
@@ -69,10 +95,12 @@ def build_config(**opts: Any) -> Any:
     from engine.server.config import ServerConfig
 
     engine_keys = ("model", "dtype", "device", "max_model_len", "max_num_seqs", "max_queue", "max_loras",
-                   "max_lora_rank", "max_cpu_loras", "served_model_name", "gpu_memory_utilization",
-                   "kv_cache_memory_bytes", "num_kv_blocks", "block_size", "max_num_batched_tokens", "seed",
-                   "revision", "cpu_threads")
+                   "max_lora_rank", "max_cpu_loras", "scheduling_policy", "max_seqs_per_tenant", "served_model_name",
+                   "gpu_memory_utilization", "kv_cache_memory_bytes", "num_kv_blocks", "block_size",
+                   "max_num_batched_tokens", "seed", "revision", "cpu_threads")
     engine_kwargs = {k: opts[k] for k in engine_keys if opts.get(k) is not None}
+    if opts.get("lora_weight"):
+        engine_kwargs["lora_weights"] = parse_lora_weights(opts["lora_weight"])
     if opts.get("trust_remote_code"):
         engine_kwargs["trust_remote_code"] = True
     template = read_chat_template(opts.get("chat_template"))
@@ -116,6 +144,9 @@ def serve(
     max_num_seqs: Annotated[Optional[int], typer.Option("--max-num-seqs", min=1, help="Requests in the running batch. \\[default: 64]", rich_help_panel=_ENGINE)] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Waiting sequences beyond which new requests get 429 + Retry-After.", rich_help_panel=_ENGINE)] = 1024,
     max_seqs_per_request: Annotated[int, typer.Option("--max-seqs-per-request", min=1, help="Most sequences (prompts x n) one request may queue; more is a 400.", rich_help_panel=_HTTP)] = 256,
+    scheduling_policy: Annotated[Optional[Policy], typer.Option("--scheduling-policy", help="Who is admitted first: fair (weighted fair share across tenants: one adapter's flood cannot make the others wait), fcfs (arrival order) or priority (the request's \"priority\", lower first). \\[default: fair]", rich_help_panel=_SCHED, show_default=False)] = None,
+    lora_weight: Annotated[Optional[list[str]], typer.Option("--lora-weight", help="A tenant's fair-share weight, as NAME=W (an adapter, the base model or a request's \"tenant\"; default 1). Repeatable.", rich_help_panel=_SCHED, show_default=False)] = None,
+    max_seqs_per_tenant: Annotated[Optional[int], typer.Option("--max-seqs-per-tenant", min=1, help="Running requests one tenant may hold at once. \\[default: no cap]", rich_help_panel=_SCHED)] = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.", rich_help_panel=_HTTP)] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on (0 = any free port).", rich_help_panel=_HTTP)] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MLORA_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 route (/health and /metrics stay open).", rich_help_panel=_HTTP, show_default=False)] = None,
@@ -143,14 +174,17 @@ def serve(
                           trust_remote_code=trust_remote_code, chat_template=chat_template, seed=seed,
                           gpu_memory_utilization=gpu_memory_utilization, kv_cache_memory_bytes=kv_cache_memory_bytes,
                           num_kv_blocks=num_kv_blocks, block_size=block_size,
-                          max_num_batched_tokens=max_num_batched_tokens, cpu_threads=threads, lora=lora, lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
+                          max_num_batched_tokens=max_num_batched_tokens, cpu_threads=threads, lora=lora,
+                          lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
                           max_cpu_loras=max_cpu_loras, allow_runtime_lora=allow_runtime_lora,
                           adapter_root=adapter_root, dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_queue=max_queue, host=host, port=port,
                           api_key=_api_key(api_key), grace_period=grace_period,
                           max_seqs_per_request=max_seqs_per_request, max_body_bytes=max_body_bytes,
                           header_timeout=header_timeout, body_timeout=body_timeout,
-                          trust_request_chat_template=trust_request_chat_template)
+                          trust_request_chat_template=trust_request_chat_template, lora_weight=lora_weight,
+                          max_seqs_per_tenant=max_seqs_per_tenant,
+                          scheduling_policy=scheduling_policy.value if scheduling_policy is not None else None)
     if ray:
         _serve_ray(config, 2 if replicas is None else replicas, ray_address)
         return

@@ -26,6 +26,7 @@ from typing import Any
 
 from aiohttp import web
 
+from engine.config import positive_number
 from engine.errors import (AdapterError, AdapterNotFoundError, ConfigError, EngineStoppedError, MloraError,
                            PromptTooLongError, QueueFullError)
 from engine.server import protocol as P
@@ -233,14 +234,14 @@ def _start_checks(config: ServerConfig, prompts: int, n: int) -> None:
 
 
 async def _start(app: web.Application, prompts: list[str | list[int]], params: Any, n: int, rid: str,
-                 model: str | None) -> tuple[str, Choices]:
+                 model: str | None, *, priority: int = 0, tenant: str | None = None) -> tuple[str, Choices]:
     engine, state, config = app[ENGINE], app[STATE], app[CONFIG]
     name, adapter = await _resolve_or_fetch(app, model)
     _start_checks(config, len(prompts), n)
     log.debug("request %s: model %s, %d sequence(s)", rid, name, len(prompts) * n)
     try:
         choices = await open_choices(engine, prompts, params, n=n, request_id=rid, adapter=adapter,
-                                     metrics=state.metrics, label=name)
+                                     metrics=state.metrics, label=name, priority=priority, tenant=tenant)
     except MloraError as exc:
         err = api_error_for(exc, app[CONFIG].retry_after_s)
         state.metrics.count_error(name, err.status)
@@ -364,7 +365,8 @@ async def completion_reply(app: web.Application, body: Any, request: web.Request
         elif len(p) >= engine.max_model_len:
             raise P.bad(f"the prompt has {len(p)} tokens; this model's context is {engine.max_model_len} tokens", "prompt")
     (rid, engine_rid), created = _request_ids(request, "cmpl"), P.now_s()
-    name, choices = await _start(app, req.prompts, req.params, req.n, engine_rid, req.model)
+    name, choices = await _start(app, req.prompts, req.params, req.n, engine_rid, req.model, priority=req.priority,
+                                 tenant=req.tenant)
     tok, want_lp = engine.tokenizer, req.params.logprobs is not None
 
     def echo_text(prompt: str | list[int]) -> str:
@@ -421,7 +423,8 @@ async def chat_reply(app: web.Application, body: Any, request: web.Request | Non
         n_prompt = len(prompt) if isinstance(prompt, list) else len(await run_text_work(tok.encode, prompt))
         req.params.max_tokens = max(1, engine.max_model_len - n_prompt)
     (rid, engine_rid), created = _request_ids(request, "chatcmpl"), P.now_s()
-    name, choices = await _start(app, [prompt], req.params, req.n, engine_rid, req.model)
+    name, choices = await _start(app, [prompt], req.params, req.n, engine_rid, req.model, priority=req.priority,
+                                 tenant=req.tenant)
     tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None
     kind = "chat.completion.chunk"
 
@@ -458,14 +461,18 @@ async def chat_reply(app: web.Application, body: Any, request: web.Request | Non
         await choices.close()
 
 
+async def _generation_body(request: web.Request) -> Any:
+    return P.with_tenant_header(await _body(request), request.headers.get(P.TENANT_HEADER))
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
+    body = await _generation_body(request)
     async with _inflight(request):
         return await _send(request, await completion_reply(request.app, body, request))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await _body(request)
+    body = await _generation_body(request)
     async with _inflight(request):
         return await _send(request, await chat_reply(request.app, body, request))
 
@@ -594,13 +601,20 @@ async def _load_lora(engine: Any, config: ServerConfig, state: ServerState, body
     path = body.get("lora_path")
     if not isinstance(path, str) or not path.strip():
         raise P.bad("'lora_path' must be a non-empty string", "lora_path")
+    weight = body.get("weight")
+    if weight is not None:
+        try:
+            weight = positive_number(weight, "'weight' (the adapter's fair-share weight)")
+        except ConfigError as exc:
+            raise P.bad(exc.message, "weight") from None
     path = await asyncio.to_thread(confine_adapter_path, path, config.adapter_root)  # walks the directory
     if os.path.exists(path):
         failures = await asyncio.to_thread(_validation_failures, path, config)
         if failures:
             raise P.bad(f"adapter '{name}' failed validation: " + "; ".join(failures), "lora_path")
     try:
-        await engine.add_adapter(name, path, root=config.adapter_root)  # confinement re-checked on the files read
+        # confinement re-checked on the files read
+        await engine.add_adapter(name, path, root=config.adapter_root, weight=weight)
     except AdapterNotFoundError as exc:  # a path or hub id that is not there is the caller's mistake
         raise P.bad(exc.message, "lora_path") from None
     state.adapter_paths[name] = path

@@ -125,6 +125,8 @@ async def open_choices(
     adapter: str | None,
     metrics: ServerMetrics,
     label: str,
+    priority: int = 0,
+    tenant: str | None = None,
 ) -> Choices:
     """Submit len(prompts) * n engine requests and wait for each one's first output.
 
@@ -137,9 +139,10 @@ async def open_choices(
         for j in range(n):
             idx = i * n + j
             rid = request_id if total == 1 else f"{request_id}-{idx}"
-            tracker = metrics.tracker(label)
+            tracker = metrics.tracker(label, tenant=tenant or label)
             try:
-                stream = engine.generate(prompt, copy.copy(params), request_id=rid, adapter=adapter)
+                stream = engine.generate(prompt, copy.copy(params), request_id=rid, adapter=adapter,
+                                         priority=priority, tenant=tenant)
             except BaseException:
                 await choices.close()
                 raise

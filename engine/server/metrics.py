@@ -10,6 +10,10 @@ know keep vLLM's spelling: `vllm:num_requests_running`, `vllm:num_requests_waiti
 wall-clock time of the update), which the Gateway API Inference Extension reads for LoRA
 affinity. Unlike vLLM we keep only the latest `lora_requests_info` series (old label sets are
 dropped), which is what a reader that picks the newest timestamp sees anyway.
+Fair share is labelled by `tenant` (the request's "tenant" / X-Tenant-Id, else its adapter or the
+base model's name): `mlora:tenant_service` (the scheduler's weighted counter),
+`mlora:tenant_prompt_tokens_total`, `mlora:tenant_generation_tokens_total` (from the engine) and
+`mlora:tenant_queue_wait_seconds` (arrival to first scheduled, per request).
 
 vLLM's core request series are exported beside mlora's per-adapter ones, under vLLM's names and
 labels (`model_name` = the served base model name, `engine` = "0"), so vLLM's Grafana dashboards
@@ -26,6 +30,7 @@ and `tier="slot"` (CPU memory -> a device slot, which every request of a non-res
 Unloading an adapter removes every series labelled with it (`forget_adapter`), so a server that
 loads and unloads adapters all day exports only the adapters it serves. Requests of that adapter
 still in flight at the unload are counted, then their series are removed again as each one ends.
+The `tenant` series of its name go too (its default tenant: the scheduler drops those counters).
 """
 
 from __future__ import annotations
@@ -58,6 +63,7 @@ class _EngineCollector:
         self.evictions = 0
         self.preemptions = 0
         self.labels = labels
+        self.tenants: tuple[dict[str, float], dict[str, int], dict[str, int]] = ({}, {}, {})
 
     def collect(self) -> Iterable[Metric]:
         c = CounterMetricFamily("mlora:lora_loads", "Adapter loads into a device slot (cumulative).")
@@ -70,6 +76,18 @@ class _EngineCollector:
                                 labels=["model_name", "engine"])
         p.add_metric(list(self.labels), float(self.preemptions))
         yield p
+        service, prompt, output = self.tenants
+        v = GaugeMetricFamily("mlora:tenant_service", "Fair-share counter of each tenant: weighted tokens served "
+                              "(prompt x fair_prompt_weight + output x fair_output_weight) / its weight.", labels=["tenant"])
+        for name, value in sorted(service.items()):
+            v.add_metric([name], value)
+        yield v
+        for family, counts, what in (("mlora:tenant_prompt_tokens", prompt, "Prompt tokens admitted"),
+                                     ("mlora:tenant_generation_tokens", output, "Tokens generated")):
+            c = CounterMetricFamily(family, f"{what} per tenant (cumulative).", labels=["tenant"])
+            for name, count in sorted(counts.items()):
+                c.add_metric([name], float(count))
+            yield c
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -116,6 +134,8 @@ class ServerMetrics:
                                       buckets=token_buckets, registry=r)
         self.v_req_gen = Histogram("vllm:request_generation_tokens", "Number of generation tokens processed.", v,
                                    buckets=token_buckets, registry=r)
+        self.queue_wait = Histogram("mlora:tenant_queue_wait_seconds", "Time from arrival to first being scheduled, "
+                                    "per tenant.", ["tenant"], buckets=TTFT_BUCKETS, registry=r)
         self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", ["model_name", "engine"],
                              registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", ["model_name", "engine"],
@@ -142,9 +162,9 @@ class ServerMetrics:
         # removes its series again when it ends; a new request for the name means it is served again
         self._unloaded: OrderedDict[str, None] = OrderedDict()
 
-    def tracker(self, adapter_label: str) -> "RequestTracker":
+    def tracker(self, adapter_label: str, tenant: str | None = None) -> "RequestTracker":
         self._unloaded.pop(adapter_label, None)
-        return RequestTracker(self, adapter_label)
+        return RequestTracker(self, adapter_label, tenant or adapter_label)
 
     def forget_adapter(self, name: str) -> None:
         """Remove every series labelled `adapter=name` (call when the adapter is unloaded)."""
@@ -153,6 +173,7 @@ class ServerMetrics:
         for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e,
                        self.resident_by_name, self.running_by_adapter, self.waiting_by_adapter):
             _remove_matching(metric, "adapter", name)
+        _remove_matching(self.queue_wait, "tenant", name)  # the adapter's default tenant (the engine forgets it too)
         self._unloaded[name] = None
         self._unloaded.move_to_end(name)
         while len(self._unloaded) > MAX_UNLOADED_REMEMBERED:
@@ -190,6 +211,8 @@ class ServerMetrics:
         self._engine.loads = g("lora_loads")
         self._engine.evictions = g("lora_evictions")
         self._engine.preemptions = g("num_preemptions")
+        self._engine.tenants = (dict(g("tenant_service", {}) or {}), dict(g("tenant_prompt_tokens", {}) or {}),
+                                dict(g("tenant_output_tokens", {}) or {}))
         for tier, key in (("disk", "lora_load_seconds"), ("slot", "lora_slot_load_seconds")):
             for seconds in g(key, []) or []:
                 self.load_seconds.labels(tier).observe(seconds)
@@ -234,9 +257,10 @@ def _remove_matching(metric: Any, label: str, value: str) -> None:
 class RequestTracker:
     """Latency and token accounting of one engine request, fed with each RequestOutput."""
 
-    def __init__(self, metrics: ServerMetrics, adapter_label: str) -> None:
+    def __init__(self, metrics: ServerMetrics, adapter_label: str, tenant: str | None = None) -> None:
         self.m = metrics
         self.label = adapter_label
+        self.tenant = tenant or adapter_label
         self.arrival = time.monotonic()
         self.last: float | None = None
         self.done = False
@@ -250,6 +274,9 @@ class RequestTracker:
             if self.last is None:
                 self.m.ttft.labels(self.label).observe(now - self.arrival)
                 self.m.v_ttft.labels(*v).observe(now - self.arrival)
+                timing = out.metrics
+                if timing is not None and timing.first_scheduled_time is not None:
+                    self.m.queue_wait.labels(self.tenant).observe(max(0.0, timing.first_scheduled_time - timing.arrival_time))
                 n -= 1  # the first token's time is TTFT, not inter-token latency
             if n > 0 and self.last is not None:
                 per_token = (now - self.last) / n

@@ -227,6 +227,30 @@ def _model(body: dict[str, Any]) -> str | None:
     return _opt(body, "model", (str,), "a string")
 
 
+TENANT_HEADER = "X-Tenant-Id"  # names the request's tenant when the body has no "tenant"
+
+
+def with_tenant_header(body: Any, header: str | None) -> Any:
+    """The generation body with the X-Tenant-Id header's value as its "tenant" when it names none
+    (checked later like the field). For a gateway that knows the customer but not the body."""
+    if header is not None and isinstance(body, dict) and "tenant" not in body:
+        return {**body, "tenant": header}
+    return body
+
+
+def _priority(body: dict[str, Any]) -> int:
+    """vLLM's `priority` (lower runs first under --scheduling-policy priority; default 0)."""
+    return _opt_int(body, "priority", -MAX_INT - 1, MAX_INT) or 0
+
+
+def _tenant(body: dict[str, Any]) -> str | None:
+    """Whose fair share the request uses; None = its adapter's (or the base model's) own."""
+    tenant = _opt(body, "tenant", (str,), "a string")
+    if tenant is not None and not valid_adapter_name(tenant):
+        raise bad(f"'tenant' must be {ADAPTER_NAME_RULE}", "tenant")
+    return tenant
+
+
 def _n(body: dict[str, Any]) -> int:
     n = _opt_int(body, "n", 1, MAX_N) or 1
     best_of = _opt_int(body, "best_of", 1, MAX_INT)
@@ -287,6 +311,8 @@ class CompletionRequest:
     stream: bool = False
     stream_options: StreamOptions = field(default_factory=StreamOptions)
     echo: bool = False
+    priority: int = 0
+    tenant: str | None = None
 
 
 @dataclass
@@ -304,6 +330,8 @@ class ChatRequest:
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
     chat_template: str | None = None  # the client's own template (refused unless the operator trusts them)
+    priority: int = 0
+    tenant: str | None = None
 
 
 def _is_token_list(value: Any) -> bool:
@@ -344,6 +372,8 @@ def parse_completion(body: Any, vocab_size: int) -> CompletionRequest:
         stream=stream,
         stream_options=opts,
         echo=_opt_bool(body, "echo"),
+        priority=_priority(body),
+        tenant=_tenant(body),
     )
 
 
@@ -404,6 +434,8 @@ def parse_chat(body: Any) -> ChatRequest:
         continue_final_message=_opt_bool(body, "continue_final_message"),
         chat_template_kwargs=kwargs,
         chat_template=template,
+        priority=_priority(body),
+        tenant=_tenant(body),
     )
 
 

@@ -148,7 +148,7 @@ class MloraIngress:
             raw = await request.body()
             if len(raw) > self.config.max_body_bytes:  # as the single-process server's client_max_size
                 raise P.APIError(413, "Request Entity Too Large")
-            return await self._generate(path, P.parse_json(raw))
+            return await self._generate(path, P.with_tenant_header(P.parse_json(raw), request.headers.get(P.TENANT_HEADER)))
         if path == "/v1/models":
             return _json(200, await self._models())
         if path == "/metrics":

@@ -260,7 +260,8 @@ def test_special_files_at_reread_fail_cleanly(tmp_path: Path, demo_adapters, kin
 
 def _preempt_then(core, action) -> dict[str, object]:
     """Run a base request and an `upper` one in a KV pool too small for both: `upper` (admitted
-    last) is preempted mid-answer; `action()` runs while it waits to be re-admitted."""
+    last: the victim under the fcfs policy) is preempted mid-answer; `action()` runs while it waits
+    to be re-admitted."""
     from engine import SamplingParams
 
     core.add_request("base", "hello there friend", SamplingParams(**GREEDY))
@@ -279,15 +280,20 @@ def _preempt_then(core, action) -> dict[str, object]:
     return done
 
 
+@pytest.mark.parametrize("policy", ["fcfs", "fair"])
 @pytest.mark.parametrize("change", ["replace", "unload"])
-def test_preempted_request_finishes_on_the_version_it_started_with(demo_adapters, change: str) -> None:
+def test_preempted_request_finishes_on_the_version_it_started_with(demo_adapters, change: str, policy: str) -> None:
     """Issue 15 case 5: `hello world again` on `upper`, preempted, `upper` replaced by `reverse`
     (or unloaded) meanwhile: the answer is still the solo run on the old version."""
     from engine import LLM, SamplingParams
 
     solo = LLM(max_loras=2).generate(["hello world again"], SamplingParams(**GREEDY), adapters=["upper"])[0].text
     assert solo == "HELLO WORLD AGAIN"
-    llm = LLM(num_kv_blocks=12, block_size=4, max_model_len=48, max_loras=2, max_cpu_loras=3)
+    # the victim must be `upper`'s request: fcfs takes the last admitted; fair the most over-served
+    # tenant, which a small weight makes `upper` (else the base tenant's longer prompt would)
+    weights = (("upper", 0.25),) if policy == "fair" else ()
+    llm = LLM(num_kv_blocks=12, block_size=4, max_model_len=48, max_loras=2, max_cpu_loras=3, scheduling_policy=policy,
+              lora_weights=weights)
     core = llm.engine
     if change == "replace":
         act = lambda: llm.add_adapter("upper", str(demo_adapters["reverse"]))  # noqa: E731

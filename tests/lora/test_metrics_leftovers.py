@@ -79,5 +79,7 @@ def test_server_load_unload_cycles_leave_no_series(tmp_path: Path) -> None:
             assert post("/v1/unload_lora_adapter", {"lora_name": f"t{i}"})[0] == 200
         text = urllib.request.urlopen(f"{srv.url}/metrics", timeout=30).read().decode()
         assert not re.search(r'adapter="t\d+"', text), [l for l in text.splitlines() if 'adapter="t' in l][:3]
+        # nor tenant series: each adapter was its own tenant (fair share), forgotten with it
+        assert not re.search(r'tenant="t\d+"', text), [l for l in text.splitlines() if 'tenant="t' in l][:3]
     finally:
         srv.stop()

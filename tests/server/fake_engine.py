@@ -47,6 +47,8 @@ class FakeEngine:
         self.live: dict[str, str | None] = {}  # request id -> adapter
         self.aborted: list[str] = []
         self.prompts: list[str | list[int]] = []
+        self.scheduling: list[tuple[int, str | None]] = []  # (priority, tenant) of each request
+        self.weights: dict[str, float] = {}  # adapter -> weight given at runtime load
         self.loads = 0
         self.load_seconds: list[float] = []
         self.stopping = False
@@ -75,7 +77,7 @@ class FakeEngine:
     def list_adapters(self) -> list[str]:
         return list(self.adapters)
 
-    async def add_adapter(self, name: str, path: str, *, root: str | None = None) -> None:
+    async def add_adapter(self, name: str, path: str, weight: float | None = None, *, root: str | None = None) -> None:
         marker = Path(path) / "transform.txt"
         if not marker.is_file():
             raise AdapterError(f"{path}: no adapter here (transform.txt missing)")
@@ -86,6 +88,8 @@ class FakeEngine:
             self.loading.set()
             await asyncio.to_thread(self.load_gate.wait, 30)
         self.adapters[name] = TRANSFORMS[kind]
+        if weight is not None:
+            self.weights[name] = weight
         self.loads += 1
         self.load_seconds.append(0.01)
 
@@ -108,7 +112,8 @@ class FakeEngine:
                          resident_adapters=sorted(set(by)), max_loras=self.config.max_loras)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, *, request_id: str,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter: str | None = None, priority: int = 0,
+                       tenant: str | None = None) -> AsyncIterator[RequestOutput]:
         if self.stopping:
             raise EngineStoppedError("the engine is shutting down")
         if self.max_queue is not None and len(self.live) >= self.max_queue:
@@ -119,6 +124,7 @@ class FakeEngine:
         if adapter is not None and adapter not in self.adapters:
             raise AdapterNotFoundError(f"adapter {adapter!r} is not registered")
         self.prompts.append(prompt)
+        self.scheduling.append((priority, tenant))
         text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=True)
         target = self.adapters[adapter](text) if adapter else text
         if params.ignore_eos:
