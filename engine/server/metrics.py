@@ -21,7 +21,7 @@ and alerts work unchanged: `vllm:prompt_tokens_total`, `vllm:generation_tokens_t
 `vllm:request_success_total{finished_reason}`, `vllm:time_to_first_token_seconds`,
 `vllm:inter_token_latency_seconds` (and its older name `vllm:time_per_output_token_seconds`),
 `vllm:e2e_request_latency_seconds`, `vllm:request_prompt_tokens`, `vllm:request_generation_tokens`,
-`vllm:num_preemptions_total`. As in vLLM they count every request, adapters included, under the
+`vllm:request_queue_time_seconds`, `vllm:num_preemptions_total`. As in vLLM they count every request, adapters included, under the
 base model's name; `mlora:*` splits them by adapter.
 
 `mlora:lora_load_duration_seconds{tier}` times both loads: `tier="disk"` (files -> CPU memory)
@@ -129,6 +129,8 @@ class ServerMetrics:
                                 buckets=TPOT_BUCKETS, registry=r)
         self.v_e2e = Histogram("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.",
                                v, buckets=E2E_BUCKETS, registry=r)
+        self.v_queue = Histogram("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for "
+                                 "request.", v, buckets=E2E_BUCKETS, registry=r)
         token_buckets = _one_two_five(1 << 20)
         self.v_req_prompt = Histogram("vllm:request_prompt_tokens", "Number of prefill tokens processed.", v,
                                       buckets=token_buckets, registry=r)
@@ -276,7 +278,9 @@ class RequestTracker:
                 self.m.v_ttft.labels(*v).observe(now - self.arrival)
                 timing = out.metrics
                 if timing is not None and timing.first_scheduled_time is not None:
-                    self.m.queue_wait.labels(self.tenant).observe(max(0.0, timing.first_scheduled_time - timing.arrival_time))
+                    waited = max(0.0, timing.first_scheduled_time - timing.arrival_time)
+                    self.m.queue_wait.labels(self.tenant).observe(waited)
+                    self.m.v_queue.labels(*v).observe(waited)
                 n -= 1  # the first token's time is TTFT, not inter-token latency
             if n > 0 and self.last is not None:
                 per_token = (now - self.last) / n

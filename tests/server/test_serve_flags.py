@@ -67,6 +67,7 @@ def test_served_model_name_tokenize_and_summary_on_the_demo_model() -> None:
         # vLLM's series under the served name; slot loads are timed (tier="slot"), not only disk loads
         assert scrape(srv.url, "vllm:request_success_total", model_name="my-llm", finished_reason="stop") >= 1
         assert scrape(srv.url, "vllm:prompt_tokens_total", model_name="my-llm") > 0
+        assert scrape(srv.url, "vllm:request_queue_time_seconds_count", model_name="my-llm") >= 1
         assert scrape(srv.url, "mlora:lora_load_duration_seconds_count", tier="slot") >= 1
         line = engine_summary(srv.engine)
         assert "model my-llm" in line and "float32 on cpu" in line and "KV cache 512 tokens (64 blocks of 8)" in line
