@@ -103,7 +103,8 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except asyncio.CancelledError:
         raise
     except Exception:
-        log.exception("unhandled error in %s %s", request.method, request.path)
+        log.exception("unhandled error in %s %s (X-Request-Id %s)", request.method, request.path,
+                      request.get(REQUEST_ID, "-"))
         return json_error(P.APIError(500, "internal server error (see the server log)"))
 
 
