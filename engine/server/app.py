@@ -503,6 +503,16 @@ async def model_by_id(request: web.Request) -> web.Response:
     return json_response(card)
 
 
+def _model_field(body: Any) -> str | None:
+    """The optional `model` of a utility request body (/tokenize, /detokenize)."""
+    if not isinstance(body, dict):
+        raise P.bad("the request body must be a JSON object")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise P.bad("'model' must be a string", "model")
+    return model
+
+
 def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
@@ -515,9 +525,7 @@ async def tokenize(request: web.Request) -> web.Response:
     engine, config = request.app[ENGINE], request.app[CONFIG]
     body = await _body(request)
     async with _inflight(request):
-        if not isinstance(body, dict):
-            raise P.bad("the request body must be a JSON object")
-        await _resolve_or_fetch(request.app, body.get("model"))
+        await _resolve_or_fetch(request.app, _model_field(body))
         tok, limit = engine.tokenizer, max_prompt_chars(engine.tokenizer, engine.max_model_len)
         if "messages" in body:
             chat = {k: v for k, v in body.items() if k in ("model", "messages", "add_generation_prompt",
@@ -528,9 +536,8 @@ async def tokenize(request: web.Request) -> web.Response:
                 raise P.bad("this server does not accept a chat template from the request "
                             "(the operator can allow it with --trust-request-chat-template)", "chat_template")
             prompt = await run_text_work(render_chat, tok, req, limit)
-            add_special = P._opt_bool(body, "add_special_tokens", False)
-            if isinstance(prompt, str):
-                prompt = await run_text_work(_encode, tok, prompt, add_special)
+            if isinstance(prompt, str):  # no chat template: the joined text, tokenized as the engine will
+                prompt = await run_text_work(_encode, tok, prompt, P._opt_bool(body, "add_special_tokens", True))
         else:
             text = body.get("prompt")
             if not isinstance(text, str):
@@ -548,9 +555,7 @@ async def detokenize(request: web.Request) -> web.Response:
     engine = request.app[ENGINE]
     body = await _body(request)
     async with _inflight(request):
-        if not isinstance(body, dict):
-            raise P.bad("the request body must be a JSON object")
-        await _resolve_or_fetch(request.app, body.get("model"))
+        await _resolve_or_fetch(request.app, _model_field(body))
         tokens, vocab = body.get("tokens"), len(engine.tokenizer)
         if (not isinstance(tokens, list) or len(tokens) > engine.max_model_len
                 or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)):

@@ -64,6 +64,11 @@ def test_served_model_name_tokenize_and_summary_on_the_demo_model() -> None:
         body = json.dumps({"model": "my-llm", "prompt": "hello"}).encode()
         tok = json.loads(urllib.request.urlopen(urllib.request.Request(f"{srv.url}/tokenize", data=body)).read())
         assert tok["count"] == len(tok["tokens"]) > 0 and tok["max_model_len"] == srv.engine.max_model_len
+        msgs = [{"role": "user", "content": "hello"}, {"role": "user", "content": "there"}]
+        body = json.dumps({"model": "my-llm", "messages": msgs}).encode()
+        count = json.loads(urllib.request.urlopen(urllib.request.Request(f"{srv.url}/tokenize", data=body)).read())["count"]
+        chat = client.chat.completions.create(model="my-llm", messages=msgs, max_tokens=2)  # type: ignore[arg-type]
+        assert chat.usage is not None and chat.usage.prompt_tokens == count  # /tokenize counts what chat counts
         # vLLM's series under the served name; slot loads are timed (tier="slot"), not only disk loads
         assert scrape(srv.url, "vllm:request_success_total", model_name="my-llm", finished_reason="stop") >= 1
         assert scrape(srv.url, "vllm:prompt_tokens_total", model_name="my-llm") > 0

@@ -70,6 +70,8 @@ def test_tokenize_and_detokenize(chat_tokenizer: Any, arun: Any) -> None:
             assert (await r.json())["count"] < chat["count"]
             assert (await s.post(f"{srv.url}/tokenize", json={"model": "nope", "prompt": "x"})).status == 404
             assert (await s.post(f"{srv.url}/tokenize", json={"prompt": 3})).status == 400
+            assert (await s.post(f"{srv.url}/tokenize", json={"model": 3, "prompt": "x"})).status == 400
+            assert (await s.post(f"{srv.url}/tokenize", json=["x"])).status == 400
             assert (await s.post(f"{srv.url}/tokenize", json={"prompt": "x" * 100_000})).status == 400  # bounded
             assert (await s.post(f"{srv.url}/detokenize", json={"tokens": [10**9]})).status == 400
 
@@ -185,3 +187,4 @@ def test_vllm_metric_names_beside_mloras(tokenizer: Any, arun: Any) -> None:
             assert _metric(text, "mlora:lora_load_duration_seconds_count", tier="disk") == 1
 
     arun(go())
+
