@@ -32,8 +32,8 @@ class EngineConfig:
     (at most one); with none, the engine sizes the cache for `max_num_seqs` full-length sequences
     within a device-dependent memory cap. `gpu_memory_utilization` is vLLM's: the share of the GPU's
     total memory this process may fill (weights, LoRA slots, KV); ignored with a warning on CPU.
-    `max_model_len=None` means the model's own limit (clamped to what the KV cache can hold). `max_queue` bounds the waiting queue of the async engine
-    (QueueFullError beyond it; None = unbounded).
+    `max_model_len=None` means the model's own limit (clamped to what the KV cache can hold).
+    `max_queue` bounds the waiting queue of the async engine (QueueFullError beyond it; None = unbounded).
     LoRA: `max_loras` device slots of rank `max_lora_rank`, `max_cpu_loras` adapters kept in
     CPU memory, `loras` = ((name, path), ...) registered at start.
     `served_model_name`: the base model's name in the API (default: `model` as given, as vLLM does;

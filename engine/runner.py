@@ -98,7 +98,8 @@ def plan_kv(config: EngineConfig, dims: ModelDims, args: ModelArgs, dtype: torch
     elif config.gpu_memory_utilization is not None and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         reserve = _slot_reserve(config, dims, dtype)
-        cap = int(total * config.gpu_memory_utilization) - (total - free) - reserve  # weights are loaded: in total - free
+        # the weights are loaded by now: they are in total - free, with whatever else holds the GPU
+        cap = int(total * config.gpu_memory_utilization) - (total - free) - reserve
         if cap < per_block:
             raise ConfigError(
                 f"gpu_memory_utilization {config.gpu_memory_utilization} leaves no room for the KV cache "

@@ -21,8 +21,8 @@ and alerts work unchanged: `vllm:prompt_tokens_total`, `vllm:generation_tokens_t
 `vllm:request_success_total{finished_reason}`, `vllm:time_to_first_token_seconds`,
 `vllm:inter_token_latency_seconds` (and its older name `vllm:time_per_output_token_seconds`),
 `vllm:e2e_request_latency_seconds`, `vllm:request_prompt_tokens`, `vllm:request_generation_tokens`,
-`vllm:request_queue_time_seconds`, `vllm:num_preemptions_total`. As in vLLM they count every request, adapters included, under the
-base model's name; `mlora:*` splits them by adapter.
+`vllm:request_queue_time_seconds`, `vllm:num_preemptions_total`. As in vLLM they count every
+request, adapters included, under the base model's name; `mlora:*` splits them by adapter.
 
 `mlora:lora_load_duration_seconds{tier}` times both loads: `tier="disk"` (files -> CPU memory)
 and `tier="slot"` (CPU memory -> a device slot, which every request of a non-resident adapter waits on).

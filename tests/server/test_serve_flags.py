@@ -4,11 +4,11 @@ usage errors exit 2; a broken adapter in --lora-dir is skipped with a warning.""
 
 from __future__ import annotations
 
+import json
 import shutil
 import socket
 import time
 import urllib.request
-import json
 from pathlib import Path
 
 import openai
