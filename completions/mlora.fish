@@ -94,7 +94,7 @@ complete -c mlora -n '__fish_seen_subcommand_from serve' -l lora-weight -x -d 'A
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l max-seqs-per-tenant -x -d 'Running requests one tenant may hold at once. \[default: no cap]'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l host -x -d 'Interface to listen on.'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l port -s p -x -d 'Port to listen on (0 = any free port).'
-complete -c mlora -n '__fish_seen_subcommand_from serve' -l api-key -x -d 'Require '\''Authorization: Bearer KEY'\'' on every /v1 route (/health and /metrics stay open).'
+complete -c mlora -n '__fish_seen_subcommand_from serve' -l api-key -x -d 'Require '\''Authorization: Bearer KEY'\'' on every route but /health, /ping, /version and /metrics (probes and scrapers).'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l grace-period -x -d 'Seconds SIGINT/SIGTERM waits for in-flight requests before aborting them.'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l max-body-bytes -x -d 'Largest request body in bytes; larger ones get 413.'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l header-timeout -x -d 'Seconds a connection may take to send a request'\''s headers, or sit idle between requests, before it is closed.'

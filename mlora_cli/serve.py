@@ -149,7 +149,7 @@ def serve(
     max_seqs_per_tenant: Annotated[Optional[int], typer.Option("--max-seqs-per-tenant", min=1, help="Running requests one tenant may hold at once. \\[default: no cap]", rich_help_panel=_SCHED)] = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.", rich_help_panel=_HTTP)] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on (0 = any free port).", rich_help_panel=_HTTP)] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MLORA_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 route (/health and /metrics stay open).", rich_help_panel=_HTTP, show_default=False)] = None,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MLORA_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health, /ping, /version and /metrics (probes and scrapers).", rich_help_panel=_HTTP, show_default=False)] = None,
     grace_period: Annotated[float, typer.Option("--grace-period", min=0.0, help="Seconds SIGINT/SIGTERM waits for in-flight requests before aborting them.", rich_help_panel=_HTTP)] = 10.0,
     max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1, help="Largest request body in bytes; larger ones get 413.", rich_help_panel=_HTTP)] = 4 * 1024 * 1024,
     header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, help="Seconds a connection may take to send a request's headers, or sit idle between requests, before it is closed.", rich_help_panel=_HTTP)] = 10.0,

@@ -138,7 +138,7 @@ def _request_ids(request: web.Request | None, prefix: str) -> tuple[str, str]:
 
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """API key (all but /health and /metrics) and 503 while draining."""
+    """API key (all but OPEN_PATHS: /health, /ping, /version, /metrics) and 503 while draining."""
     config, state = request.app[CONFIG], request.app[STATE]
     if request.path in OPEN_PATHS:
         return await handler(request)

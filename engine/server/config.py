@@ -14,7 +14,7 @@ from engine.errors import ConfigError
 class ServerConfig:
     """Everything the HTTP layer needs, plus the engine's own config.
 
-    `api_key` (None = open) guards every /v1 route; /health and /metrics stay open. An empty or
+    `api_key` (None = open) guards every /v1 route; /health, /ping, /version and /metrics stay open. An empty or
     blank key is an error, not an open server (an empty MLORA_API_KEY must not disable auth).
     `allow_runtime_lora` enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter and needs
     `adapter_root`, which confines their paths after resolving symlinks ("/" = anywhere, explicitly).

@@ -1,7 +1,7 @@
 """API-key check and adapter-path confinement.
 
-The key guards every route but /health and /metrics (so every /v1 route; OpenAI clients send
-`Authorization: Bearer KEY`); those two stay open so probes and Prometheus need no secret. Runtime adapter paths are resolved
+The key guards every route but /health, /ping, /version and /metrics (so every /v1 route; OpenAI clients send
+`Authorization: Bearer KEY`); those stay open so probes and Prometheus need no secret. Runtime adapter paths are resolved
 with realpath (every symlink followed) and must land inside --adapter-root, and so must every
 file the adapter directory holds, so neither `../` nor a symlink, to the directory or to a
 file inside it, reaches outside.
@@ -20,7 +20,7 @@ MAX_ADAPTER_ENTRIES = 1000  # files and directories under one adapter directory 
 
 
 def check_api_key(path: str, authorization: str | None, api_key: str | None) -> None:
-    """Raise APIError(401) unless `path` is open (/health, /metrics) or the Bearer token equals `api_key`.
+    """Raise APIError(401) unless `path` is open (OPEN_PATHS: probes and scrapers) or the Bearer token equals `api_key`.
 
     Every other path is guarded, not just /v1/*, so no spelling of a route can slip past.
     """
