@@ -41,8 +41,8 @@ OFF_ONLY: dict[str, Any] = {
 
 # vLLM memory knobs with no mlora counterpart: results are the same, memory use may differ, so
 # they are accepted with a warning naming mlora's own knob.
+# (gpu_memory_utilization is an EngineConfig field: vLLM's meaning on CUDA, ignored with a warning on CPU.)
 RESOURCE_ONLY = {
-    "gpu_memory_utilization": "mlora sizes the KV cache itself; bound it with kv_cache_memory_bytes= or num_kv_blocks=",
     "swap_space": "mlora recomputes preempted requests instead of swapping them to CPU memory",
 }
 

@@ -160,12 +160,16 @@ def test_vllm_priority_under_the_priority_policy(setup: dict[str, Path]) -> None
     assert first == ["1", "3", "2", "0"]
 
 
-def test_vllm_engine_options(setup: dict[str, Path]) -> None:
+def test_vllm_engine_options(setup: dict[str, Path], caplog: pytest.LogCaptureFixture) -> None:
     from engine import LLM
 
-    with pytest.warns(UserWarning, match="ignores gpu_memory_utilization=0.5"):
+    with caplog.at_level("WARNING"):  # vLLM's meaning on CUDA; on CPU it has none, and says so
         llm = LLM(str(setup["base"]), enforce_eager=True, tensor_parallel_size=1, gpu_memory_utilization=0.5,
-                  seed=None, max_cpu_loras=None, enable_prefix_caching=True, tokenizer=str(setup["base"]))  # fmt: skip
+                  seed=None, max_cpu_loras=None, enable_prefix_caching=True, tokenizer=str(setup["base"]),
+                  device="cpu")  # fmt: skip
+    assert "gpu_memory_utilization applies to CUDA only" in caplog.text and llm.config.gpu_memory_utilization == 0.5
+    with pytest.warns(UserWarning, match="ignores swap_space=4"):
+        LLM(str(setup["base"]), swap_space=4, device="cpu")
     assert llm.config.seed == 0 and llm.config.max_cpu_loras == 2 * llm.config.max_loras
     for bad, match in [
         (dict(tensor_parallel_size=2), r"tensor_parallel_size=2 is not supported by mlora \(only 1\)"),
