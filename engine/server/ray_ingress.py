@@ -139,6 +139,13 @@ class MloraIngress:
         path, method = request.url.path, request.method
         if path not in OPEN_PATHS:
             check_api_key(path, request.headers.get("authorization"), self.config.api_key)
+        if path.startswith("/v1/models/") and method in ("GET", "HEAD"):  # one model, as the single-process server
+            model_id = path[len("/v1/models/"):]
+            card = next((c for c in (await self._models())["data"] if c["id"] == model_id), None)
+            if card is None:
+                raise P.APIError(404, f"The model '{model_id[:200]}' does not exist. GET /v1/models lists the base "
+                                 "model and its adapters.", err_type="not_found_error", param="model")
+            return _json(200, card)
         want = _METHODS.get(path)
         if want is None:
             raise P.APIError(404, "Not Found")

@@ -191,6 +191,9 @@ def test_error_bodies_and_models_match_the_single_process_server(cluster: str, o
     models = [m.model_dump() for m in _client(cluster).models.list().data]
     want_models = [m.model_dump() for m in _client(oracle.url).models.list().data]
     assert [_strip(m) for m in models] == [_strip(m) for m in want_models]
+    assert _client(cluster).models.retrieve(models[-1]["id"]).id == models[-1]["id"]
+    with pytest.raises(openai.NotFoundError):
+        _client(cluster).models.retrieve("nope")
     for url in (cluster, oracle.url):  # vLLM's probes answer the same on both
         assert urllib.request.urlopen(f"{url}/ping", timeout=30).status == 200
         assert urllib.request.urlopen(urllib.request.Request(f"{url}/ping", data=b""), timeout=30).status == 200
