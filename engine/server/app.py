@@ -216,7 +216,13 @@ async def _resolve_or_fetch(app: web.Application, model: str | None) -> tuple[st
     task = state.resolving.get(model)
     if task is None:
         task = asyncio.create_task(_load_lora(engine, config, state, {"lora_name": model, "lora_path": path}))
-        task.add_done_callback(lambda _t, name=model: state.resolving.pop(name, None))
+
+        def done(t: asyncio.Task[Any], name: str = model) -> None:
+            state.resolving.pop(name, None)
+            if not t.cancelled() and t.exception() is not None:  # retrieved even if every waiter went away
+                log.warning("could not load adapter %r from --lora-dir: %s", name, t.exception())
+
+        task.add_done_callback(done)
         state.resolving[model] = task
     try:
         await asyncio.shield(task)  # a client that goes away does not cancel the load the others wait on
