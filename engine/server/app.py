@@ -523,51 +523,58 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
 
-async def tokenize(request: web.Request) -> web.Response:
+async def tokenize_reply(app: web.Application, body: Any) -> Reply:
     """POST /tokenize (vLLM): `{"model", "prompt"}` or `{"model", "messages", "add_generation_prompt"}`
     -> `{"count", "max_model_len", "tokens"}` (+ `token_strs` with `return_token_strs`). The chat form
     renders exactly as /v1/chat/completions does. Rendering and tokenizing run in the worker pool,
     bounded like a generation request's prompt."""
-    engine, config = request.app[ENGINE], request.app[CONFIG]
-    body = await _body(request)
-    async with _inflight(request):
-        await _resolve_or_fetch(request.app, _model_field(body))
-        tok, limit = engine.tokenizer, max_prompt_chars(engine.tokenizer, engine.max_model_len)
-        if "messages" in body:
-            chat = {k: v for k, v in body.items() if k in ("model", "messages", "add_generation_prompt",
-                                                              "continue_final_message", "chat_template",
-                                                              "chat_template_kwargs")}
-            req = P.parse_chat(chat)
-            if req.chat_template is not None and not config.trust_request_chat_template:
-                raise P.bad("this server does not accept a chat template from the request "
-                            "(the operator can allow it with --trust-request-chat-template)", "chat_template")
-            prompt = await run_text_work(render_chat, tok, req, limit)
-            if isinstance(prompt, str):  # no chat template: the joined text, tokenized as the engine will
-                prompt = await run_text_work(_encode, tok, prompt, P._opt_bool(body, "add_special_tokens", True))
-        else:
-            text = body.get("prompt")
-            if not isinstance(text, str):
-                raise P.bad("'prompt' must be a string (or send 'messages')", "prompt")
-            check_prompt_chars(text, limit)
-            prompt = await run_text_work(_encode, tok, text, P._opt_bool(body, "add_special_tokens", True))
-        out: dict[str, Any] = {"count": len(prompt), "max_model_len": engine.max_model_len, "tokens": prompt}
-        if P._opt_bool(body, "return_token_strs", False):
-            out["token_strs"] = tok.convert_ids_to_tokens(prompt)
-        return json_response(out)
+    engine, config = app[ENGINE], app[CONFIG]
+    await _resolve_or_fetch(app, _model_field(body))
+    tok, limit = engine.tokenizer, max_prompt_chars(engine.tokenizer, engine.max_model_len)
+    if "messages" in body:
+        chat = {k: v for k, v in body.items() if k in ("model", "messages", "add_generation_prompt",
+                                                      "continue_final_message", "chat_template",
+                                                      "chat_template_kwargs")}
+        req = P.parse_chat(chat)
+        if req.chat_template is not None and not config.trust_request_chat_template:
+            raise P.bad("this server does not accept a chat template from the request "
+                        "(the operator can allow it with --trust-request-chat-template)", "chat_template")
+        prompt = await run_text_work(render_chat, tok, req, limit)
+        if isinstance(prompt, str):  # no chat template: the joined text, tokenized as the engine will
+            prompt = await run_text_work(_encode, tok, prompt, P._opt_bool(body, "add_special_tokens", True))
+    else:
+        text = body.get("prompt")
+        if not isinstance(text, str):
+            raise P.bad("'prompt' must be a string (or send 'messages')", "prompt")
+        check_prompt_chars(text, limit)
+        prompt = await run_text_work(_encode, tok, text, P._opt_bool(body, "add_special_tokens", True))
+    out: dict[str, Any] = {"count": len(prompt), "max_model_len": engine.max_model_len, "tokens": prompt}
+    if P._opt_bool(body, "return_token_strs", False):
+        out["token_strs"] = tok.convert_ids_to_tokens(prompt)
+    return Reply(body=out)
 
 
-async def detokenize(request: web.Request) -> web.Response:
+async def detokenize_reply(app: web.Application, body: Any) -> Reply:
     """POST /detokenize (vLLM): `{"model", "tokens"}` -> `{"prompt"}`; ids outside the vocabulary are a 400."""
-    engine = request.app[ENGINE]
+    engine = app[ENGINE]
+    await _resolve_or_fetch(app, _model_field(body))
+    tokens, vocab = body.get("tokens"), len(engine.tokenizer)
+    if (not isinstance(tokens, list) or len(tokens) > engine.max_model_len
+            or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)):
+        raise P.bad(f"'tokens' must be a list of at most {engine.max_model_len} token ids in 0..{vocab - 1}", "tokens")
+    return Reply(body={"prompt": await run_text_work(engine.tokenizer.decode, tokens)})
+
+
+async def tokenize(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     async with _inflight(request):
-        await _resolve_or_fetch(request.app, _model_field(body))
-        tokens, vocab = body.get("tokens"), len(engine.tokenizer)
-        if (not isinstance(tokens, list) or len(tokens) > engine.max_model_len
-                or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)):
-            raise P.bad(f"'tokens' must be a list of at most {engine.max_model_len} token ids in 0..{vocab - 1}",
-                        "tokens")
-        return json_response({"prompt": await run_text_work(engine.tokenizer.decode, tokens)})
+        return await _send(request, await tokenize_reply(request.app, body))
+
+
+async def detokenize(request: web.Request) -> web.StreamResponse:
+    body = await _body(request)
+    async with _inflight(request):
+        return await _send(request, await detokenize_reply(request.app, body))
 
 
 async def version(request: web.Request) -> web.Response:

@@ -44,7 +44,7 @@ log = logging.getLogger("mlora.server.ray")
 REPLICA_HEADER = "x-mlora-replica"
 _METHODS = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET",
             "/metrics": "GET", "/v1/load_lora_adapter": "POST", "/v1/unload_lora_adapter": "POST", "/ping": "GET",
-            "/version": "GET"}
+            "/version": "GET", "/tokenize": "POST", "/detokenize": "POST"}
 
 
 @dataclass(frozen=True)

@@ -29,12 +29,12 @@ from ray import serve
 from engine.errors import AdapterNotFoundError, MloraError
 from engine.server import protocol as P
 from engine.server.app import CONFIG, ENGINE, SSE_HEADERS, STATE, Reply, api_error_for, chat_reply, completion_reply, \
-    create_app
+    create_app, detokenize_reply, tokenize_reply
 from engine.server.config import ServerConfig
 
 log = logging.getLogger("mlora.server.ray")
 
-ROUTES = ("/v1/completions", "/v1/chat/completions")
+ROUTES = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokenize")  # answered by a replica
 
 
 def adapter_catalog(config: ServerConfig) -> dict[str, str]:
@@ -151,6 +151,10 @@ class MloraReplica:
             return await completion_reply(self.app, body)
         if route == "/v1/chat/completions":
             return await chat_reply(self.app, body)
+        if route == "/tokenize":
+            return await tokenize_reply(self.app, body)
+        if route == "/detokenize":
+            return await detokenize_reply(self.app, body)
         raise P.APIError(404, "Not Found")
 
     # -- called by the ingress -----------------------------------------------------------------

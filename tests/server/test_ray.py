@@ -194,6 +194,10 @@ def test_error_bodies_and_models_match_the_single_process_server(cluster: str, o
     assert _client(cluster).models.retrieve(models[-1]["id"]).id == models[-1]["id"]
     with pytest.raises(openai.NotFoundError):
         _client(cluster).models.retrieve("nope")
+    for path, body in (("/tokenize", {"model": models[-1]["id"], "prompt": "hello"}),
+                       ("/detokenize", {"tokens": [104, 105]}), ("/tokenize", {"model": "nope", "prompt": "x"})):
+        raw = json.dumps(body).encode()
+        assert _raw(cluster, path, raw, "POST")[:2] == _raw(oracle.url, path, raw, "POST")[:2], path
     for url in (cluster, oracle.url):  # vLLM's probes answer the same on both
         assert urllib.request.urlopen(f"{url}/ping", timeout=30).status == 200
         assert urllib.request.urlopen(urllib.request.Request(f"{url}/ping", data=b""), timeout=30).status == 200
