@@ -108,13 +108,19 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
         return json_error(P.APIError(500, "internal server error (see the server log)"))
 
 
+def client_request_id(header: str | None) -> str | None:
+    """A client's X-Request-Id if usable (printable, at most 256 characters), else None."""
+    given = (header or "").strip()
+    return given if given and len(given) <= _MAX_REQUEST_ID and given.isprintable() else None
+
+
 @web.middleware
 async def request_id_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     """vLLM's X-Request-Id: a client's header names the request (response `id`, logs) and is echoed back.
 
     The echo is added in `on_response_prepare`, so streams and errors carry it too."""
-    given = request.headers.get("X-Request-Id", "").strip()
-    if given and len(given) <= _MAX_REQUEST_ID and given.isprintable():
+    given = client_request_id(request.headers.get("X-Request-Id"))
+    if given is not None:
         request[REQUEST_ID] = given
     return await handler(request)
 
@@ -125,10 +131,9 @@ async def _echo_request_id(request: web.Request, response: web.StreamResponse) -
         response.headers["X-Request-Id"] = rid
 
 
-def _request_ids(request: web.Request | None, prefix: str) -> tuple[str, str]:
+def _request_ids(given: str | None, prefix: str) -> tuple[str, str]:
     """(response id, engine request id). With X-Request-Id, the response id is `prefix-<header>` as in
     vLLM; the engine id gets a short suffix so two clients reusing one header never collide."""
-    given = request.get(REQUEST_ID) if request is not None else None
     if given is None:
         rid = P.new_id(prefix)
         return rid, rid
@@ -357,7 +362,7 @@ def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, na
     return P.sse(P.chunk(kind, rid, created, name, [], P.usage(prompt_tokens, sum(len(o.token_ids) for o in outs))))
 
 
-async def completion_reply(app: web.Application, body: Any, request: web.Request | None = None) -> Reply:
+async def completion_reply(app: web.Application, body: Any, request_id: str | None = None) -> Reply:
     """POST /v1/completions (vLLM/OpenAI legacy completions; prompt may be a batch) for a parsed JSON body."""
     engine, config = app[ENGINE], app[CONFIG]
     if isinstance(body, dict) and isinstance(body.get("prompt"), list):  # token ids: checking them scales
@@ -371,7 +376,7 @@ async def completion_reply(app: web.Application, body: Any, request: web.Request
             check_prompt_chars(p, limit)  # longer than any tokenization of it could fit: refused untokenized
         elif len(p) >= engine.max_model_len:
             raise P.bad(f"the prompt has {len(p)} tokens; this model's context is {engine.max_model_len} tokens", "prompt")
-    (rid, engine_rid), created = _request_ids(request, "cmpl"), P.now_s()
+    (rid, engine_rid), created = _request_ids(request_id, "cmpl"), P.now_s()
     name, choices = await _start(app, req.prompts, req.params, req.n, engine_rid, req.model, priority=req.priority,
                                  tenant=req.tenant)
     tok, want_lp = engine.tokenizer, req.params.logprobs is not None
@@ -416,7 +421,7 @@ async def completion_reply(app: web.Application, body: Any, request: web.Request
         await choices.close()
 
 
-async def chat_reply(app: web.Application, body: Any, request: web.Request | None = None) -> Reply:
+async def chat_reply(app: web.Application, body: Any, request_id: str | None = None) -> Reply:
     """POST /v1/chat/completions (prompt from the tokenizer's chat template, or the plain fallback)."""
     engine, config = app[ENGINE], app[CONFIG]
     req = P.parse_chat(body)
@@ -429,7 +434,7 @@ async def chat_reply(app: web.Application, body: Any, request: web.Request | Non
     if not req.max_tokens_given:  # OpenAI's default: as many as the context leaves
         n_prompt = len(prompt) if isinstance(prompt, list) else len(await run_text_work(tok.encode, prompt))
         req.params.max_tokens = max(1, engine.max_model_len - n_prompt)
-    (rid, engine_rid), created = _request_ids(request, "chatcmpl"), P.now_s()
+    (rid, engine_rid), created = _request_ids(request_id, "chatcmpl"), P.now_s()
     name, choices = await _start(app, [prompt], req.params, req.n, engine_rid, req.model, priority=req.priority,
                                  tenant=req.tenant)
     tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None
@@ -475,13 +480,13 @@ async def _generation_body(request: web.Request) -> Any:
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await _generation_body(request)
     async with _inflight(request):
-        return await _send(request, await completion_reply(request.app, body, request))
+        return await _send(request, await completion_reply(request.app, body, request.get(REQUEST_ID)))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _generation_body(request)
     async with _inflight(request):
-        return await _send(request, await chat_reply(request.app, body, request))
+        return await _send(request, await chat_reply(request.app, body, request.get(REQUEST_ID)))
 
 
 async def models(request: web.Request) -> web.Response:

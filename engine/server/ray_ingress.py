@@ -33,7 +33,7 @@ from typing import Any
 
 from engine.errors import ConfigError, MloraError
 from engine.server import protocol as P
-from engine.server.app import api_error_for
+from engine.server.app import api_error_for, client_request_id
 from engine.server.config import ServerConfig
 from engine.server.metrics import CONTENT_TYPE, merge_expositions
 from engine.server.ray_replica import ROUTES, MloraReplica, adapter_catalog
@@ -125,17 +125,24 @@ class MloraIngress:
                                   ["outcome"], registry=self.registry)
 
     async def __call__(self, request: Any) -> Any:
+        rid = client_request_id(request.headers.get("x-request-id"))
+        response = await self._answer(request, rid)
+        if rid is not None:  # echoed, as the single-process server does
+            response.headers["X-Request-Id"] = rid
+        return response
+
+    async def _answer(self, request: Any, rid: str | None) -> Any:
         try:
-            return await self._route(request)
+            return await self._route(request, rid)
         except P.APIError as exc:
             return _error(exc)
         except MloraError as exc:
             return _error(api_error_for(exc, self.config.retry_after_s))
         except Exception:  # noqa: BLE001 - never a traceback to the client
-            log.exception("unhandled error in %s %s", request.method, request.url.path)
+            log.exception("unhandled error in %s %s (X-Request-Id %s)", request.method, request.url.path, rid or "-")
             return _error(P.APIError(500, "internal server error (see the server log)"))
 
-    async def _route(self, request: Any) -> Any:
+    async def _route(self, request: Any, rid: str | None) -> Any:
         path, method = request.url.path, request.method
         if path not in OPEN_PATHS:
             check_api_key(path, request.headers.get("authorization"), self.config.api_key)
@@ -155,7 +162,8 @@ class MloraIngress:
             raw = await request.body()
             if len(raw) > self.config.max_body_bytes:  # as the single-process server's client_max_size
                 raise P.APIError(413, "Request Entity Too Large")
-            return await self._generate(path, P.with_tenant_header(P.parse_json(raw), request.headers.get(P.TENANT_HEADER)))
+            body = P.with_tenant_header(P.parse_json(raw), request.headers.get(P.TENANT_HEADER))
+            return await self._generate(path, body, rid)
         if path == "/v1/models":
             return _json(200, await self._models())
         if path == "/metrics":
@@ -171,7 +179,7 @@ class MloraIngress:
         raise P.APIError(403, "runtime adapter loading is not supported with --ray; list adapters at start with --lora")
 
     # -- generation ------------------------------------------------------------------------------
-    async def _generate(self, route: str, body: Any) -> Any:
+    async def _generate(self, route: str, body: Any, rid: str | None = None) -> Any:
         model = body.get("model") if isinstance(body, dict) else None
         adapter = model if isinstance(model, str) and model in self.catalog else ""
         stream = isinstance(body, dict) and body.get("stream") is True
@@ -183,9 +191,9 @@ class MloraIngress:
                 await asyncio.sleep(0.2 * attempt)
             try:
                 if not stream:
-                    head = await handle.complete.remote(route, body)
+                    head = await handle.complete.remote(route, body, rid)
                     return self._head_response(head)
-                gen = handle.stream.remote(route, body)
+                gen = handle.stream.remote(route, body, rid)
                 head = await gen.__anext__()
             except _retryable() as exc:
                 last = exc

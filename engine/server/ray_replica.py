@@ -146,11 +146,11 @@ class MloraReplica:
             if name in self._doomed:
                 await self._drop(name)
 
-    async def _reply(self, route: str, body: Any) -> Reply:
+    async def _reply(self, route: str, body: Any, request_id: str | None) -> Reply:
         if route == "/v1/completions":
-            return await completion_reply(self.app, body)
+            return await completion_reply(self.app, body, request_id)
         if route == "/v1/chat/completions":
-            return await chat_reply(self.app, body)
+            return await chat_reply(self.app, body, request_id)
         if route == "/tokenize":
             return await tokenize_reply(self.app, body)
         if route == "/detokenize":
@@ -158,12 +158,12 @@ class MloraReplica:
         raise P.APIError(404, "Not Found")
 
     # -- called by the ingress -----------------------------------------------------------------
-    async def complete(self, route: str, body: Any) -> dict[str, Any]:
+    async def complete(self, route: str, body: Any, request_id: str | None = None) -> dict[str, Any]:
         """A non-streamed request: {"status", "headers", "body", "replica"}."""
         name = ""
         try:
             name = await self._acquire()
-            reply = await self._reply(route, body)
+            reply = await self._reply(route, body, request_id)
             if reply.events is not None:  # the ingress saw "stream": false; cannot happen with one parser
                 await reply.aclose()
                 raise P.APIError(500, "internal server error (a stream was requested on the non-streaming path)")
@@ -173,7 +173,7 @@ class MloraReplica:
         finally:
             await self._release(name)
 
-    async def stream(self, route: str, body: Any) -> AsyncIterator[Any]:
+    async def stream(self, route: str, body: Any, request_id: str | None = None) -> AsyncIterator[Any]:
         """A streamed request: first a head dict (as `complete` returns, without a body on success), then
         the SSE byte strings. Errors before the first event come as an error head and nothing else."""
         name = ""
@@ -181,7 +181,7 @@ class MloraReplica:
         try:
             try:
                 name = await self._acquire()
-                reply = await self._reply(route, body)
+                reply = await self._reply(route, body, request_id)
             except (P.APIError, MloraError) as exc:
                 yield error_head(exc, self.replica_id, self.retry_after_s)
                 return

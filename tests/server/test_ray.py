@@ -198,6 +198,13 @@ def test_error_bodies_and_models_match_the_single_process_server(cluster: str, o
                        ("/detokenize", {"tokens": [104, 105]}), ("/tokenize", {"model": "nope", "prompt": "x"})):
         raw = json.dumps(body).encode()
         assert _raw(cluster, path, raw, "POST")[:2] == _raw(oracle.url, path, raw, "POST")[:2], path
+    for url in (cluster, oracle.url):  # X-Request-Id names the response and is echoed, streamed or not
+        for stream in (False, True):
+            req = urllib.request.Request(f"{url}/v1/completions", headers={"X-Request-Id": "t-1",
+                                         "Content-Type": "application/json"}, data=json.dumps(
+                {"model": "upper", "prompt": "hi", "max_tokens": 2, "stream": stream}).encode())
+            with urllib.request.urlopen(req, timeout=60) as r:
+                assert r.headers["X-Request-Id"] == "t-1" and b'"id":"cmpl-t-1"' in r.read().replace(b" ", b"")
     for url in (cluster, oracle.url):  # vLLM's probes answer the same on both
         assert urllib.request.urlopen(f"{url}/ping", timeout=30).status == 200
         assert urllib.request.urlopen(urllib.request.Request(f"{url}/ping", data=b""), timeout=30).status == 200
