@@ -172,10 +172,15 @@ class EngineCore:
             from engine.errors import AdapterNotFoundError
 
             raise AdapterNotFoundError(f"adapter {adapter!r} is not registered (LoRA is disabled)")
-        seq = Sequence(request_id, ids, params, prompt=text, adapter=adapter, tenant=tenant or adapter or self.model_name,
+        seq = Sequence(request_id, ids, params, prompt=text, adapter=adapter, tenant=self.tenant_of(adapter, tenant),
                        priority=priority, eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)  # fmt: skip
         self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params))
         self.scheduler.add(seq)
+
+    def tenant_of(self, adapter: str | None, tenant: str | None = None) -> str:
+        """Whose fair share and queue quota a request uses: its explicit tenant, else its adapter,
+        else the base model's name."""
+        return tenant or adapter or self.model_name
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Abort a request (waiting or running); its blocks are freed now. None if unknown/finished."""
