@@ -151,6 +151,9 @@ class EngineCore:
         if request_id in self._requests:
             raise ConfigError(f"duplicate request id {request_id!r}")
         params = params or SamplingParams()
+        outside = [t for t in (params.logit_bias or {}) if not 0 <= t < self.vocab_size]
+        if outside:
+            raise ConfigError(f"logit_bias token id {outside[0]} is outside the vocabulary (size {self.vocab_size})")
         text, ids = self.tokenize(prompt)
         text = text if prompt_text is None else prompt_text
         if self.lora is not None:
@@ -265,6 +268,7 @@ class EngineCore:
             text=text, token_ids=list(ids), delta_text=text[req.sent_chars :], delta_token_ids=ids[req.sent_tokens :],
             finished=seq.is_finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, error=seq.error,
             logprobs=list(seq.logprobs) if seq.logprobs is not None else None, metrics=seq.metrics,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
         )  # fmt: skip
         req.sent_chars, req.sent_tokens = len(text), len(ids)
         return out

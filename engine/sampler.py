@@ -1,7 +1,10 @@
 """Next-token selection for a batch of rows, each with its own sampling parameters.
 
-Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then draw with the
-request's own torch.Generator, so a seeded request gives the same tokens alone or in any batch.
+Order (vLLM's): rows with penalties (`SamplingParams.penalized`) first get min_tokens, logit_bias,
+then repetition, frequency and presence penalties, on a copy of their own rows only; a batch's
+other rows keep the fast path and their exact values. Greedy rows then take the argmax. Sampled
+rows apply temperature, min_p, top-k and top-p, then draw with the request's own torch.Generator,
+so a seeded request gives the same tokens alone or in any batch.
 Logprobs (when asked) are those of the model's raw distribution (log_softmax of the logits).
 A row whose logits are not all finite (NaN/Inf, e.g. activations blown up by an adapter) gets no
 token (None): it is checked before any sampling math, so one bad row never fails the batch.
@@ -13,6 +16,7 @@ import torch
 
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
 
 # Temperatures below this act as this (vLLM treats < 1e-5 as greedy): keeps logits / T finite.
 TEMPERATURE_FLOOR = 1e-5
@@ -23,8 +27,12 @@ def sample(
     logits: torch.Tensor,  # [N, V] fp32
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    seqs: list[Sequence] | None = None,
 ) -> tuple[list[int | None], list[TokenLogprob | None]]:
-    """Token ids [N] (None for a row with non-finite logits) and, for rows with params.logprobs set, a TokenLogprob."""
+    """Token ids [N] (None for a row with non-finite logits) and, for rows with params.logprobs set, a TokenLogprob.
+
+    `seqs[i]` (the tokens seen so far) is read only for rows with penalties; it is required for those.
+    """
     n = logits.shape[0]
     finite = torch.isfinite(logits).all(dim=-1)  # [N]
     bad: set[int] = set()
@@ -35,6 +43,14 @@ def sample(
     # [N] greedy default: max(dim).indices is argmax (first index of the maximum), ~3x faster on CPU
     # (128 x 32000 fp32, 1 thread: 3.0 ms against 10.2 ms)
     tokens = logits.max(dim=-1).indices
+    raw = logits  # logprobs are the model's own distribution, before penalties
+    pen_rows = [i for i, p in enumerate(params) if p.penalized]
+    if pen_rows:
+        assert seqs is not None, "rows with penalties need their sequences"
+        rows = torch.tensor(pen_rows, device=logits.device)
+        pen = penalize(logits.index_select(0, rows), [params[i] for i in pen_rows], [seqs[i] for i in pen_rows])
+        logits = logits.index_copy(0, rows, pen)  # a new [N, V]: other rows keep their exact values
+        tokens = tokens.index_copy(0, rows, pen.max(dim=-1).indices)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
@@ -42,6 +58,7 @@ def sample(
         temps = torch.tensor([params[i].temperature for i in sampled_rows], dtype=sub.dtype, device=sub.device)
         temps = temps.clamp_min(TEMPERATURE_FLOOR)  # logits / 1e-45 would be inf, and softmax(inf) NaN
         sub = sub / temps[:, None]
+        sub = _min_p(sub, [params[i].min_p for i in sampled_rows])
         sub = _top_k(sub, [params[i].top_k for i in sampled_rows])
         sub = _top_p(sub, [params[i].top_p for i in sampled_rows])
         probs = torch.softmax(sub, dim=-1)
@@ -54,7 +71,7 @@ def sample(
     want = [i for i, p in enumerate(params) if p.logprobs is not None and i not in bad]
     if want:
         rows = torch.tensor(want, device=logits.device)
-        lp = torch.log_softmax(logits.index_select(0, rows), dim=-1)  # [M, V]
+        lp = torch.log_softmax(raw.index_select(0, rows), dim=-1)  # [M, V]
         k = max(params[i].logprobs or 0 for i in want)
         top_v, top_i = (lp.topk(k, dim=-1) if k > 0 else (None, None))
         for j, i in enumerate(want):
@@ -65,6 +82,74 @@ def sample(
                 top = dict(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist()))
             logprobs[i] = TokenLogprob(token_id=tok, logprob=float(lp[j, tok]), top=top)
     return token_list, logprobs
+
+
+def penalize(logits: torch.Tensor, params: list[SamplingParams], seqs: list[Sequence]) -> torch.Tensor:
+    """vLLM's logits processors and penalties for M rows (logits [M, V], changed in place and returned).
+
+    Semantics, per row with tokens seen in the prompt P and the output O (counts c[t] in O):
+        if len(O) < min_tokens: logits[EOS (unless ignore_eos) and stop_token_ids] = -inf
+        logits[t] += logit_bias[t]
+        seen = t in P or t in O: logits[t] = logits[t] / r if logits[t] > 0 else logits[t] * r
+        logits[t] -= frequency_penalty * c[t] + presence_penalty * (c[t] > 0)
+    Token ids outside [0, V) are ignored.
+    """
+    m, v = logits.shape
+    dev = logits.device
+    r_idx: list[int] = []
+    c_idx: list[int] = []
+    vals: list[float] = []
+    for j, (p, s) in enumerate(zip(params, seqs)):
+        if s.num_output_tokens < p.min_tokens:
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(s.eos_token_ids))
+            for t in stops:
+                if 0 <= t < v:
+                    r_idx.append(j), c_idx.append(t), vals.append(float("-inf"))
+        for t, b in (p.logit_bias or {}).items():
+            if 0 <= t < v:
+                r_idx.append(j), c_idx.append(t), vals.append(b)
+    if r_idx:
+        idx = (torch.tensor(r_idx, device=dev), torch.tensor(c_idx, device=dev))
+        logits.index_put_(idx, torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
+    rep = [p.repetition_penalty for p in params]
+    freq = [p.frequency_penalty for p in params]
+    pres = [p.presence_penalty for p in params]
+    if all(x == 1.0 for x in rep) and not any(freq) and not any(pres):
+        return logits
+    # counts [M, V] of each token in the output; padding uses column V, dropped afterwards
+    outs = [s.output_token_ids for s in seqs]
+    counts = _bincount_rows(outs, v, dev).to(logits.dtype)
+    if any(x != 1.0 for x in rep):
+        seen = _bincount_rows([s.prompt_token_ids for s in seqs], v, dev) > 0
+        seen |= counts > 0
+        r = torch.tensor(rep, dtype=logits.dtype, device=dev)[:, None].expand(m, v)
+        r = torch.where(seen, r, 1.0)
+        logits = torch.where(logits > 0, logits / r, logits * r)
+    if any(freq) or any(pres):
+        f = torch.tensor(freq, dtype=logits.dtype, device=dev)[:, None]
+        pr = torch.tensor(pres, dtype=logits.dtype, device=dev)[:, None]
+        logits = logits - f * counts - pr * (counts > 0).to(logits.dtype)
+    return logits
+
+
+def _bincount_rows(ids: list[list[int]], v: int, device: torch.device) -> torch.Tensor:
+    """[M, V] int counts of each row's token ids (ids outside [0, V) are not counted)."""
+    width = max((len(x) for x in ids), default=0)
+    out = torch.zeros(len(ids), v + 1, dtype=torch.int32, device=device)
+    if width:
+        padded = torch.tensor([[t if 0 <= t < v else v for t in x] + [v] * (width - len(x)) for x in ids],
+                              dtype=torch.long, device=device)
+        out.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.int32))
+    return out[:, :v]
+
+
+def _min_p(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    """Drop each row's tokens whose probability is below min_p x the row's top probability."""
+    if not any(ps):
+        return logits
+    p = torch.tensor(ps, dtype=logits.dtype, device=logits.device)[:, None]
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
 def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:

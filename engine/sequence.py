@@ -7,7 +7,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from engine.outputs import RequestMetrics, TokenLogprob
+from engine.outputs import Logprob, RequestMetrics, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 
@@ -45,6 +45,9 @@ class Sequence:
     stop_reason: str | int | None = None
     error: str | None = None  # why the engine ended it (non-finite logits, a failed step); None otherwise
     logprobs: list[TokenLogprob] | None = None
+    # vLLM's prompt_logprobs: one entry per prompt token (the first None), filled by the runner as
+    # prefill chunks run; {token id: Logprob} holds the prompt token and the top-k
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     num_preemptions: int = 0
     seq_no: int = field(default_factory=lambda: next(_counter))  # admission order for tie-breaks
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
@@ -54,6 +57,8 @@ class Sequence:
             self.token_ids = list(self.prompt_token_ids)
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:
