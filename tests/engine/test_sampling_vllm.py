@@ -166,3 +166,19 @@ def test_new_params_are_validated() -> None:
 def test_logit_bias_outside_the_vocabulary_is_refused(llm: LLM) -> None:
     with pytest.raises(ConfigError, match="logit_bias"):
         llm.generate([PROMPTS[0]], SamplingParams(logit_bias={10**6: 1.0}))
+
+
+def test_penalties_and_prompt_logprobs_survive_preemption(llama_dir: Path) -> None:
+    prompts = [list(range(3 + i, 20 + 2 * i)) for i in range(6)]
+    params = [SamplingParams(max_tokens=30, temperature=0.8, seed=i, ignore_eos=True, repetition_penalty=1.2,
+                             frequency_penalty=0.4, prompt_logprobs=2) for i in range(6)]
+    small = LLM(str(llama_dir), enable_lora=False, num_kv_blocks=10, block_size=8, max_model_len=80)
+    outs = small.generate(prompts, params)
+    assert small.engine.scheduler.num_preemptions > 0
+    big = LLM(str(llama_dir), enable_lora=False)
+    for prompt, sp, o in zip(prompts, params, outs):
+        solo = big.generate([prompt], sp)[0]
+        assert o.token_ids == solo.token_ids
+        assert len(o.prompt_logprobs) == len(prompt)  # scored once, not again when recomputed
+        for e, ref in zip(o.prompt_logprobs[1:], solo.prompt_logprobs[1:]):
+            assert e.keys() == ref.keys() and all(abs(e[t].logprob - ref[t].logprob) < 1e-5 for t in e)
