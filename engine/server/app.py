@@ -258,6 +258,7 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
 
     async def chunks() -> AsyncIterator[bytes]:
         offsets: dict[int, int] = {}
+        lp_next: dict[int, int] = {}
         async for ch, o in choices.merged():
             _check_abort(o)
             first = ch.index not in offsets
@@ -267,9 +268,12 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
                 text = echo_text(ch.prompt) + text
             elif not text and not o.finished and not new:
                 continue
-            offset = offsets.get(ch.index, 0)
-            offsets[ch.index] = offset + len(text)
-            lp = P.completion_logprobs(tok, new, offset, echoed(o) if first else None) if want_lp else None
+            offsets[ch.index] = offsets.get(ch.index, 0) + len(text)
+            lp = None
+            if want_lp:  # text_offset runs on over the tokens' strings, as in the non-streamed body
+                lp = P.completion_logprobs(tok, new, lp_next.get(ch.index, 0), echoed(o) if first else None)
+                if lp["tokens"]:
+                    lp_next[ch.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
             final = o.finished or req.stream_options.continuous_usage_stats
             use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if final else None
             yield P.sse(P.chunk("text_completion", rid, created, name,

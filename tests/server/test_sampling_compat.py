@@ -142,3 +142,25 @@ def test_vllm_errors(client: openai.OpenAI) -> None:
     # the longest request that fits is served
     r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_LEN - len(PROMPTS[0]), temperature=0)
     assert r.choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("max_tokens", [0, 3])
+def test_streamed_echo_logprobs(client: openai.OpenAI, server: ServerThread, hf: Any, max_tokens: int) -> None:
+    model = client.models.list().data[0].id
+    ids = PROMPTS[0]
+    whole = client.completions.create(model=model, prompt=ids, echo=True, logprobs=1, max_tokens=max_tokens, temperature=0)
+    chunks = list(client.completions.create(model=model, prompt=ids, echo=True, logprobs=1, max_tokens=max_tokens,
+                                            temperature=0, stream=True))
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == whole.choices[0].text
+    tokens: list[str] = []
+    lps: list[float | None] = []
+    offsets: list[int] = []
+    for c in chunks:
+        if c.choices and c.choices[0].logprobs:
+            tokens += c.choices[0].logprobs.tokens
+            lps += c.choices[0].logprobs.token_logprobs
+            offsets += c.choices[0].logprobs.text_offset
+    assert tokens == whole.choices[0].logprobs.tokens and lps == whole.choices[0].logprobs.token_logprobs
+    assert lps[0] is None and len(lps) == len(ids) + max_tokens
+    assert offsets == whole.choices[0].logprobs.text_offset
