@@ -164,8 +164,21 @@ class EngineCore:
             raise AdapterNotFoundError(f"adapter {adapter!r} is not registered (LoRA is disabled)")
         seq = Sequence(request_id, ids, params, prompt=text, adapter=adapter,
                        eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)  # fmt: skip
+        seq.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params))
         self.scheduler.add(seq)
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad_words: each word as is, and with a leading space when that gives
+        a different first token and as many tokens (a word in the middle of a text)."""
+        out: list[list[int]] = []
+        for word in words:
+            plain = list(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = list(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            out.append(plain)
+            if spaced[0] != plain[0] and len(spaced) == len(plain):
+                out.append(spaced)
+        return out
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Abort a request (waiting or running); its blocks are freed now. None if unknown/finished."""

@@ -88,6 +88,7 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], seqs: list[Sequ
     """vLLM's logits processors and penalties for M rows (logits [M, V], changed in place and returned).
 
     Semantics, per row with tokens seen in the prompt P and the output O (counts c[t] in O):
+        for each bad word w (token ids): if O ends with w[:-1]: logits[w[-1]] = -inf
         if len(O) < min_tokens: logits[EOS (unless ignore_eos) and stop_token_ids] = -inf
         logits[t] += logit_bias[t]
         seen = t in P or t in O: logits[t] = logits[t] / r if logits[t] > 0 else logits[t] * r
@@ -105,6 +106,11 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], seqs: list[Sequ
             for t in stops:
                 if 0 <= t < v:
                     r_idx.append(j), c_idx.append(t), vals.append(float("-inf"))
+        out = s.output_token_ids if s.bad_words_token_ids else []
+        for word in s.bad_words_token_ids:  # mask a bad word's last token where the output ends with the rest
+            if len(word) - 1 <= len(out) and (len(word) == 1 or out[len(out) - len(word) + 1 :] == word[:-1]):
+                if 0 <= word[-1] < v:
+                    r_idx.append(j), c_idx.append(word[-1]), vals.append(float("-inf"))
         for t, b in (p.logit_bias or {}).items():
             if 0 <= t < v:
                 r_idx.append(j), c_idx.append(t), vals.append(b)

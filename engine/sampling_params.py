@@ -23,7 +23,9 @@ class SamplingParams:
     `frequency_penalty` (in [-2, 2]) subtract, per token seen in the output, a constant and the
     count times the penalty; `min_tokens` masks EOS and `stop_token_ids` until that many tokens
     were generated; `logit_bias` adds {token id: bias in [-100, 100]} to the logits;
-    `prompt_logprobs=k` returns each prompt token's logprob and the top-k (the first: None).
+    `prompt_logprobs=k` returns each prompt token's logprob and the top-k (the first: None);
+    `bad_words` are never generated (the last token of each word's tokenization, with and without
+    a leading space, is masked where the output ends with the word's other tokens).
     Penalties and bias change what is sampled (greedy too); logprobs stay the model's raw ones.
     """
 
@@ -44,12 +46,16 @@ class SamplingParams:
     min_tokens: int = 0
     logit_bias: dict[int, float] | None = None
     prompt_logprobs: int | None = None
+    bad_words: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
             self.stop = [self.stop]
         self.stop = list(self.stop or [])
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
+        if isinstance(self.bad_words, str) or not all(isinstance(w, str) for w in self.bad_words or []):
+            raise ConfigError(f"bad_words must be a list of strings, got {self.bad_words!r}")
+        self.bad_words = [w for w in self.bad_words or [] if w.strip()]
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -102,7 +108,7 @@ class SamplingParams:
     def penalized(self) -> bool:
         """True when the logits must be changed before sampling (this row leaves the fast path)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.min_tokens or self.logit_bias)
+                    or self.min_tokens or self.logit_bias or self.bad_words)
 
     @property
     def greedy(self) -> bool:

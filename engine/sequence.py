@@ -48,6 +48,7 @@ class Sequence:
     # vLLM's prompt_logprobs: one entry per prompt token (the first None), filled by the runner as
     # prefill chunks run; {token id: Logprob} holds the prompt token and the top-k
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized (engine)
     num_preemptions: int = 0
     seq_no: int = field(default_factory=lambda: next(_counter))  # admission order for tie-breaks
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))

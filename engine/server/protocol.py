@@ -156,6 +156,15 @@ def _num_or(body: dict[str, Any], key: str, default: float) -> float:
     return default if value is None else value
 
 
+def _str_list(body: dict[str, Any], key: str) -> list[str]:
+    value = body.get(key)
+    if value is None:
+        return []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise bad(f"'{key}' must be a list of strings", key)
+
+
 def _logit_bias(body: dict[str, Any]) -> dict[int, float] | None:
     """OpenAI's {"token id": bias in [-100, 100]} (ids arrive as JSON object keys, i.e. strings)."""
     bias = body.get("logit_bias")
@@ -191,6 +200,7 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | N
             repetition_penalty=_num_or(body, "repetition_penalty", 1.0),
             min_tokens=_opt_int(body, "min_tokens", 0) or 0,
             logit_bias=_logit_bias(body),
+            bad_words=_str_list(body, "bad_words"),
             prompt_logprobs=_opt_int(body, "prompt_logprobs", 0, 20) if prompt_logprobs is None else prompt_logprobs,
         )
     except ConfigError as exc:

@@ -182,3 +182,21 @@ def test_penalties_and_prompt_logprobs_survive_preemption(llama_dir: Path) -> No
         assert len(o.prompt_logprobs) == len(prompt)  # scored once, not again when recomputed
         for e, ref in zip(o.prompt_logprobs[1:], solo.prompt_logprobs[1:]):
             assert e.keys() == ref.keys() and all(abs(e[t].logprob - ref[t].logprob) < 1e-5 for t in e)
+
+
+def test_bad_words_equal_transformers_no_bad_words(llm: LLM, hf_llama) -> None:
+    from engine.byte_tokenizer import BYTE_OFFSET
+
+    printable = lambda t: 33 <= t - BYTE_OFFSET <= 126  # noqa: E731 - a byte that is one visible character
+    checked = 0
+    for prompt in PROMPTS:
+        free = _hf(hf_llama, prompt, 20)
+        pairs = [(a, b) for a, b in zip(free, free[1:]) if printable(a) and printable(b) and a != prompt[-1]]
+        singles = [t for t in free if printable(t)]
+        for word in ([list(pairs[0])] if pairs else []) + ([[singles[0]]] if singles else []):
+            text = "".join(chr(t - BYTE_OFFSET) for t in word)
+            out = llm.generate([prompt], SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, bad_words=[text]))[0]
+            assert out.token_ids == _hf(hf_llama, prompt, 20, bad_words_ids=[word]), (prompt, text)
+            assert out.token_ids != free
+            checked += 1
+    assert checked >= 3

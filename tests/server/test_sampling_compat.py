@@ -116,12 +116,13 @@ def test_penalties_through_the_server_equal_offline(client: openai.OpenAI, serve
 
     model = client.models.list().data[0].id
     offline = LLM(model=server.config.engine.model, dtype="float32", device="cpu", max_model_len=MAX_LEN)
-    extra = {"repetition_penalty": 1.4, "min_p": 0.05, "min_tokens": 3}
+    extra = {"repetition_penalty": 1.4, "min_p": 0.05, "min_tokens": 3, "bad_words": ["e", "ab"]}
     r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=10, temperature=0.8, seed=5,
                                   presence_penalty=0.5, frequency_penalty=0.3, logit_bias={"77": 3, "2": -100},
                                   extra_body=extra)
     sp = SamplingParams(max_tokens=10, temperature=0.8, seed=5, presence_penalty=0.5, frequency_penalty=0.3,
-                        logit_bias={77: 3, 2: -100}, repetition_penalty=1.4, min_p=0.05, min_tokens=3)
+                        logit_bias={77: 3, 2: -100}, repetition_penalty=1.4, min_p=0.05, min_tokens=3,
+                        bad_words=["e", "ab"])
     assert r.choices[0].text == offline.generate([PROMPTS[0]], sp)[0].text
     plain = offline.generate([PROMPTS[0]], SamplingParams(max_tokens=10, temperature=0.8, seed=5))[0].text
     assert r.choices[0].text != plain
