@@ -12,6 +12,8 @@ token (None): it is checked before any sampling math, so one bad row never fails
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from engine.outputs import TokenLogprob
@@ -49,12 +51,16 @@ def sample(
         assert seqs is not None, "rows with penalties need their sequences"
         rows = torch.tensor(pen_rows, device=logits.device)
         pen = penalize(logits.index_select(0, rows), [params[i] for i in pen_rows], [seqs[i] for i in pen_rows])
-        logits = logits.index_copy(0, rows, pen)  # a new [N, V]: other rows keep their exact values
         tokens = tokens.index_copy(0, rows, pen.max(dim=-1).indices)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
-        sub = logits.index_select(0, rows)  # [M, V]
+        sub = logits.index_select(0, rows)  # [M, V] a copy: the penalised rows are laid over it
+        at = {i: k for k, i in enumerate(pen_rows)}
+        over = [(j, at[i]) for j, i in enumerate(sampled_rows) if i in at]
+        if over:
+            dst, src = zip(*over)
+            sub[list(dst)] = pen[list(src)]
         temps = torch.tensor([params[i].temperature for i in sampled_rows], dtype=sub.dtype, device=sub.device)
         temps = temps.clamp_min(TEMPERATURE_FLOOR)  # logits / 1e-45 would be inf, and softmax(inf) NaN
         sub = sub / temps[:, None]
@@ -117,36 +123,31 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], seqs: list[Sequ
     if r_idx:
         idx = (torch.tensor(r_idx, device=dev), torch.tensor(c_idx, device=dev))
         logits.index_put_(idx, torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
-    rep = [p.repetition_penalty for p in params]
-    freq = [p.frequency_penalty for p in params]
-    pres = [p.presence_penalty for p in params]
-    if all(x == 1.0 for x in rep) and not any(freq) and not any(pres):
-        return logits
-    # counts [M, V] of each token in the output; padding uses column V, dropped afterwards
-    outs = [s.output_token_ids for s in seqs]
-    counts = _bincount_rows(outs, v, dev).to(logits.dtype)
-    if any(x != 1.0 for x in rep):
-        seen = _bincount_rows([s.prompt_token_ids for s in seqs], v, dev) > 0
-        seen |= counts > 0
-        r = torch.tensor(rep, dtype=logits.dtype, device=dev)[:, None].expand(m, v)
-        r = torch.where(seen, r, 1.0)
-        logits = torch.where(logits > 0, logits / r, logits * r)
-    if any(freq) or any(pres):
-        f = torch.tensor(freq, dtype=logits.dtype, device=dev)[:, None]
-        pr = torch.tensor(pres, dtype=logits.dtype, device=dev)[:, None]
-        logits = logits - f * counts - pr * (counts > 0).to(logits.dtype)
+    # the penalties touch only tokens seen so far (far fewer than V): gather, change, scatter back
+    reps = [(j, p.repetition_penalty, [t for t in set(s.token_ids) if 0 <= t < v])  # prompt and output
+            for j, (p, s) in enumerate(zip(params, seqs)) if p.repetition_penalty != 1.0]
+    if reps:
+        idx, per_row = _flat_index([(j, toks) for j, _, toks in reps], dev)
+        x = logits[idx]
+        r = torch.tensor([r for _, r, _ in reps], dtype=logits.dtype, device=dev).repeat_interleave(per_row)
+        logits.index_put_(idx, torch.where(x > 0, x / r, x * r))
+    pens = [(j, p, Counter(t for t in s.output_token_ids if 0 <= t < v))
+            for j, (p, s) in enumerate(zip(params, seqs)) if p.frequency_penalty or p.presence_penalty]
+    if pens:
+        idx, per_row = _flat_index([(j, list(c)) for j, _, c in pens], dev)
+        f = torch.tensor([p.frequency_penalty for _, p, _ in pens], dtype=logits.dtype, device=dev).repeat_interleave(per_row)
+        pr = torch.tensor([p.presence_penalty for _, p, _ in pens], dtype=logits.dtype, device=dev).repeat_interleave(per_row)
+        c = torch.tensor([n for _, _, cnt in pens for n in cnt.values()], dtype=logits.dtype, device=dev)
+        logits.index_put_(idx, logits[idx] - f * c - pr)  # vLLM's order: frequency, then presence
     return logits
 
 
-def _bincount_rows(ids: list[list[int]], v: int, device: torch.device) -> torch.Tensor:
-    """[M, V] int counts of each row's token ids (ids outside [0, V) are not counted)."""
-    width = max((len(x) for x in ids), default=0)
-    out = torch.zeros(len(ids), v + 1, dtype=torch.int32, device=device)
-    if width:
-        padded = torch.tensor([[t if 0 <= t < v else v for t in x] + [v] * (width - len(x)) for x in ids],
-                              dtype=torch.long, device=device)
-        out.scatter_add_(1, padded, torch.ones_like(padded, dtype=torch.int32))
-    return out[:, :v]
+def _flat_index(rows: list[tuple[int, list[int]]], device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """((row index, column index) of every (row, token) pair, tokens per row) for advanced indexing."""
+    per_row = torch.tensor([len(toks) for _, toks in rows], device=device)
+    r = torch.tensor([j for j, _ in rows], device=device).repeat_interleave(per_row)
+    c = torch.tensor([t for _, toks in rows for t in toks], dtype=torch.long, device=device)
+    return (r, c), per_row
 
 
 def _min_p(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
