@@ -200,3 +200,14 @@ def test_bad_words_equal_transformers_no_bad_words(llm: LLM, hf_llama) -> None:
             assert out.token_ids != free
             checked += 1
     assert checked >= 3
+
+
+def test_min_tokens_holds_stop_strings_back(llm: LLM) -> None:
+    from engine.byte_tokenizer import BYTE_OFFSET
+
+    z = {ord("z") + BYTE_OFFSET: 100}  # every token is "z"
+    early = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=0.0, logit_bias=z, stop=["z"]))[0]
+    assert early.finish_reason == "stop" and early.text == "" and len(early.token_ids) == 1
+    held = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=0.0, logit_bias=z, stop=["z"],
+                                                     min_tokens=5))[0]
+    assert held.finish_reason == "stop" and held.text == "zzzzz" and len(held.token_ids) == 6
