@@ -1,8 +1,8 @@
 """Next-token selection for a batch of rows, each with its own sampling parameters.
 
-Order (vLLM's): rows with penalties (`SamplingParams.penalized`) first get min_tokens, logit_bias,
-then repetition, frequency and presence penalties, on a copy of their own rows only; a batch's
-other rows keep the fast path and their exact values. Greedy rows then take the argmax. Sampled
+Order (vLLM's): rows with penalties (`SamplingParams.penalized`) first get bad_words, min_tokens,
+logit_bias, then repetition, frequency and presence penalties, on a copy of their own rows only; a
+batch's other rows keep the fast path and their exact values. Greedy rows then take the argmax. Sampled
 rows apply temperature, min_p, top-k and top-p, then draw with the request's own torch.Generator,
 so a seeded request gives the same tokens alone or in any batch.
 Logprobs (when asked) are those of the model's raw distribution (log_softmax of the logits).
@@ -135,14 +135,17 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], seqs: list[Sequ
             for j, (p, s) in enumerate(zip(params, seqs)) if p.frequency_penalty or p.presence_penalty]
     if pens:
         idx, per_row = _flat_index([(j, list(c)) for j, _, c in pens], dev)
-        f = torch.tensor([p.frequency_penalty for _, p, _ in pens], dtype=logits.dtype, device=dev).repeat_interleave(per_row)
-        pr = torch.tensor([p.presence_penalty for _, p, _ in pens], dtype=logits.dtype, device=dev).repeat_interleave(per_row)
+        per_pair = lambda xs: torch.tensor(xs, dtype=logits.dtype, device=dev).repeat_interleave(per_row)  # noqa: E731
+        f = per_pair([p.frequency_penalty for _, p, _ in pens])
+        pr = per_pair([p.presence_penalty for _, p, _ in pens])
         c = torch.tensor([n for _, _, cnt in pens for n in cnt.values()], dtype=logits.dtype, device=dev)
         logits.index_put_(idx, logits[idx] - f * c - pr)  # vLLM's order: frequency, then presence
     return logits
 
 
-def _flat_index(rows: list[tuple[int, list[int]]], device: torch.device) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+def _flat_index(
+    rows: list[tuple[int, list[int]]], device: torch.device
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
     """((row index, column index) of every (row, token) pair, tokens per row) for advanced indexing."""
     per_row = torch.tensor([len(toks) for _, toks in rows], device=device)
     r = torch.tensor([j for j, _ in rows], device=device).repeat_interleave(per_row)

@@ -287,10 +287,11 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
         outs = await choices.collect()
         for o in outs:
             _check_abort(o)
+        want_plp = body.get("prompt_logprobs") is not None
         body_choices = [P.completion_choice(ch.index, echo_text(ch.prompt) + ("" if req.echo_only else o.text), o,
                                             P.completion_logprobs(tok, [] if req.echo_only else o.logprobs or [], 0,
                                                                   echoed(o)) if want_lp else None,
-                                            P.prompt_logprobs_json(tok, o.prompt_logprobs) if body.get("prompt_logprobs") is not None else None)
+                                            P.prompt_logprobs_json(tok, o.prompt_logprobs) if want_plp else None)
                         for ch, o in zip(choices.items, outs)]
         generated = 0 if req.echo_only else sum(len(o.token_ids) for o in outs)
         use = P.usage(sum(len(o.prompt_token_ids) for o in outs[::req.n]), generated)

@@ -374,9 +374,9 @@ def parse_chat(body: Any) -> ChatRequest:
 def check_max_tokens(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
     """vLLM's 400 for a request whose prompt plus max_tokens exceed the context (not cut at "length")."""
     if prompt_tokens + max_tokens > max_model_len:
-        raise bad(f"'max_tokens' is too large: {max_tokens}. This model's maximum context length is {max_model_len} "
-                  f"tokens and your request has {prompt_tokens} input tokens ({max_tokens} > {max_model_len} - "
-                  f"{prompt_tokens}).", "max_tokens")
+        raise bad(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                  f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                  "completion). Please reduce the length of the messages or completion.", "max_tokens")
 
 
 def render_chat(tokenizer: Any, req: ChatRequest) -> str | list[int]:
@@ -441,7 +441,8 @@ def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], text_offset: in
         text_offset += len(tok)
         tokens.append(tok)
         token_lps.append(None if entry is None else max(entry[tid].logprob, -9999.0))
-        tops.append(None if entry is None else {_token_str(tokenizer, t): max(v.logprob, -9999.0) for t, v in entry.items()})
+        tops.append(None if entry is None else
+                    {_token_str(tokenizer, t): max(v.logprob, -9999.0) for t, v in entry.items()})
     for lp in lps:
         tok = _token_str(tokenizer, lp.token_id)
         offsets.append(text_offset)
