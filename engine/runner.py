@@ -31,6 +31,7 @@ from engine.sequence import Sequence
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CAP_BYTES = 2 << 30  # default KV pool cap on CPU when no size is given
+PROMPT_LOGPROBS_ROWS = 512  # prompt positions scored at once: [512, V] fp32 logits (~300 MB at V = 152k)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -233,8 +234,9 @@ class ModelRunner:
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         hidden = self.model(input_ids, positions, meta, self.kv_cache, lora)  # [T, hidden]
-        for seq, row, count in prompt_lp:
-            self._prompt_logprobs(seq, hidden[row : row + count])
+        for seq, row, count in prompt_lp:  # in slices: [rows, V] fp32 logits stay small for long prompts
+            for r in range(row, row + count, PROMPT_LOGPROBS_ROWS):
+                self._prompt_logprobs(seq, hidden[r : min(r + PROMPT_LOGPROBS_ROWS, row + count)])
         tokens: list[int | None] = [None] * len(items)
         logprobs: list[TokenLogprob | None] = [None] * len(items)
         if sample_rows:

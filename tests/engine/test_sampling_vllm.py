@@ -135,9 +135,12 @@ def test_min_p_one_is_greedy(llm: LLM) -> None:
     assert [o.token_ids for o in greedy] == [o.token_ids for o in minp]
 
 
-@pytest.mark.parametrize("chunk", [None, 8])
-def test_prompt_logprobs_equal_transformers(llama_dir: Path, hf_llama, chunk: int | None) -> None:
-    kw = {} if chunk is None else {"max_num_batched_tokens": chunk}
+@pytest.mark.parametrize("chunk", [None, 8, "rows"])
+def test_prompt_logprobs_equal_transformers(llama_dir: Path, hf_llama, chunk: int | str | None,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    if chunk == "rows":  # long prompts are scored a few positions at a time
+        monkeypatch.setattr("engine.runner.PROMPT_LOGPROBS_ROWS", 3)
+    kw = {"max_num_batched_tokens": chunk} if isinstance(chunk, int) else {}
     llm = LLM(str(llama_dir), enable_lora=False, **kw)
     outs = llm.generate(PROMPTS, SamplingParams(max_tokens=2, temperature=0.0, prompt_logprobs=3))
     for prompt, out in zip(PROMPTS, outs):
