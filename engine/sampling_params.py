@@ -22,7 +22,7 @@ class SamplingParams:
     the negative ones of every token seen in the prompt or the output; `presence_penalty` and
     `frequency_penalty` (in [-2, 2]) subtract, per token seen in the output, a constant and the
     count times the penalty; `min_tokens` masks EOS and `stop_token_ids` until that many tokens
-    were generated; `logit_bias` adds {token id: bias in [-100, 100]} to the logits;
+    were generated; `logit_bias` adds {token id: bias} to the logits (clamped to [-100, 100]);
     `prompt_logprobs=k` returns each prompt token's logprob and the top-k (the first: None);
     `bad_words` are never generated (the last token of each word's tokenization, with and without
     a leading space, is masked where the output ends with the word's other tokens).
@@ -98,9 +98,9 @@ class SamplingParams:
                     tok = int(k)  # JSON object keys arrive as strings
                 except (TypeError, ValueError):
                     raise ConfigError(f"logit_bias keys must be token ids, got {k!r}") from None
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
-                    raise ConfigError(f"logit_bias values must be numbers in [-100, 100], got {v!r} for token {k}")
-                bias[tok] = float(v)
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                    raise ConfigError(f"logit_bias values must be numbers, got {v!r} for token {k}")
+                bias[tok] = min(100.0, max(-100.0, float(v)))  # as vLLM: clamped to OpenAI's [-100, 100]
             self.logit_bias = bias
         self.logit_bias = self.logit_bias or None
 

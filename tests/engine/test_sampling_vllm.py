@@ -161,12 +161,13 @@ def test_prompt_logprobs_equal_transformers(llama_dir: Path, hf_llama, chunk: in
 def test_new_params_are_validated() -> None:
     for bad in ({"min_p": 1.5}, {"presence_penalty": 3}, {"frequency_penalty": -2.5}, {"repetition_penalty": 0},
                 {"min_tokens": -1}, {"min_tokens": 20, "max_tokens": 10}, {"logit_bias": {"x": 1}},
-                {"logit_bias": {1: 101}}, {"prompt_logprobs": 21}):
+                {"logit_bias": {1: "x"}}, {"prompt_logprobs": 21}):
         with pytest.raises(ConfigError):
             SamplingParams(**bad)
 
 
-def test_logit_bias_outside_the_vocabulary_is_refused(llm: LLM) -> None:
+def test_logit_bias_is_clamped_as_vllm_and_ids_outside_the_vocabulary_are_refused(llm: LLM) -> None:
+    assert SamplingParams(logit_bias={"3": 250, 4: -1e9}).logit_bias == {3: 100.0, 4: -100.0}
     with pytest.raises(ConfigError, match="logit_bias"):
         llm.generate([PROMPTS[0]], SamplingParams(logit_bias={10**6: 1.0}))
 
