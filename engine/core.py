@@ -151,9 +151,10 @@ class EngineCore:
         if request_id in self._requests:
             raise ConfigError(f"duplicate request id {request_id!r}")
         params = params or SamplingParams()
-        outside = [t for t in (params.logit_bias or {}) if not 0 <= t < self.vocab_size]
-        if outside:
-            raise ConfigError(f"logit_bias token id {outside[0]} is outside the vocabulary (size {self.vocab_size})")
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
+            outside = [t for t in ids if not 0 <= t < self.vocab_size]
+            if outside:
+                raise ConfigError(f"{name} token id {outside[0]} is outside the vocabulary (size {self.vocab_size})")
         text, ids = self.tokenize(prompt)
         text = text if prompt_text is None else prompt_text
         if self.lora is not None:

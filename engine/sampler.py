@@ -1,9 +1,9 @@
 """Next-token selection for a batch of rows, each with its own sampling parameters.
 
-Order (vLLM's): rows with penalties (`SamplingParams.penalized`) first get bad_words, min_tokens,
-logit_bias, then repetition, frequency and presence penalties, on a copy of their own rows only; a
-batch's other rows keep the fast path and their exact values. Greedy rows then take the argmax. Sampled
-rows apply temperature, min_p, top-k and top-p, then draw with the request's own torch.Generator,
+Order (vLLM's): rows with penalties (`SamplingParams.penalized`) first get allowed_token_ids,
+bad_words, min_tokens, logit_bias, then repetition, frequency and presence penalties, on a copy of
+their own rows only; a batch's other rows keep the fast path and their exact values. Greedy rows
+then take the argmax. Sampled rows apply temperature, min_p, top-k and top-p, then draw with the request's own torch.Generator,
 so a seeded request gives the same tokens alone or in any batch.
 Logprobs (when asked) are those of the model's raw distribution (log_softmax of the logits).
 A row whose logits are not all finite (NaN/Inf, e.g. activations blown up by an adapter) gets no
@@ -94,6 +94,7 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], seqs: list[Sequ
     """vLLM's logits processors and penalties for M rows (logits [M, V], changed in place and returned).
 
     Semantics, per row with tokens seen in the prompt P and the output O (counts c[t] in O):
+        if allowed_token_ids: logits[t not in allowed_token_ids] = -inf
         for each bad word w (token ids): if O ends with w[:-1]: logits[w[-1]] = -inf
         if len(O) < min_tokens: logits[EOS (unless ignore_eos) and stop_token_ids] = -inf
         logits[t] += logit_bias[t]
@@ -103,6 +104,12 @@ def penalize(logits: torch.Tensor, params: list[SamplingParams], seqs: list[Sequ
     """
     m, v = logits.shape
     dev = logits.device
+    for j, p in enumerate(params):
+        if p.allowed_token_ids:  # everything else -inf (the ids were checked against the vocabulary)
+            keep = torch.tensor(p.allowed_token_ids, device=dev)
+            kept = logits[j, keep]
+            logits[j] = float("-inf")
+            logits[j, keep] = kept
     r_idx: list[int] = []
     c_idx: list[int] = []
     vals: list[float] = []

@@ -25,7 +25,8 @@ class SamplingParams:
     were generated; `logit_bias` adds {token id: bias} to the logits (clamped to [-100, 100]);
     `prompt_logprobs=k` returns each prompt token's logprob and the top-k (the first: None);
     `bad_words` are never generated (the last token of each word's tokenization, with and without
-    a leading space, is masked where the output ends with the word's other tokens).
+    a leading space, is masked where the output ends with the word's other tokens);
+    `allowed_token_ids` restricts every step to those tokens.
     Penalties and bias change what is sampled (greedy too); logprobs stay the model's raw ones.
     """
 
@@ -47,6 +48,7 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None
     prompt_logprobs: int | None = None
     bad_words: list[str] = field(default_factory=list)
+    allowed_token_ids: list[int] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -56,6 +58,13 @@ class SamplingParams:
         if isinstance(self.bad_words, str) or not all(isinstance(w, str) for w in self.bad_words or []):
             raise ConfigError(f"bad_words must be a list of strings, got {self.bad_words!r}")
         self.bad_words = [w for w in self.bad_words or [] if w.strip()]
+        if self.allowed_token_ids is not None:
+            if isinstance(self.allowed_token_ids, (str, bytes)) or not all(
+                    isinstance(t, int) and not isinstance(t, bool) for t in self.allowed_token_ids):
+                raise ConfigError(f"allowed_token_ids must be a list of token ids, got {self.allowed_token_ids!r}")
+            if not self.allowed_token_ids:
+                raise ConfigError("allowed_token_ids must not be empty")
+            self.allowed_token_ids = list(self.allowed_token_ids)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
@@ -108,7 +117,7 @@ class SamplingParams:
     def penalized(self) -> bool:
         """True when the logits must be changed before sampling (this row leaves the fast path)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.min_tokens or self.logit_bias or self.bad_words)
+                    or self.min_tokens or self.logit_bias or self.bad_words or self.allowed_token_ids)
 
     @property
     def greedy(self) -> bool:

@@ -201,6 +201,7 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | N
             min_tokens=_opt_int(body, "min_tokens", 0) or 0,
             logit_bias=_logit_bias(body),
             bad_words=_str_list(body, "bad_words"),
+            allowed_token_ids=_opt(body, "allowed_token_ids", (list,), "a list of token ids"),
             prompt_logprobs=_opt_int(body, "prompt_logprobs", 0, 20) if prompt_logprobs is None else prompt_logprobs,
         )
     except ConfigError as exc:

@@ -215,3 +215,18 @@ def test_min_tokens_holds_stop_strings_back(llm: LLM) -> None:
     held = llm.generate([PROMPTS[0]], SamplingParams(max_tokens=30, temperature=0.0, logit_bias=z, stop=["z"],
                                                      min_tokens=5))[0]
     assert held.finish_reason == "stop" and held.text == "zzzzz" and len(held.token_ids) == 6
+
+
+def test_allowed_token_ids_equal_transformers_prefix_constraint(llm: LLM, hf_llama) -> None:
+    from transformers import PrefixConstrainedLogitsProcessor
+
+    allowed = [70, 80, 90, 100, 110]
+    for prompt in PROMPTS[:2]:
+        out = llm.generate([prompt], SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True, allowed_token_ids=allowed))[0]
+        ref = _hf(hf_llama, prompt, processors=[PrefixConstrainedLogitsProcessor(lambda b, ids: allowed, 1)])
+        assert out.token_ids == ref and set(ref) <= set(allowed)
+    sampled = llm.generate([PROMPTS[2]], SamplingParams(max_tokens=N, temperature=1.5, seed=1, ignore_eos=True,
+                                                        allowed_token_ids=allowed))[0]
+    assert set(sampled.token_ids) <= set(allowed)
+    with pytest.raises(ConfigError, match="allowed_token_ids"):
+        llm.generate([PROMPTS[0]], SamplingParams(allowed_token_ids=[10**6]))

@@ -140,6 +140,11 @@ def test_vllm_errors(client: openai.OpenAI) -> None:
         client.completions.create(model=model, prompt=PROMPTS[0], logit_bias={"999999": 1})
     with pytest.raises(openai.BadRequestError, match="repetition_penalty"):
         client.completions.create(model=model, prompt=PROMPTS[0], extra_body={"repetition_penalty": 0})
+    with pytest.raises(openai.BadRequestError, match="allowed_token_ids"):
+        client.completions.create(model=model, prompt=PROMPTS[0], extra_body={"allowed_token_ids": [999999]})
+    r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=6, temperature=1.0, seed=2,
+                                  extra_body={"allowed_token_ids": [70, 80]})  # bytes 67, 77: "C", "M"
+    assert r.choices[0].text and set(r.choices[0].text) <= {"C", "M"}
     # the longest request that fits is served
     r = client.completions.create(model=model, prompt=PROMPTS[0], max_tokens=MAX_LEN - len(PROMPTS[0]), temperature=0)
     assert r.choices[0].finish_reason in ("length", "stop")
