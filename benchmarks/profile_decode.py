@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import time
 
 import torch
@@ -31,6 +32,14 @@ def _table(prof: torch.profiler.profile, sort: str, rows: int) -> str:
         return prof.key_averages().table(sort_by=sort, row_limit=rows)
     except Exception:  # noqa: BLE001 - older/newer torch name the device columns differently
         return prof.key_averages().table(sort_by=sort.replace("device", "cuda"), row_limit=rows)
+
+
+def _device_total_ms(table: str) -> float:
+    """The table's own "Self CUDA time total" (summing the rows would count op and kernel rows twice)."""
+    m = re.search(r"Self (?:CUDA|Device|XPU) time total: ([0-9.]+)(ms|us|s)", table)
+    if m is None:
+        return 0.0
+    return float(m.group(1)) * {"s": 1e3, "ms": 1.0, "us": 1e-3}[m.group(2)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -79,16 +88,15 @@ def main(argv: list[str] | None = None) -> dict:
         for _ in range(args.steps):
             engine.step()
         _sync(args.device)
-    events = prof.key_averages()
-    dev_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in events)
-    gpu_ms = dev_us / 1e3 / args.steps
+    device_table = _table(prof, "self_device_time_total", args.rows) if args.device == "cuda" else ""
+    gpu_ms = _device_total_ms(device_table) / args.steps
     head = (f"preset={args.preset} device={args.device} dtype={args.dtype} batch={args.batch} "
             f"adapters={args.adapters} rank={args.rank}\n"
             f"decode step: {step_ms:.2f} ms wall ({args.batch / step_ms * 1e3:.0f} tokens/s); "
             f"device time {gpu_ms:.2f} ms/step (busy {gpu_ms / step_ms:.0%} of the unprofiled wall time)\n")
     parts = [head]
     if args.device == "cuda":
-        parts += ["== top ops by self device time ==", _table(prof, "self_device_time_total", args.rows)]
+        parts += ["== top ops by self device time ==", device_table]
     parts += ["== top ops by CPU time (incl. children) ==", _table(prof, "cpu_time_total", args.rows)]
     text = "\n".join(parts)
     print(text)

@@ -31,8 +31,15 @@ _mlora() {
                 --repeat) return 0 ;;
                 --threads) return 0 ;;
                 --min-mixed-ratio) return 0 ;;
+                --workload) COMPREPLY=( $(compgen -W 'standard flood trace' -- "$cur") ); return 0 ;;
+                --trace) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
+                --policy) COMPREPLY=( $(compgen -W 'fair fcfs priority' -- "$cur") ); return 0 ;;
+                --max-num-seqs) return 0 ;;
+                --light-requests) return 0 ;;
+                --light-tenants) return 0 ;;
+                --light-delay) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --no-separate --no-churn --kernels -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --no-separate --no-churn --kernels --workload --trace --policy --max-num-seqs --light-requests --light-tenants --light-delay -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         budget)
             case "$prev" in
@@ -80,14 +87,21 @@ _mlora() {
                 --max-model-len) return 0 ;;
                 --max-num-seqs) return 0 ;;
                 --max-queue) return 0 ;;
+                --max-seqs-per-request) return 0 ;;
+                --scheduling-policy) COMPREPLY=( $(compgen -W 'fair fcfs priority' -- "$cur") ); return 0 ;;
+                --lora-weight) return 0 ;;
+                --max-seqs-per-tenant) return 0 ;;
                 --host) return 0 ;;
                 --port|-p) return 0 ;;
                 --api-key) return 0 ;;
                 --grace-period) return 0 ;;
+                --max-body-bytes) return 0 ;;
+                --header-timeout) return 0 ;;
+                --body-timeout) return 0 ;;
                 --replicas) return 0 ;;
                 --ray-address) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --host --port -p --api-key --grace-period --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
             case "$prev" in

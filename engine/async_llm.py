@@ -20,7 +20,7 @@ import queue
 from collections.abc import AsyncIterator
 from typing import Any
 
-from engine.config import EngineConfig
+from engine.config import EngineConfig, positive_number
 from engine.core import EngineCore, EngineStats
 from engine.errors import ConfigError, EngineStoppedError, QueueFullError
 from engine.outputs import RequestOutput
@@ -109,19 +109,25 @@ class AsyncLLM:
         *,
         request_id: str,
         adapter: str | None = None,
+        priority: int = 0,
+        tenant: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Incremental outputs of one request; the last has finished=True.
+        """Incremental outputs of one request; the last has finished=True. `priority` and `tenant`:
+        see EngineCore.add_request.
 
         Raises AdapterNotFoundError / PromptTooLongError / QueueFullError / EngineStoppedError
         before the first output. Closing the iterator early aborts the request.
         """
+        # PromptTooLongError / bad ids now, not inside the loop; text in a worker thread, as its cost
+        # grows with the client's input and the event loop serves every other client meanwhile.
+        text, ids = await asyncio.to_thread(self.core.tokenize, prompt) if isinstance(prompt, str) else \
+            self.core.tokenize(prompt)
         if self._stopping or self._task is None:
             raise EngineStoppedError("the engine is not running" if self._task is None else "the engine is shutting down")
         if self._error is not None:
             raise EngineStoppedError(f"the engine loop failed: {self._error}")
         if request_id in self._queues:
             raise ConfigError(f"duplicate request id {request_id!r}")
-        text, ids = self.core.tokenize(prompt)  # PromptTooLongError / bad ids now, not inside the loop
         if adapter is not None:
             if self.core.lora is None:
                 from engine.errors import AdapterNotFoundError
@@ -133,7 +139,7 @@ class AsyncLLM:
             raise QueueFullError(f"the waiting queue is full ({limit} requests)", hint="retry later")
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = q
-        self._inbox.put(("add", (request_id, ids, text, params, adapter)))
+        self._inbox.put(("add", (request_id, ids, text, params, adapter, priority, tenant)))
         self._poke()
         finished = False
         try:
@@ -156,13 +162,23 @@ class AsyncLLM:
         self._poke()
 
     # -- adapters ------------------------------------------------------------------------------
-    async def add_adapter(self, name: str, path: str) -> None:
-        """Validate and register an adapter (loads in a worker thread; the loop keeps stepping)."""
+    async def add_adapter(self, name: str, path: str, weight: float | None = None, *, root: str | None = None) -> None:
+        """Validate and register an adapter (loads in a worker thread; the loop keeps stepping).
+        `weight`: its fair-share weight from now on (None = unchanged), applied between steps.
+        `root`: the files actually read must resolve inside it (see AdapterCache.register)."""
         lora = self._lora()
-        await asyncio.to_thread(lora.add_adapter, name, str(path))
+        if weight is not None:
+            weight = positive_number(weight, f"the weight of {name!r}")
+        await asyncio.to_thread(lora.add_adapter, name, str(path), root=root)
+        if weight is not None:
+            self._inbox.put(("weight", (name, weight)))
+            self._poke()
 
     async def remove_adapter(self, name: str) -> None:
+        """Unregister `name`; its default tenant's fair-share accounting goes too (between steps)."""
         self._lora().remove_adapter(name)
+        self._inbox.put(("forget", name))
+        self._poke()
 
     def list_adapters(self) -> list[str]:
         return [] if self.core.lora is None else self.core.lora.names()
@@ -181,7 +197,7 @@ class AsyncLLM:
             self._wake.set()
 
     def _pending_adds(self) -> int:
-        return self._inbox.qsize()
+        return self._inbox.qsize()  # counts the few weight/forget messages too: a bound, not an exact count
 
     def _apply_inbox(self) -> None:
         """Apply queued adds/aborts (between steps: the core is not running)."""
@@ -191,13 +207,17 @@ class AsyncLLM:
             except queue.Empty:
                 return
             if kind == "add":
-                rid, ids, text, params, adapter = arg
+                rid, ids, text, params, adapter, priority, tenant = arg
                 if rid not in self._queues:
                     continue  # the client went away before the request started
                 try:
-                    self.core.add_request(rid, ids, params, adapter, prompt_text=text)
+                    self.core.add_request(rid, ids, params, adapter, prompt_text=text, priority=priority, tenant=tenant)
                 except Exception as e:  # e.g. the adapter was removed meanwhile
                     self._queues[rid].put_nowait(e)
+            elif kind == "weight":
+                self.core.scheduler.set_weight(*arg)
+            elif kind == "forget":
+                self.core.scheduler.forget_tenant(arg)
             else:
                 out = self.core.abort(arg)
                 q = self._queues.get(arg)

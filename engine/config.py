@@ -5,6 +5,7 @@ Pure Python (no torch) so the CLI can build and validate it cheaply.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -12,6 +13,7 @@ from engine.errors import ConfigError, UsageError
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
+SCHEDULING_POLICIES = ("fair", "fcfs", "priority")  # engine.scheduler.POLICIES (which imports no config)
 _DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 CPU_LORAS_PER_SLOT = 2  # CPU cache = 2x the device slots: a working set twice the slots swaps without disk reads
 
@@ -33,6 +35,11 @@ class EngineConfig:
     (QueueFullError beyond it; None = unbounded).
     LoRA: `max_loras` device slots of rank `max_lora_rank`, `max_cpu_loras` adapters kept in
     CPU memory, `loras` = ((name, path), ...) registered at start.
+    Scheduling (engine/scheduler.py): `scheduling_policy` fair (default), fcfs or priority;
+    `lora_weights` = ((tenant, weight), ...): a tenant's share weight (default 1; a tenant is an
+    adapter's name, the base model's name, or a name a request gives); `fair_prompt_weight` /
+    `fair_output_weight` = what one prompt / output token counts in the fair-share counters;
+    `max_seqs_per_tenant` caps one tenant's running requests (None = no cap).
     """
 
     model: str | None = None
@@ -54,6 +61,11 @@ class EngineConfig:
     loras: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     trust_remote_code: bool = False
     revision: str | None = None
+    scheduling_policy: str = "fair"
+    lora_weights: tuple[tuple[str, float], ...] = field(default_factory=tuple)
+    fair_prompt_weight: float = 1.0
+    fair_output_weight: float = 2.0
+    max_seqs_per_tenant: int | None = None
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -88,6 +100,21 @@ class EngineConfig:
         if len(set(names)) != len(names):
             raise UsageError(f"duplicate adapter names in loras: {names}")
         set_("loras", loras)
+        if self.scheduling_policy not in SCHEDULING_POLICIES:
+            raise UsageError(f"scheduling_policy must be one of {', '.join(SCHEDULING_POLICIES)}, "
+                              f"got {self.scheduling_policy!r}")
+        weights = []
+        for item in self.lora_weights.items() if isinstance(self.lora_weights, dict) else (self.lora_weights or ()):
+            item = tuple(item)
+            if len(item) != 2 or not isinstance(item[0], str) or not item[0]:
+                raise UsageError(f"lora_weights entries must be (name, weight) pairs, got {item!r}")
+            weights.append((item[0], positive_number(item[1], f"the weight of {item[0]!r}", error=UsageError)))
+        set_("lora_weights", tuple(weights))
+        for name in ("fair_prompt_weight", "fair_output_weight"):
+            positive_number(getattr(self, name), name, zero_ok=True, error=UsageError)
+        if self.max_seqs_per_tenant is not None and (not isinstance(self.max_seqs_per_tenant, int)
+                                                     or self.max_seqs_per_tenant < 1):
+            raise UsageError(f"max_seqs_per_tenant must be an integer >= 1 (or unset), got {self.max_seqs_per_tenant!r}")
         if self.model is not None and not isinstance(self.model, str):
             set_("model", str(self.model))
 
@@ -102,6 +129,16 @@ class EngineConfig:
         if unknown:
             raise ConfigError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
         return cls(model=model, **kwargs)
+
+
+def positive_number(value: object, what: str, *, zero_ok: bool = False,
+                    error: type[ConfigError] = ConfigError) -> float:
+    """`value` as a float > 0 (>= 0 with `zero_ok`), or an `error` that names `what` (e.g. a weight);
+    UsageError where the value is an option's (exit 2 on the command line)."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or not (value >= 0 if zero_ok else value > 0):  # type: ignore[operator]
+        raise error(f"{what} must be a number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
+    return float(value)  # type: ignore[arg-type]
 
 
 def _norm_dtype(value: str, name: str) -> str:

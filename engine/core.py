@@ -55,6 +55,9 @@ class EngineStats:
     resident_adapters: list[str] = field(default_factory=list)
     max_loras: int = 0
     num_preemptions: int = 0
+    tenant_service: dict[str, float] = field(default_factory=dict)  # tenant -> fair-share counter (weighted)
+    tenant_prompt_tokens: dict[str, int] = field(default_factory=dict)  # tenant -> prompt tokens admitted
+    tenant_output_tokens: dict[str, int] = field(default_factory=dict)  # tenant -> tokens generated
 
 
 @dataclass
@@ -91,6 +94,11 @@ class EngineCore:
             max_loras=config.max_loras if self.lora is not None else None,
             acquire=self.lora.acquire if self.lora is not None else None,
             release=self.lora.release if self.lora is not None else None,
+            policy=config.scheduling_policy,
+            weights=dict(config.lora_weights),
+            prompt_weight=config.fair_prompt_weight,
+            output_weight=config.fair_output_weight,
+            max_seqs_per_tenant=config.max_seqs_per_tenant,
         )
         self.eos_token_ids = self._eos_ids()
         self.vocab_size = self.runner.args.vocab_size
@@ -146,8 +154,12 @@ class EngineCore:
         adapter: str | None = None,
         *,
         prompt_text: str | None = None,
+        priority: int = 0,
+        tenant: str | None = None,
     ) -> None:
-        """Queue a request. `prompt_text` names the text of already-tokenized ids (for outputs)."""
+        """Queue a request. `prompt_text` names the text of already-tokenized ids (for outputs).
+        `tenant` = whose fair share it uses (default: the adapter's name, or the base model's name);
+        `priority`: lower first under the `priority` scheduling policy."""
         if request_id in self._requests:
             raise ConfigError(f"duplicate request id {request_id!r}")
         params = params or SamplingParams()
@@ -163,8 +175,8 @@ class EngineCore:
             from engine.errors import AdapterNotFoundError
 
             raise AdapterNotFoundError(f"adapter {adapter!r} is not registered (LoRA is disabled)")
-        seq = Sequence(request_id, ids, params, prompt=text, adapter=adapter,
-                       eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)  # fmt: skip
+        seq = Sequence(request_id, ids, params, prompt=text, adapter=adapter, tenant=tenant or adapter or self.model_name,
+                       priority=priority, eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)  # fmt: skip
         seq.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params))
         self.scheduler.add(seq)
@@ -308,6 +320,9 @@ class EngineCore:
             kv_free_blocks=self.block_manager.num_free_blocks,
             kv_total_blocks=self.block_manager.num_blocks,
             num_preemptions=self.scheduler.num_preemptions,
+            tenant_service=dict(self.scheduler.vtc),  # dict() copies are atomic under the GIL
+            tenant_prompt_tokens=dict(self.scheduler.prompt_served),
+            tenant_output_tokens=dict(self.scheduler.output_served),
         )
         for seq in running:
             if seq.adapter is not None:

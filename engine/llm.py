@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.async_llm import AsyncLLM
-from engine.config import EngineConfig
+from engine.config import EngineConfig, positive_number
 from engine.core import EngineCore, EngineStats
 from engine.errors import ConfigError
 from engine.lora_request import LoRARequest
@@ -55,12 +55,19 @@ class LLM:
     def max_model_len(self) -> int:
         return self.engine.max_model_len
 
-    def add_adapter(self, name: str, path: str) -> None:
-        """Register (validate + load) a LoRA adapter under `name`; same name again replaces it."""
+    def add_adapter(self, name: str, path: str, weight: float | None = None) -> None:
+        """Register (validate + load) a LoRA adapter under `name`; same name again replaces it.
+        `weight`: its fair-share weight (None = keep the configured one, default 1)."""
+        if weight is not None:
+            weight = positive_number(weight, f"the weight of {name!r}")
         self._lora().add_adapter(name, str(path))
+        if weight is not None:
+            self.engine.scheduler.set_weight(name, weight)
 
     def remove_adapter(self, name: str) -> None:
+        """Unregister `name` (and forget its default tenant's fair-share accounting)."""
         self._lora().remove_adapter(name)
+        self.engine.scheduler.forget_tenant(name)
         self._lora_ids = {i: n for i, n in self._lora_ids.items() if n != name}
 
     def list_adapters(self) -> list[str]:
@@ -89,14 +96,13 @@ class LLM:
         `adapters`: one adapter name (or None = base model) for all, or one per prompt; or
         `lora_request`: one LoRARequest (or None) for all, or one per prompt, as in vLLM. A
         LoRARequest's adapter is registered under its name on first use.
-        `use_tqdm` has no effect (no progress bar); `priority` is refused (no priority scheduling).
+        `priority`: one value per prompt (lower first) for the `priority` scheduling policy, as vLLM.
+        `use_tqdm` has no effect (no progress bar).
         """
         if params is not None:
             if sampling_params is not None:
                 raise ConfigError("pass sampling_params or params=, not both")
             sampling_params = params
-        if priority is not None and any(priority):
-            raise ConfigError("priority is not supported: mlora schedules requests first come, first served")
         if is_single_prompt(prompts):
             prompts = [prompts]
         parsed = [parse_prompt(p) for p in prompts]
@@ -113,11 +119,14 @@ class LLM:
             alist = list(adapters) if isinstance(adapters, (list, tuple)) else [adapters] * n
         if len(plist) != n or len(alist) != n:
             raise ConfigError(f"got {n} prompts but {len(plist)} sampling params and {len(alist)} adapters")
+        prio = [0] * n if priority is None else list(priority)
+        if len(prio) != n:
+            raise ConfigError(f"got {n} prompts but {len(prio)} priorities")
         ids = [f"gen-{next(self._ids)}" for _ in range(n)]
         added: list[str] = []
         try:
-            for rid, (prompt, text), p, a in zip(ids, parsed, plist, alist):
-                self.engine.add_request(rid, prompt, p, a, prompt_text=text)
+            for rid, (prompt, text), p, a, pr in zip(ids, parsed, plist, alist, prio):
+                self.engine.add_request(rid, prompt, p, a, prompt_text=text, priority=pr)
                 added.append(rid)
             final: dict[str, RequestOutput] = {}
             while self.engine.has_unfinished():

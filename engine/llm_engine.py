@@ -47,14 +47,11 @@ class LLMEngine:
         lora_request: LoRARequest | None = None,
         priority: int = 0,
     ) -> None:
-        """Queue one request: text, token ids or a prompt dict; `lora_request` registers its adapter on first use."""
-        from engine.errors import ConfigError
-
-        if priority:
-            raise ConfigError("priority is not supported: mlora schedules requests first come, first served")
+        """Queue one request: text, token ids or a prompt dict; `lora_request` registers its adapter on first use;
+        `priority`: lower first under the `priority` scheduling policy (as LLM.generate)."""
         ids_or_text, text = parse_prompt(prompt)
         adapter = self.llm.adapter_for(lora_request)
-        self.llm.engine.add_request(str(request_id), ids_or_text, params, adapter, prompt_text=text)
+        self.llm.engine.add_request(str(request_id), ids_or_text, params, adapter, prompt_text=text, priority=priority)
         self._lora_requests[str(request_id)] = lora_request
 
     def step(self) -> list[RequestOutput]:

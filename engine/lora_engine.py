@@ -4,6 +4,10 @@
   (engine.lora.manager) decides which adapter lives in which slot (LRU tiers, pins).
 - Each request with an adapter pins it from admission (`acquire`) to finish or preemption
   (`release`), so an adapter in use is never evicted. The scheduler calls these hooks.
+- A request is bound to the adapter *version* it was first admitted with (`seq.adapter_version`)
+  until it finishes: after a preemption it re-acquires that version, so a replacement (or an
+  unload) of the name never changes the weights of an answer already under way. A request that
+  never started gets the name's current version, or a clear "was unloaded" error.
 - Per step the runner receives one slot index per scheduled sequence (-1 = base model),
   never an adapter name.
 - After each step, adapters that waiting requests need are prefetched disk -> CPU in the
@@ -18,6 +22,7 @@ from engine.config import EngineConfig
 from engine.core import EngineStats
 from engine.errors import AdapterNotFoundError, MloraError
 from engine.lora import AdapterCache, LoraSlots
+from engine.lora.manager import AdapterChangedError, AdapterVersionGoneError
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 
@@ -47,9 +52,10 @@ class LoraEngine:
         self._failed: list[tuple[Sequence, str]] = []
 
     # -- registry ----------------------------------------------------------------------------
-    def add_adapter(self, name: str, path: str) -> None:
-        """Validate + load into the CPU tier; raises AdapterError and changes nothing if bad."""
-        self.cache.register(name, path)
+    def add_adapter(self, name: str, path: str, *, root: str | None = None) -> None:
+        """Validate + load into the CPU tier; raises AdapterError and changes nothing if bad.
+        `root`: every file actually read must resolve inside this (resolved) directory."""
+        self.cache.register(name, path, root=root)
 
     def remove_adapter(self, name: str) -> None:
         self.cache.remove(name)
@@ -70,15 +76,26 @@ class LoraEngine:
         if seq.adapter is None:
             return True
         try:
-            slot = self.cache.acquire(seq.adapter)
+            slot = self.cache.acquire(seq.adapter, version=seq.adapter_version)
+        except (AdapterVersionGoneError, AdapterChangedError) as e:
+            self._fail(seq, e.message)
+            return False
+        except AdapterNotFoundError:  # unloaded while this request waited for its first step
+            self._fail(seq, f"adapter {seq.adapter!r} was unloaded before this request started")
+            return False
         except MloraError as e:  # e.g. the files went bad after registration: fail this request only
-            if all(s is not seq for s, _ in self._failed):
-                self._failed.append((seq, f"adapter {seq.adapter!r} could not be loaded: {e}"))
+            self._fail(seq, f"adapter {seq.adapter!r} could not be loaded: {e}")
             return False
         if slot is None:
             return False
+        if seq.adapter_version is None:
+            seq.adapter_version = self.cache.bind(slot)
         self._held[id(seq)] = (seq.adapter, slot)
         return True
+
+    def _fail(self, seq: Sequence, message: str) -> None:
+        if all(s is not seq for s, _ in self._failed):
+            self._failed.append((seq, message))
 
     def take_failed(self) -> list[tuple[Sequence, str]]:
         """Requests whose adapter failed to load during the last schedule()."""
@@ -92,6 +109,9 @@ class LoraEngine:
 
     def on_finish(self, seq: Sequence) -> None:
         self.release(seq)
+        if seq.adapter_version is not None:
+            self.cache.unbind(seq.adapter_version)
+            seq.adapter_version = None
 
     # -- per step ----------------------------------------------------------------------------
     def step_inputs(self, out: SchedulerOutput) -> tuple[list[int] | None, LoraSlots | None]:

@@ -10,12 +10,14 @@ group ordered by LoRA slot.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import LoraBatchMeta
 
@@ -32,6 +34,15 @@ from engine.sequence import Sequence
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CAP_BYTES = 2 << 30  # default KV pool cap on CPU when no size is given
 PROMPT_LOGPROBS_ROWS = 512  # prompt positions scored at once: [512, V] fp32 logits (~300 MB at V = 152k)
+# SDPA backends on CUDA: not cuDNN, torch's first pick for masked attention on Hopper, which builds an
+# execution plan per new shape: ~10 ms of CPU per layer call when the decode key length grows by one
+# every step (H200, llama-1b batch 64: 130 ms/step, 95% of it there; see benchmarks/profile_decode.py).
+_CUDA_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def sdpa_backends(device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The attention backends the model may use on `device` (a context for the forward)."""
+    return sdpa_kernel(_CUDA_SDPA_BACKENDS) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def resolve_device(device: str) -> torch.device:
@@ -233,7 +244,8 @@ class ModelRunner:
             lora = LoraContext(token_slots=lmeta.token_slots, meta=lmeta, stacks=stacks)  # [T] int32 on dev
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
-        hidden = self.model(input_ids, positions, meta, self.kv_cache, lora)  # [T, hidden]
+        with sdpa_backends(dev):
+            hidden = self.model(input_ids, positions, meta, self.kv_cache, lora)  # [T, hidden]
         for seq, row, count in prompt_lp:  # in slices: [rows, V] fp32 logits stay small for long prompts
             for r in range(row, row + count, PROMPT_LOGPROBS_ROWS):
                 self._prompt_logprobs(seq, hidden[r : min(r + PROMPT_LOGPROBS_ROWS, row + count)])
@@ -279,7 +291,8 @@ class ModelRunner:
             ts = torch.full((t,), slot, dtype=torch.int32, device=dev)
             lora = LoraContext(token_slots=ts, meta=LoraBatchMeta.from_token_slots(ts), stacks=stacks)
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
-        hidden = self.model(ids, torch.arange(t, device=dev), meta, scratch, lora)
+        with sdpa_backends(dev):
+            hidden = self.model(ids, torch.arange(t, device=dev), meta, scratch, lora)
         return self.model.logits(hidden)
 
     def _prefill_span(self, seq: Sequence, t0: int, n: int, start: int) -> PrefillSpan:

@@ -16,16 +16,37 @@ Policy, in order:
    steps) first, then requests whose adapter is already resident, then the rest, each by arrival.
    A request whose adapter cannot join this step is skipped, unless it has aged: then admission
    stops until it fits, so the running set drains and no request waits forever.
+
+The order of step 2 is the scheduling policy (`policy`); the text above is `fcfs`:
+- `fair` (default): weighted fair share over tenants (a tenant = `seq.tenant`, by default the
+  adapter; the base model is one tenant), after VTC (Sheng et al., "Fairness in Serving Large
+  Language Models", OSDI 2024). Each tenant has a virtual counter of the service it received,
+  `(prompt_weight * prompt tokens + output_weight * output tokens) / weight`; the waiting tenant
+  with the least counter goes next (re-read after every admission), FCFS within a tenant,
+  resident adapters first among equal counters. A tenant that becomes active is lifted to the
+  least counter of the active tenants (no credit for idle time). Preemption takes the most
+  over-served tenant's request. Two tenants that both have waiting requests stay within
+  (prompt_weight * longest prompt + output_weight * max_tokens * max_num_seqs) / least weight of
+  each other's counter: one admission plus what a full batch can still generate
+  (tests/engine/test_fair.py checks it under adversarial arrivals).
+- `priority`: lower `seq.priority` first, then resident adapters, then arrival (vLLM's order);
+  preemption takes the largest priority value.
+In `fair` and `priority` aging does not reorder (that would undo the policy); an aged request
+still holds admission while its adapter cannot join, so the starvation rule above stands.
+`max_seqs_per_tenant` caps one tenant's running requests (None = no cap).
 """
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 from engine.block_manager import BlockManager
 from engine.sequence import Sequence, SeqStatus
+
+POLICIES = ("fair", "fcfs", "priority")
 
 
 @dataclass
@@ -65,9 +86,29 @@ class Scheduler:
         aging_steps: int = 16,
         acquire: Callable[[Sequence], bool] | None = None,
         release: Callable[[Sequence], None] | None = None,
+        policy: str = "fair",
+        weights: Mapping[str, float] | None = None,
+        prompt_weight: float = 1.0,
+        output_weight: float = 2.0,
+        max_seqs_per_tenant: int | None = None,
     ) -> None:
         """`acquire(seq)` is asked before admitting a sequence (pin its adapter's slot; False = not
-        now) and `release(seq)` is called when it leaves the running set (finish, abort, preemption)."""
+        now) and `release(seq)` is called when it leaves the running set (finish, abort, preemption).
+        `weights`: tenant -> share weight (default 1.0); the policies are in the module docstring."""
+        if policy not in POLICIES:
+            raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+        self.policy = policy
+        self.weights: dict[str, float] = dict(weights or {})
+        self.prompt_weight = prompt_weight
+        self.output_weight = output_weight
+        self.max_seqs_per_tenant = max_seqs_per_tenant
+        self.vtc: dict[str, float] = {}  # tenant -> virtual counter (weighted service so far)
+        self.prompt_served: dict[str, int] = {}  # tenant -> prompt tokens admitted (first admission only)
+        self.output_served: dict[str, int] = {}  # tenant -> output tokens generated
+        self._active: dict[str, int] = {}  # tenant -> its waiting sequences (present only if > 0)
+        self._last_left: str | None = ""  # the last tenant whose queue emptied: its counter is the lift floor when none waits
+        self._left_floor = 0.0  # that floor when the last tenant to leave was forgotten since (_last_left None)
+        self._forget: set[str] = set()  # tenants to forget once their last request ends (forget_tenant)
         self.bm = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
@@ -86,6 +127,32 @@ class Scheduler:
         seq.status = SeqStatus.WAITING
         self._enqueued_at[id(seq)] = self.step_no
         self.waiting.append(seq)
+        self._forget.discard(seq.tenant)  # asked for again: served again, its accounting stays
+        self._activate(seq.tenant)
+
+    def set_weight(self, tenant: str, weight: float) -> None:
+        """Share weight of `tenant` from now on (service already counted keeps its old weight)."""
+        if not weight > 0:
+            raise ValueError(f"a tenant's weight must be > 0, got {weight!r}")
+        self.weights[tenant] = float(weight)
+
+    def forget_tenant(self, tenant: str) -> None:
+        """Drop `tenant`'s fair-share accounting (counter, token totals: its adapter was unloaded), so a
+        server that loads and unloads adapters all day keeps no state per name it no longer serves.
+        Now if none of its requests is queued or running, else when the last one ends (unless a new
+        request of it arrives first). Its weight stays. Back later, it is lifted like any tenant that
+        becomes active, so forgetting gives it no credit over the tenants then waiting."""
+        self._forget.add(tenant)
+        self._maybe_forget(tenant)
+
+    def _maybe_forget(self, tenant: str) -> None:
+        if tenant not in self._forget or tenant in self._active or any(s.tenant == tenant for s in self.running):
+            return
+        self._forget.discard(tenant)
+        if tenant == self._last_left:
+            self._left_floor, self._last_left = self.vtc.get(tenant, 0.0), None
+        for served in (self.vtc, self.prompt_served, self.output_served):
+            served.pop(tenant, None)
 
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
@@ -105,11 +172,14 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+            self._deactivate(seq.tenant)
         self.bm.free(seq)
         self._enqueued_at.pop(id(seq), None)
         if seq.status is SeqStatus.RUNNING and self._release is not None:
             self._release(seq)
         seq.status = SeqStatus.FINISHED
+        if self._forget:
+            self._maybe_forget(seq.tenant)
 
     def waiting_adapters(self) -> list[str]:
         """Adapters that waiting requests need, in the order they would be admitted."""
@@ -126,14 +196,14 @@ class Scheduler:
         out = SchedulerOutput()
         budget = self.max_num_batched_tokens
         done: set[int] = set()  # id() of sequences scheduled this step (never preempted by it)
-        for seq in sorted(self.running, key=lambda s: s.num_pending_tokens > 1):  # decodes first
+        for seq in sorted(self.running, key=self._running_key):  # decodes first
             if budget <= 0:
                 break
             if seq.status is not SeqStatus.RUNNING:
                 continue  # preempted earlier in this loop
             n = min(seq.num_pending_tokens, budget)
             while not self.bm.can_allocate(seq, n):
-                victim = next((s for s in reversed(self.running) if id(s) not in done and s is not seq), seq)
+                victim = self._victim(seq, done)
                 self.running.remove(victim)
                 self._preempt(victim)
                 out.preempted.append(victim)
@@ -152,9 +222,16 @@ class Scheduler:
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int, active: set[str], resident: frozenset[str]) -> int:
-        for seq in self._candidates(resident):
+        cap = self.max_seqs_per_tenant
+        per_tenant: dict[str, int] = {}
+        if cap is not None:
+            for s in self.running:
+                per_tenant[s.tenant] = per_tenant.get(s.tenant, 0) + 1
+        for seq in self._order(resident):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
+            if cap is not None and per_tenant.get(seq.tenant, 0) >= cap:
+                continue
             aged = self.step_no - self._enqueued_at.get(id(seq), self.step_no) >= self.aging_steps
             needs_slot = seq.adapter is not None and seq.adapter not in active
             if needs_slot and self.max_loras is not None and len(active) >= self.max_loras:
@@ -170,17 +247,55 @@ class Scheduler:
                 continue
             self.bm.allocate(seq, n)
             self.waiting.remove(seq)
+            self._deactivate(seq.tenant)
             self._enqueued_at.pop(id(seq), None)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             if seq.adapter is not None:
                 active.add(seq.adapter)
+            if cap is not None:
+                per_tenant[seq.tenant] = per_tenant.get(seq.tenant, 0) + 1
+            if seq.num_preemptions == 0:  # a recompute after preemption is not charged again
+                self._charge(seq, self.prompt_weight * seq.num_prompt_tokens)
+                self.prompt_served[seq.tenant] = self.prompt_served.get(seq.tenant, 0) + seq.num_prompt_tokens
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
             budget -= n
         return budget
 
+    def _order(self, resident: frozenset[str]) -> Iterator[Sequence]:
+        """Waiting sequences in admission order. Under `fair` the next one is chosen when asked, so an
+        admission (which charges its tenant) moves that tenant back before the next choice."""
+        if self.policy != "fair":
+            yield from self._candidates(resident)
+            return
+        queues: dict[str, deque[Sequence]] = {}
+        for seq in self.waiting:  # queue order within a tenant: preempted first, then arrival
+            queues.setdefault(seq.tenant, deque()).append(seq)
+
+        def entry(tenant: str) -> tuple[float, int, int, str]:
+            head = queues[tenant][0]
+            cold = 0 if head.adapter is None or head.adapter in resident else 1
+            return (self.vtc.get(tenant, 0.0), cold, head.seq_no, tenant)
+
+        heap = [entry(t) for t in queues]
+        heapq.heapify(heap)
+        while heap:
+            tenant = heapq.heappop(heap)[3]
+            yield queues[tenant].popleft()
+            if queues[tenant]:
+                heapq.heappush(heap, entry(tenant))
+
     def _candidates(self, resident: frozenset[str]) -> list[Sequence]:
         """Waiting sequences in admission-priority order (see the module docstring)."""
+        if self.policy == "fair":
+            return list(self._order(resident))
+        if self.policy == "priority":
+
+            def by_priority(seq: Sequence) -> tuple[int, int, int]:
+                cold = 0 if seq.adapter is None or seq.adapter in resident else 1
+                return (seq.priority, cold, seq.seq_no)
+
+            return sorted(self.waiting, key=by_priority)
         if self.max_loras is None:
             return list(self.waiting)
 
@@ -190,6 +305,49 @@ class Scheduler:
             return (0 if aged else 1, 0 if warm else 1, seq.seq_no)
 
         return sorted(self.waiting, key=key)
+
+    def _standing(self, seq: Sequence) -> float:
+        """How far back the policy puts a running `seq`: its tenant's counter (`fair`), its priority
+        value (`priority`), nothing (`fcfs`: admission order alone decides)."""
+        if self.policy == "fair":
+            return self.vtc.get(seq.tenant, 0.0)
+        return float(seq.priority) if self.policy == "priority" else 0.0
+
+    def _running_key(self, seq: Sequence) -> tuple[bool, float]:
+        """Order of the running loop: decodes before prefills, then (stable: by admission) the best
+        standing first, so the ones a preemption should take are still unscheduled if KV runs short."""
+        return (seq.num_pending_tokens > 1, self._standing(seq))
+
+    def _victim(self, seq: Sequence, done: set[int]) -> Sequence:
+        """The running sequence to preempt so that `seq` can grow (`seq` itself when no other can go):
+        the worst standing (the most over-served tenant, the largest priority value), then the latest
+        admitted; never one already scheduled this step."""
+        others = [(i, s) for i, s in enumerate(self.running) if id(s) not in done and s is not seq]
+        return max(others, key=lambda p: (self._standing(p[1]), p[0]))[1] if others else seq
+
+    # -- fair-share accounting ----------------------------------------------------------------
+    def _charge(self, seq: Sequence, cost: float) -> None:
+        tenant = seq.tenant
+        self.vtc[tenant] = self.vtc.get(tenant, 0.0) + cost / self.weights.get(tenant, 1.0)
+
+    def _activate(self, tenant: str) -> None:
+        """A request of `tenant` joined the queue. A tenant becoming active (none of its requests was
+        waiting) is lifted to the least counter of the active tenants, or when none is, to the counter of
+        the last one that left: no credit for the time it did not ask for service (VTC)."""
+        n = self._active.get(tenant, 0)
+        if n == 0:
+            left = self._left_floor if self._last_left is None else self.vtc.get(self._last_left, 0.0)
+            floor = min((self.vtc.get(t, 0.0) for t in self._active), default=left)
+            self.vtc[tenant] = max(self.vtc.get(tenant, 0.0), floor)
+        self._active[tenant] = n + 1
+
+    def _deactivate(self, tenant: str) -> None:
+        n = self._active.get(tenant, 0) - 1
+        if n > 0:
+            self._active[tenant] = n
+            return
+        self._active.pop(tenant, None)
+        self._last_left = tenant
 
     def _preempt(self, seq: Sequence) -> None:
         self.bm.free(seq)
@@ -201,6 +359,7 @@ class Scheduler:
         self.num_preemptions += 1
         self._enqueued_at[id(seq)] = self.step_no - self.aging_steps  # preempted work counts as aged
         self.waiting.appendleft(seq)
+        self._activate(seq.tenant)
 
     def postprocess(self, out: SchedulerOutput, tokens: list[int | None]) -> list[Sequence]:
         """Advance the scheduled sequences with the sampled tokens (aligned with `out.scheduled`).
@@ -215,6 +374,8 @@ class Scheduler:
             seq.num_computed_tokens += item.num_tokens
             if item.sample and tok is not None:
                 seq.append_token(tok)
+                self._charge(seq, self.output_weight)
+                self.output_served[seq.tenant] = self.output_served.get(seq.tenant, 0) + 1
                 touched.append(seq)
                 if seq.check_token_stop():
                     self.finish(seq)

@@ -35,6 +35,9 @@ class Sequence:
     params: SamplingParams
     prompt: str | None = None
     adapter: str | None = None
+    adapter_version: int | None = None  # set at first admission; preemption re-acquires this version, not the name
+    tenant: str = ""  # whose fair share this request draws on (scheduler); "" = the adapter's name
+    priority: int = 0  # lower runs first under the `priority` scheduling policy (vLLM's convention)
     eos_token_ids: frozenset[int] = frozenset()
     max_model_len: int = 1 << 30
     token_ids: list[int] = field(default_factory=list)
@@ -56,6 +59,7 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        self.tenant = self.tenant or self.adapter or ""
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:

@@ -26,6 +26,18 @@ class Device(str, Enum):
     cuda = "cuda"
 
 
+class BenchWorkload(str, Enum):
+    standard = "standard"
+    flood = "flood"
+    trace = "trace"
+
+
+class Policy(str, Enum):
+    fair = "fair"
+    fcfs = "fcfs"
+    priority = "priority"
+
+
 class Dtype(str, Enum):
     auto = "auto"
     float32 = "float32"
@@ -55,6 +67,13 @@ def bench(
     no_separate: Annotated[bool, typer.Option("--no-separate", help="Skip the separate-engines alternative (one engine start per adapter: slow on big models).")] = False,
     no_churn: Annotated[bool, typer.Option("--no-churn", help="Skip the churn workload (more adapters than slots).")] = False,
     kernels: Annotated[bool, typer.Option("--kernels", help="Run the LoRA kernel micro-benchmark (shrink/expand) instead.")] = False,
+    workload: Annotated[BenchWorkload, typer.Option("--workload", help="standard: the workloads above; flood: one adapter floods the queue (--num-requests, default 60), light tenants arrive --light-delay s later (--rate: Poisson); trace: replay --trace's arrivals. flood/trace report per-tenant TTFT and tokens/s for each --policy.")] = BenchWorkload.standard,
+    trace: Annotated[Optional[Path], typer.Option("--trace", help="JSONL trace to replay with --workload trace (timestamp + adapter or model; optional max_tokens, priority, tenant).", show_default=False)] = None,
+    policy: Annotated[Optional[list[Policy]], typer.Option("--policy", help="Scheduling policies to compare with flood/trace (repeatable). (default: fcfs and fair)", show_default=False)] = None,
+    max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1, help="Running batch size with flood/trace.")] = 4,
+    light_requests: Annotated[int, typer.Option("--light-requests", min=1, help="Requests per light tenant with flood.")] = 4,
+    light_tenants: Annotated[int, typer.Option("--light-tenants", min=1, help="Light tenants (adapters after the flooder's) with flood.")] = 1,
+    light_delay: Annotated[float, typer.Option("--light-delay", min=0.0, help="Seconds after the flood that the light tenants start.")] = 1.0,
 ) -> None:
     """Benchmark mixed-adapter batches against homogeneous ones, the base model and the alternatives.
 
@@ -66,6 +85,19 @@ def bench(
 
     if kernels:
         _run_kernels(device=device.value, dtype=dtype.value, rank=rank, threads=threads, quick=quick, json_file=json_file)
+        return
+    if workload is not BenchWorkload.standard or trace is not None:
+        from engine.bench.fairness import FairnessConfig
+
+        fcfg = FairnessConfig(
+            workload="trace" if trace is not None else workload.value, trace=str(trace) if trace is not None else None,
+            model=model, preset=preset.value if preset is not None else None, rank=rank,
+            policies=tuple(p.value for p in policy) if policy else ("fcfs", "fair"), max_num_seqs=max_num_seqs,
+            heavy_requests=num_requests or 60, light_requests=light_requests, light_tenants=light_tenants,
+            light_delay_s=light_delay, light_rate=rate, max_tokens=max_tokens or 40, device=device.value,
+            dtype=dtype.value, threads=threads, repeat=repeat or 1,
+        )  # fmt: skip
+        _run_fairness(fcfg, json_file)
         return
     from engine.bench.config import FULL_DEFAULTS, QUICK_DEFAULTS, BenchConfig
     from engine.errors import ConfigError, UsageError
@@ -114,6 +146,23 @@ def bench(
 
         err_console.print(f"[bold red]bench gate failed:[/] {failure}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _run_fairness(config, json_file: Optional[Path]) -> None:  # noqa: ANN001 - FairnessConfig
+    """`--workload flood|trace`: each policy on the same requests, per-tenant TTFT side by side."""
+    from engine.bench.fairness import render_fairness, run_fairness
+    from engine.errors import ConfigError
+    from mlora_cli._common import console, err_console
+
+    with err_console.status("fairness bench") as status:
+        report = run_fairness(config, on_step=lambda name: status.update(f"fairness bench: {name}"))
+    render_fairness(report, console)
+    if json_file is not None:
+        try:
+            json_file.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise ConfigError(f"cannot write {json_file}: {e}") from e
+        console.print(f"[dim]wrote {json_file}[/]", highlight=False)
 
 
 def _check_matplotlib() -> None:

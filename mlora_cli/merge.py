@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -33,6 +37,31 @@ class _RichProgress:
     def end_shard(self) -> None:
         task = next(t for t in self.progress.tasks if t.id == self.task)
         self.progress.update(self.task, completed=task.total)
+
+
+_SIGTERM = "SIGTERM"
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt() -> Iterator[list[bool]]:
+    """SIGTERM (a supervisor, `kill`, a CI timeout) stops the merge like Ctrl+C: the staging
+    directory is removed and the CLI exits non-zero with one line, instead of dying mid-write.
+    Yields a flag set once SIGTERM arrived: raised inside a C call, the KeyboardInterrupt can come
+    out as another exception (torch turns it into a ValueError), and the flag still says why."""
+    termed = [False]
+    if threading.current_thread() is not threading.main_thread():
+        yield termed
+        return
+
+    def on_term(signum: int, frame: object) -> None:
+        termed[0] = True
+        raise KeyboardInterrupt(_SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield termed
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def merge(
@@ -70,7 +99,7 @@ def merge(
 
     from engine.adapters.config import parse_adapter_config
     from engine.adapters.files import read_adapter_config_json, resolve_adapter_dir
-    from engine.errors import ConfigError
+    from engine.errors import ConfigError, MloraError
     from engine.merge import AdapterSpec, MergeConfig, merge_adapter
 
     paths = [str(p) for p in ([adapter_arg] if adapter_arg is not None else []) + list(adapters or [])]
@@ -87,8 +116,16 @@ def merge(
     config = MergeConfig(base=base, adapters=specs, out=out, dtype=dtype, force=force, verify=verify, tolerance=tolerance)
     quiet = str(json_file) == "-"
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TimeRemainingColumn())
-    with Progress(*columns, console=console, transient=False, disable=quiet) as progress:
-        report = merge_adapter(config, progress=_RichProgress(progress))
+    termed = [False]
+    try:
+        with _sigterm_as_interrupt() as termed, Progress(*columns, console=console, transient=False, disable=quiet) as progress:
+            report = merge_adapter(config, progress=_RichProgress(progress))
+    except BaseException as e:  # merge_adapter already removed its staging directory
+        if not (termed[0] or isinstance(e, KeyboardInterrupt)):
+            raise
+        term = termed[0] or str(e) == _SIGTERM
+        raise MloraError(f"interrupted by {'SIGTERM' if term else 'Ctrl+C'}: nothing was written to {out}",
+                         exit_code=143 if term else 130) from None
     if json_file is not None:
         text = json.dumps(report.to_json(), indent=2) + "\n"
         if quiet:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from typing import Annotated, Any, Optional
 
 import typer
@@ -12,6 +13,13 @@ _ENGINE = "Engine"
 _LORA = "LoRA"
 _HTTP = "HTTP"
 _RAY = "Ray"
+_SCHED = "Scheduling"
+
+
+class Policy(str, Enum):
+    fair = "fair"
+    fcfs = "fcfs"
+    priority = "priority"
 
 
 def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
@@ -30,6 +38,24 @@ def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
     return tuple(out)
 
 
+def parse_lora_weights(specs: list[str]) -> tuple[tuple[str, float], ...]:
+    """`NAME=W` items (NAME: an adapter, the base model or a request-named tenant) -> ((name, weight), ...)."""
+    from engine.config import positive_number
+    from engine.errors import UsageError
+
+    out = []
+    for spec in specs:
+        name, sep, value = spec.partition("=")
+        try:
+            weight = float(value)
+        except ValueError:
+            weight = float("nan")
+        if not sep or not name.strip() or weight != weight:
+            raise UsageError(f"--lora-weight expects NAME=WEIGHT, got {spec!r}", hint="e.g. --lora-weight sql=2")
+        out.append((name.strip(), positive_number(weight, f"--lora-weight {name.strip()}", error=UsageError)))
+    return tuple(out)
+
+
 def scan_lora_dir(directory: str | None) -> tuple[tuple[str, str], ...]:
     """--lora-dir: every subdirectory of `directory` holding adapter_config.json, named after it, sorted."""
     from engine.server.config import adapters_in_dir
@@ -43,13 +69,18 @@ def build_config(**opts: Any) -> Any:
     from engine.server.config import ServerConfig
 
     engine_keys = ("model", "dtype", "device", "max_model_len", "max_num_seqs", "max_queue", "max_loras",
-                   "max_lora_rank", "max_cpu_loras")
+                   "max_lora_rank", "max_cpu_loras", "scheduling_policy", "max_seqs_per_tenant")
     engine_kwargs = {k: opts[k] for k in engine_keys if opts.get(k) is not None}
+    if opts.get("lora_weight"):
+        engine_kwargs["lora_weights"] = parse_lora_weights(opts["lora_weight"])
     loras = scan_lora_dir(opts.get("lora_dir")) + parse_lora(opts.get("lora") or [])
     engine = EngineConfig(loras=loras, **engine_kwargs)
+    server_keys = ("max_seqs_per_request", "max_body_bytes", "header_timeout", "body_timeout",
+                   "trust_request_chat_template")
+    server_kwargs = {k: opts[k] for k in server_keys if opts.get(k) is not None}
     return ServerConfig(engine=engine, host=opts["host"], port=opts["port"], api_key=opts.get("api_key"),
                         allow_runtime_lora=opts["allow_runtime_lora"], adapter_root=opts.get("adapter_root"),
-                        grace_period=opts["grace_period"])
+                        grace_period=opts["grace_period"], **server_kwargs)
 
 
 def serve(
@@ -59,17 +90,25 @@ def serve(
     max_loras: Annotated[Optional[int], typer.Option("--max-loras", min=1, help="Adapters resident in device slots at once (distinct adapters per step). \\[default: 4]", rich_help_panel=_LORA)] = None,
     max_lora_rank: Annotated[Optional[int], typer.Option("--max-lora-rank", min=1, help="Largest adapter rank a slot holds. \\[default: 16]", rich_help_panel=_LORA)] = None,
     max_cpu_loras: Annotated[Optional[int], typer.Option("--max-cpu-loras", min=1, help="Adapters kept in CPU memory (>= --max-loras). \\[default: 2 x max-loras]", rich_help_panel=_LORA)] = None,
-    allow_runtime_lora: Annotated[bool, typer.Option("--allow-runtime-lora", help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter.", rich_help_panel=_LORA)] = False,
-    adapter_root: Annotated[Optional[str], typer.Option("--adapter-root", help="Only load runtime adapters from inside this directory (symlinks resolved).", rich_help_panel=_LORA)] = None,
+    allow_runtime_lora: Annotated[bool, typer.Option("--allow-runtime-lora", help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).", rich_help_panel=_LORA)] = False,
+    adapter_root: Annotated[Optional[str], typer.Option("--adapter-root", help="Only load runtime adapters from inside this directory (symlinks resolved); required by --allow-runtime-lora (--adapter-root / allows any path).", rich_help_panel=_LORA)] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16 or float16. \\[default: auto]", rich_help_panel=_ENGINE)] = None,
     device: Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda. \\[default: auto]", rich_help_panel=_ENGINE)] = None,
     max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", min=1, help="Context length (prompt + completion). \\[default: the model's]", rich_help_panel=_ENGINE)] = None,
     max_num_seqs: Annotated[Optional[int], typer.Option("--max-num-seqs", min=1, help="Requests in the running batch. \\[default: 64]", rich_help_panel=_ENGINE)] = None,
-    max_queue: Annotated[Optional[int], typer.Option("--max-queue", min=0, help="Waiting requests beyond which new ones get 429 + Retry-After. \\[default: unbounded]", rich_help_panel=_ENGINE)] = None,
+    max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Waiting sequences beyond which new requests get 429 + Retry-After.", rich_help_panel=_ENGINE)] = 1024,
+    max_seqs_per_request: Annotated[int, typer.Option("--max-seqs-per-request", min=1, help="Most sequences (prompts x n) one request may queue; more is a 400.", rich_help_panel=_HTTP)] = 256,
+    scheduling_policy: Annotated[Optional[Policy], typer.Option("--scheduling-policy", help="Who is admitted first: fair (weighted fair share across tenants: one adapter's flood cannot make the others wait), fcfs (arrival order) or priority (the request's \"priority\", lower first). \\[default: fair]", rich_help_panel=_SCHED, show_default=False)] = None,
+    lora_weight: Annotated[Optional[list[str]], typer.Option("--lora-weight", help="A tenant's fair-share weight, as NAME=W (an adapter, the base model or a request's \"tenant\"; default 1). Repeatable.", rich_help_panel=_SCHED, show_default=False)] = None,
+    max_seqs_per_tenant: Annotated[Optional[int], typer.Option("--max-seqs-per-tenant", min=1, help="Running requests one tenant may hold at once. \\[default: no cap]", rich_help_panel=_SCHED)] = None,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.", rich_help_panel=_HTTP)] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on (0 = any free port).", rich_help_panel=_HTTP)] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MLORA_API_KEY", help="Require 'Authorization: Bearer KEY' on every /v1 route (/health and /metrics stay open).", rich_help_panel=_HTTP, show_default=False)] = None,
     grace_period: Annotated[float, typer.Option("--grace-period", min=0.0, help="Seconds SIGINT/SIGTERM waits for in-flight requests before aborting them.", rich_help_panel=_HTTP)] = 10.0,
+    max_body_bytes: Annotated[int, typer.Option("--max-body-bytes", min=1, help="Largest request body in bytes; larger ones get 413.", rich_help_panel=_HTTP)] = 4 * 1024 * 1024,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", min=0.001, help="Seconds a connection may take to send a request's headers, or sit idle between requests, before it is closed.", rich_help_panel=_HTTP)] = 10.0,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", min=0.001, help="Seconds a request body may take to arrive; slower ones get 408.", rich_help_panel=_HTTP)] = 30.0,
+    trust_request_chat_template: Annotated[bool, typer.Option("--trust-request-chat-template", help="Accept a chat template sent in a request (chat_template); it renders sandboxed, bounded in size and time. Refused (400) without this flag.", rich_help_panel=_HTTP)] = False,
     ray: Annotated[bool, typer.Option("--ray", help="Serve with N engine replicas on Ray Serve behind one ingress; requests for an adapter go to a replica that holds it. Needs mlora\\[ray].", rich_help_panel=_RAY)] = False,
     replicas: Annotated[Optional[int], typer.Option("--replicas", min=1, help="Engine replicas with --ray (each one loads the base model; --max-loras/--max-cpu-loras are per replica). \\[default: 2]", rich_help_panel=_RAY, show_default=False)] = None,
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", envvar="RAY_ADDRESS", help="Join this Ray cluster with --ray (e.g. auto, or HEAD_IP:6379). Default: start a local one.", rich_help_panel=_RAY, show_default=False)] = None,
@@ -83,8 +122,13 @@ def serve(
     config = build_config(model=model, lora=lora, lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
                           max_cpu_loras=max_cpu_loras, allow_runtime_lora=allow_runtime_lora,
                           adapter_root=adapter_root, dtype=dtype, device=device, max_model_len=max_model_len,
-                          max_num_seqs=max_num_seqs, max_queue=max_queue, host=host, port=port, api_key=api_key,
-                          grace_period=grace_period)
+                          max_num_seqs=max_num_seqs, max_queue=max_queue, host=host, port=port,
+                          api_key=_api_key(api_key), grace_period=grace_period,
+                          max_seqs_per_request=max_seqs_per_request, max_body_bytes=max_body_bytes,
+                          header_timeout=header_timeout, body_timeout=body_timeout,
+                          trust_request_chat_template=trust_request_chat_template, lora_weight=lora_weight,
+                          max_seqs_per_tenant=max_seqs_per_tenant,
+                          scheduling_policy=scheduling_policy.value if scheduling_policy is not None else None)
     if ray:
         _serve_ray(config, 2 if replicas is None else replicas, ray_address)
         return
@@ -97,6 +141,15 @@ def serve(
     console.print("[dim]loading the model...[/]", highlight=False)
     run_server(config, on_ready=_ready(config))
     console.print("[dim]server stopped[/]", highlight=False)
+
+
+def _api_key(given: str | None) -> str | None:
+    """--api-key, or MLORA_API_KEY when set: an empty one is passed on (ServerConfig refuses it), not dropped."""
+    import os
+
+    if given is None and "MLORA_API_KEY" in os.environ:
+        return os.environ["MLORA_API_KEY"]
+    return given
 
 
 def _serve_ray(config: Any, replicas: int, address: str | None) -> None:

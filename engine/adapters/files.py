@@ -1,10 +1,16 @@
 """Reading adapter files defensively: the config JSON, the safetensors header, legacy .bin.
 
 Every function here either returns what it read or raises AdapterError with a one-line reason a
-user can act on. Files are treated as hostile: only regular files are opened (a FIFO or
+user can act on. Files are treated as hostile: only regular files are read (a FIFO or
 /dev/zero symlink cannot hang us), sizes are capped before reading, the safetensors header is
 parsed and bounds-checked in Python before the Rust reader memory-maps the file, and `.bin`
 files are only ever read with `torch.load(weights_only=True)`.
+
+No check-then-use gaps: each file is opened once (non-blocking, so a FIFO swapped in cannot
+block the open), the open descriptor is checked with fstat, and every later read (the header,
+the memory map, torch.load) goes through that same descriptor (`/proc/self/fd/N` on Linux), so
+what was checked is what is read, even if the path is swapped for a symlink meanwhile.
+`real_path(fd)` names the file actually read (for pinning an adapter's files at registration).
 """
 
 from __future__ import annotations
@@ -48,6 +54,7 @@ class TensorMeta:
     dtype: str  # torch dtype name, e.g. "float32"
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # absolute byte offset of the data in a safetensors file (0 for .bin)
 
 
 def _stat_regular(path: Path, what: str) -> os.stat_result:
@@ -64,6 +71,35 @@ def _stat_regular(path: Path, what: str) -> os.stat_result:
         kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
         raise AdapterError(f"{what} {path} is {kind}")
     return st
+
+
+def open_regular(path: Path, what: str) -> int:
+    """An O_RDONLY descriptor for `path`, which must be a regular file (checked on the open file)."""
+    _stat_regular(path, what)  # the friendly messages for missing/broken/loop/dir
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        raise AdapterError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise AdapterError(f"{what} {path} is not a regular file")
+    return fd
+
+
+def fd_path(fd: int, fallback: Path) -> str:
+    """A path that reopens exactly the file behind `fd` (Linux: /proc/self/fd/N), else `fallback`."""
+    p = f"/proc/self/fd/{fd}"
+    return p if os.path.exists(p) else str(fallback)
+
+
+def real_path(fd: int, fallback: Path) -> str:
+    """The resolved path of the file behind `fd` (what was really opened), else realpath(fallback)."""
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        return os.path.realpath(fallback)
 
 
 def looks_like_hub_id(s: str) -> bool:
@@ -103,13 +139,29 @@ def resolve_adapter_dir(path_or_hub_id: str | Path) -> Path:
 
 def read_json_file(path: Path, what: str) -> Any:
     """Decode a small JSON file; AdapterError on missing, oversized, binary or malformed content."""
-    st = _stat_regular(path, what)
-    if st.st_size > MAX_CONFIG_BYTES:
-        raise AdapterError(f"{what} {path} is {st.st_size} bytes; a config should be a few KB")
+    return decode_json(read_small_file(path, what)[0], path, what)
+
+
+def read_small_file(path: Path, what: str) -> tuple[bytes, str]:
+    """(bytes, real path) of a small regular file, read through one descriptor and size-capped."""
+    fd = open_regular(path, what)
     try:
-        data = path.read_bytes()
+        size = os.fstat(fd).st_size
+        if size > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{what} {path} is {size} bytes; a config should be a few KB")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{what} {path} grew past {MAX_CONFIG_BYTES} bytes while being read")
+        return data, real_path(fd, path)
     except OSError as exc:
         raise AdapterError(f"{what} {path} cannot be read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def decode_json(data: bytes, path: Path, what: str) -> Any:
+    """Decode JSON bytes read from `path`; AdapterError on binary or malformed content."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
@@ -139,18 +191,30 @@ def find_weights_file(adapter_dir: Path) -> Path:
     )
 
 
-def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
-    """Parse and bounds-check a safetensors header without reading tensor data.
+def read_safetensors_header(path: Path, fd: int | None = None) -> dict[str, TensorMeta]:
+    """Parse and bounds-check a safetensors header without reading tensor data (from `fd`, an
+    `open_regular` descriptor of `path`, when given).
 
     Rejects: files shorter than the length prefix, header lengths past the file end or the
     format's 100 MB limit, non-JSON headers, unknown dtypes, byte ranges that disagree with
     shape x dtype, overlap or gaps, and data that would extend past the end of the file.
     """
-    st = _stat_regular(path, path.name)
-    size = st.st_size
+    own = fd is None
+    if fd is None:
+        fd = open_regular(path, path.name)
+    try:
+        return _parse_safetensors_header(path, fd)
+    finally:
+        if own:
+            os.close(fd)
+
+
+def _parse_safetensors_header(path: Path, fd: int) -> dict[str, TensorMeta]:
+    size = os.fstat(fd).st_size
     name = path.name
     try:
-        with open(path, "rb") as f:
+        with os.fdopen(os.dup(fd), "rb") as f:
+            f.seek(0)  # the dup shares the descriptor's offset
             prefix = f.read(8)
             if len(prefix) < 8:
                 raise AdapterError(f"{name} is truncated: {size} bytes, not even the 8-byte header length")
@@ -197,7 +261,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
                 f"{name} is truncated: tensor {key!r} ends at byte {8 + n + end} but the file has {size} bytes"
             )
         spans.append((begin, end, key))
-        out[key] = TensorMeta(torch_dtype, tuple(shape), end - begin)
+        out[key] = TensorMeta(torch_dtype, tuple(shape), end - begin, 8 + n + begin)
     pos = 0
     for begin, end, key in sorted(spans):
         if begin != pos:
@@ -208,7 +272,7 @@ def read_safetensors_header(path: Path) -> dict[str, TensorMeta]:
     return out
 
 
-def load_bin_state_dict(path: Path) -> dict[str, Any]:
+def load_bin_state_dict(path: Path, fd: int | None = None) -> dict[str, Any]:
     """A legacy adapter_model.bin read with torch.load(weights_only=True): never unpickles code.
 
     Memory-maps when the file is in torch's zip format; anything that is not a flat
@@ -216,46 +280,59 @@ def load_bin_state_dict(path: Path) -> dict[str, Any]:
     """
     import torch
 
-    _stat_regular(path, path.name)
+    own = fd is None
+    if fd is None:
+        fd = open_regular(path, path.name)
+    src = fd_path(fd, path)
     try:
         try:
-            sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            sd = torch.load(src, map_location="cpu", weights_only=True, mmap=True)
         except RuntimeError as exc:  # legacy (non-zip) serialisation cannot be mmapped
             if "mmap" not in str(exc) and "zip" not in str(exc).lower():
                 raise
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = torch.load(src, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - hostile pickles raise many types; all mean "refused"
         first = (str(exc).strip().splitlines() or [""])[0][:200]
         raise AdapterError(
             f"{path.name} could not be loaded safely (weights_only): {type(exc).__name__}: {first}",
             hint="convert the adapter to adapter_model.safetensors with peft's save_pretrained()",
         ) from None
+    finally:
+        if own:
+            os.close(fd)
     if not isinstance(sd, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in sd.items()):
         raise AdapterError(f"{path.name} does not hold a state dict of named tensors")
     return sd
 
 
 class WeightsFile:
-    """Uniform, lazy access to adapter_model.safetensors (memory-mapped) or a legacy .bin:
-    names, shapes and dtypes from metadata; tensor data only when asked for."""
+    """Uniform access to adapter_model.safetensors or a legacy .bin: names, shapes and dtypes from
+    metadata; tensor data only when asked for.
+
+    Safetensors data is read with pread() from the one descriptor opened (and checked) at
+    construction into memory the tensor owns - never a view of a memory map: a map would make a
+    file rewritten in place change weights already loaded (and validated and hashed), and a file
+    truncated in place SIGBUS the server. A short read is an AdapterError."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        if path.name.endswith(".safetensors") or path.name == SAFETENSORS_NAME:
-            self.meta: dict[str, TensorMeta] = read_safetensors_header(path)
-            from safetensors import SafetensorError, safe_open
-
-            try:
-                self._st = safe_open(str(path), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as exc:
-                raise AdapterError(f"{path.name} cannot be opened: {exc}") from None
-            self._sd = None
-        else:
-            self._sd = load_bin_state_dict(path)
-            self.meta = {
-                k: TensorMeta(str(v.dtype).removeprefix("torch."), tuple(v.shape), v.numel() * v.element_size())
-                for k, v in self._sd.items()
-            }
+        self._fd: int | None = None
+        fd = open_regular(path, path.name)  # one open: header, data and real_path see one file
+        try:
+            self.real_path = real_path(fd, path)
+            if path.name.endswith(".safetensors") or path.name == SAFETENSORS_NAME:
+                self.meta: dict[str, TensorMeta] = read_safetensors_header(path, fd)
+                self._sd = None
+                self._fd, fd = fd, -1  # kept for get(); closed by close() / garbage collection
+            else:
+                self._sd = load_bin_state_dict(path, fd)
+                self.meta = {
+                    k: TensorMeta(str(v.dtype).removeprefix("torch."), tuple(v.shape), v.numel() * v.element_size())
+                    for k, v in self._sd.items()
+                }
+        finally:
+            if fd >= 0:
+                os.close(fd)
 
     def keys(self) -> list[str]:
         return list(self.meta)
@@ -265,8 +342,33 @@ class WeightsFile:
 
     def get(self, key: str) -> "torch.Tensor":
         if self._sd is not None:
-            return self._sd[key]
+            return self._sd[key].clone()  # own memory, not the .bin's map
+        import torch
+
+        m = self.meta[key]
+        assert self._fd is not None, "WeightsFile was closed"
+        buf = bytearray(m.nbytes)
+        view, got = memoryview(buf), 0
         try:
-            return self._st.get_tensor(key)
-        except Exception as exc:  # noqa: BLE001 - a corrupt file surfaces as one line
-            raise AdapterError(f"{self.path.name}: tensor {key!r} cannot be read: {exc}") from None
+            while got < m.nbytes:
+                n = os.preadv(self._fd, [view[got : got + (1 << 30)]], m.offset + got)
+                if n <= 0:
+                    raise AdapterError(f"{self.path.name}: tensor {key!r} cannot be read: the file shrank while being read")
+                got += n
+        except OSError as exc:
+            raise AdapterError(f"{self.path.name}: tensor {key!r} cannot be read: {exc.strerror or exc}") from None
+        dtype = getattr(torch, m.dtype)
+        if not m.nbytes:
+            return torch.empty(m.shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(m.shape)
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass

@@ -6,6 +6,7 @@ consumer reads an adapter exactly as PEFT wrote it.
 
 from __future__ import annotations
 
+import hashlib
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import torch
 
 from engine.adapters.config import AdapterConfig, parse_adapter_config
-from engine.adapters.files import WeightsFile, find_weights_file, read_adapter_config_json, resolve_adapter_dir
+from engine.adapters.files import CONFIG_NAME, WeightsFile, decode_json, find_weights_file, read_small_file, resolve_adapter_dir
 from engine.adapters.keys import LoraKey, parse_lora_key
 from engine.adapters.limits import all_finite, module_value_issue
 from engine.adapters.servable import DORA_WARNING, servability_issues
@@ -51,6 +52,31 @@ class LoraModuleWeights:
         return [t for t in (self.lora_a, self.lora_b, self.magnitude, self.bias) if t is not None]
 
 
+@dataclass(frozen=True)
+class AdapterFingerprint:
+    """What an adapter was registered with, so a later re-read can prove it is the same adapter.
+
+    `digest` is the sha256 of the adapter_config.json bytes and of every tensor *as loaded*
+    (name, dtype, shape, raw bytes, in name order) - the bytes that are validated and served,
+    not a separate read of the file. `files` are the resolved real paths of the two files read.
+    """
+
+    digest: str
+    files: tuple[str, ...]
+
+
+def _digest(config_bytes: bytes, tensors: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    h.update(len(config_bytes).to_bytes(8, "little"))
+    h.update(config_bytes)
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous()
+        h.update(f"\n{key}\0{t.dtype}\0{tuple(t.shape)}\n".encode())
+        if t.numel():
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+    return h.hexdigest()
+
+
 @dataclass
 class LoraAdapter:
     """A normalised LoRA adapter.
@@ -66,6 +92,7 @@ class LoraAdapter:
     modules: dict[tuple[int, str], LoraModuleWeights]
     weights_file: Path
     all_keys: tuple[str, ...] = field(default=(), repr=False)
+    fingerprint: AdapterFingerprint | None = field(default=None, repr=False)
 
     @property
     def other_keys(self) -> list[str]:
@@ -139,20 +166,23 @@ def check_module_shapes(config: AdapterConfig, path: str, shapes: dict[str, tupl
 def load_adapter(path_or_hub_id: str | Path, *, name: str | None = None) -> LoraAdapter:
     """Read a PEFT LoRA adapter (directory or hub id) into a LoraAdapter; AdapterError if it is unreadable.
 
-    Safetensors files are memory-mapped by safe_open and each LoRA tensor is copied exactly once
-    out of the map (in Rust, no per-tensor Python copies or dtype casts). Deliberately not kept
-    as views of the map: a file truncated in place later would SIGBUS the server. Legacy
-    adapter_model.bin only via torch.load(weights_only=True). Servability is not enforced here:
+    Each LoRA tensor is read once (pread from the descriptor that was checked, see WeightsFile)
+    into memory it owns, never a view of a memory map: a file rewritten in place later cannot
+    change loaded (validated, hashed) weights, a file truncated in place cannot SIGBUS the
+    server. Legacy adapter_model.bin only via torch.load(weights_only=True). Servability is not enforced here:
     call `check_servable` (the engine does, at registration).
     """
     adapter_dir = resolve_adapter_dir(path_or_hub_id)
-    config = parse_adapter_config(read_adapter_config_json(adapter_dir))
+    config_path = adapter_dir / CONFIG_NAME
+    config_bytes, config_real = read_small_file(config_path, CONFIG_NAME)  # one read: parsed and hashed
+    config = parse_adapter_config(decode_json(config_bytes, config_path, CONFIG_NAME))
     if config.r <= 0 or any(v <= 0 for v in config.rank_pattern.values()):
         raise AdapterError(f"{adapter_dir}: r must be > 0 (r={config.r}, rank_pattern={config.rank_pattern})")
     wfile = find_weights_file(adapter_dir)
     tensors = WeightsFile(wfile)
     keys = list(tensors.keys())
     modules: dict[tuple[int, str], LoraModuleWeights] = {}
+    loaded: dict[str, torch.Tensor] = {}
     for path, roles in _group(keys).items():
         shapes = {role: tuple(tensors.shape(lk.key)) for role, lk in roles.items()}
         problem = check_module_shapes(config, path, shapes)
@@ -164,14 +194,18 @@ def load_adapter(path_or_hub_id: str | Path, *, name: str | None = None) -> Lora
             lora_a=tensors.get(lk.key), lora_b=tensors.get(roles["B"].key), scaling=config.scaling_for(path),
             module_path=path, **opt,
         )
+        loaded[lk.key], loaded[roles["B"].key] = mod.lora_a, mod.lora_b
+        loaded.update({roles[role].key: t for role, t in opt.items()})
         if (lk.layer, lk.module) in modules:
             raise AdapterError(f"{wfile.name}: two LoRA entries for layer {lk.layer} {lk.module}")
         modules[(lk.layer, lk.module)] = mod
     if not keys:
         raise AdapterError(f"{wfile.name} holds no tensors")
+    loaded.update({f"\0key:{k}": torch.empty(0) for k in keys})  # every name in the file counts too
     return LoraAdapter(
         name=name or adapter_dir.name, path=adapter_dir, config=config, modules=dict(sorted(modules.items())),
         weights_file=wfile, all_keys=tuple(keys),
+        fingerprint=AdapterFingerprint(_digest(config_bytes, loaded), (config_real, tensors.real_path)),
     )
 
 

@@ -21,6 +21,17 @@ Rules (after vLLM's adapter manager):
     that already hold it keep its slot until they `release`; new `acquire`s get the new
     version (its own slot). A retired version's slot is freed at its last release. So a
     replacement takes effect "once in-flight requests finish" without stalling new ones.
+  * Versions, not names, are what a request runs on. `bind(slot)` ties a request to the
+    version it was admitted with (a version id) until `unbind`; a preempted request re-acquires
+    `acquire(name, version=vid)` and gets those same weights, even if the name was replaced or
+    removed meanwhile. A bound retired version keeps its CPU copy (not evicted: its files may
+    be gone) and is dropped at its last unbind; if it had already left the CPU tier before the
+    replace, it is re-read (and checked, below) or its requests fail cleanly.
+  * Adapters are immutable once registered. The loader's adapter may carry a `fingerprint`
+    (content digest + the real paths of the files read); a re-read from disk (after eviction
+    from the CPU tier) must reproduce it exactly, else the version is marked broken
+    (AdapterChangedError for every later acquire of it, until the name is registered again)
+    and the changed weights are never served.
   * `acquire` returns None (the request waits) when the adapter is not resident and every
     slot is pinned.
 
@@ -39,9 +50,35 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from engine.errors import AdapterNotFoundError, ConfigError
+from engine.errors import AdapterError, AdapterNotFoundError, ConfigError
 
 log = logging.getLogger(__name__)
+
+
+class AdapterChangedError(AdapterError):
+    """A registered adapter's files no longer give the bytes (or the files) it was registered with."""
+
+    detail: str = ""  # what differs (may name server paths: for the log, not for clients)
+
+
+class AdapterVersionGoneError(AdapterNotFoundError):
+    """The adapter version a request was bound to no longer exists (it was replaced or unloaded)."""
+
+
+def _inside(path: str, root: str) -> bool:
+    """Pure string check (no I/O): `path` is `root` or below it (both already resolved)."""
+    root = root.rstrip("/") or "/"
+    return path == root or path.startswith(root if root.endswith("/") else root + "/")
+
+
+def _check_confined(name: str, adapter: Any, root: str) -> None:
+    files = getattr(getattr(adapter, "fingerprint", None), "files", None)
+    if files is None:
+        raise AdapterError(f"adapter {name!r}: cannot tell which files were read, so it cannot be confined to {root}")
+    outside = [f for f in files if not _inside(str(f), root)]
+    if outside:
+        raise AdapterError(f"adapter {name!r}: {outside[0]} lies outside the adapter root {root} (a symlink?)")
+
 
 Loader = Callable[[str, str], Any]
 SlotWriter = Callable[[int, Any], None]
@@ -72,10 +109,14 @@ class _Version:
 
     name: str
     path: str
-    adapter: Any = None  # CPU copy; None = on disk only
+    vid: int = 0  # version id, unique per cache
+    fingerprint: Any = None  # the loader's adapter.fingerprint at registration (None: not checked)
+    adapter: Any = field(default=None, repr=False)  # CPU copy; None = on disk only
     slot: int | None = None
-    pins: int = 0
+    pins: int = 0  # requests running on its slot now
+    bindings: int = 0  # requests admitted on this version and not finished (running or preempted)
     retired: bool = False
+    broken: str | None = None  # why a re-read was refused; acquire raises AdapterChangedError
 
 
 class AdapterCache:
@@ -102,6 +143,8 @@ class AdapterCache:
         self._clearer = slot_clearer
         self._lock = threading.RLock()
         self._current: dict[str, _Version] = {}
+        self._versions: dict[int, _Version] = {}  # live versions: current ones + retired but bound/pinned
+        self._next_vid = 1
         self._cpu: OrderedDict[_Version, None] = OrderedDict()  # LRU first, MRU last
         self._device: OrderedDict[_Version, None] = OrderedDict()  # current versions in a slot
         self._slots: list[_Version | None] = [None] * max_loras
@@ -110,15 +153,20 @@ class AdapterCache:
         self._stats = CacheStats()
 
     # ------------------------------------------------------------------ registry
-    def register(self, name: str, path: str) -> None:
+    def register(self, name: str, path: str, *, root: str | None = None) -> None:
         """Validate and load `path` as adapter `name`; replace an existing `name` (see module doc).
 
+        With `root` (an already resolved directory), every file the loader actually read (its
+        adapter's `fingerprint.files`) must lie inside it: a path checked by the caller and then
+        swapped for a symlink before the load is caught here.
         Raises the loader's error (AdapterError) and changes nothing when the adapter is bad.
         """
         path = str(path)
         t0 = time.perf_counter()
         try:
             adapter = self._loader(name, path)
+            if root is not None:
+                _check_confined(name, adapter, root)
         except Exception:
             with self._lock:
                 self._stats.load_failures += 1
@@ -128,8 +176,10 @@ class AdapterCache:
             self._stats.disk_loads += 1
             self._stats.disk_load_seconds.append(dt)
             old = self._current.get(name)
-            ver = _Version(name, path)
+            ver = _Version(name, path, vid=self._next_vid, fingerprint=getattr(adapter, "fingerprint", None))
+            self._next_vid += 1
             self._current[name] = ver
+            self._versions[ver.vid] = ver
             if old is not None:
                 self._retire(old)
             self._cpu_insert(ver, adapter)
@@ -156,17 +206,21 @@ class AdapterCache:
             return name in self._current
 
     # ------------------------------------------------------------------ serving
-    def acquire(self, name: str) -> int | None:
-        """Make `name` resident in a slot and pin it for one request; return the slot.
+    def acquire(self, name: str, version: int | None = None) -> int | None:
+        """Make `name` (its current version, or the bound `version`) resident in a slot and pin
+        it for one request; return the slot.
 
         Returns None when it is not resident and every slot is pinned (the request waits).
-        Raises AdapterNotFoundError for an unknown name, the loader's error if the disk
-        copy went bad since registration.
+        Raises AdapterNotFoundError for an unknown name, AdapterVersionGoneError for a version
+        that no longer exists, AdapterChangedError if the files changed since registration, the
+        loader's error if the disk copy went bad.
         """
         loaded: tuple[_Version, Any] | None = None  # an adapter this call waited for
         while True:
             with self._lock:
-                ver = self._version(name)
+                ver = self._version(name) if version is None else self._bound_version(name, version)
+                if ver.broken is not None:
+                    raise AdapterChangedError(ver.broken)
                 if ver.slot is not None:
                     self._touch(ver)
                     ver.pins += 1
@@ -213,6 +267,32 @@ class AdapterCache:
             ver.pins -= 1
             if ver.pins == 0 and ver.retired:
                 self._free_slot(ver)
+                self._maybe_drop(ver)
+
+    def bind(self, slot: int) -> int:
+        """Bind one request to the version now pinned in `slot` (it `acquire`d it); returns the
+        version id to pass to later `acquire(name, version=...)` calls, e.g. after preemption."""
+        with self._lock:
+            ver = self._slots[slot] if 0 <= slot < self.max_loras else None
+            if ver is None or ver.pins <= 0:
+                raise ValueError(f"slot {slot} is not pinned")
+            ver.bindings += 1
+            return ver.vid
+
+    def unbind(self, version: int) -> None:
+        """The request bound to `version` finished: a retired version may now be dropped."""
+        with self._lock:
+            ver = self._versions.get(version)
+            if ver is None or ver.bindings <= 0:  # never raise on the engine's finish path
+                log.error("unbind of adapter version %s that is not bound", version)
+                return
+            ver.bindings -= 1
+            self._maybe_drop(ver)
+
+    def version_of(self, name: str) -> int:
+        """The current version id of `name` (AdapterNotFoundError if not registered)."""
+        with self._lock:
+            return self._version(name).vid
 
     def prefetch(self, names: Iterable[str], *, background: bool = True) -> int:
         """Start disk -> CPU loads for `names` (highest priority first) so a later `acquire`
@@ -224,7 +304,7 @@ class AdapterCache:
             seen: set[str] = set()
             for name in names:
                 ver = self._current.get(name)
-                if ver is None or name in seen or ver.slot is not None:
+                if ver is None or name in seen or ver.slot is not None or ver.broken is not None:
                     continue
                 seen.add(name)
                 if room <= 0:
@@ -308,6 +388,26 @@ class AdapterCache:
             raise AdapterNotFoundError(f"adapter {name!r} is not registered")
         return ver
 
+    def _bound_version(self, name: str, vid: int) -> _Version:
+        ver = self._versions.get(vid)
+        if ver is None or ver.name != name:
+            raise AdapterVersionGoneError(
+                f"adapter {name!r} (version {vid}) is no longer available: it was replaced or unloaded "
+                "while this request was paused"
+            )
+        return ver
+
+    def _maybe_drop(self, ver: _Version) -> None:
+        """Forget a retired version once no request is bound to it or pinned on its slot."""
+        if not ver.retired or ver.bindings > 0 or ver.pins > 0:
+            return
+        if ver in self._cpu:
+            del self._cpu[ver]
+        ver.adapter = None
+        if ver.slot is not None:
+            self._free_slot(ver)
+        self._versions.pop(ver.vid, None)
+
     def _touch(self, ver: _Version) -> None:
         if ver in self._device:
             self._device.move_to_end(ver)
@@ -340,7 +440,8 @@ class AdapterCache:
         self._stats.device_loads += 1
         ver.slot = slot
         self._slots[slot] = ver
-        self._device[ver] = None
+        if not ver.retired:  # a retired version's slot is freed at its last release, never LRU-evicted
+            self._device[ver] = None
         self._touch(ver)
 
     def _cpu_insert(self, ver: _Version, adapter: Any) -> bool:
@@ -349,7 +450,9 @@ class AdapterCache:
             self._cpu.move_to_end(ver)
             return True
         if len(self._cpu) >= self.max_cpu_loras:
-            victim = next((v for v in self._cpu if v.slot is None), None)
+            # never an adapter in a slot, nor a replaced version that a paused request still needs
+            # (its files may well be gone by now): those leave the CPU tier when their requests end
+            victim = next((v for v in self._cpu if v.slot is None and not (v.retired and v.bindings)), None)
             if victim is None:
                 return False
             del self._cpu[victim]
@@ -360,15 +463,14 @@ class AdapterCache:
         return True
 
     def _retire(self, ver: _Version) -> None:
-        """Detach an old version from the tiers; its slot lives on while it is pinned."""
+        """Detach an old version from the registry; its slot lives on while it is pinned, its CPU
+        copy while a request is bound to it (see `bind`)."""
         ver.retired = True
-        if ver in self._cpu:
-            del self._cpu[ver]
-        ver.adapter = None
         if ver in self._device:
             del self._device[ver]
         if ver.slot is not None and ver.pins == 0:
             self._free_slot(ver)
+        self._maybe_drop(ver)
 
     def _free_slot(self, ver: _Version) -> None:
         slot = ver.slot
@@ -383,10 +485,14 @@ class AdapterCache:
         t0 = time.perf_counter()
         try:
             adapter = self._loader(ver.name, ver.path)
+            self._check_same(ver, adapter)
         except BaseException as e:
             with self._lock:
                 self._inflight.pop(ver, None)
                 self._stats.load_failures += 1
+                if isinstance(e, AdapterChangedError):
+                    ver.broken = e.message
+                    log.error("%s (%s)", e.message, getattr(e, "detail", ""))
             fut.set_exception(e)
             raise
         dt = time.perf_counter() - t0
@@ -394,10 +500,29 @@ class AdapterCache:
             self._inflight.pop(ver, None)
             self._stats.disk_loads += 1
             self._stats.disk_load_seconds.append(dt)
-            if not ver.retired and ver.adapter is None:
+            if ver.vid in self._versions and ver.adapter is None:
                 self._cpu_insert(ver, adapter)
         fut.set_result(adapter)
         return adapter
+
+    @staticmethod
+    def _check_same(ver: _Version, adapter: Any) -> None:
+        """A re-read must give the registered files and bytes (AdapterChangedError otherwise)."""
+        if ver.fingerprint is None:
+            return
+        got = getattr(adapter, "fingerprint", None)
+        if got == ver.fingerprint:
+            return
+        detail = "its contents differ"
+        old_files, new_files = getattr(ver.fingerprint, "files", None), getattr(got, "files", None)
+        if old_files is not None and new_files != old_files:
+            detail = f"its files now resolve to {', '.join(map(str, new_files or ()))}, not {', '.join(map(str, old_files))}"
+        err = AdapterChangedError(  # the message reaches clients: no server paths in it (they go to the log)
+            f"adapter {ver.name!r} changed on disk since it was registered; it is not served until it is loaded again",
+            hint="adapter files must not change after registration; load a new version under the same name to replace it",
+        )
+        err.detail = detail
+        raise err
 
     def _run_load_quiet(self, ver: _Version, fut: Future) -> None:
         try:

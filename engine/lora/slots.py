@@ -71,6 +71,7 @@ class PreparedAdapter:
     targeted: frozenset[tuple[int, str]] = frozenset()
     dora: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)  # (l, m) -> g [out] fp32
     nbytes: int = 0
+    fingerprint: Any = None  # the LoraAdapter's (content digest + real file paths), for re-read checks
 
 
 BaseWeight = Callable[[int, str], torch.Tensor]  # (layer, module) -> the base linear's W [out, in]
@@ -246,7 +247,8 @@ class LoraSlots:
         self.check(adapter)
         L = self.dims.layers
         name = getattr(adapter, "name", None) or "adapter"
-        out = PreparedAdapter(name=name, scales=torch.zeros(L, len(self.modules), dtype=torch.float32))
+        out = PreparedAdapter(name=name, scales=torch.zeros(L, len(self.modules), dtype=torch.float32),
+                              fingerprint=getattr(adapter, "fingerprint", None))
         by_module: dict[str, list[tuple[int, Any]]] = {}
         for (layer, module), w in adapter.modules.items():
             by_module.setdefault(module, []).append((layer, w))
@@ -266,15 +268,11 @@ class LoraSlots:
                 lst = [(layer, self._host(w.lora_a), self._host(w.lora_b)) for layer, w in items]
                 out.per_layer[module] = lst
                 out.nbytes += sum(a.nbytes + b.nbytes for _, a, b in lst)
-        from engine.adapters.limits import all_finite
-
-        held = [t for pair in out.stacked.values() for t in pair] + [t for lst in out.per_layer.values() for _, a, b in lst for t in (a, b)]
-        if not all(all_finite(t) for t in held):  # a slot never holds NaN/Inf: other tenants' rows share its matmuls
-            raise AdapterError(f"adapter {name!r}: LoRA weights hold NaN/Inf in the slot dtype {str(self.dtype).replace('torch.', '')}")
         out.targeted = frozenset(adapter.modules)
         for key, w in adapter.modules.items():
             if getattr(w, "magnitude", None) is not None:
                 out.dora[key] = self._dora_g(key, w)
+        self._check_finite(out, name)  # a slot never holds NaN/Inf: other tenants' rows share its matmuls
         if self._pin:
             out.scales = out.scales.pin_memory()
         return out
@@ -288,6 +286,22 @@ class LoraSlots:
         norm = torch.linalg.norm(W.float() + float(w.scaling) * delta, dim=1)  # [out]
         g = (w.magnitude.to(dev, torch.float32) / norm).cpu()
         return g.pin_memory() if self._pin else g
+
+    def _check_finite(self, p: PreparedAdapter, name: str) -> None:
+        """Refuse weights that are finite in the file but not in the slot dtype (e.g. 1e30 in fp16),
+        and non-finite scales: checked on exactly the tensors a slot will hold."""
+        from engine.adapters.limits import all_finite
+
+        tensors = [t for a, b in p.stacked.values() for t in (a, b)]
+        tensors += [t for lst in p.per_layer.values() for _, a, b in lst for t in (a, b)]
+        tensors += list(p.dora.values())
+        if p.scales is not None:
+            tensors.append(p.scales)
+        if not all(all_finite(t) for t in tensors):
+            raise AdapterError(
+                f"adapter {name!r} cannot be served: its weights or scaling overflow the slot dtype "
+                f"({str(self.dtype).removeprefix('torch.')}) to Inf/NaN"
+            )
 
     def _host(self, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().to(device="cpu", dtype=self.dtype).contiguous()

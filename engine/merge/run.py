@@ -19,7 +19,7 @@ from engine.errors import AdapterError, ConfigError
 from engine.merge.config import MergeConfig, MergeReport, peak_rss_bytes
 from engine.merge.ops import merge_tensor
 from engine.merge.plan import INDEX_NAME, MergePlan, ShardPlan, TensorPlan, build_plan
-from engine.merge.writer import Staging, StreamingSafetensorsWriter, check_output
+from engine.merge.writer import LOCK_NAME, Staging, StreamingSafetensorsWriter, check_output, clean_stale_staging
 
 # Weight files of any format are never copied: the merged safetensors replace them all.
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx", ".index.json")
@@ -53,6 +53,10 @@ def merge_adapter(config: MergeConfig, progress: MergeProgress | None = None) ->
         out=config.out, base=plan.base_dir, dtype=config.dtype, notes=list(plan.notes), untied=plan.untie,
         adapters=[{"path": str(a.path), "weight": a.weight} for a in plan.adapters],
     )
+    stale = clean_stale_staging(config.out.expanduser().absolute().parent)
+    if stale:
+        report.notes.append(f"removed {len(stale)} staging director{'y' if len(stale) == 1 else 'ies'} left by "
+                            "earlier interrupted merges")
     try:
         staging = Staging(config.out)
     except OSError as e:
@@ -69,8 +73,9 @@ def merge_adapter(config: MergeConfig, progress: MergeProgress | None = None) ->
             (staging.dir / INDEX_NAME).write_text(json.dumps(index, indent=2) + "\n")
         _copy_other_files(plan.base_dir, staging.dir)
         _write_config(plan, config, staging.dir)
-        report.bytes_written = sum(f.stat().st_size for f in staging.dir.iterdir() if f.is_file())
-        report.files = sorted(f.name for f in staging.dir.iterdir())
+        outputs = [f for f in staging.dir.iterdir() if f.name != LOCK_NAME]
+        report.bytes_written = sum(f.stat().st_size for f in outputs if f.is_file())
+        report.files = sorted(f.name for f in outputs)
         report.peak_rss_bytes = peak_rss_bytes()
         if config.verify:
             from engine.merge.verify import verify_merge

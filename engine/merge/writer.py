@@ -7,13 +7,20 @@ holds one tensor at a time, not a shard. The file is byte-for-byte the safetenso
 
 `Staging` writes into a hidden temporary directory next to `--out` (same filesystem, so the final
 rename is atomic) and removes it on any failure or interrupt: a failed merge leaves no `--out`.
+A merge killed outright (SIGKILL, power loss) cannot clean up, so each staging directory holds a
+lock file that its merge keeps `flock`ed (and names its pid); `clean_stale_staging` removes the
+staging directories next to `--out` whose lock is free (their merge is gone: the kernel drops the
+lock with the process) and touches nothing else: not our name pattern, no lock file, a symlink,
+or a lock still held by a running merge means "leave it".
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+import stat
 import struct
 import uuid
 from pathlib import Path
@@ -96,16 +103,83 @@ def check_output(out: Path, force: bool, inputs: list[Path]) -> None:
             raise ConfigError(f"{out} already exists", hint="pass --force to replace it")
 
 
+STAGING_RE = re.compile(r"^\..+\.mlora-merge-[0-9a-f]{8}$")
+LOCK_NAME = ".mlora-merge.lock"
+
+
+def _try_lock(fd: int) -> bool:
+    """Take an exclusive flock without waiting; False if another process holds it."""
+    import fcntl
+
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return True
+    except OSError:
+        return False
+
+
+def clean_stale_staging(parent: Path) -> list[Path]:
+    """Remove staging directories in `parent` left by merges that were killed; returns them."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(parent))
+    except OSError:
+        return removed
+    for entry in entries:
+        if not STAGING_RE.match(entry.name) or not entry.is_dir(follow_symlinks=False):
+            continue
+        lock = Path(entry.path) / LOCK_NAME
+        try:
+            fd = os.open(lock, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_NONBLOCK", 0))
+        except OSError:
+            continue  # no lock file (or not a plain file): not provably ours, leave it
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or not _try_lock(fd):
+                continue  # a live merge holds it
+            if os.lstat(lock).st_ino != st.st_ino:
+                continue  # the lock file changed under us: leave it
+            shutil.rmtree(entry.path, ignore_errors=True)
+            removed.append(Path(entry.path))
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return removed
+
+
 class Staging:
-    """A temporary directory next to `out`; `publish()` renames it into place (replacing `out`)."""
+    """A temporary directory next to `out`; `publish()` renames it into place (replacing `out`).
+
+    While it exists it holds LOCK_NAME, flocked by this process (see `clean_stale_staging`)."""
 
     def __init__(self, out: Path) -> None:
         self.out = out.expanduser().absolute()
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.dir = self.out.parent / f".{self.out.name}.mlora-merge-{uuid.uuid4().hex[:8]}"
         self.dir.mkdir()
+        self._lock_fd: int | None = os.open(self.dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+        _try_lock(self._lock_fd)
+        os.write(self._lock_fd, f"{os.getpid()}\n".encode())
+
+    def _unlock(self) -> None:
+        """Drop the lock file (unlinked while still locked, so no cleaner can take it meanwhile)."""
+        if self._lock_fd is None:
+            return
+        try:
+            (self.dir / LOCK_NAME).unlink(missing_ok=True)
+        finally:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
     def publish(self) -> None:
+        (self.dir / LOCK_NAME).unlink(missing_ok=True)  # not part of the output; still flocked via the fd
+        try:
+            self._publish()
+        finally:
+            self._unlock()
+
+    def _publish(self) -> None:
         old = None
         if self.out.exists() or self.out.is_symlink():
             old = self.out.parent / f".{self.out.name}.mlora-old-{uuid.uuid4().hex[:8]}"
@@ -124,3 +198,4 @@ class Staging:
 
     def discard(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)
+        self._unlock()

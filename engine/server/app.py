@@ -1,13 +1,17 @@
 """The aiohttp application: OpenAI/vLLM routes over one AsyncLLM.
 
 Handlers validate, enqueue and await; they never compute (the engine's own task owns the
-step loop and runs it off the event loop). The generation routes build a transport-neutral
+step loop and runs it off the event loop; chat rendering, tokenization and large JSON bodies run
+in engine.server.prompting's worker pool, each bounded before it starts). The generation routes build a transport-neutral
 `Reply` (`completion_reply`, `chat_reply`) that aiohttp sends here and the Ray Serve replicas
 of `mlora serve --ray` send through their ingress, so both speak the same bytes. Every error
 is one OpenAI-shaped JSON object with the right status, never a traceback:
 
     AdapterNotFoundError / unknown model -> 404     PromptTooLongError, bad JSON/params -> 400
     QueueFullError -> 429 + Retry-After             EngineStoppedError, draining -> 503 + Retry-After
+    body over max_body_bytes -> 413                 body slower than body_timeout -> 408 (connection closed)
+
+Every response body and SSE event is strict JSON (`P.dumps`: a NaN never reaches a client).
 """
 
 from __future__ import annotations
@@ -16,17 +20,20 @@ import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 from aiohttp import web
 
+from engine.config import positive_number
 from engine.errors import (AdapterError, AdapterNotFoundError, ConfigError, EngineStoppedError, MloraError,
                            PromptTooLongError, QueueFullError)
 from engine.server import protocol as P
 from engine.server.config import ServerConfig
 from engine.server.generation import Choices, open_choices
 from engine.server.metrics import CONTENT_TYPE, ServerMetrics
+from engine.server.prompting import check_prompt_chars, max_prompt_chars, render_chat, run_text_work
 from engine.server.security import OPEN_PATHS, check_api_key, confine_adapter_path
 
 log = logging.getLogger("mlora.server")
@@ -68,8 +75,15 @@ def api_error_for(exc: BaseException, retry_after: int = 1) -> P.APIError:
     return P.APIError(500, "internal server error (see the server log)")
 
 
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.json_response(body, status=status, headers=headers, dumps=P.dumps)
+
+
 def json_error(err: P.APIError) -> web.Response:
-    return web.json_response(P.error_body(err), status=err.status, headers=err.headers)
+    resp = json_response(P.error_body(err), status=err.status, headers=err.headers)
+    if err.status == 408:  # the rest of a slow body is not worth waiting for
+        resp.force_close()
+    return resp
 
 
 @web.middleware
@@ -92,25 +106,51 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
 
 @web.middleware
 async def guard_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-    """API key (all but /health and /metrics), 503 while draining, and the in-flight count the drain waits on."""
+    """API key (all but /health and /metrics) and 503 while draining."""
     config, state = request.app[CONFIG], request.app[STATE]
     if request.path in OPEN_PATHS:
         return await handler(request)
     check_api_key(request.path, request.headers.get("Authorization"), config.api_key)
     if state.draining:
-        raise P.APIError(503, "the server is shutting down", headers={"Retry-After": str(config.retry_after_s)})
+        raise _draining(config)
+    return await handler(request)
+
+
+def _draining(config: ServerConfig) -> P.APIError:
+    return P.APIError(503, "the server is shutting down", headers={"Retry-After": str(config.retry_after_s)})
+
+
+@asynccontextmanager
+async def _inflight(request: web.Request) -> AsyncIterator[None]:
+    """The in-flight count the drain waits on. Entered once the body has arrived, so a client that
+    never finishes sending one does not hold up shutdown."""
+    config, state = request.app[CONFIG], request.app[STATE]
+    if state.draining:
+        raise _draining(config)
     state.inflight += 1
     state.idle.clear()
     try:
-        return await handler(request)
+        yield
     finally:
         state.inflight -= 1
         if state.inflight == 0:
             state.idle.set()
 
 
+_BIG_BODY = 256 * 1024  # bytes: JSON bodies above this are parsed in the worker pool
+
+
 async def _body(request: web.Request) -> Any:
-    return P.parse_json(await request.read())
+    """The JSON body, read within body_timeout (408) and max_body_bytes (413, aiohttp's client_max_size)."""
+    config = request.app[CONFIG]
+    try:
+        async with asyncio.timeout(config.body_timeout):
+            raw = await request.read()
+    except TimeoutError:
+        raise P.APIError(408, f"the request body did not arrive within {config.body_timeout:g}s") from None
+    if len(raw) > _BIG_BODY:
+        return await run_text_work(P.parse_json, raw)
+    return P.parse_json(raw)
 
 
 def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
@@ -119,27 +159,34 @@ def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
         return engine.model_name, None
     if model in engine.list_adapters():
         return model, model
-    raise P.APIError(404, f"The model '{model}' does not exist. GET /v1/models lists the base model and its adapters.",
+    raise P.APIError(404, f"The model '{model[:200]}' does not exist. GET /v1/models lists the base model and its adapters.",
                      err_type="not_found_error", param="model")
 
 
+def _start_checks(config: ServerConfig, prompts: int, n: int) -> None:
+    """400 for a request that would queue more than max_seqs_per_request sequences (prompts x n)."""
+    if prompts * n > config.max_seqs_per_request:
+        raise P.bad(f"this request asks for {prompts} prompt(s) x n={n} = {prompts * n} sequences; "
+                    f"the server allows at most {config.max_seqs_per_request} per request (--max-seqs-per-request)",
+                    "n" if n > 1 else "prompt")
+
+
 async def _start(app: web.Application, prompts: list[str | list[int]], params: Any, n: int, rid: str,
-                 model: str | None) -> tuple[str, Choices]:
-    engine, state = app[ENGINE], app[STATE]
+                 model: str | None, *, priority: int = 0, tenant: str | None = None) -> tuple[str, Choices]:
+    engine, state, config = app[ENGINE], app[STATE], app[CONFIG]
     name, adapter = _resolve(engine, model)
+    _start_checks(config, len(prompts), n)
     try:
         choices = await open_choices(engine, prompts, params, n=n, request_id=rid, adapter=adapter,
-                                     metrics=state.metrics, label=name)
+                                     metrics=state.metrics, label=name, priority=priority, tenant=tenant)
     except MloraError as exc:
         err = api_error_for(exc, app[CONFIG].retry_after_s)
         state.metrics.count_error(name, err.status)
         raise err from None
-    if any(ch.pending is not None and ch.pending.finish_reason == "abort" for ch in choices.items):
-        await choices.close()
-        for ch in choices.items:  # ended by the engine before its first token: the reason, headers not sent yet
-            if ch.pending is not None:
-                _check_abort(ch.pending)
-        raise _aborted()  # aborted before its first token (shutdown): a plain 503, headers not sent yet
+    for ch in choices.items:  # aborted before its first token: an error status, headers not sent yet
+        if ch.pending is not None and ch.pending.finish_reason == "abort":
+            await choices.close()
+            _check_abort(ch.pending, engine)
     return name, choices
 
 
@@ -203,7 +250,7 @@ async def _events(app: web.Application, choices: Choices, chunks: AsyncIterator[
 async def _send(request: web.Request, reply: Reply) -> web.StreamResponse:
     """Send a Reply over aiohttp. A client that went away just ends the handler (events closed)."""
     if reply.events is None:
-        return web.json_response(reply.body)
+        return json_response(reply.body)
     resp = web.StreamResponse(headers=SSE_HEADERS)
     try:
         await resp.prepare(request)
@@ -226,11 +273,25 @@ def _aborted() -> P.APIError:
     return P.APIError(503, "the request was aborted (the server is shutting down)", headers={"Retry-After": "1"})
 
 
-def _check_abort(o: Any) -> None:
-    if getattr(o, "error", None):  # the engine ended this request alone (non-finite logits, failed step)
+def _check_abort(o: Any, engine: Any) -> None:
+    """An output the engine ended becomes its error. `error` set: the engine ended this request
+    alone (non-finite logits, a failed step) -> 500 with the reason. Aborted with a reason in
+    stop_reason: its adapter was unloaded or changed on disk -> 404 naming it; could not be
+    loaded -> 503 with the reason. Aborted without a reason: the server is shutting down."""
+    if getattr(o, "error", None):
         raise P.APIError(500, f"the request failed: {o.error}")
-    if o.finish_reason == "abort":
+    if o.finish_reason != "abort":
+        return
+    if not (isinstance(o.stop_reason, str) and o.stop_reason):
         raise _aborted()
+    if o.adapter is not None:
+        mine = o.stop_reason.startswith(f"adapter {o.adapter!r}")
+        if mine and ("was unloaded" in o.stop_reason or "changed on disk" in o.stop_reason):
+            raise P.APIError(404, o.stop_reason, err_type="not_found_error", param="model")  # gone, or broken until loaded again
+        if o.adapter not in engine.list_adapters():
+            raise P.APIError(404, f"the adapter '{o.adapter}' was unloaded before this request finished",
+                             err_type="not_found_error", param="model")
+    raise P.APIError(503, o.stop_reason, headers={"Retry-After": "1"})
 
 
 def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, name: str) -> bytes:
@@ -242,12 +303,25 @@ def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, na
 
 async def completion_reply(app: web.Application, body: Any) -> Reply:
     """POST /v1/completions (vLLM/OpenAI legacy completions; prompt may be a batch) for a parsed JSON body."""
-    engine = app[ENGINE]
-    req = P.parse_completion(body, vocab_size=len(engine.tokenizer))
-    _check_context(app, req.model, [len(p) if isinstance(p, list) else len(engine.tokenizer(p).input_ids)
-                                    for p in req.prompts], req.params.max_tokens)
+    engine, config = app[ENGINE], app[CONFIG]
+    if isinstance(body, dict) and isinstance(body.get("prompt"), list):  # token ids: checking them scales
+        req = await run_text_work(P.parse_completion, body, len(engine.tokenizer))
+    else:
+        req = P.parse_completion(body, vocab_size=len(engine.tokenizer))
+    _start_checks(config, len(req.prompts), req.n)  # before any per-prompt work
+    limit = max_prompt_chars(engine.tokenizer, engine.max_model_len)
+    for p in req.prompts:
+        if isinstance(p, str):
+            check_prompt_chars(p, limit)  # longer than any tokenization of it could fit: refused untokenized
+        elif len(p) >= engine.max_model_len:
+            raise P.bad(f"the prompt has {len(p)} tokens; this model's context is {engine.max_model_len} tokens", "prompt")
+    texts = [p for p in req.prompts if isinstance(p, str)]  # counted off the event loop, as the engine tokenizes
+    counts = iter(await run_text_work(lambda: [len(engine.tokenizer(p).input_ids) for p in texts]) if texts else [])
+    _check_context(app, req.model, [len(p) if isinstance(p, list) else next(counts) for p in req.prompts],
+                   req.params.max_tokens)
     rid, created = P.new_id("cmpl"), P.now_s()
-    name, choices = await _start(app, req.prompts, req.params, req.n, rid, req.model)
+    name, choices = await _start(app, req.prompts, req.params, req.n, rid, req.model, priority=req.priority,
+                                 tenant=req.tenant)
     tok, want_lp = engine.tokenizer, req.params.logprobs is not None
 
     def echo_text(prompt: str | list[int]) -> str:
@@ -260,7 +334,7 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
         offsets: dict[int, int] = {}
         lp_next: dict[int, int] = {}
         async for ch, o in choices.merged():
-            _check_abort(o)
+            _check_abort(o, engine)
             first = ch.index not in offsets
             text = "" if req.echo_only else o.delta_text
             new = [] if req.echo_only else _tail(o.logprobs, len(o.delta_token_ids))
@@ -286,7 +360,7 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
     try:
         outs = await choices.collect()
         for o in outs:
-            _check_abort(o)
+            _check_abort(o, engine)
         want_plp = body.get("prompt_logprobs") is not None
         body_choices = [P.completion_choice(ch.index, echo_text(ch.prompt) + ("" if req.echo_only else o.text), o,
                                             P.completion_logprobs(tok, [] if req.echo_only else o.logprobs or [], 0,
@@ -302,16 +376,22 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
 
 async def chat_reply(app: web.Application, body: Any) -> Reply:
     """POST /v1/chat/completions (prompt from the tokenizer's chat template, or the plain fallback)."""
-    engine = app[ENGINE]
+    engine, config = app[ENGINE], app[CONFIG]
     req = P.parse_chat(body)
-    prompt = P.render_chat(engine.tokenizer, req)
-    n_prompt = len(prompt) if isinstance(prompt, list) else len(engine.tokenizer.encode(prompt))
+    if req.chat_template is not None and not config.trust_request_chat_template:
+        raise P.bad("this server does not accept a chat template from the request "
+                    "(the operator can allow it with --trust-request-chat-template)", "chat_template")
+    _start_checks(config, 1, req.n)
+    tok, limit = engine.tokenizer, max_prompt_chars(engine.tokenizer, engine.max_model_len)
+    prompt = await run_text_work(render_chat, tok, req, limit)
+    n_prompt = len(prompt) if isinstance(prompt, list) else len(await run_text_work(tok.encode, prompt))
     if not req.max_tokens_given:  # OpenAI's default: as many as the context leaves
         req.params.max_tokens = max(1, engine.max_model_len - n_prompt)
     else:
         _check_context(app, req.model, [n_prompt], req.params.max_tokens)
     rid, created = P.new_id("chatcmpl"), P.now_s()
-    name, choices = await _start(app, [prompt], req.params, req.n, rid, req.model)
+    name, choices = await _start(app, [prompt], req.params, req.n, rid, req.model, priority=req.priority,
+                                 tenant=req.tenant)
     tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None
     kind = "chat.completion.chunk"
 
@@ -321,7 +401,7 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
                      "finish_reason": None}
             yield P.sse(P.chunk(kind, rid, created, name, [first]))
         async for ch, o in choices.merged():
-            _check_abort(o)
+            _check_abort(o, engine)
             if not o.delta_text and not o.finished:
                 continue
             lp = P.chat_logprobs(tok, _tail(o.logprobs, len(o.delta_token_ids)), top_n) if want_lp else None
@@ -338,7 +418,7 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
     try:
         outs = await choices.collect()
         for o in outs:
-            _check_abort(o)
+            _check_abort(o, engine)
         body_choices = [P.chat_choice(ch.index, o, P.chat_logprobs(tok, o.logprobs or [], top_n) if want_lp else None)
                         for ch, o in zip(choices.items, outs)]
         use = P.usage(len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs))
@@ -350,12 +430,20 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
         await choices.close()
 
 
+async def _generation_body(request: web.Request) -> Any:
+    return P.with_tenant_header(await _body(request), request.headers.get(P.TENANT_HEADER))
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _send(request, await completion_reply(request.app, await _body(request)))
+    body = await _generation_body(request)
+    async with _inflight(request):
+        return await _send(request, await completion_reply(request.app, body))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _send(request, await chat_reply(request.app, await _body(request)))
+    body = await _generation_body(request)
+    async with _inflight(request):
+        return await _send(request, await chat_reply(request.app, body))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -366,7 +454,7 @@ async def models(request: web.Request) -> web.Response:
     for name in engine.list_adapters():
         cards.append(P.model_card(name, root=state.adapter_paths.get(name, name), parent=base, created=state.created,
                                   max_model_len=engine.max_model_len))
-    return web.json_response({"object": "list", "data": cards})
+    return json_response({"object": "list", "data": cards})
 
 
 def _validation_failures(path: str, config: ServerConfig) -> list[str]:
@@ -397,17 +485,29 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
     if not config.allow_runtime_lora:
         raise P.APIError(403, "runtime adapter loading is disabled; start the server with --allow-runtime-lora")
     body = await _body(request)
+    async with _inflight(request):
+        return await _load_lora(engine, config, state, body)
+
+
+async def _load_lora(engine: Any, config: ServerConfig, state: ServerState, body: Any) -> web.Response:
     name = _lora_name(body, engine, new=True)
     path = body.get("lora_path")
     if not isinstance(path, str) or not path.strip():
         raise P.bad("'lora_path' must be a non-empty string", "lora_path")
-    path = confine_adapter_path(path, config.adapter_root)
+    weight = body.get("weight")
+    if weight is not None:
+        try:
+            weight = positive_number(weight, "'weight' (the adapter's fair-share weight)")
+        except ConfigError as exc:
+            raise P.bad(exc.message, "weight") from None
+    path = await asyncio.to_thread(confine_adapter_path, path, config.adapter_root)  # walks the directory
     if os.path.exists(path):
         failures = await asyncio.to_thread(_validation_failures, path, config)
         if failures:
             raise P.bad(f"adapter '{name}' failed validation: " + "; ".join(failures), "lora_path")
     try:
-        await engine.add_adapter(name, path)
+        # confinement re-checked on the files read
+        await engine.add_adapter(name, path, root=config.adapter_root, weight=weight)
     except AdapterNotFoundError as exc:  # a path or hub id that is not there is the caller's mistake
         raise P.bad(exc.message, "lora_path") from None
     state.adapter_paths[name] = path
@@ -419,11 +519,18 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
     engine, config, state = request.app[ENGINE], request.app[CONFIG], request.app[STATE]
     if not config.allow_runtime_lora:
         raise P.APIError(403, "runtime adapter unloading is disabled; start the server with --allow-runtime-lora")
-    name = _lora_name(await _body(request), engine, new=False)
+    body = await _body(request)
+    async with _inflight(request):
+        name = _lora_name(body, engine, new=False)
+        return await _unload_lora(engine, state, name)
+
+
+async def _unload_lora(engine: Any, state: ServerState, name: str) -> web.Response:
     if name not in engine.list_adapters():
         raise P.APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
     await engine.remove_adapter(name)
     state.adapter_paths.pop(name, None)
+    state.metrics.forget_adapter(name)  # no stale series per unloaded adapter
     log.info("unloaded LoRA adapter %r", name)
     return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
 
@@ -448,7 +555,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_app(engine: Any, config: ServerConfig) -> web.Application:
     """The application for one started (or about to start) AsyncLLM. Routes are vLLM's."""
-    app = web.Application(middlewares=[error_middleware, guard_middleware], client_max_size=8 * 1024 * 1024)
+    app = web.Application(middlewares=[error_middleware, guard_middleware], client_max_size=config.max_body_bytes)
     ecfg = config.engine
     app[ENGINE] = engine
     app[CONFIG] = config

@@ -14,11 +14,18 @@ from engine.errors import ConfigError
 class ServerConfig:
     """Everything the HTTP layer needs, plus the engine's own config.
 
-    `api_key` (None = open) guards every /v1 route; /health and /metrics stay open.
-    `allow_runtime_lora` enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter;
-    `adapter_root` (None = anywhere) confines their paths after resolving symlinks.
+    `api_key` (None = open) guards every /v1 route; /health and /metrics stay open. An empty or
+    blank key is an error, not an open server (an empty MLORA_API_KEY must not disable auth).
+    `allow_runtime_lora` enables POST /v1/load_lora_adapter and /v1/unload_lora_adapter and needs
+    `adapter_root`, which confines their paths after resolving symlinks ("/" = anywhere, explicitly).
     `grace_period` is how long SIGINT/SIGTERM waits for in-flight requests before aborting them.
     `port=0` binds a free port (the bound URL is reported to `on_ready`).
+
+    Bounds on what one client can make the server do (each a 4xx, never a stall for the others):
+    `max_seqs_per_request` caps prompts x n of one request; `max_body_bytes` the request body (413);
+    `header_timeout` how long a connection may take to send its request headers or sit idle between
+    requests (then it is closed); `body_timeout` how long the body may take to arrive (408);
+    `trust_request_chat_template` lets clients send their own chat template (refused by default).
     """
 
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -29,14 +36,30 @@ class ServerConfig:
     adapter_root: str | None = None
     grace_period: float = 10.0
     retry_after_s: int = 1
+    max_seqs_per_request: int = 256
+    max_body_bytes: int = 4 * 1024 * 1024
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    trust_request_chat_template: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
             raise ConfigError(f"port must be an integer in 0..65535, got {self.port!r}")
         if self.grace_period < 0:
             raise ConfigError(f"grace_period must be >= 0 seconds, got {self.grace_period}")
+        for name in ("max_seqs_per_request", "max_body_bytes"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("header_timeout", "body_timeout"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"{name} must be > 0 seconds, got {getattr(self, name)!r}")
         if self.api_key is not None and not self.api_key.strip():
-            object.__setattr__(self, "api_key", None)
+            raise ConfigError("the API key is empty (--api-key or MLORA_API_KEY): that would leave the server open",
+                              hint="give a non-empty key, or unset MLORA_API_KEY to serve without one")
+        if self.allow_runtime_lora and self.adapter_root is None:
+            raise ConfigError("--allow-runtime-lora needs --adapter-root: the directory runtime adapters must come from",
+                              hint="e.g. --adapter-root ./adapters (--adapter-root / allows any path)")
         if self.adapter_root is not None:
             root = os.path.realpath(os.path.expanduser(self.adapter_root))
             if not os.path.isdir(root):

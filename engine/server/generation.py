@@ -125,6 +125,8 @@ async def open_choices(
     adapter: str | None,
     metrics: ServerMetrics,
     label: str,
+    priority: int = 0,
+    tenant: str | None = None,
 ) -> Choices:
     """Submit len(prompts) * n engine requests and wait for each one's first output.
 
@@ -138,12 +140,12 @@ async def open_choices(
         for j in range(n):
             idx = i * n + j
             rid = request_id if total == 1 else f"{request_id}-{idx}"
-            tracker = metrics.tracker(label)
+            tracker = metrics.tracker(label, tenant=tenant or label)
             try:
                 child = copy.copy(params)
                 if params.seed is not None:
                     child.seed = params.seed + j
-                stream = engine.generate(prompt, child, request_id=rid, adapter=adapter)
+                stream = engine.generate(prompt, child, request_id=rid, adapter=adapter, priority=priority, tenant=tenant)
             except BaseException:
                 await choices.close()
                 raise

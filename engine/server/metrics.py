@@ -10,11 +10,21 @@ know keep vLLM's spelling: `vllm:num_requests_running`, `vllm:num_requests_waiti
 wall-clock time of the update), which the Gateway API Inference Extension reads for LoRA
 affinity. Unlike vLLM we keep only the latest `lora_requests_info` series (old label sets are
 dropped), which is what a reader that picks the newest timestamp sees anyway.
+Fair share is labelled by `tenant` (the request's "tenant" / X-Tenant-Id, else its adapter or the
+base model's name): `mlora:tenant_service` (the scheduler's weighted counter),
+`mlora:tenant_prompt_tokens_total`, `mlora:tenant_generation_tokens_total` (from the engine) and
+`mlora:tenant_queue_wait_seconds` (arrival to first scheduled, per request).
+
+Unloading an adapter removes every series labelled with it (`forget_adapter`), so a server that
+loads and unloads adapters all day exports only the adapters it serves. Requests of that adapter
+still in flight at the unload are counted, then their series are removed again as each one ends.
+The `tenant` series of its name go too (its default tenant: the scheduler drops those counters).
 """
 
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from typing import Any, Iterable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -29,6 +39,7 @@ TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75
 TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5,
                 10.0, 20.0, 40.0, 80.0)
 E2E_BUCKETS = (0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 60.0, 120.0, 240.0, 480.0)
+MAX_UNLOADED_REMEMBERED = 1024  # unloaded names whose late-finishing requests still get their series removed
 LOAD_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
 
@@ -38,6 +49,7 @@ class _EngineCollector:
     def __init__(self) -> None:
         self.loads = 0
         self.evictions = 0
+        self.tenants: tuple[dict[str, float], dict[str, int], dict[str, int]] = ({}, {}, {})
 
     def collect(self) -> Iterable[Metric]:
         c = CounterMetricFamily("mlora:lora_loads", "Adapter loads into a device slot (cumulative).")
@@ -46,6 +58,18 @@ class _EngineCollector:
         e = CounterMetricFamily("mlora:lora_evictions", "Adapter evictions from a device slot (cumulative).")
         e.add_metric([], float(self.evictions))
         yield e
+        service, prompt, output = self.tenants
+        v = GaugeMetricFamily("mlora:tenant_service", "Fair-share counter of each tenant: weighted tokens served "
+                              "(prompt x fair_prompt_weight + output x fair_output_weight) / its weight.", labels=["tenant"])
+        for name, value in sorted(service.items()):
+            v.add_metric([name], value)
+        yield v
+        for family, counts, what in (("mlora:tenant_prompt_tokens", prompt, "Prompt tokens admitted"),
+                                     ("mlora:tenant_generation_tokens", output, "Tokens generated")):
+            c = CounterMetricFamily(family, f"{what} per tenant (cumulative).", labels=["tenant"])
+            for name, count in sorted(counts.items()):
+                c.add_metric([name], float(count))
+            yield c
 
     def describe(self) -> Iterable[Metric]:
         return []
@@ -71,6 +95,8 @@ class ServerMetrics:
                              ["adapter"], buckets=E2E_BUCKETS, registry=r)
         self.load_seconds = Histogram("mlora:lora_load_duration_seconds", "Time to load an adapter into a slot.",
                                       buckets=LOAD_BUCKETS, registry=r)
+        self.queue_wait = Histogram("mlora:tenant_queue_wait_seconds", "Time from arrival to first being scheduled, "
+                                    "per tenant.", ["tenant"], buckets=TTFT_BUCKETS, registry=r)
         self.running = Gauge("vllm:num_requests_running", "Requests in the running batch.", ["model_name", "engine"],
                              registry=r)
         self.waiting = Gauge("vllm:num_requests_waiting", "Requests waiting to be scheduled.", ["model_name", "engine"],
@@ -93,11 +119,34 @@ class ServerMetrics:
         self._engine = _EngineCollector()
         r.register(self._engine)  # type: ignore[arg-type]
         self._labels = (model_name, "0")
+        # unloaded adapters (most recent last, capped): a request of theirs that was still in flight
+        # removes its series again when it ends; a new request for the name means it is served again
+        self._unloaded: OrderedDict[str, None] = OrderedDict()
 
-    def tracker(self, adapter_label: str) -> "RequestTracker":
-        return RequestTracker(self, adapter_label)
+    def tracker(self, adapter_label: str, tenant: str | None = None) -> "RequestTracker":
+        self._unloaded.pop(adapter_label, None)
+        return RequestTracker(self, adapter_label, tenant or adapter_label)
+
+    def forget_adapter(self, name: str) -> None:
+        """Remove every series labelled `adapter=name` (call when the adapter is unloaded)."""
+        if name == self.model_name:
+            return
+        for metric in (self.requests, self.prompt_tokens, self.generation_tokens, self.ttft, self.tpot, self.e2e,
+                       self.resident_by_name, self.running_by_adapter, self.waiting_by_adapter):
+            _remove_matching(metric, "adapter", name)
+        _remove_matching(self.queue_wait, "tenant", name)  # the adapter's default tenant (the engine forgets it too)
+        self._unloaded[name] = None
+        self._unloaded.move_to_end(name)
+        while len(self._unloaded) > MAX_UNLOADED_REMEMBERED:
+            self._unloaded.popitem(last=False)
+
+    def _tracker_done(self, label: str) -> None:
+        if label in self._unloaded:  # it finished after its adapter was unloaded
+            self.forget_adapter(label)
 
     def count_error(self, adapter_label: str, status: int) -> None:
+        if adapter_label in self._unloaded:  # e.g. a 404 racing the unload: no series for a gone adapter
+            return
         self.requests.labels(adapter_label, str(status)).inc()
 
     def refresh(self, stats: Any) -> None:
@@ -122,6 +171,8 @@ class ServerMetrics:
                 gauge.labels(self._adapter_label(name)).set(count)
         self._engine.loads = g("lora_loads")
         self._engine.evictions = g("lora_evictions")
+        self._engine.tenants = (dict(g("tenant_service", {}) or {}), dict(g("tenant_prompt_tokens", {}) or {}),
+                                dict(g("tenant_output_tokens", {}) or {}))
         for seconds in g("lora_load_seconds", []) or []:
             self.load_seconds.observe(seconds)
         if self.lora_info is not None:
@@ -140,12 +191,23 @@ class ServerMetrics:
         return generate_latest(self.registry)
 
 
+def _remove_matching(metric: Any, label: str, value: str) -> None:
+    """Drop every child of a labelled metric whose `label` equals `value`."""
+    if hasattr(metric, "remove_by_labels"):  # prometheus_client >= 0.22
+        metric.remove_by_labels({label: value})
+        return
+    pos = list(metric._labelnames).index(label)
+    for values in [v for v in list(metric._metrics) if v[pos] == value]:
+        metric.remove(*values)
+
+
 class RequestTracker:
     """Latency and token accounting of one engine request, fed with each RequestOutput."""
 
-    def __init__(self, metrics: ServerMetrics, adapter_label: str) -> None:
+    def __init__(self, metrics: ServerMetrics, adapter_label: str, tenant: str | None = None) -> None:
         self.m = metrics
         self.label = adapter_label
+        self.tenant = tenant or adapter_label
         self.arrival = time.monotonic()
         self.last: float | None = None
         self.done = False
@@ -156,6 +218,9 @@ class RequestTracker:
             now = time.monotonic()
             if self.last is None:
                 self.m.ttft.labels(self.label).observe(now - self.arrival)
+                timing = out.metrics
+                if timing is not None and timing.first_scheduled_time is not None:
+                    self.m.queue_wait.labels(self.tenant).observe(max(0.0, timing.first_scheduled_time - timing.arrival_time))
                 n -= 1  # the first token's time is TTFT, not inter-token latency
             if n > 0 and self.last is not None:
                 per_token = (now - self.last) / n
@@ -173,6 +238,7 @@ class RequestTracker:
         self.m.requests.labels(self.label, outcome).inc()
         self.m.prompt_tokens.labels(self.label).inc(prompt_tokens)
         self.m.e2e.labels(self.label).observe(time.monotonic() - self.arrival)
+        self.m._tracker_done(self.label)
 
 
 def merge_expositions(parts: list[tuple[str, bytes]], *, label: str) -> bytes:

@@ -10,6 +10,7 @@ when streaming, the chunk that carries a choice's `finish_reason` also carries t
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 import uuid
@@ -22,6 +23,12 @@ from engine.sampling_params import SamplingParams
 
 MAX_N = 16
 GREEDY_EPS = 1e-5
+# Client-controlled sizes the engine pays for on every step: bounded so one request cannot slow the others.
+MAX_STOP = 32  # stop strings per request (each is searched after every token)
+MAX_STOP_CHARS = 256  # characters per stop string (the longest one is held back while streaming)
+MAX_STOP_TOKEN_IDS = 256
+MAX_INT = 2**31 - 1  # max_tokens, top_k: anything larger is a mistake, not a wish (and no bignums reach torch)
+LOGPROB_FLOOR = -9999.0  # vLLM's floor for -inf logprobs (JSON has no infinities)
 # Adapter names: no commas or spaces, since vllm:lora_requests_info joins names with commas.
 ADAPTER_NAME_RULE = "1-128 characters from letters, digits and . _ / : @ + - (starting with a letter or digit)"
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,127}$")
@@ -77,21 +84,44 @@ def _opt(body: dict[str, Any], key: str, kinds: tuple[type, ...], what: str) -> 
     if isinstance(value, bool) and bool not in kinds:
         raise bad(f"'{key}' must be {what}, got {json.dumps(value)}", key)
     if not isinstance(value, kinds):
-        raise bad(f"'{key}' must be {what}, got {json.dumps(value)[:80]}", key)
+        raise bad(f"'{key}' must be {what}, got {_brief(value)}", key)
     return value
+
+
+def _brief(value: Any) -> str:
+    """A client's value for an error message, without serializing (or echoing) a large one."""
+    if isinstance(value, (dict, list)):
+        return f"an {'object' if isinstance(value, dict) else 'array'} of {len(value)} item(s)"
+    if isinstance(value, int):
+        return _short(value)
+    return json.dumps(value[:80] if isinstance(value, str) else value)
 
 
 def _opt_int(body: dict[str, Any], key: str, lo: int | None = None, hi: int | None = None) -> int | None:
     value = _opt(body, key, (int,), "an integer")
     if value is not None and ((lo is not None and value < lo) or (hi is not None and value > hi)):
         rng = f">= {lo}" if hi is None else f"between {lo} and {hi}"
-        raise bad(f"'{key}' must be {rng}, got {value}", key)
+        raise bad(f"'{key}' must be {rng}, got {_short(value)}", key)
     return value
 
 
+def _short(value: int) -> str:
+    """An integer for an error message: a 400-digit one is not echoed back (str() of it is quadratic)."""
+    return str(value) if abs(value) < 10**30 else ("-" if value < 0 else "") + "a number with more than 30 digits"
+
+
 def _opt_num(body: dict[str, Any], key: str) -> float | None:
+    """A finite float: huge integers (OverflowError), 1e999 (inf) and NaN are refused with 400."""
     value = _opt(body, key, (int, float), "a number")
-    return None if value is None else float(value)
+    if value is None:
+        return None
+    try:
+        out = float(value)
+    except OverflowError:
+        out = math.inf
+    if not math.isfinite(out):
+        raise bad(f"'{key}' must be a finite number", key)
+    return out
 
 
 def _opt_bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
@@ -115,19 +145,26 @@ def _stop(body: dict[str, Any]) -> list[str]:
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop] if stop else []
-    if isinstance(stop, list) and all(isinstance(s, str) for s in stop):
-        return [s for s in stop if s]
-    raise bad("'stop' must be a string or a list of strings", "stop")
+        stop = [stop]
+    if not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise bad("'stop' must be a string or a list of strings", "stop")
+    if len(stop) > MAX_STOP:
+        raise bad(f"'stop' may hold at most {MAX_STOP} strings, got {len(stop)}", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad(f"each 'stop' string may be at most {MAX_STOP_CHARS} characters", "stop")
+    return [s for s in stop if s]
 
 
 def _stop_token_ids(body: dict[str, Any]) -> list[int]:
     ids = body.get("stop_token_ids")
     if ids is None:
         return []
-    if isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in ids):
-        return list(ids)
-    raise bad("'stop_token_ids' must be a list of integers", "stop_token_ids")
+    if not (isinstance(ids, list) and all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_INT
+                                          for t in ids)):
+        raise bad("'stop_token_ids' must be a list of non-negative integers", "stop_token_ids")
+    if len(ids) > MAX_STOP_TOKEN_IDS:
+        raise bad(f"'stop_token_ids' may hold at most {MAX_STOP_TOKEN_IDS} ids, got {len(ids)}", "stop_token_ids")
+    return list(ids)
 
 
 @dataclass
@@ -181,7 +218,7 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | N
     if temperature is not None and 0.0 <= temperature < GREEDY_EPS:
         temperature = 0.0  # as vLLM: a vanishing temperature is greedy (dividing by it overflows)
     top_p = _opt_num(body, "top_p")
-    top_k = _opt_int(body, "top_k")
+    top_k = _opt_int(body, "top_k", -1, MAX_INT)
     try:
         return SamplingParams(
             max_tokens=max(16, _opt_int(body, "min_tokens") or 0) if max_tokens is None else max_tokens,
@@ -212,9 +249,33 @@ def _model(body: dict[str, Any]) -> str | None:
     return _opt(body, "model", (str,), "a string")
 
 
+TENANT_HEADER = "X-Tenant-Id"  # names the request's tenant when the body has no "tenant"
+
+
+def with_tenant_header(body: Any, header: str | None) -> Any:
+    """The generation body with the X-Tenant-Id header's value as its "tenant" when it names none
+    (checked later like the field). For a gateway that knows the customer but not the body."""
+    if header is not None and isinstance(body, dict) and "tenant" not in body:
+        return {**body, "tenant": header}
+    return body
+
+
+def _priority(body: dict[str, Any]) -> int:
+    """vLLM's `priority` (lower runs first under --scheduling-policy priority; default 0)."""
+    return _opt_int(body, "priority", -MAX_INT - 1, MAX_INT) or 0
+
+
+def _tenant(body: dict[str, Any]) -> str | None:
+    """Whose fair share the request uses; None = its adapter's (or the base model's) own."""
+    tenant = _opt(body, "tenant", (str,), "a string")
+    if tenant is not None and not valid_adapter_name(tenant):
+        raise bad(f"'tenant' must be {ADAPTER_NAME_RULE}", "tenant")
+    return tenant
+
+
 def _n(body: dict[str, Any]) -> int:
     n = _opt_int(body, "n", 1, MAX_N) or 1
-    best_of = _opt_int(body, "best_of", 1)
+    best_of = _opt_int(body, "best_of", 1, MAX_INT)
     if best_of is not None and best_of > n:
         raise bad("'best_of' > n is not supported by mlora", "best_of")
     return n
@@ -229,11 +290,36 @@ def _no_constant(name: str) -> Any:
 
 
 def parse_json(raw: bytes) -> Any:
-    """The request body as JSON; APIError(400) for anything else (incl. NaN/Infinity and absurd nesting)."""
+    """The request body as JSON; APIError(400) for anything else (incl. NaN/Infinity, absurd nesting and
+    strings that are not Unicode text, such as a lone surrogate "\\ud800", which no tokenizer can encode)."""
     try:
-        return json.loads(raw, parse_constant=_no_constant)
+        body = json.loads(raw, parse_constant=_no_constant)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         raise bad(f"malformed JSON body: {str(exc)[:200]}") from None
+    _check_text(body)
+    return body
+
+
+def _check_text(value: Any) -> None:
+    """Raise 400 if any string (key or value) anywhere in `value` holds a lone surrogate (iterative: no recursion)."""
+    todo = [value]
+    while todo:
+        v = todo.pop()
+        if isinstance(v, str):
+            strings: list[Any] = [v]
+        elif isinstance(v, dict):
+            strings = list(v)
+            todo.extend(v.values())
+        elif isinstance(v, list):
+            todo.extend(v)
+            continue
+        else:
+            continue
+        for s in strings:
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad("the request holds a string that is not valid Unicode (a lone surrogate such as \\ud800)") from None
 
 
 @dataclass
@@ -248,6 +334,8 @@ class CompletionRequest:
     stream_options: StreamOptions = field(default_factory=StreamOptions)
     echo: bool = False
     echo_only: bool = False  # echo with max_tokens 0 (vLLM): one token is computed, only the prompt is returned
+    priority: int = 0
+    tenant: str | None = None
 
 
 @dataclass
@@ -264,6 +352,9 @@ class ChatRequest:
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] = field(default_factory=dict)
+    chat_template: str | None = None  # the client's own template (refused unless the operator trusts them)
+    priority: int = 0
+    tenant: str | None = None
 
 
 def _is_token_list(value: Any) -> bool:
@@ -277,7 +368,7 @@ def _check_tokens(ids: list[int], vocab_size: int) -> list[int]:
     return ids
 
 
-def parse_completion(body: Any, *, vocab_size: int) -> CompletionRequest:
+def parse_completion(body: Any, vocab_size: int) -> CompletionRequest:
     """Validate a /v1/completions body. Raises APIError(400) with the offending parameter."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
@@ -297,7 +388,7 @@ def parse_completion(body: Any, *, vocab_size: int) -> CompletionRequest:
     logprobs = _opt_int(body, "logprobs", 0, 20)
     stream, opts = _stream(body)
     echo = _opt_bool(body, "echo")
-    max_tokens = _opt_int(body, "max_tokens", 0)
+    max_tokens = _opt_int(body, "max_tokens", 0, MAX_INT)
     if max_tokens == 0 and not echo:
         raise bad("'max_tokens' must be >= 1 (0 only with 'echo': true, which returns the prompt alone)", "max_tokens")
     # as vLLM: echo with logprobs returns the prompt tokens' logprobs first
@@ -314,6 +405,8 @@ def parse_completion(body: Any, *, vocab_size: int) -> CompletionRequest:
         stream_options=opts,
         echo=echo,
         echo_only=max_tokens == 0,
+        priority=_priority(body),
+        tenant=_tenant(body),
     )
 
 
@@ -345,9 +438,9 @@ def parse_chat(body: Any) -> ChatRequest:
         if not isinstance(msg, dict) or msg.get("role") not in _ROLES:
             raise bad(f"messages[{i}] must be an object with a role in {', '.join(_ROLES)}", "messages")
         messages.append({"role": msg["role"], "content": _message_text(msg.get("content"), i)})
-    max_tokens = _opt_int(body, "max_completion_tokens", 1)
+    max_tokens = _opt_int(body, "max_completion_tokens", 1, MAX_INT)
     if max_tokens is None:
-        max_tokens = _opt_int(body, "max_tokens", 1)
+        max_tokens = _opt_int(body, "max_tokens", 1, MAX_INT)
     top_logprobs = _opt_int(body, "top_logprobs", 0, 20)
     logprobs = (top_logprobs or 0) if _opt_bool(body, "logprobs") else None
     if top_logprobs and logprobs is None:
@@ -355,6 +448,12 @@ def parse_chat(body: Any) -> ChatRequest:
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    template = kwargs.pop("chat_template", None)
+    top = body.get("chat_template")
+    if top is not None:
+        template = top
+    if template is not None and not isinstance(template, str):
+        raise bad("'chat_template' must be a string", "chat_template")
     stream, opts = _stream(body)
     if stream and body.get("prompt_logprobs") is not None:
         raise bad("'prompt_logprobs' is not available when 'stream' is true (as vLLM)", "prompt_logprobs")
@@ -369,6 +468,9 @@ def parse_chat(body: Any) -> ChatRequest:
         add_generation_prompt=_opt_bool(body, "add_generation_prompt", True),
         continue_final_message=_opt_bool(body, "continue_final_message"),
         chat_template_kwargs=kwargs,
+        chat_template=template,
+        priority=_priority(body),
+        tenant=_tenant(body),
     )
 
 
@@ -378,29 +480,6 @@ def check_max_tokens(prompt_tokens: int, max_tokens: int, max_model_len: int) ->
         raise bad(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
                   f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
                   "completion). Please reduce the length of the messages or completion.", "max_tokens")
-
-
-def render_chat(tokenizer: Any, req: ChatRequest) -> str | list[int]:
-    """The engine prompt for a chat request.
-
-    With a chat template: the template's text, tokenized without adding special tokens again
-    (the template already holds them). Without one (e.g. the byte-level demo tokenizer): the
-    messages' contents joined by newlines, as a plain string, so a one-message chat equals a
-    completion of that message.
-    """
-    if getattr(tokenizer, "chat_template", None):
-        try:
-            text = tokenizer.apply_chat_template(
-                req.messages,
-                tokenize=False,
-                add_generation_prompt=req.add_generation_prompt and not req.continue_final_message,
-                continue_final_message=req.continue_final_message,
-                **req.chat_template_kwargs,
-            )
-        except Exception as exc:  # jinja raises for e.g. non-alternating roles
-            raise bad(f"chat template error: {exc}".splitlines()[0], "messages") from None
-        return list(tokenizer.encode(text, add_special_tokens=False))
-    return "\n".join(m["content"] for m in req.messages)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -424,6 +503,13 @@ def _token_str(tokenizer: Any, token_id: int) -> str:
     return tokenizer.decode([token_id])
 
 
+def safe_logprob(value: float) -> float | None:
+    """A logprob JSON can carry, as vLLM writes it: -inf -> -9999.0, NaN (and +inf) -> null."""
+    if math.isnan(value) or value == math.inf:
+        return None
+    return max(value, LOGPROB_FLOOR)
+
+
 def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], text_offset: int = 0,
                         prompt: tuple[list[int], list[dict[int, Logprob] | None]] | None = None) -> dict[str, Any]:
     """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset.
@@ -441,16 +527,16 @@ def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], text_offset: in
         offsets.append(text_offset)
         text_offset += len(tok)
         tokens.append(tok)
-        token_lps.append(None if entry is None else max(entry[tid].logprob, -9999.0))
+        token_lps.append(None if entry is None else safe_logprob(entry[tid].logprob))
         tops.append(None if entry is None else
-                    {_token_str(tokenizer, t): max(v.logprob, -9999.0) for t, v in entry.items()})
+                    {_token_str(tokenizer, t): safe_logprob(v.logprob) for t, v in entry.items()})
     for lp in lps:
         tok = _token_str(tokenizer, lp.token_id)
         offsets.append(text_offset)
         text_offset += len(tok)
         tokens.append(tok)
-        token_lps.append(max(lp.logprob, -9999.0))
-        tops.append({_token_str(tokenizer, t): max(v, -9999.0) for t, v in lp.top.items()})
+        token_lps.append(safe_logprob(lp.logprob))
+        tops.append({_token_str(tokenizer, t): safe_logprob(v) for t, v in lp.top.items()})
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
 
 
@@ -458,7 +544,7 @@ def prompt_logprobs_json(tokenizer: Any, entries: list[dict[int, Logprob] | None
     """vLLM's `prompt_logprobs` response field: per prompt token None or {"id": {logprob, rank, decoded_token}}."""
     if entries is None:
         return None
-    return [None if e is None else {str(t): {"logprob": max(v.logprob, -9999.0), "rank": v.rank,
+    return [None if e is None else {str(t): {"logprob": safe_logprob(v.logprob), "rank": v.rank,
                                              "decoded_token": _token_str(tokenizer, t)} for t, v in e.items()}
             for e in entries]
 
@@ -468,10 +554,10 @@ def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob], top_n: int) -> dict[s
     content = []
     for lp in lps:
         tok = _token_str(tokenizer, lp.token_id)
-        top = sorted(lp.top.items(), key=lambda kv: -kv[1])[:top_n]
+        top = sorted(lp.top.items(), key=lambda kv: -kv[1] if not math.isnan(kv[1]) else math.inf)[:top_n]
         content.append({
-            "token": tok, "logprob": max(lp.logprob, -9999.0), "bytes": list(tok.encode()),
-            "top_logprobs": [{"token": (s := _token_str(tokenizer, t)), "logprob": max(v, -9999.0),
+            "token": tok, "logprob": safe_logprob(lp.logprob), "bytes": list(tok.encode()),
+            "top_logprobs": [{"token": (s := _token_str(tokenizer, t)), "logprob": safe_logprob(v),
                               "bytes": list(s.encode())} for t, v in top],
         })
     return {"content": content}
@@ -503,9 +589,15 @@ def chunk(kind: str, rid: str, created: int, model: str, choices: list[dict[str,
     return {"id": rid, "object": kind, "created": created, "model": model, "choices": choices, "usage": use}
 
 
+def dumps(data: Any) -> str:
+    """The one JSON writer of every response and SSE event: strict JSON (a NaN or infinity raises, never
+    reaches a client as a bare `NaN`)."""
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
 def sse(data: dict[str, Any] | str) -> bytes:
     """One server-sent event line pair: `data: {...}\\n\\n` (or `data: [DONE]\\n\\n`)."""
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    payload = data if isinstance(data, str) else dumps(data)
     return f"data: {payload}\n\n".encode()
 
 

@@ -42,7 +42,6 @@ from engine.server.security import OPEN_PATHS, check_api_key
 log = logging.getLogger("mlora.server.ray")
 
 REPLICA_HEADER = "x-mlora-replica"
-MAX_BODY = 8 * 1024 * 1024  # as the single-process server's client_max_size
 _METHODS = {"/v1/completions": "POST", "/v1/chat/completions": "POST", "/v1/models": "GET", "/health": "GET",
             "/metrics": "GET", "/v1/load_lora_adapter": "POST", "/v1/unload_lora_adapter": "POST"}
 
@@ -85,7 +84,7 @@ class RayConfig:
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Any:
     from starlette.responses import Response
 
-    return Response(json.dumps(body).encode(), status_code=status, headers=headers,
+    return Response(P.dumps(body).encode(), status_code=status, headers=headers,
                     media_type="application/json; charset=utf-8")
 
 
@@ -146,9 +145,9 @@ class MloraIngress:
             raise P.APIError(405, "Method Not Allowed")
         if path in ROUTES:
             raw = await request.body()
-            if len(raw) > MAX_BODY:
+            if len(raw) > self.config.max_body_bytes:  # as the single-process server's client_max_size
                 raise P.APIError(413, "Request Entity Too Large")
-            return await self._generate(path, P.parse_json(raw))
+            return await self._generate(path, P.with_tenant_header(P.parse_json(raw), request.headers.get(P.TENANT_HEADER)))
         if path == "/v1/models":
             return _json(200, await self._models())
         if path == "/metrics":

@@ -44,7 +44,12 @@ async def start_server(engine: Any, config: ServerConfig) -> RunningServer:
     """Listen on config.host:config.port (0 = a free port) with routes over a started `engine`."""
     app = create_app(engine, config)
     # handler_cancellation: a client that disconnects cancels its handler, which aborts its request.
-    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0)
+    # keepalive_timeout: aiohttp arms it when a connection opens and after each response, and closes the
+    # connection if no complete request head arrived by then: the header timeout (slowloris) and idle close.
+    # lingering_time: after an early response (401, 408, 413) the unread rest of a body is drained for at
+    # most a second (aiohttp's default is 10 s), then the connection closes.
+    runner = web.AppRunner(app, handler_cancellation=True, shutdown_timeout=2.0,
+                           keepalive_timeout=config.header_timeout, lingering_time=1.0)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     try:

@@ -16,6 +16,7 @@ from engine.server.protocol import APIError
 
 
 OPEN_PATHS = frozenset({"/health", "/metrics"})
+MAX_ADAPTER_ENTRIES = 1000  # files and directories under one adapter directory (PEFT saves a handful)
 
 
 def check_api_key(path: str, authorization: str | None, api_key: str | None) -> None:
@@ -53,8 +54,15 @@ def confine_adapter_path(lora_path: str, adapter_root: str | None) -> str:
         raise APIError(403, f"lora_path {lora_path!r} resolves outside the adapter root")
     if not os.path.exists(resolved):
         raise APIError(400, f"lora_path {lora_path!r} does not exist under the adapter root", param="lora_path")
+    if adapter_root == os.sep:  # `--adapter-root /`: the operator allowed any path
+        return resolved
     if os.path.isdir(resolved):
+        seen = 0
         for dirpath, dirnames, filenames in os.walk(resolved):
+            seen += len(filenames) + len(dirnames)
+            if seen > MAX_ADAPTER_ENTRIES:
+                raise APIError(400, f"lora_path {lora_path!r} holds more than {MAX_ADAPTER_ENTRIES} files: "
+                                    "not an adapter directory", param="lora_path")
             for name in filenames + dirnames:
                 if not _inside(os.path.realpath(os.path.join(dirpath, name)), adapter_root):
                     raise APIError(403, f"lora_path {lora_path!r} holds {name!r}, a link outside the adapter root")

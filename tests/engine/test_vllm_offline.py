@@ -136,14 +136,41 @@ def test_lora_request_conflicts_and_validation(setup: dict[str, Path], tmp_path:
         llm.generate("abc", p, adapters="a", lora_request=LoRARequest("a", 1, str(setup["sql"])))
     with pytest.raises(ConfigError, match="got 2 prompts but 1 lora requests"):
         llm.generate(["a", "b"], p, lora_request=[None])
-    with pytest.raises(ConfigError, match="priority is not supported"):
-        llm.generate("abc", p, priority=[1])
+    with pytest.raises(ConfigError, match="got 1 prompts but 2 priorities"):
+        llm.generate("abc", p, priority=[1, 2])
     with pytest.raises(ConfigError, match="prompt keys not supported by mlora: multi_modal_data"):
         llm.generate({"prompt": "abc", "multi_modal_data": {}}, p)
     # a LoRARequest without LoRA enabled: a clear error, as in vLLM
     base_only = LLM(str(setup["base"]), enable_lora=False)
     with pytest.raises(ConfigError, match="LoRA is disabled"):
         base_only.generate("abc", p, lora_request=LoRARequest("a", 1, str(setup["sql"])))
+
+
+def test_vllm_priority_under_the_priority_policy(setup: dict[str, Path]) -> None:
+    """vLLM's `priority=` (LLM.generate, LLMEngine.add_request) with scheduling_policy="priority": lower
+    values are admitted first; the outputs are those without priorities (fair/fcfs merely ignore it)."""
+    from engine import LLM, EngineArgs, LLMEngine, LoRARequest, SamplingParams
+
+    p = SamplingParams(temperature=0, max_tokens=3)
+    prompts, prios = ["abc", "de", "fgh", "ij"], [5, 0, 3, 0]
+    sql = LoRARequest("sql", 1, str(setup["sql"]))
+    reqs = [sql, None, sql, None]
+    llm = LLM(str(setup["base"]), enable_lora=True, max_loras=1, max_num_seqs=1, scheduling_policy="priority")
+    outs = llm.generate(prompts, p, lora_request=reqs, priority=prios)
+    assert sorted(range(4), key=lambda i: outs[i].metrics.first_scheduled_time) == [1, 3, 2, 0]  # type: ignore[union-attr]
+    plain = LLM(str(setup["base"]), enable_lora=True, max_loras=1).generate(prompts, p, lora_request=reqs)
+    assert [o.token_ids for o in outs] == [o.token_ids for o in plain]
+
+    engine = LLMEngine.from_engine_args(EngineArgs(model=str(setup["base"]), enable_lora=True, max_loras=1,
+                                                   max_num_seqs=1, scheduling_policy="priority"))
+    for i, (prompt, prio, req) in enumerate(zip(prompts, prios, reqs)):
+        engine.add_request(str(i), prompt, p, lora_request=req, priority=prio)
+    first: list[str] = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.request_id not in first:
+                first.append(out.request_id)
+    assert first == ["1", "3", "2", "0"]
 
 
 def test_vllm_engine_options(setup: dict[str, Path]) -> None:

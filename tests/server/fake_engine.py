@@ -10,6 +10,7 @@ real engine live in test_real_engine.py.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -46,6 +47,8 @@ class FakeEngine:
         self.live: dict[str, str | None] = {}  # request id -> adapter
         self.aborted: list[str] = []
         self.prompts: list[str | list[int]] = []
+        self.scheduling: list[tuple[int, str | None]] = []  # (priority, tenant) of each request
+        self.weights: dict[str, float] = {}  # adapter -> weight given at runtime load
         self.loads = 0
         self.load_seconds: list[float] = []
         self.stopping = False
@@ -53,6 +56,7 @@ class FakeEngine:
         self.load_gate: threading.Event | None = None  # set by a test to hold add_adapter until it is set
         self.loading = threading.Event()
         self.gate: asyncio.Event | None = None  # an unset Event holds every request after its first token
+        self.logprob = -0.5  # every token's logprob (a test sets NaN or -inf to check the JSON written)
 
     async def start(self) -> None:
         self.stopping = False
@@ -73,7 +77,7 @@ class FakeEngine:
     def list_adapters(self) -> list[str]:
         return list(self.adapters)
 
-    async def add_adapter(self, name: str, path: str) -> None:
+    async def add_adapter(self, name: str, path: str, weight: float | None = None, *, root: str | None = None) -> None:
         marker = Path(path) / "transform.txt"
         if not marker.is_file():
             raise AdapterError(f"{path}: no adapter here (transform.txt missing)")
@@ -84,6 +88,8 @@ class FakeEngine:
             self.loading.set()
             await asyncio.to_thread(self.load_gate.wait, 30)
         self.adapters[name] = TRANSFORMS[kind]
+        if weight is not None:
+            self.weights[name] = weight
         self.loads += 1
         self.load_seconds.append(0.01)
 
@@ -106,7 +112,8 @@ class FakeEngine:
                          resident_adapters=sorted(set(by)), max_loras=self.config.max_loras)
 
     async def generate(self, prompt: str | list[int], params: SamplingParams, *, request_id: str,
-                       adapter: str | None = None) -> AsyncIterator[RequestOutput]:
+                       adapter: str | None = None, priority: int = 0,
+                       tenant: str | None = None) -> AsyncIterator[RequestOutput]:
         if self.stopping:
             raise EngineStoppedError("the engine is shutting down")
         if self.max_queue is not None and len(self.live) >= self.max_queue:
@@ -117,6 +124,7 @@ class FakeEngine:
         if adapter is not None and adapter not in self.adapters:
             raise AdapterNotFoundError(f"adapter {adapter!r} is not registered")
         self.prompts.append(prompt)
+        self.scheduling.append((priority, tenant))
         text = prompt if isinstance(prompt, str) else self.tokenizer.decode(prompt, skip_special_tokens=True)
         target = self.adapters[adapter](text) if adapter else text
         if params.ignore_eos:
@@ -135,13 +143,19 @@ class FakeEngine:
                     finished = True
                     yield out
                     return
+                if adapter is not None and adapter not in self.adapters:  # as the engine: unloaded while waiting
+                    out = dataclasses.replace(_step(out, [], "", "abort"),
+                                              stop_reason=f"adapter {adapter!r} could not be loaded: not registered")
+                    finished = True
+                    yield out
+                    return
                 if i < len(target):
                     ch = target[i]
                     tid = ord(ch) + BYTE_OFFSET if ord(ch) < 128 else BYTE_OFFSET
                     done = i + 1 == params.max_tokens
-                    out = _step(out, [tid], ch, "length" if done else None, params.logprobs)
+                    out = _step(out, [tid], ch, "length" if done else None, params.logprobs, self.logprob)
                 else:
-                    out = _step(out, [EOS_ID], "", "stop", params.logprobs)
+                    out = _step(out, [EOS_ID], "", "stop", params.logprobs, self.logprob)
                 finished = out.finished
                 yield out
                 if finished:
@@ -153,10 +167,10 @@ class FakeEngine:
 
 
 def _step(prev: RequestOutput, tokens: list[int], text: str, reason: str | None,
-          logprobs: int | None = None) -> RequestOutput:
+          logprobs: int | None = None, value: float = -0.5) -> RequestOutput:
     lps = None
     if logprobs is not None:
-        lps = list(prev.logprobs or []) + [TokenLogprob(t, -0.5, {t: -0.5, 3 + 65: -1.5}) for t in tokens]
+        lps = list(prev.logprobs or []) + [TokenLogprob(t, value, {t: value, 3 + 65: -1.5}) for t in tokens]
     return RequestOutput(
         request_id=prev.request_id, prompt=prev.prompt, prompt_token_ids=prev.prompt_token_ids, adapter=prev.adapter,
         text=prev.text + text, token_ids=prev.token_ids + tokens, delta_text=text, delta_token_ids=tokens,

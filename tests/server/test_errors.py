@@ -217,7 +217,8 @@ def test_server_answers_while_an_adapter_loads(tokenizer: Any, peft_adapter: Pat
     async def go() -> None:
         engine = FakeEngine(tokenizer)
         engine.load_gate = threading.Event()
-        async with running(engine, allow_runtime_lora=True) as srv, aiohttp.ClientSession() as s:
+        async with running(engine, allow_runtime_lora=True, adapter_root=str(tmp_path)) as srv, \
+                aiohttp.ClientSession() as s:
             load = asyncio.create_task(s.post(f"{srv.url}/v1/load_lora_adapter",
                                               json={"lora_name": "slow", "lora_path": str(tmp_path / "slow")}))
             await asyncio.to_thread(engine.loading.wait, 30)

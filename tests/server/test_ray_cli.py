@@ -43,7 +43,7 @@ def test_replicas_without_ray_is_a_one_line_error() -> None:
 @pytest.mark.ray
 @pytest.mark.parametrize("flags, message", [
     (["--port", "0"], "--port 0 is not supported with --ray"),
-    (["--allow-runtime-lora"], "--allow-runtime-lora is not supported with --ray"),
+    (["--allow-runtime-lora", "--adapter-root", "/"], "--allow-runtime-lora is not supported with --ray"),
 ])
 def test_unsupported_flags_with_ray_are_one_line_errors(flags: list[str], message: str) -> None:
     pytest.importorskip("ray", reason="Ray Serve is an optional extra: pip install 'mlora[ray]'")
