@@ -51,6 +51,12 @@ def sample(
         assert seqs is not None, "rows with penalties need their sequences"
         rows = torch.tensor(pen_rows, device=logits.device)
         pen = penalize(logits.index_select(0, rows), [params[i] for i in pen_rows], [seqs[i] for i in pen_rows])
+        # a penalised row must still be a distribution: no NaN and at least one token left (bad_words,
+        # min_tokens and allowed_token_ids can mask them all); otherwise it gets no token, like a non-finite row
+        dead = torch.isnan(pen).any(dim=-1) | ~torch.isfinite(pen).any(dim=-1)
+        if bool(dead.any()):
+            bad |= {pen_rows[k] for k in torch.nonzero(dead).flatten().tolist()}
+            pen = torch.where(dead[:, None], 0.0, pen)
         tokens = tokens.index_copy(0, rows, pen.max(dim=-1).indices)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
@@ -64,6 +70,14 @@ def sample(
         temps = torch.tensor([params[i].temperature for i in sampled_rows], dtype=sub.dtype, device=sub.device)
         temps = temps.clamp_min(TEMPERATURE_FLOOR)  # logits / 1e-45 would be inf, and softmax(inf) NaN
         sub = sub / temps[:, None]
+        if over:  # x / r / T may overflow to +inf (or every token to -inf) here: no distribution, no token
+            pj = torch.tensor(dst, device=sub.device)
+            x = sub.index_select(0, pj)
+            broken = torch.isposinf(x).any(dim=-1) | ~torch.isfinite(x).any(dim=-1)
+            if bool(broken.any()):
+                gone = [dst[k] for k in torch.nonzero(broken).flatten().tolist()]
+                bad |= {sampled_rows[j] for j in gone}
+                sub[gone] = 0.0
         sub = _min_p(sub, [params[i].min_p for i in sampled_rows])
         sub = _top_k(sub, [params[i].top_k for i in sampled_rows])
         sub = _top_p(sub, [params[i].top_p for i in sampled_rows])
@@ -74,7 +88,7 @@ def sample(
     for i in bad:
         token_list[i] = None
     logprobs: list[TokenLogprob | None] = [None] * n
-    want = [i for i, p in enumerate(params) if p.logprobs is not None and i not in bad]
+    want = [i for i, p in enumerate(params) if p.logprobs is not None and i not in bad]  # bad: also dead penalised rows
     if want:
         rows = torch.tensor(want, device=logits.device)
         lp = torch.log_softmax(raw.index_select(0, rows), dim=-1)  # [M, V]
