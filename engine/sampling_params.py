@@ -8,6 +8,14 @@ from dataclasses import dataclass, field
 from engine.errors import ConfigError
 
 
+def _finite(v: int | float) -> bool:
+    """False for NaN, infinities and integers too large for a float (math.isfinite raises OverflowError on those)."""
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
+
+
 @dataclass
 class SamplingParams:
     """How to sample one request.
@@ -71,8 +79,8 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"{name} must be a number, got {v!r}")
-            if not math.isfinite(v):
-                raise ConfigError(f"{name} must be a finite number, got {v}")
+            if not _finite(v):
+                raise ConfigError(f"{name} must be a finite number")
         for name in ("top_k", "max_tokens", "min_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
@@ -107,8 +115,8 @@ class SamplingParams:
                     tok = int(k)  # JSON object keys arrive as strings
                 except (TypeError, ValueError):
                     raise ConfigError(f"logit_bias keys must be token ids, got {k!r}") from None
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                    raise ConfigError(f"logit_bias values must be numbers, got {v!r} for token {k}")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
+                    raise ConfigError(f"logit_bias values must be finite numbers (token {tok})")
                 bias[tok] = min(100.0, max(-100.0, float(v)))  # as vLLM: clamped to OpenAI's [-100, 100]
             self.logit_bias = bias
         self.logit_bias = self.logit_bias or None

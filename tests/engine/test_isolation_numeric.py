@@ -290,3 +290,14 @@ def test_penalised_rows_keep_the_non_finite_rule():
     assert toks2[1] is None and lps2[1] is None and toks2[0] == toks[0]
     greedy = [SamplingParams(temperature=0.0, allowed_token_ids=[9], bad_words=["x"])]
     assert sample(logits[:1].clone(), greedy, [None], [seq(bad=[(9,)])])[0] == [None]
+
+
+@pytest.mark.parametrize("kwargs", [dict(presence_penalty=10**400), dict(min_p=float("nan")),
+                                    dict(repetition_penalty=float("inf")), dict(logit_bias={1: 10**400}),
+                                    dict(logit_bias={1: float("nan")})])
+def test_sampling_params_refuse_non_finite_and_overflowing_sampling_numbers(kwargs):
+    """issue 18's numbers are held to the same rule: a ConfigError (400 on the server), never OverflowError."""
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="finite"):
+        SamplingParams(**kwargs)
