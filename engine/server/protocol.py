@@ -202,6 +202,24 @@ def _str_list(body: dict[str, Any], key: str) -> list[str]:
     raise bad(f"'{key}' must be a list of strings", key)
 
 
+def _bad_words(body: dict[str, Any]) -> list[str]:
+    """vLLM's bad_words, held to the limits of `stop` (each word is tokenized twice when the request is added)."""
+    words = _str_list(body, "bad_words")
+    if len(words) > MAX_STOP:
+        raise bad(f"'bad_words' may hold at most {MAX_STOP} strings, got {len(words)}", "bad_words")
+    if any(len(w) > MAX_STOP_CHARS for w in words):
+        raise bad(f"each 'bad_words' string may be at most {MAX_STOP_CHARS} characters", "bad_words")
+    return words
+
+
+def _allowed_token_ids(body: dict[str, Any]) -> list[int] | None:
+    """vLLM's allowed_token_ids: integers in [0, MAX_INT] here (no bignums), against the vocabulary in the engine."""
+    ids = _opt(body, "allowed_token_ids", (list,), "a list of token ids")
+    if ids is not None and not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_INT for t in ids):
+        raise bad("'allowed_token_ids' must be a list of non-negative integers", "allowed_token_ids")
+    return ids
+
+
 def _logit_bias(body: dict[str, Any]) -> dict[int, float] | None:
     """OpenAI's {"token id": bias in [-100, 100]} (ids arrive as JSON object keys, i.e. strings)."""
     bias = body.get("logit_bias")
@@ -219,9 +237,10 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | N
         temperature = 0.0  # as vLLM: a vanishing temperature is greedy (dividing by it overflows)
     top_p = _opt_num(body, "top_p")
     top_k = _opt_int(body, "top_k", -1, MAX_INT)
+    min_tokens = _opt_int(body, "min_tokens", 0, MAX_INT) or 0
     try:
         return SamplingParams(
-            max_tokens=max(16, _opt_int(body, "min_tokens") or 0) if max_tokens is None else max_tokens,
+            max_tokens=max(16, min_tokens) if max_tokens is None else max_tokens,
             temperature=1.0 if temperature is None else temperature,
             top_p=1.0 if top_p is None else top_p,
             top_k=-1 if top_k in (None, 0) else top_k,
@@ -235,10 +254,10 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | N
             presence_penalty=_num_or(body, "presence_penalty", 0.0),
             frequency_penalty=_num_or(body, "frequency_penalty", 0.0),
             repetition_penalty=_num_or(body, "repetition_penalty", 1.0),
-            min_tokens=_opt_int(body, "min_tokens", 0) or 0,
+            min_tokens=min_tokens,
             logit_bias=_logit_bias(body),
-            bad_words=_str_list(body, "bad_words"),
-            allowed_token_ids=_opt(body, "allowed_token_ids", (list,), "a list of token ids"),
+            bad_words=_bad_words(body),
+            allowed_token_ids=_allowed_token_ids(body),
             prompt_logprobs=_opt_int(body, "prompt_logprobs", 0, 20) if prompt_logprobs is None else prompt_logprobs,
         )
     except ConfigError as exc:
