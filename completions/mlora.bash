@@ -97,6 +97,7 @@ _mlora() {
                 --max-model-len) return 0 ;;
                 --max-num-seqs) return 0 ;;
                 --max-queue) return 0 ;;
+                --max-queue-per-tenant) return 0 ;;
                 --max-seqs-per-request) return 0 ;;
                 --scheduling-policy) COMPREPLY=( $(compgen -W 'fair fcfs priority' -- "$cur") ); return 0 ;;
                 --lora-weight) return 0 ;;
@@ -111,7 +112,7 @@ _mlora() {
                 --replicas) return 0 ;;
                 --ray-address) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --served-model-name --revision --trust-remote-code --chat-template --seed --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-memory --num-kv-blocks --num-gpu-blocks-override --block-size --max-num-batched-tokens --threads --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --served-model-name --revision --trust-remote-code --chat-template --seed --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-memory --num-kv-blocks --num-gpu-blocks-override --block-size --max-num-batched-tokens --threads --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-queue-per-tenant --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
             case "$prev" in

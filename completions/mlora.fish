@@ -88,6 +88,7 @@ complete -c mlora -n '__fish_seen_subcommand_from serve' -l device -x -d 'auto, 
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l max-model-len -x -d 'Context length (prompt + completion). \[default: the model'\''s]'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l max-num-seqs -x -d 'Requests in the running batch. \[default: 64]'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l max-queue -x -d 'Waiting sequences beyond which new requests get 429 + Retry-After.'
+complete -c mlora -n '__fish_seen_subcommand_from serve' -l max-queue-per-tenant -x -d 'Unfinished sequences (queued or running) one tenant may hold; more get 429 + Retry-After, so one tenant cannot fill --max-queue and lock the others out.'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l max-seqs-per-request -x -d 'Most sequences (prompts x n) one request may queue; more is a 400.'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l scheduling-policy -x -a 'fair fcfs priority' -d 'Who is admitted first: fair (weighted fair share across tenants: one adapter'\''s flood cannot make the others wait), fcfs (arrival order) or priority (the request'\''s "priority", lower first). \[default: fair]'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l lora-weight -x -d 'A tenant'\''s fair-share weight, as NAME=W (an adapter, the base model or a request'\''s "tenant"; default 1). Repeatable.'

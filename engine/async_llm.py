@@ -37,6 +37,7 @@ class AsyncLLM:
         self.core = EngineCore(config)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._by_tenant: dict[str, int] = {}  # tenant -> its unfinished requests (event-loop side only)
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -138,10 +139,16 @@ class AsyncLLM:
         limit = self.config.max_queue
         if limit is not None and len(self.core.scheduler.waiting) + self._pending_adds() >= limit:
             raise QueueFullError(f"the waiting queue is full ({limit} requests)", hint="retry later")
+        who = self.core.tenant_of(adapter, tenant)
+        cap = self.config.max_queue_per_tenant
+        if cap is not None and self._by_tenant.get(who, 0) >= cap:
+            raise QueueFullError(f"tenant {who!r} already has {cap} unfinished requests (--max-queue-per-tenant)",
+                                 hint="retry later")
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = q
         self._inbox.put(("add", (request_id, ids, text, params, adapter, priority, tenant)))
         self._poke()
+        self._by_tenant[who] = self._by_tenant.get(who, 0) + 1
         finished = False
         try:
             while True:
@@ -154,6 +161,9 @@ class AsyncLLM:
                     return
         finally:
             self._queues.pop(request_id, None)
+            left = self._by_tenant.pop(who) - 1
+            if left:
+                self._by_tenant[who] = left
             if not finished:
                 self._inbox.put(("abort", request_id))
                 self._poke()

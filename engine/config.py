@@ -34,6 +34,8 @@ class EngineConfig:
     total memory this process may fill (weights, LoRA slots, KV); ignored with a warning on CPU.
     `max_model_len=None` means the model's own limit (clamped to what the KV cache can hold).
     `max_queue` bounds the waiting queue of the async engine (QueueFullError beyond it; None = unbounded).
+    `max_queue_per_tenant` bounds one tenant's unfinished requests in the async engine (queued or
+    running: one tenant cannot fill the whole queue and lock the others out with 429s).
     LoRA: `max_loras` device slots of rank `max_lora_rank`, `max_cpu_loras` adapters kept in
     CPU memory, `loras` = ((name, path), ...) registered at start.
     `served_model_name`: the base model's name in the API (default: `model` as given, as vLLM does;
@@ -57,6 +59,7 @@ class EngineConfig:
     kv_cache_memory_bytes: int | None = None
     seed: int = 0
     max_queue: int | None = None
+    max_queue_per_tenant: int | None = None
     enable_lora: bool = True
     max_loras: int = 4
     max_lora_rank: int = 16
@@ -91,6 +94,9 @@ class EngineConfig:
                 raise UsageError(f"{name} must be an integer >= 1 (or unset), got {value!r}")
         if self.max_queue is not None and (not isinstance(self.max_queue, int) or self.max_queue < 0):
             raise UsageError(f"max_queue must be an integer >= 0 (or unset), got {self.max_queue!r}")
+        if self.max_queue_per_tenant is not None and (not isinstance(self.max_queue_per_tenant, int)
+                                                      or isinstance(self.max_queue_per_tenant, bool) or self.max_queue_per_tenant < 1):
+            raise UsageError(f"max_queue_per_tenant must be an integer >= 1 (or unset), got {self.max_queue_per_tenant!r}")
         sizing = [k for k in ("num_kv_blocks", "kv_cache_memory_bytes", "gpu_memory_utilization")
                   if getattr(self, k) is not None]
         if len(sizing) > 1:

@@ -167,6 +167,10 @@ class EngineCore:
             raise ConfigError(f"duplicate request id {request_id!r}")
         check_priority(self.config, priority)
         params = params or SamplingParams()
+        for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
+            outside = [t for t in ids if not 0 <= t < self.vocab_size]
+            if outside:
+                raise ConfigError(f"{name} token id {outside[0]} is outside the vocabulary (size {self.vocab_size})")
         text, ids = self.tokenize(prompt)
         text = text if prompt_text is None else prompt_text
         if self.lora is not None:
@@ -175,10 +179,28 @@ class EngineCore:
             from engine.errors import AdapterNotFoundError
 
             raise AdapterNotFoundError(f"adapter {adapter!r} is not registered (LoRA is disabled)")
-        seq = Sequence(request_id, ids, params, prompt=text, adapter=adapter, tenant=tenant or adapter or self.model_name,
+        seq = Sequence(request_id, ids, params, prompt=text, adapter=adapter, tenant=self.tenant_of(adapter, tenant),
                        priority=priority, eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)  # fmt: skip
+        seq.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params))
         self.scheduler.add(seq)
+
+    def tenant_of(self, adapter: str | None, tenant: str | None = None) -> str:
+        """Whose fair share and queue quota a request uses: its explicit tenant, else its adapter,
+        else the base model's name."""
+        return tenant or adapter or self.model_name
+
+    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
+        """vLLM's tokenization of bad_words: each word as is, and with a leading space when that gives
+        a different first token and as many tokens (a word in the middle of a text)."""
+        out: list[list[int]] = []
+        for word in words:
+            plain = list(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
+            spaced = list(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
+            out.append(plain)
+            if spaced[0] != plain[0] and len(spaced) == len(plain):
+                out.append(spaced)
+        return out
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Abort a request (waiting or running); its blocks are freed now. None if unknown/finished."""
@@ -251,6 +273,11 @@ class EngineCore:
         where = f"adapter {seq.adapter!r}" if seq.adapter is not None else "the base model"
         error = (f"the model's logits became non-finite (NaN/Inf) at output token {seq.num_output_tokens + 1} "
                  f"with {where}; the request was stopped")
+        p = seq.params
+        if p.allowed_token_ids or p.bad_words or p.logit_bias or p.min_tokens or p.repetition_penalty != 1.0:
+            error = (f"no token could be sampled at output token {seq.num_output_tokens + 1} with {where}: the "
+                     "request's sampling constraints (allowed_token_ids, bad_words, logit_bias, min_tokens, "
+                     "penalties) left no finite choice, or the logits became non-finite; the request was stopped")
         log.error("request %s: %s", seq.request_id, error)
         self.runner.scrub(seq.block_table)  # zero its K/V (NaN) before the blocks are handed out again
         return self._fail(seq, error)
@@ -281,6 +308,7 @@ class EngineCore:
             text=text, token_ids=list(ids), delta_text=text[req.sent_chars :], delta_token_ids=ids[req.sent_tokens :],
             finished=seq.is_finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, error=seq.error,
             logprobs=list(seq.logprobs) if seq.logprobs is not None else None, metrics=seq.metrics,
+            prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
         )  # fmt: skip
         req.sent_chars, req.sent_tokens = len(text), len(ids)
         return out

@@ -29,6 +29,8 @@ class IncrementalDetokenizer:
         self.stops = [s for s in params.stop if s]
         self.include_stop = params.include_stop_str_in_output
         self.hold = max((len(s) for s in self.stops), default=1) - 1
+        self.min_tokens = params.min_tokens  # as vLLM: stop strings are not searched before min_tokens
+        self.num_added = 0
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
@@ -36,6 +38,7 @@ class IncrementalDetokenizer:
     def add(self, token_id: int) -> str | None:
         """Append a token's text; returns the stop string it completed, if any (text already cut)."""
         self.ids.append(token_id)
+        self.num_added += 1
         prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
         full = self._decode(self.ids[self.prefix_offset :])
         if len(full) <= len(prefix) or full.endswith("\ufffd"):
@@ -44,7 +47,7 @@ class IncrementalDetokenizer:
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
         before = len(self.text)
         self.text += delta
-        if not self.stops:
+        if not self.stops or self.num_added <= self.min_tokens:
             return None
         search_from = max(0, before - self.hold)
         best: tuple[int, str] | None = None

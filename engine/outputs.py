@@ -64,7 +64,9 @@ class RequestOutput:
     "abort") when the engine ended the request because of a failure of its own (non-finite
     logits, a failed step): the message says why; other requests are not affected.
     vLLM's shape is there too: `outputs[0].text/token_ids/finish_reason`, and `lora_request`
-    (the LoRARequest the request was made with, from `LLM.generate(..., lora_request=)`).
+    (the LoRARequest the request was made with, from `LLM.generate(..., lora_request=)`), and
+    `prompt_logprobs` (with SamplingParams.prompt_logprobs: {token id: Logprob} per prompt token,
+    the prompt token and the top-k, ranked; None for the first token, as vLLM).
     """
 
     request_id: str
@@ -82,6 +84,7 @@ class RequestOutput:
     logprobs: list[TokenLogprob] | None = None
     metrics: RequestMetrics | None = None
     lora_request: Any = None
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # vLLM's: per prompt token, the first None
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -27,13 +27,14 @@ from engine.budget import ModelDims, kv_bytes_per_token, total_slot_bytes
 from engine.config import EngineConfig
 from engine.errors import ConfigError
 from engine.model import LlamaModel, LoraContext, LoraStacks, ModelArgs
-from engine.outputs import TokenLogprob
+from engine.outputs import Logprob, TokenLogprob
 from engine.sampler import sample
 from engine.scheduler import SchedulerOutput
 from engine.sequence import Sequence
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CAP_BYTES = 2 << 30  # default KV pool cap on CPU when no size is given
+PROMPT_LOGPROBS_ROWS = 512  # prompt positions scored at once: [512, V] fp32 logits (~300 MB at V = 152k)
 # SDPA backends on CUDA: not cuDNN, torch's first pick for masked attention on Hopper, which builds an
 # execution plan per new shape: ~10 ms of CPU per layer call when the decode key length grows by one
 # every step (H200, llama-1b batch 64: 130 ms/step, 95% of it there; see benchmarks/profile_decode.py).
@@ -223,6 +224,7 @@ class ModelRunner:
         decode_rows: list[int] = []
         sample_rows: list[int] = []  # token index of each sampling item's last token
         sample_items: list[int] = []
+        prompt_lp: list[tuple[Sequence, int, int]] = []  # (seq, first token row, rows) of prompt positions to score
         for i in order:
             it = items[i]
             seq, n, start = it.seq, it.num_tokens, it.seq.num_computed_tokens
@@ -240,6 +242,13 @@ class ModelRunner:
             if it.sample:
                 sample_rows.append(len(ids) - 1)
                 sample_items.append(i)
+            if seq.prompt_logprobs is not None:
+                # positions p in this chunk whose next token is a prompt token not yet scored
+                # (after a preemption the prompt is recomputed but scored only once)
+                first = max(start, len(seq.prompt_logprobs) - 1)
+                last = min(start + n, seq.num_prompt_tokens - 1)
+                if last > first:
+                    prompt_lp.append((seq, t0 + first - start, last - first))
         dev = self.device
         meta = AttentionMetadata(slot_mapping=torch.tensor(slot_map, dtype=torch.long, device=dev), prefills=prefills)
         fresh = [p for p in prefills if p.ctx_start == 0]
@@ -259,6 +268,9 @@ class ModelRunner:
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         with sdpa_backends(dev):
             hidden = self.model(input_ids, positions, meta, self.kv_cache, lora)  # [T, hidden]
+        for seq, row, count in prompt_lp:  # in slices: [rows, V] fp32 logits stay small for long prompts
+            for r in range(row, row + count, PROMPT_LOGPROBS_ROWS):
+                self._prompt_logprobs(seq, hidden[r : min(r + PROMPT_LOGPROBS_ROWS, row + count)])
         tokens: list[int | None] = [None] * len(items)
         logprobs: list[TokenLogprob | None] = [None] * len(items)
         if sample_rows:
@@ -266,10 +278,26 @@ class ModelRunner:
             logits = self.model.logits(hidden.index_select(0, rows))  # [N, V] fp32
             seqs = [items[i].seq for i in sample_items]
             gens = [None if s.params.greedy else self.generator(s) for s in seqs]
-            toks, lps = sample(logits, [s.params for s in seqs], gens)
+            toks, lps = sample(logits, [s.params for s in seqs], gens, seqs)
             for i, tok, lp in zip(sample_items, toks, lps):
                 tokens[i], logprobs[i] = tok, lp
         return tokens, logprobs
+
+    def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """Append to seq.prompt_logprobs the entries of the next len(hidden) prompt tokens (vLLM's format)."""
+        assert seq.prompt_logprobs is not None
+        start = len(seq.prompt_logprobs)  # index of the first prompt token these rows predict
+        lp = torch.log_softmax(self.model.logits(hidden), dim=-1)  # [R, V] fp32
+        target = torch.tensor(seq.prompt_token_ids[start : start + lp.shape[0]], dtype=torch.long, device=lp.device)
+        tgt = lp.gather(1, target[:, None])  # [R, 1]
+        rank = (lp >= tgt).sum(dim=-1)  # vLLM's rank: 1 = the most likely token
+        k = seq.params.prompt_logprobs or 0
+        top_v, top_i = lp.topk(k, dim=-1) if k else (lp[:, :0], target[:, None][:, :0])
+        for t, v, r, tv, ti in zip(target.tolist(), tgt[:, 0].tolist(), rank.tolist(), top_v.tolist(), top_i.tolist()):
+            entry = {t: Logprob(v, rank=r)}
+            for j, (tid, val) in enumerate(zip(ti, tv)):
+                entry.setdefault(tid, Logprob(val, rank=j + 1))
+            seq.prompt_logprobs.append(entry)
 
     @torch.inference_mode()
     def score(self, token_ids: list[int], slot: int = -1, stacks: LoraStacks | None = None) -> torch.Tensor:

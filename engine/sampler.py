@@ -1,7 +1,10 @@
 """Next-token selection for a batch of rows, each with its own sampling parameters.
 
-Greedy rows take the argmax. Sampled rows apply temperature, top-k and top-p, then draw with the
-request's own torch.Generator, so a seeded request gives the same tokens alone or in any batch.
+Order (vLLM's): rows with penalties (`SamplingParams.penalized`) first get allowed_token_ids,
+bad_words, min_tokens, logit_bias, then repetition, frequency and presence penalties, on a copy of
+their own rows only; a batch's other rows keep the fast path and their exact values. Greedy rows
+then take the argmax. Sampled rows apply temperature, min_p, top-k and top-p, then draw with the request's own torch.Generator,
+so a seeded request gives the same tokens alone or in any batch.
 Logprobs (when asked) are those of the model's raw distribution (log_softmax of the logits).
 A row whose logits are not all finite (NaN/Inf, e.g. activations blown up by an adapter) gets no
 token (None): it is checked before any sampling math, so one bad row never fails the batch.
@@ -9,10 +12,13 @@ token (None): it is checked before any sampling math, so one bad row never fails
 
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
 
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
+from engine.sequence import Sequence
 
 # Temperatures below this act as this (vLLM treats < 1e-5 as greedy): keeps logits / T finite.
 TEMPERATURE_FLOOR = 1e-5
@@ -23,8 +29,12 @@ def sample(
     logits: torch.Tensor,  # [N, V] fp32
     params: list[SamplingParams],
     generators: list[torch.Generator | None],
+    seqs: list[Sequence] | None = None,
 ) -> tuple[list[int | None], list[TokenLogprob | None]]:
-    """Token ids [N] (None for a row with non-finite logits) and, for rows with params.logprobs set, a TokenLogprob."""
+    """Token ids [N] (None for a row with non-finite logits) and, for rows with params.logprobs set, a TokenLogprob.
+
+    `seqs[i]` (the tokens seen so far) is read only for rows with penalties; it is required for those.
+    """
     n = logits.shape[0]
     finite = torch.isfinite(logits).all(dim=-1)  # [N]
     bad: set[int] = set()
@@ -35,13 +45,40 @@ def sample(
     # [N] greedy default: max(dim).indices is argmax (first index of the maximum), ~3x faster on CPU
     # (128 x 32000 fp32, 1 thread: 3.0 ms against 10.2 ms)
     tokens = logits.max(dim=-1).indices
+    raw = logits  # logprobs are the model's own distribution, before penalties
+    pen_rows = [i for i, p in enumerate(params) if p.penalized]
+    if pen_rows:
+        assert seqs is not None, "rows with penalties need their sequences"
+        rows = torch.tensor(pen_rows, device=logits.device)
+        pen = penalize(logits.index_select(0, rows), [params[i] for i in pen_rows], [seqs[i] for i in pen_rows])
+        # a penalised row must still be a distribution: no NaN and at least one token left (bad_words,
+        # min_tokens and allowed_token_ids can mask them all); otherwise it gets no token, like a non-finite row
+        dead = torch.isnan(pen).any(dim=-1) | ~torch.isfinite(pen).any(dim=-1)
+        if bool(dead.any()):
+            bad |= {pen_rows[k] for k in torch.nonzero(dead).flatten().tolist()}
+            pen = torch.where(dead[:, None], 0.0, pen)
+        tokens = tokens.index_copy(0, rows, pen.max(dim=-1).indices)
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
-        sub = logits.index_select(0, rows)  # [M, V]
+        sub = logits.index_select(0, rows)  # [M, V] a copy: the penalised rows are laid over it
+        at = {i: k for k, i in enumerate(pen_rows)}
+        over = [(j, at[i]) for j, i in enumerate(sampled_rows) if i in at]
+        if over:
+            dst, src = zip(*over)
+            sub[list(dst)] = pen[list(src)]
         temps = torch.tensor([params[i].temperature for i in sampled_rows], dtype=sub.dtype, device=sub.device)
         temps = temps.clamp_min(TEMPERATURE_FLOOR)  # logits / 1e-45 would be inf, and softmax(inf) NaN
         sub = sub / temps[:, None]
+        if over:  # x / r / T may overflow to +inf (or every token to -inf) here: no distribution, no token
+            pj = torch.tensor(dst, device=sub.device)
+            x = sub.index_select(0, pj)
+            broken = torch.isposinf(x).any(dim=-1) | ~torch.isfinite(x).any(dim=-1)
+            if bool(broken.any()):
+                gone = [dst[k] for k in torch.nonzero(broken).flatten().tolist()]
+                bad |= {sampled_rows[j] for j in gone}
+                sub[gone] = 0.0
+        sub = _min_p(sub, [params[i].min_p for i in sampled_rows])
         sub = _top_k(sub, [params[i].top_k for i in sampled_rows])
         sub = _top_p(sub, [params[i].top_p for i in sampled_rows])
         probs = torch.softmax(sub, dim=-1)
@@ -51,10 +88,10 @@ def sample(
     for i in bad:
         token_list[i] = None
     logprobs: list[TokenLogprob | None] = [None] * n
-    want = [i for i, p in enumerate(params) if p.logprobs is not None and i not in bad]
+    want = [i for i, p in enumerate(params) if p.logprobs is not None and i not in bad]  # bad: also dead penalised rows
     if want:
         rows = torch.tensor(want, device=logits.device)
-        lp = torch.log_softmax(logits.index_select(0, rows), dim=-1)  # [M, V]
+        lp = torch.log_softmax(raw.index_select(0, rows), dim=-1)  # [M, V]
         k = max(params[i].logprobs or 0 for i in want)
         top_v, top_i = (lp.topk(k, dim=-1) if k > 0 else (None, None))
         for j, i in enumerate(want):
@@ -65,6 +102,85 @@ def sample(
                 top = dict(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist()))
             logprobs[i] = TokenLogprob(token_id=tok, logprob=float(lp[j, tok]), top=top)
     return token_list, logprobs
+
+
+def penalize(logits: torch.Tensor, params: list[SamplingParams], seqs: list[Sequence]) -> torch.Tensor:
+    """vLLM's logits processors and penalties for M rows (logits [M, V], changed in place and returned).
+
+    Semantics, per row with tokens seen in the prompt P and the output O (counts c[t] in O):
+        if allowed_token_ids: logits[t not in allowed_token_ids] = -inf
+        for each bad word w (token ids): if O ends with w[:-1]: logits[w[-1]] = -inf
+        if len(O) < min_tokens: logits[EOS (unless ignore_eos) and stop_token_ids] = -inf
+        logits[t] += logit_bias[t]
+        seen = t in P or t in O: logits[t] = logits[t] / r if logits[t] > 0 else logits[t] * r
+        logits[t] -= frequency_penalty * c[t] + presence_penalty * (c[t] > 0)
+    Token ids outside [0, V) are ignored.
+    """
+    m, v = logits.shape
+    dev = logits.device
+    for j, p in enumerate(params):
+        if p.allowed_token_ids:  # everything else -inf (the ids were checked against the vocabulary)
+            keep = torch.tensor(p.allowed_token_ids, device=dev)
+            kept = logits[j, keep]
+            logits[j] = float("-inf")
+            logits[j, keep] = kept
+    r_idx: list[int] = []
+    c_idx: list[int] = []
+    vals: list[float] = []
+    for j, (p, s) in enumerate(zip(params, seqs)):
+        if s.num_output_tokens < p.min_tokens:
+            stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(s.eos_token_ids))
+            for t in stops:
+                if 0 <= t < v:
+                    r_idx.append(j), c_idx.append(t), vals.append(float("-inf"))
+        out = s.output_token_ids if s.bad_words_token_ids else []
+        for word in s.bad_words_token_ids:  # mask a bad word's last token where the output ends with the rest
+            if len(word) - 1 <= len(out) and (len(word) == 1 or out[len(out) - len(word) + 1 :] == word[:-1]):
+                if 0 <= word[-1] < v:
+                    r_idx.append(j), c_idx.append(word[-1]), vals.append(float("-inf"))
+        for t, b in (p.logit_bias or {}).items():
+            if 0 <= t < v:
+                r_idx.append(j), c_idx.append(t), vals.append(b)
+    if r_idx:
+        idx = (torch.tensor(r_idx, device=dev), torch.tensor(c_idx, device=dev))
+        logits.index_put_(idx, torch.tensor(vals, dtype=logits.dtype, device=dev), accumulate=True)
+    # the penalties touch only tokens seen so far (far fewer than V): gather, change, scatter back
+    reps = [(j, p.repetition_penalty, [t for t in set(s.token_ids) if 0 <= t < v])  # prompt and output
+            for j, (p, s) in enumerate(zip(params, seqs)) if p.repetition_penalty != 1.0]
+    if reps:
+        idx, per_row = _flat_index([(j, toks) for j, _, toks in reps], dev)
+        x = logits[idx]
+        r = torch.tensor([r for _, r, _ in reps], dtype=logits.dtype, device=dev).repeat_interleave(per_row)
+        logits.index_put_(idx, torch.where(x > 0, x / r, x * r))
+    pens = [(j, p, Counter(t for t in s.output_token_ids if 0 <= t < v))
+            for j, (p, s) in enumerate(zip(params, seqs)) if p.frequency_penalty or p.presence_penalty]
+    if pens:
+        idx, per_row = _flat_index([(j, list(c)) for j, _, c in pens], dev)
+        per_pair = lambda xs: torch.tensor(xs, dtype=logits.dtype, device=dev).repeat_interleave(per_row)  # noqa: E731
+        f = per_pair([p.frequency_penalty for _, p, _ in pens])
+        pr = per_pair([p.presence_penalty for _, p, _ in pens])
+        c = torch.tensor([n for _, _, cnt in pens for n in cnt.values()], dtype=logits.dtype, device=dev)
+        logits.index_put_(idx, logits[idx] - f * c - pr)  # vLLM's order: frequency, then presence
+    return logits
+
+
+def _flat_index(
+    rows: list[tuple[int, list[int]]], device: torch.device
+) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """((row index, column index) of every (row, token) pair, tokens per row) for advanced indexing."""
+    per_row = torch.tensor([len(toks) for _, toks in rows], device=device)
+    r = torch.tensor([j for j, _ in rows], device=device).repeat_interleave(per_row)
+    c = torch.tensor([t for _, toks in rows for t in toks], dtype=torch.long, device=device)
+    return (r, c), per_row
+
+
+def _min_p(logits: torch.Tensor, ps: list[float]) -> torch.Tensor:
+    """Drop each row's tokens whose probability is below min_p x the row's top probability."""
+    if not any(ps):
+        return logits
+    p = torch.tensor(ps, dtype=logits.dtype, device=logits.device)[:, None]
+    probs = logits.softmax(dim=-1)
+    return logits.masked_fill(probs < p * probs.amax(dim=-1, keepdim=True), float("-inf"))
 
 
 def _top_k(logits: torch.Tensor, ks: list[int]) -> torch.Tensor:

@@ -7,7 +7,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 
-from engine.outputs import RequestMetrics, TokenLogprob
+from engine.outputs import Logprob, RequestMetrics, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 
@@ -48,6 +48,10 @@ class Sequence:
     stop_reason: str | int | None = None
     error: str | None = None  # why the engine ended it (non-finite logits, a failed step); None otherwise
     logprobs: list[TokenLogprob] | None = None
+    # vLLM's prompt_logprobs: one entry per prompt token (the first None), filled by the runner as
+    # prefill chunks run; {token id: Logprob} holds the prompt token and the top-k
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None
+    bad_words_token_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized (engine)
     num_preemptions: int = 0
     seq_no: int = field(default_factory=lambda: next(_counter))  # admission order for tie-breaks
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
@@ -58,6 +62,8 @@ class Sequence:
         self.tenant = self.tenant or self.adapter or ""
         if self.params.logprobs is not None and self.logprobs is None:
             self.logprobs = []
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = [None]
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -94,10 +94,10 @@ def build_config(**opts: Any) -> Any:
     from engine.config import EngineConfig
     from engine.server.config import ServerConfig
 
-    engine_keys = ("model", "dtype", "device", "max_model_len", "max_num_seqs", "max_queue", "max_loras",
-                   "max_lora_rank", "max_cpu_loras", "scheduling_policy", "max_seqs_per_tenant", "served_model_name",
-                   "gpu_memory_utilization", "kv_cache_memory_bytes", "num_kv_blocks", "block_size",
-                   "max_num_batched_tokens", "seed", "revision", "cpu_threads")
+    engine_keys = ("model", "dtype", "device", "max_model_len", "max_num_seqs", "max_queue", "max_queue_per_tenant",
+                   "max_loras", "max_lora_rank", "max_cpu_loras", "scheduling_policy", "max_seqs_per_tenant",
+                   "served_model_name", "gpu_memory_utilization", "kv_cache_memory_bytes", "num_kv_blocks",
+                   "block_size", "max_num_batched_tokens", "seed", "revision", "cpu_threads")
     engine_kwargs = {k: opts[k] for k in engine_keys if opts.get(k) is not None}
     if opts.get("lora_weight"):
         engine_kwargs["lora_weights"] = parse_lora_weights(opts["lora_weight"])
@@ -143,6 +143,7 @@ def serve(
     max_model_len: Annotated[Optional[int], typer.Option("--max-model-len", min=1, help="Context length (prompt + completion). \\[default: the model's]", rich_help_panel=_ENGINE)] = None,
     max_num_seqs: Annotated[Optional[int], typer.Option("--max-num-seqs", min=1, help="Requests in the running batch. \\[default: 64]", rich_help_panel=_ENGINE)] = None,
     max_queue: Annotated[int, typer.Option("--max-queue", min=1, help="Waiting sequences beyond which new requests get 429 + Retry-After.", rich_help_panel=_ENGINE)] = 1024,
+    max_queue_per_tenant: Annotated[int, typer.Option("--max-queue-per-tenant", min=1, help="Unfinished sequences (queued or running) one tenant may hold; more get 429 + Retry-After, so one tenant cannot fill --max-queue and lock the others out.", rich_help_panel=_ENGINE)] = 512,
     max_seqs_per_request: Annotated[int, typer.Option("--max-seqs-per-request", min=1, help="Most sequences (prompts x n) one request may queue; more is a 400.", rich_help_panel=_HTTP)] = 256,
     scheduling_policy: Annotated[Optional[Policy], typer.Option("--scheduling-policy", help="Who is admitted first: fair (weighted fair share across tenants: one adapter's flood cannot make the others wait), fcfs (arrival order) or priority (the request's \"priority\", lower first). \\[default: fair]", rich_help_panel=_SCHED, show_default=False)] = None,
     lora_weight: Annotated[Optional[list[str]], typer.Option("--lora-weight", help="A tenant's fair-share weight, as NAME=W (an adapter, the base model or a request's \"tenant\"; default 1). Repeatable.", rich_help_panel=_SCHED, show_default=False)] = None,
@@ -178,7 +179,7 @@ def serve(
                           lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
                           max_cpu_loras=max_cpu_loras, allow_runtime_lora=allow_runtime_lora,
                           adapter_root=adapter_root, dtype=dtype, device=device, max_model_len=max_model_len,
-                          max_num_seqs=max_num_seqs, max_queue=max_queue, host=host, port=port,
+                          max_num_seqs=max_num_seqs, max_queue=max_queue, max_queue_per_tenant=max_queue_per_tenant, host=host, port=port,
                           api_key=_api_key(api_key), grace_period=grace_period,
                           max_seqs_per_request=max_seqs_per_request, max_body_bytes=max_body_bytes,
                           header_timeout=header_timeout, body_timeout=body_timeout,

@@ -202,7 +202,9 @@ async def _one(engine: Any, req: TimedRequest, rid: str, t0: float, out: list[Ti
     await asyncio.sleep(max(0.0, t0 + req.arrival_s - time.monotonic()))
     arrival, first, n = time.monotonic(), None, 0
     params = SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
-    async for o in engine.generate(req.prompt, params, request_id=rid, adapter=req.adapter, priority=req.priority,
+    # the trace's priorities only mean something to the priority policy (others refuse them, as vLLM)
+    priority = req.priority if engine.config.scheduling_policy == "priority" else 0
+    async for o in engine.generate(req.prompt, params, request_id=rid, adapter=req.adapter, priority=priority,
                                    tenant=req.tenant):
         if first is None and o.delta_token_ids:
             first = time.monotonic()

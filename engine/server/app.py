@@ -265,6 +265,20 @@ async def _start(app: web.Application, prompts: list[str | list[int]], params: A
     return name, choices
 
 
+def _check_context(app: web.Application, model: str | None, prompt_lens: list[int], max_tokens: int) -> None:
+    """vLLM's 400 when prompt + max_tokens exceed the context, counted like the engine's errors.
+
+    A prompt that alone fills the context is left to the engine (its own message)."""
+    engine = app[ENGINE]
+    try:
+        for n in prompt_lens:
+            if n < engine.max_model_len:
+                P.check_max_tokens(n, max_tokens, engine.max_model_len)
+    except P.APIError as err:
+        app[STATE].metrics.count_error(_resolve(engine, model)[0], err.status)
+        raise
+
+
 @dataclass
 class Reply:
     """A generation route's outcome before any byte is sent, independent of the HTTP server.
@@ -376,6 +390,10 @@ async def completion_reply(app: web.Application, body: Any, request_id: str | No
             check_prompt_chars(p, limit)  # longer than any tokenization of it could fit: refused untokenized
         elif len(p) >= engine.max_model_len:
             raise P.bad(f"the prompt has {len(p)} tokens; this model's context is {engine.max_model_len} tokens", "prompt")
+    texts = [p for p in req.prompts if isinstance(p, str)]  # counted off the event loop, as the engine tokenizes
+    counts = iter(await run_text_work(lambda: [len(engine.tokenizer(p).input_ids) for p in texts]) if texts else [])
+    _check_context(app, req.model, [len(p) if isinstance(p, list) else next(counts) for p in req.prompts],
+                   req.params.max_tokens)
     (rid, engine_rid), created = _request_ids(request_id, "cmpl"), P.now_s()
     name, choices = await _start(app, req.prompts, req.params, req.n, engine_rid, req.model, priority=req.priority,
                                  tenant=req.tenant)
@@ -388,18 +406,27 @@ async def completion_reply(app: web.Application, body: Any, request_id: str | No
     # on every chunk with vLLM's continuous_usage_stats; a choice's last chunk carries none of its own
     every_chunk = req.stream_options.include_usage and req.stream_options.continuous_usage_stats
 
+    def echoed(o: Any) -> tuple[list[int], Any] | None:  # the prompt part of the logprobs (echo)
+        return (o.prompt_token_ids, o.prompt_logprobs) if req.echo and o.prompt_logprobs is not None else None
+
     async def chunks() -> AsyncIterator[bytes]:
         offsets: dict[int, int] = {}
+        lp_next: dict[int, int] = {}
         async for ch, o in choices.merged():
             _check_abort(o, engine)
-            text = o.delta_text
-            if ch.index not in offsets:
+            first = ch.index not in offsets
+            text = "" if req.echo_only else o.delta_text
+            new = [] if req.echo_only else _tail(o.logprobs, len(o.delta_token_ids))
+            if first:
                 text = echo_text(ch.prompt) + text
-            elif not text and not o.finished and not o.delta_token_ids:
+            elif not text and not o.finished and not new:
                 continue
-            offset = offsets.get(ch.index, 0)
-            offsets[ch.index] = offset + len(text)
-            lp = P.completion_logprobs(tok, _tail(o.logprobs, len(o.delta_token_ids)), offset) if want_lp else None
+            offsets[ch.index] = offsets.get(ch.index, 0) + len(text)
+            lp = None
+            if want_lp:  # text_offset runs on over the tokens' strings, as in the non-streamed body
+                lp = P.completion_logprobs(tok, new, lp_next.get(ch.index, 0), echoed(o) if first else None)
+                if lp["tokens"]:
+                    lp_next[ch.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
             use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if every_chunk else None
             yield P.sse(P.chunk("text_completion", rid, created, name,
                                 [P.completion_choice(ch.index, text, o, lp)], use))
@@ -412,10 +439,14 @@ async def completion_reply(app: web.Application, body: Any, request_id: str | No
         outs = await choices.collect()
         for o in outs:
             _check_abort(o, engine)
-        body_choices = [P.completion_choice(ch.index, echo_text(ch.prompt) + o.text, o,
-                                            P.completion_logprobs(tok, o.logprobs or []) if want_lp else None)
+        want_plp = body.get("prompt_logprobs") is not None
+        body_choices = [P.completion_choice(ch.index, echo_text(ch.prompt) + ("" if req.echo_only else o.text), o,
+                                            P.completion_logprobs(tok, [] if req.echo_only else o.logprobs or [], 0,
+                                                                  echoed(o)) if want_lp else None,
+                                            P.prompt_logprobs_json(tok, o.prompt_logprobs) if want_plp else None)
                         for ch, o in zip(choices.items, outs)]
-        use = P.usage(sum(len(o.prompt_token_ids) for o in outs[::req.n]), sum(len(o.token_ids) for o in outs))
+        generated = 0 if req.echo_only else sum(len(o.token_ids) for o in outs)
+        use = P.usage(sum(len(o.prompt_token_ids) for o in outs[::req.n]), generated)
         return Reply(body=P.response("text_completion", rid, created, name, body_choices, use))
     finally:
         await choices.close()
@@ -431,9 +462,11 @@ async def chat_reply(app: web.Application, body: Any, request_id: str | None = N
     _start_checks(config, 1, req.n)
     tok, limit = engine.tokenizer, max_prompt_chars(engine.tokenizer, engine.max_model_len)
     prompt = await run_text_work(render_chat, tok, req, limit)
+    n_prompt = len(prompt) if isinstance(prompt, list) else len(await run_text_work(tok.encode, prompt))
     if not req.max_tokens_given:  # OpenAI's default: as many as the context leaves
-        n_prompt = len(prompt) if isinstance(prompt, list) else len(await run_text_work(tok.encode, prompt))
         req.params.max_tokens = max(1, engine.max_model_len - n_prompt)
+    else:
+        _check_context(app, req.model, [n_prompt], req.params.max_tokens)
     (rid, engine_rid), created = _request_ids(request_id, "chatcmpl"), P.now_s()
     name, choices = await _start(app, [prompt], req.params, req.n, engine_rid, req.model, priority=req.priority,
                                  tenant=req.tenant)
@@ -468,7 +501,10 @@ async def chat_reply(app: web.Application, body: Any, request_id: str | None = N
         body_choices = [P.chat_choice(ch.index, o, P.chat_logprobs(tok, o.logprobs or [], top_n) if want_lp else None)
                         for ch, o in zip(choices.items, outs)]
         use = P.usage(len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs))
-        return Reply(body=P.response("chat.completion", rid, created, name, body_choices, use))
+        reply = P.response("chat.completion", rid, created, name, body_choices, use)
+        if req.params.prompt_logprobs is not None:  # vLLM's extra top-level field
+            reply["prompt_logprobs"] = P.prompt_logprobs_json(tok, outs[0].prompt_logprobs)
+        return Reply(body=reply)
     finally:
         await choices.close()
 

@@ -131,7 +131,8 @@ async def open_choices(
     """Submit len(prompts) * n engine requests and wait for each one's first output.
 
     Raises the engine's error (MloraError subclass) if any request is refused; the others are
-    then aborted. Choice index = prompt index * n + sample index (vLLM's numbering).
+    then aborted. Choice index = prompt index * n + sample index (vLLM's numbering). As vLLM, sample j
+    of a seeded request runs with seed + j: the choices differ, and each is reproducible.
     """
     choices = Choices()
     total = len(prompts) * n
@@ -141,8 +142,10 @@ async def open_choices(
             rid = request_id if total == 1 else f"{request_id}-{idx}"
             tracker = metrics.tracker(label, tenant=tenant or label)
             try:
-                stream = engine.generate(prompt, copy.copy(params), request_id=rid, adapter=adapter,
-                                         priority=priority, tenant=tenant)
+                child = copy.copy(params)
+                if params.seed is not None:
+                    child.seed = params.seed + j
+                stream = engine.generate(prompt, child, request_id=rid, adapter=adapter, priority=priority, tenant=tenant)
             except BaseException:
                 await choices.close()
                 raise

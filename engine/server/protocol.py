@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import ConfigError
-from engine.outputs import RequestOutput, TokenLogprob
+from engine.outputs import Logprob, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
 MAX_N = 16
@@ -131,15 +131,6 @@ def _opt_bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
 
 def _reject_unsupported(body: dict[str, Any]) -> None:
     """Parameters we cannot honour are refused loudly rather than silently ignored."""
-    for key in ("presence_penalty", "frequency_penalty"):
-        value = _opt_num(body, key)
-        if value not in (None, 0.0):
-            raise bad(f"'{key}' is not supported by mlora (only 0)", key)
-    rep = _opt_num(body, "repetition_penalty")
-    if rep not in (None, 1.0):
-        raise bad("'repetition_penalty' is not supported by mlora (only 1.0)", "repetition_penalty")
-    if body.get("logit_bias"):
-        raise bad("'logit_bias' is not supported by mlora", "logit_bias")
     if body.get("suffix"):
         raise bad("'suffix' is not supported by mlora", "suffix")
     if body.get("tools"):
@@ -147,9 +138,6 @@ def _reject_unsupported(body: dict[str, Any]) -> None:
     fmt = body.get("response_format")
     if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") in (None, "text")):
         raise bad("only response_format {\"type\": \"text\"} is supported", "response_format")
-    min_tokens = _opt_int(body, "min_tokens", 0)
-    if min_tokens:
-        raise bad("'min_tokens' is not supported by mlora (only 0)", "min_tokens")
 
 
 def _stop(body: dict[str, Any]) -> list[str]:
@@ -200,15 +188,59 @@ def _stream(body: dict[str, Any]) -> tuple[bool, StreamOptions]:
     )
 
 
-def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
+def _num_or(body: dict[str, Any], key: str, default: float) -> float:
+    value = _opt_num(body, key)
+    return default if value is None else value
+
+
+def _str_list(body: dict[str, Any], key: str) -> list[str]:
+    value = body.get(key)
+    if value is None:
+        return []
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return value
+    raise bad(f"'{key}' must be a list of strings", key)
+
+
+def _bad_words(body: dict[str, Any]) -> list[str]:
+    """vLLM's bad_words, held to the limits of `stop` (each word is tokenized twice when the request is added)."""
+    words = _str_list(body, "bad_words")
+    if len(words) > MAX_STOP:
+        raise bad(f"'bad_words' may hold at most {MAX_STOP} strings, got {len(words)}", "bad_words")
+    if any(len(w) > MAX_STOP_CHARS for w in words):
+        raise bad(f"each 'bad_words' string may be at most {MAX_STOP_CHARS} characters", "bad_words")
+    return words
+
+
+def _allowed_token_ids(body: dict[str, Any]) -> list[int] | None:
+    """vLLM's allowed_token_ids: integers in [0, MAX_INT] here (no bignums), against the vocabulary in the engine."""
+    ids = _opt(body, "allowed_token_ids", (list,), "a list of token ids")
+    if ids is not None and not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t <= MAX_INT for t in ids):
+        raise bad("'allowed_token_ids' must be a list of non-negative integers", "allowed_token_ids")
+    return ids
+
+
+def _logit_bias(body: dict[str, Any]) -> dict[int, float] | None:
+    """OpenAI's {"token id": bias in [-100, 100]} (ids arrive as JSON object keys, i.e. strings)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return None
+    if not isinstance(bias, dict):
+        raise bad("'logit_bias' must be an object mapping token ids to numbers in [-100, 100]", "logit_bias")
+    return bias  # keys and values are checked by SamplingParams, ids against the vocabulary by the engine
+
+
+def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | None,
+              prompt_logprobs: int | None = None) -> SamplingParams:
     temperature = _opt_num(body, "temperature")
     if temperature is not None and 0.0 <= temperature < GREEDY_EPS:
         temperature = 0.0  # as vLLM: a vanishing temperature is greedy (dividing by it overflows)
     top_p = _opt_num(body, "top_p")
     top_k = _opt_int(body, "top_k", -1, MAX_INT)
+    min_tokens = _opt_int(body, "min_tokens", 0, MAX_INT) or 0
     try:
         return SamplingParams(
-            max_tokens=16 if max_tokens is None else max_tokens,
+            max_tokens=max(16, min_tokens) if max_tokens is None else max_tokens,
             temperature=1.0 if temperature is None else temperature,
             top_p=1.0 if top_p is None else top_p,
             top_k=-1 if top_k in (None, 0) else top_k,
@@ -218,6 +250,15 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | N
             ignore_eos=_opt_bool(body, "ignore_eos"),
             logprobs=logprobs,
             include_stop_str_in_output=_opt_bool(body, "include_stop_str_in_output"),
+            min_p=_num_or(body, "min_p", 0.0),
+            presence_penalty=_num_or(body, "presence_penalty", 0.0),
+            frequency_penalty=_num_or(body, "frequency_penalty", 0.0),
+            repetition_penalty=_num_or(body, "repetition_penalty", 1.0),
+            min_tokens=min_tokens,
+            logit_bias=_logit_bias(body),
+            bad_words=_bad_words(body),
+            allowed_token_ids=_allowed_token_ids(body),
+            prompt_logprobs=_opt_int(body, "prompt_logprobs", 0, 20) if prompt_logprobs is None else prompt_logprobs,
         )
     except ConfigError as exc:
         raise bad(exc.message) from None
@@ -311,6 +352,7 @@ class CompletionRequest:
     stream: bool = False
     stream_options: StreamOptions = field(default_factory=StreamOptions)
     echo: bool = False
+    echo_only: bool = False  # echo with max_tokens 0 (vLLM): one token is computed, only the prompt is returned
     priority: int = 0
     tenant: str | None = None
 
@@ -364,14 +406,24 @@ def parse_completion(body: Any, vocab_size: int) -> CompletionRequest:
             _check_tokens(p, vocab_size)
     logprobs = _opt_int(body, "logprobs", 0, 20)
     stream, opts = _stream(body)
+    echo = _opt_bool(body, "echo")
+    max_tokens = _opt_int(body, "max_tokens", 0, MAX_INT)
+    if max_tokens == 0 and not echo:
+        raise bad("'max_tokens' must be >= 1 (0 only with 'echo': true, which returns the prompt alone)", "max_tokens")
+    # as vLLM: echo with logprobs returns the prompt tokens' logprobs first
+    prompt_logprobs = logprobs if echo and logprobs is not None and body.get("prompt_logprobs") is None else None
+    if stream and body.get("prompt_logprobs") is not None:
+        raise bad("'prompt_logprobs' is not available when 'stream' is true (as vLLM)", "prompt_logprobs")
     return CompletionRequest(
         model=_model(body),
         prompts=prompts,
-        params=_sampling(body, max_tokens=_opt_int(body, "max_tokens", 1, MAX_INT), logprobs=logprobs),
+        params=_sampling(body, max_tokens=1 if max_tokens == 0 else max_tokens, logprobs=logprobs,
+                         prompt_logprobs=prompt_logprobs),
         n=_n(body),
         stream=stream,
         stream_options=opts,
-        echo=_opt_bool(body, "echo"),
+        echo=echo,
+        echo_only=max_tokens == 0,
         priority=_priority(body),
         tenant=_tenant(body),
     )
@@ -422,6 +474,8 @@ def parse_chat(body: Any) -> ChatRequest:
     if template is not None and not isinstance(template, str):
         raise bad("'chat_template' must be a string", "chat_template")
     stream, opts = _stream(body)
+    if stream and body.get("prompt_logprobs") is not None:
+        raise bad("'prompt_logprobs' is not available when 'stream' is true (as vLLM)", "prompt_logprobs")
     return ChatRequest(
         model=_model(body),
         messages=messages,
@@ -437,6 +491,14 @@ def parse_chat(body: Any) -> ChatRequest:
         priority=_priority(body),
         tenant=_tenant(body),
     )
+
+
+def check_max_tokens(prompt_tokens: int, max_tokens: int, max_model_len: int) -> None:
+    """vLLM's 400 for a request whose prompt plus max_tokens exceed the context (not cut at "length")."""
+    if prompt_tokens + max_tokens > max_model_len:
+        raise bad(f"This model's maximum context length is {max_model_len} tokens. However, you requested "
+                  f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the messages, {max_tokens} in the "
+                  "completion). Please reduce the length of the messages or completion.", "max_tokens")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -467,9 +529,26 @@ def safe_logprob(value: float) -> float | None:
     return max(value, LOGPROB_FLOOR)
 
 
-def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], text_offset: int = 0) -> dict[str, Any]:
-    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset."""
-    tokens, token_lps, tops, offsets = [], [], [], []
+def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], text_offset: int = 0,
+                        prompt: tuple[list[int], list[dict[int, Logprob] | None]] | None = None) -> dict[str, Any]:
+    """The legacy completions `logprobs` object: tokens, token_logprobs, top_logprobs, text_offset.
+
+    `prompt` (ids, RequestOutput.prompt_logprobs) puts the prompt tokens first, as vLLM with echo: the
+    first one has logprob null, the others their logprob and top_logprobs {the token, then the top-k};
+    text_offset runs on through the prompt tokens' strings into the generated ones.
+    """
+    tokens: list[str] = []
+    token_lps: list[float | None] = []
+    tops: list[dict[str, float] | None] = []
+    offsets: list[int] = []
+    for tid, entry in zip(*prompt) if prompt is not None else ():
+        tok = _token_str(tokenizer, tid)
+        offsets.append(text_offset)
+        text_offset += len(tok)
+        tokens.append(tok)
+        token_lps.append(None if entry is None else safe_logprob(entry[tid].logprob))
+        tops.append(None if entry is None else
+                    {_token_str(tokenizer, t): safe_logprob(v.logprob) for t, v in entry.items()})
     for lp in lps:
         tok = _token_str(tokenizer, lp.token_id)
         offsets.append(text_offset)
@@ -478,6 +557,15 @@ def completion_logprobs(tokenizer: Any, lps: list[TokenLogprob], text_offset: in
         token_lps.append(safe_logprob(lp.logprob))
         tops.append({_token_str(tokenizer, t): safe_logprob(v) for t, v in lp.top.items()})
     return {"tokens": tokens, "token_logprobs": token_lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def prompt_logprobs_json(tokenizer: Any, entries: list[dict[int, Logprob] | None] | None) -> list[Any] | None:
+    """vLLM's `prompt_logprobs` response field: per prompt token None or {"id": {logprob, rank, decoded_token}}."""
+    if entries is None:
+        return None
+    return [None if e is None else {str(t): {"logprob": safe_logprob(v.logprob), "rank": v.rank,
+                                             "decoded_token": _token_str(tokenizer, t)} for t, v in e.items()}
+            for e in entries]
 
 
 def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob], top_n: int) -> dict[str, Any]:
@@ -494,9 +582,13 @@ def chat_logprobs(tokenizer: Any, lps: list[TokenLogprob], top_n: int) -> dict[s
     return {"content": content}
 
 
-def completion_choice(index: int, text: str, out: RequestOutput, logprobs: dict[str, Any] | None) -> dict[str, Any]:
-    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
-            "stop_reason": out.stop_reason}
+def completion_choice(index: int, text: str, out: RequestOutput, logprobs: dict[str, Any] | None,
+                      prompt_logprobs: list[Any] | None = None) -> dict[str, Any]:
+    choice = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": out.finish_reason,
+              "stop_reason": out.stop_reason}
+    if prompt_logprobs is not None:  # vLLM's extra field, only when asked for
+        choice["prompt_logprobs"] = prompt_logprobs
+    return choice
 
 
 def chat_choice(index: int, out: RequestOutput, logprobs: dict[str, Any] | None) -> dict[str, Any]:

@@ -259,3 +259,45 @@ def test_preempted_and_recomputed_requests_next_to_a_poisoned_one_equal_their_so
     assert outs[0].error and outs[-1].error
     assert [o.token_ids for o in outs[1:-1]] == solo * 2
     assert llm.engine.block_manager.num_free_blocks == llm.engine.block_manager.num_blocks
+
+
+def test_penalised_rows_keep_the_non_finite_rule():
+    """A penalised row whose logits are non-finite gets no token; one the constraints leave without a
+    finite logit (allowed_token_ids all bad words / all EOS under min_tokens), or one a tiny
+    repetition_penalty pushes to +inf, gets no token either; the batch's other rows are untouched."""
+    from types import SimpleNamespace
+
+    from engine.sampler import sample
+
+    torch.manual_seed(0)
+    logits = torch.randn(4, 50)
+    logits[3, 5] = 30.0
+    seq = lambda out=(), bad=(): SimpleNamespace(  # noqa: E731
+        token_ids=[5, *out], output_token_ids=list(out), num_output_tokens=len(out), eos_token_ids=[2],
+        bad_words_token_ids=[list(w) for w in bad])
+    params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=1, presence_penalty=1.0, logprobs=2),
+              SamplingParams(temperature=0.8, seed=2, allowed_token_ids=[2], min_tokens=3, max_tokens=4),
+              SamplingParams(temperature=0.8, seed=3, repetition_penalty=1e-38)]
+    seqs = [seq(), seq((4,)), seq(), seq()]
+    gens = lambda: [None, torch.Generator().manual_seed(1), torch.Generator().manual_seed(2),  # noqa: E731
+                    torch.Generator().manual_seed(3)]
+    toks, lps = sample(logits.clone(), params, gens(), seqs)
+    assert toks[2] is None and toks[3] is None and lps[2] is None
+    assert toks[0] == int(logits[0].argmax()) and toks[1] is not None and lps[1] is not None
+    poisoned = logits.clone()
+    poisoned[1, 7] = float("nan")
+    toks2, lps2 = sample(poisoned, params, gens(), seqs)
+    assert toks2[1] is None and lps2[1] is None and toks2[0] == toks[0]
+    greedy = [SamplingParams(temperature=0.0, allowed_token_ids=[9], bad_words=["x"])]
+    assert sample(logits[:1].clone(), greedy, [None], [seq(bad=[(9,)])])[0] == [None]
+
+
+@pytest.mark.parametrize("kwargs", [dict(presence_penalty=10**400), dict(min_p=float("nan")),
+                                    dict(repetition_penalty=float("inf")), dict(logit_bias={1: 10**400}),
+                                    dict(logit_bias={1: float("nan")})])
+def test_sampling_params_refuse_non_finite_and_overflowing_sampling_numbers(kwargs):
+    """issue 18's numbers are held to the same rule: a ConfigError (400 on the server), never OverflowError."""
+    from engine.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="finite"):
+        SamplingParams(**kwargs)

@@ -45,6 +45,19 @@ def _peft_greedy(base: Path, adapter: Path | None, prompt_ids: list[int], max_ne
     return ids[: ids.index(EOS) + 1] if EOS in ids else ids
 
 
+def _peft_prompt_logprobs(base: Path, adapter: Path | None, prompt_ids: list[int]) -> torch.Tensor:
+    """transformers(+PEFT) log-probability of each prompt token after the first [T - 1]."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32).eval()
+    if adapter is not None:
+        model = PeftModel.from_pretrained(model, str(adapter)).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(model(torch.tensor([prompt_ids])).logits[0, :-1].float(), dim=-1)
+    return lp.gather(1, torch.tensor(prompt_ids[1:])[:, None])[:, 0]
+
+
 def test_vllm_lora_docs_example_matches_peft(setup: dict[str, Path]) -> None:
     model_path, sql_lora_path = str(setup["base"]), str(setup["sql"])
     # ---- vLLM docs/features/lora.md, offline section; only the import line changed ----
@@ -183,18 +196,20 @@ def test_vllm_engine_options(setup: dict[str, Path], caplog: pytest.LogCaptureFi
 
 # vLLM's examples/offline_inference/multilora_inference.py (LLMEngine flavour). Changed: the import line,
 # the model and adapter paths (a tiny Llama and PEFT adapters instead of Llama-2-7b and a Hub download),
-# the collected outputs; and the example's `prompt_logprobs=1` and `presence_penalty=0.2` are left out
-# until mlora's SamplingParams has them (issue 18, sampling rows).
+# and the collected outputs.
 from engine import EngineArgs, LLMEngine, LoRARequest, RequestOutput, SamplingParams  # noqa: E402
 
 
 def create_test_prompts(lora_path: str) -> list[tuple[str, SamplingParams, LoRARequest | None]]:
     return [
-        ("A robot may not injure a human being", SamplingParams(temperature=0.0, logprobs=1, max_tokens=128), None),
-        ("To be or not to be,", SamplingParams(temperature=0.8, top_k=5, max_tokens=128), None),
-        (SQL_PROMPTS[0], SamplingParams(temperature=0.0, logprobs=1, max_tokens=128, stop_token_ids=[32003]),
+        ("A robot may not injure a human being",
+         SamplingParams(temperature=0.0, logprobs=1, prompt_logprobs=1, max_tokens=128), None),
+        ("To be or not to be,", SamplingParams(temperature=0.8, top_k=5, presence_penalty=0.2, max_tokens=128), None),
+        (SQL_PROMPTS[0], SamplingParams(temperature=0.0, logprobs=1, prompt_logprobs=1, max_tokens=128,
+                                        stop_token_ids=[32003]),
          LoRARequest("sql-lora", 1, lora_path)),
-        (SQL_PROMPTS[0], SamplingParams(temperature=0.0, logprobs=1, max_tokens=128, stop_token_ids=[32003]),
+        (SQL_PROMPTS[0], SamplingParams(temperature=0.0, logprobs=1, prompt_logprobs=1, max_tokens=128,
+                                        stop_token_ids=[32003]),
          LoRARequest("sql-lora2", 2, lora_path)),
     ]  # fmt: skip
 
@@ -230,6 +245,12 @@ def test_vllm_multilora_inference_example_with_llm_engine(setup: dict[str, Path]
         out = by_id[rid]
         assert out.outputs[0].token_ids == _peft_greedy(setup["base"], adapter, out.prompt_token_ids, 128), rid
     assert by_id["2"].outputs[0].token_ids == by_id["3"].outputs[0].token_ids  # two names, one adapter
+    for rid, adapter in (("0", None), ("2", setup["sql"])):  # prompt_logprobs=1: the prompt token's, as PEFT's
+        out = by_id[rid]
+        ref = _peft_prompt_logprobs(setup["base"], adapter, out.prompt_token_ids)
+        assert out.prompt_logprobs[0] is None and len(out.prompt_logprobs) == len(out.prompt_token_ids)
+        got = [e[t].logprob for e, t in zip(out.prompt_logprobs[1:], out.prompt_token_ids[1:])]
+        assert torch.allclose(torch.tensor(got), ref, atol=1e-4), rid
     assert by_id["2"].lora_request == LoRARequest("sql-lora", 1, lora_path) and by_id["0"].lora_request is None
     assert 1 <= len(by_id["1"].outputs[0].token_ids) <= 128 and by_id["1"].outputs[0].finish_reason in ("stop", "length")
     assert engine.llm.list_adapters() == ["sql-lora", "sql-lora2"]

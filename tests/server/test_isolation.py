@@ -381,3 +381,37 @@ def test_the_engine_tokenizes_text_prompts_off_the_event_loop(tiny_base: Any, ar
             await engine.stop(grace_s=0)
 
     arun(go())
+
+
+def test_prompt_logprobs_are_written_as_strict_json(tokenizer: Any) -> None:
+    """Echoed prompt logprobs and vLLM's prompt_logprobs field go through safe_logprob like the others."""
+    from engine.outputs import Logprob
+
+    entries = [None, {65: Logprob(-math.inf, rank=50), 66: Logprob(math.nan, rank=1)}]
+    echoed = P.completion_logprobs(tokenizer, [], 0, ([64, 65], entries))
+    assert echoed["token_logprobs"] == [None, -9999.0] and None in echoed["top_logprobs"][1].values()
+    field = P.prompt_logprobs_json(tokenizer, entries)
+    assert field[1]["65"]["logprob"] == -9999.0 and field[1]["66"]["logprob"] is None
+    _strict(P.dumps({"logprobs": echoed, "prompt_logprobs": field}))
+
+
+@pytest.mark.parametrize("raw", [
+    b'{"prompt": "a", "presence_penalty": 1e999}', b'{"prompt": "a", "frequency_penalty": -1e999}',
+    b'{"prompt": "a", "repetition_penalty": 1e999}', b'{"prompt": "a", "min_p": 1e999}',
+    b'{"prompt": "a", "repetition_penalty": 1' + b"0" * 400 + b"}",
+    b'{"prompt": "a", "logit_bias": {"1": 1' + b"0" * 400 + b"}}", b'{"prompt": "a", "logit_bias": {"1": 1e999}}',
+    b'{"prompt": "a", "min_tokens": 1' + b"0" * 30 + b"}", b'{"prompt": "a", "prompt_logprobs": 1' + b"0" * 30 + b"}",
+    b'{"prompt": "a", "allowed_token_ids": [1' + b"0" * 400 + b"]}", b'{"prompt": "a", "seed": 1' + b"0" * 30 + b"}",
+    b'{"prompt": "a", "bad_words": [' + b",".join([b'"x"'] * 40) + b"]}",
+    b'{"prompt": "a", "bad_words": ["' + b"x" * 5000 + b'"]}',
+])
+def test_new_sampling_numbers_are_400_never_500(tokenizer: Any, arun: Any, raw: bytes) -> None:
+    """issue 18's sampling fields under issue 15's validation: non-finite or oversized values are a 400."""
+    async def go() -> None:
+        async with running(FakeEngine(tokenizer)) as srv, aiohttp.ClientSession() as s:
+            headers = {"Content-Type": "application/json"}
+            await _error(await s.post(f"{srv.url}/v1/completions", data=raw, headers=headers), 400)
+            chat = raw.replace(b'"prompt": "a"', b'"messages": [{"role": "user", "content": "a"}]')
+            await _error(await s.post(f"{srv.url}/v1/chat/completions", data=chat, headers=headers), 400)
+
+    arun(go())

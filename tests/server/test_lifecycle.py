@@ -24,7 +24,7 @@ async def _until(cond: Any, timeout: float = 10.0) -> None:
 
 def test_disconnected_streams_are_aborted(tokenizer: Any, arun: Any) -> None:
     async def go() -> None:
-        engine = FakeEngine(tokenizer, delay=0.005)
+        engine = FakeEngine(tokenizer, delay=0.005, max_model_len=20_000)  # room for max_tokens 10_000
         cfg = ServerConfig(engine=engine.config, port=0)
         srv = await start_server(engine, cfg)
         try:

@@ -209,3 +209,39 @@ def test_hostile_requests_never_take_the_server_down(server: ServerThread) -> No
             assert (await s.get(f"{server.url}/health")).status == 200
 
     asyncio.run(go())
+
+
+def test_one_tenant_cannot_fill_the_queue_for_the_others(tiny_base: Path) -> None:
+    """--max-queue-per-tenant: a tenant holding its quota of unfinished requests gets 429 for more,
+    while another tenant (a `tenant` field here; an adapter counts the same way) is still admitted and
+    served; the quota frees as the tenant's requests finish."""
+    cfg = _engine_config(tiny_base, max_num_seqs=1, max_queue=64, max_queue_per_tenant=2)
+    srv = ServerThread(ServerConfig(engine=cfg, port=0)).start()
+    base = srv.engine.model_name
+    hold = {"model": base, "prompt": "hold", "max_tokens": 110, "ignore_eos": True, "stream": True, "tenant": "flood"}
+    try:
+        async def go() -> None:
+            async with aiohttp.ClientSession() as s:
+                url = f"{srv.url}/v1/completions"
+                first = await s.post(url, json=hold)
+                await first.content.readline()  # running
+                second = asyncio.create_task(s.post(url, json=hold))
+                while scrape(srv.url, "vllm:num_requests_waiting") < 1:
+                    await asyncio.sleep(0.01)
+                r = await s.post(url, json=hold)  # the flooder's third: over its quota
+                assert r.status == 429 and r.headers["Retry-After"] == "1"
+                assert "flood" in (await r.json())["error"]["message"]
+                other = await s.post(url, json={"model": base, "prompt": "mine", "max_tokens": 2, "tenant": "quiet"})
+                first.close()  # the quiet tenant is admitted (not 429) and finishes once a slot frees
+                assert other.status == 200 and (await other.json())["choices"][0]["finish_reason"] == "length"
+                (await second).close()
+                for _ in range(200):  # the flooder's quota frees as its requests end
+                    r = await s.post(url, json={**hold, "stream": False, "max_tokens": 1})
+                    if r.status == 200:
+                        break
+                    await asyncio.sleep(0.05)
+                assert r.status == 200
+
+        asyncio.run(go())
+    finally:
+        srv.stop()
