@@ -191,8 +191,8 @@ def serve(
         return
     from engine.server.run import serve as run_server
 
-    console.print("[dim]loading the model...[/]", highlight=False)
-    run_server(config, on_ready=_ready(config))
+    run_server(config, on_ready=_ready(config),
+               on_bound=lambda: console.print("[dim]loading the model...[/]", highlight=False))
     console.print("[dim]server stopped[/]", highlight=False)
 
 

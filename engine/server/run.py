@@ -126,11 +126,14 @@ async def shutdown(server: RunningServer, engine: Any, grace_period: float, forc
     await server.runner.cleanup()
 
 
-async def serve_async(config: ServerConfig, on_ready: ReadyCallback | None = None) -> None:
+async def serve_async(config: ServerConfig, on_ready: ReadyCallback | None = None,
+                      on_bound: Callable[[], None] | None = None) -> None:
     """Start the engine and the server, run until SIGINT/SIGTERM, then shut down gracefully."""
     from engine import AsyncLLM
 
     sock = bind_socket(config.host, config.port)  # a busy port is an error before minutes of loading
+    if on_bound is not None:
+        on_bound()  # e.g. "loading the model..."
     try:
         engine = AsyncLLM(config.engine)
     except BaseException:
@@ -172,8 +175,9 @@ async def serve_async(config: ServerConfig, on_ready: ReadyCallback | None = Non
             loop.remove_signal_handler(sig)
 
 
-def serve(config: ServerConfig, on_ready: ReadyCallback | None = None) -> None:
+def serve(config: ServerConfig, on_ready: ReadyCallback | None = None,
+          on_bound: Callable[[], None] | None = None) -> None:
     """Blocking entry point of `mlora serve`: returns (exit 0) after a graceful shutdown."""
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(serve_async(config, on_ready))
+    asyncio.run(serve_async(config, on_ready, on_bound))
