@@ -18,7 +18,7 @@ from engine.errors import ConfigError, MloraError, PromptTooLongError
         (dict(max_num_seqs=0), "max_num_seqs"),
         (dict(dtype="int8"), "dtype"),
         (dict(device="tpu"), "device"),
-        (dict(num_kv_blocks=4, kv_cache_memory_bytes=1 << 20), "either"),
+        (dict(num_kv_blocks=4, kv_cache_memory_bytes=1 << 20), "at most one of num_kv_blocks, kv_cache_memory_bytes"),
         (dict(max_loras=4, max_cpu_loras=2), "max_cpu_loras"),
         (dict(loras=(("a", "x"), ("a", "y"))), "duplicate"),
         (dict(max_queue=-1), "max_queue"),
