@@ -78,6 +78,7 @@ _mlora() {
                 --model|-m) return 0 ;;
                 --lora) return 0 ;;
                 --lora-dir) return 0 ;;
+                --lora-compose) return 0 ;;
                 --max-loras) return 0 ;;
                 --max-lora-rank) return 0 ;;
                 --max-cpu-loras) return 0 ;;
@@ -102,7 +103,7 @@ _mlora() {
                 --replicas) return 0 ;;
                 --ray-address) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-queue-per-tenant --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --lora --lora-dir --lora-compose --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-queue-per-tenant --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
             case "$prev" in

@@ -67,6 +67,7 @@ complete -c mlora -n '__fish_seen_subcommand_from merge' -s h -l help -d 'Show t
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l model -s m -x -d 'Base model: a local HF directory or a Hub id. Default: the built-in demo model (adapters upper, reverse, rot13).'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l lora -x -d 'Adapter to serve, as NAME=PATH (directory or Hub id). Repeatable. Requests select it with "model": NAME.'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l lora-dir -x -d 'Serve every adapter in this directory (each subdirectory with adapter_config.json), named after its subdirectory. With --ray, replicas load them on demand.'
+complete -c mlora -n '__fish_seen_subcommand_from serve' -l lora-compose -x -d 'A composed adapter name, as NAME=A:0.7,B:0.5: requests with "model": NAME get W x + 0.7 * delta_A + 0.5 * delta_B (as mlora merge --weight, nothing materialised). Repeatable. A request can also compose with "adapters": [{"name": A, "weight": 0.7}, ...].'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l max-loras -x -d 'Adapters resident in device slots at once (distinct adapters per step). \[default: 4]'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l max-lora-rank -x -d 'Largest adapter rank a slot holds. \[default: 16]'
 complete -c mlora -n '__fish_seen_subcommand_from serve' -l max-cpu-loras -x -d 'Adapters kept in CPU memory (>= --max-loras). \[default: 2 x max-loras]'

@@ -73,6 +73,8 @@ def build_config(**opts: Any) -> Any:
     engine_kwargs = {k: opts[k] for k in engine_keys if opts.get(k) is not None}
     if opts.get("lora_weight"):
         engine_kwargs["lora_weights"] = parse_lora_weights(opts["lora_weight"])
+    if opts.get("lora_compose"):
+        engine_kwargs["lora_compose"] = tuple(opts["lora_compose"])  # NAME=a:0.7,b:0.5, parsed by EngineConfig
     loras = scan_lora_dir(opts.get("lora_dir")) + parse_lora(opts.get("lora") or [])
     engine = EngineConfig(loras=loras, **engine_kwargs)
     server_keys = ("max_seqs_per_request", "max_body_bytes", "header_timeout", "body_timeout",
@@ -87,6 +89,7 @@ def serve(
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Base model: a local HF directory or a Hub id. Default: the built-in demo model (adapters upper, reverse, rot13).", rich_help_panel=_ENGINE)] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="Adapter to serve, as NAME=PATH (directory or Hub id). Repeatable. Requests select it with \"model\": NAME.", rich_help_panel=_LORA, show_default=False)] = None,
     lora_dir: Annotated[Optional[str], typer.Option("--lora-dir", help="Serve every adapter in this directory (each subdirectory with adapter_config.json), named after its subdirectory. With --ray, replicas load them on demand.", rich_help_panel=_LORA, show_default=False)] = None,
+    lora_compose: Annotated[Optional[list[str]], typer.Option("--lora-compose", help="A composed adapter name, as NAME=A:0.7,B:0.5: requests with \"model\": NAME get W x + 0.7 * delta_A + 0.5 * delta_B (as mlora merge --weight, nothing materialised). Repeatable. A request can also compose with \"adapters\": [{\"name\": A, \"weight\": 0.7}, ...].", rich_help_panel=_LORA, show_default=False)] = None,
     max_loras: Annotated[Optional[int], typer.Option("--max-loras", min=1, help="Adapters resident in device slots at once (distinct adapters per step). \\[default: 4]", rich_help_panel=_LORA)] = None,
     max_lora_rank: Annotated[Optional[int], typer.Option("--max-lora-rank", min=1, help="Largest adapter rank a slot holds. \\[default: 16]", rich_help_panel=_LORA)] = None,
     max_cpu_loras: Annotated[Optional[int], typer.Option("--max-cpu-loras", min=1, help="Adapters kept in CPU memory (>= --max-loras). \\[default: 2 x max-loras]", rich_help_panel=_LORA)] = None,
@@ -128,7 +131,7 @@ def serve(
                           max_seqs_per_request=max_seqs_per_request, max_body_bytes=max_body_bytes,
                           header_timeout=header_timeout, body_timeout=body_timeout,
                           trust_request_chat_template=trust_request_chat_template, lora_weight=lora_weight,
-                          max_seqs_per_tenant=max_seqs_per_tenant,
+                          max_seqs_per_tenant=max_seqs_per_tenant, lora_compose=lora_compose,
                           scheduling_policy=scheduling_policy.value if scheduling_policy is not None else None)
     if ray:
         _serve_ray(config, 2 if replicas is None else replicas, ray_address)

@@ -157,7 +157,7 @@ def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
     """(served name, adapter) for a request's `model` field; None/base name = the base model."""
     if model is None or model == engine.model_name:
         return engine.model_name, None
-    if model in engine.list_adapters():
+    if model in engine.list_adapters() or model in getattr(engine, "compositions", {}):  # an adapter or a composition alias
         return model, model
     raise P.APIError(404, f"The model '{model[:200]}' does not exist. GET /v1/models lists the base model and its adapters.",
                      err_type="not_found_error", param="model")
@@ -172,13 +172,15 @@ def _start_checks(config: ServerConfig, prompts: int, n: int) -> None:
 
 
 async def _start(app: web.Application, prompts: list[str | list[int]], params: Any, n: int, rid: str,
-                 model: str | None, *, priority: int = 0, tenant: str | None = None) -> tuple[str, Choices]:
+                 model: str | None, *, priority: int = 0, tenant: str | None = None,
+                 adapters: Any = None) -> tuple[str, Choices]:
     engine, state, config = app[ENGINE], app[STATE], app[CONFIG]
     name, adapter = _resolve(engine, model)
     _start_checks(config, len(prompts), n)
     try:
         choices = await open_choices(engine, prompts, params, n=n, request_id=rid, adapter=adapter,
-                                     metrics=state.metrics, label=name, priority=priority, tenant=tenant)
+                                     metrics=state.metrics, label=name, priority=priority, tenant=tenant,
+                                     adapters=adapters)
     except MloraError as exc:
         err = api_error_for(exc, app[CONFIG].retry_after_s)
         state.metrics.count_error(name, err.status)
@@ -321,7 +323,7 @@ async def completion_reply(app: web.Application, body: Any) -> Reply:
                    req.params.max_tokens)
     rid, created = P.new_id("cmpl"), P.now_s()
     name, choices = await _start(app, req.prompts, req.params, req.n, rid, req.model, priority=req.priority,
-                                 tenant=req.tenant)
+                                 tenant=req.tenant, adapters=req.adapters)
     tok, want_lp = engine.tokenizer, req.params.logprobs is not None
 
     def echo_text(prompt: str | list[int]) -> str:
@@ -391,7 +393,7 @@ async def chat_reply(app: web.Application, body: Any) -> Reply:
         _check_context(app, req.model, [n_prompt], req.params.max_tokens)
     rid, created = P.new_id("chatcmpl"), P.now_s()
     name, choices = await _start(app, [prompt], req.params, req.n, rid, req.model, priority=req.priority,
-                                 tenant=req.tenant)
+                                 tenant=req.tenant, adapters=req.adapters)
     tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None
     kind = "chat.completion.chunk"
 
