@@ -27,6 +27,7 @@ complete -c mlora -n '__fish_seen_subcommand_from bench' -l min-mixed-ratio -x -
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l no-alternatives -d 'Skip the separate-engines and transformers+PEFT comparisons.'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l no-separate -d 'Skip the separate-engines alternative (one engine start per adapter: slow on big models).'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l no-churn -d 'Skip the churn workload (more adapters than slots).'
+complete -c mlora -n '__fish_seen_subcommand_from bench' -l composed -d 'Add the composed-2 workload (every request composes 2 adapters, weights 0.7 and 0.5) and its ratio to mixed-2, the same batch with one adapter per request.'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l kernels -d 'Run the LoRA kernel micro-benchmark (shrink/expand) instead.'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l workload -x -a 'standard flood trace' -d 'standard: the workloads above; flood: one adapter floods the queue (--num-requests, default 60), light tenants arrive --light-delay s later (--rate: Poisson); trace: replay --trace'\''s arrivals. flood/trace report per-tenant TTFT and tokens/s for each --policy.'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l trace -r -F -d 'JSONL trace to replay with --workload trace (timestamp + adapter or model; optional max_tokens, priority, tenant).'
