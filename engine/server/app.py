@@ -456,6 +456,9 @@ async def models(request: web.Request) -> web.Response:
     for name in engine.list_adapters():
         cards.append(P.model_card(name, root=state.adapter_paths.get(name, name), parent=base, created=state.created,
                                   max_model_len=engine.max_model_len))
+    for name, comp in getattr(engine, "compositions", {}).items():  # --lora-compose aliases: root = their recipe
+        cards.append(P.model_card(name, root=",".join(f"{a}:{w:g}" for a, w in comp), parent=base, created=state.created,
+                                  max_model_len=engine.max_model_len))
     return json_response({"object": "list", "data": cards})
 
 

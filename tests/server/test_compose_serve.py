@@ -69,6 +69,12 @@ def test_adapters_field_and_alias_equal_the_offline_composition(server: ServerTh
     assert chat.choices[0].message.content is not None
 
 
+def test_models_lists_the_alias_with_its_recipe(server: ServerThread) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["mix"].root == "a:0.7,b:0.5" and cards["mix"].parent == server.engine.model_name  # type: ignore[attr-defined]
+
+
 @pytest.mark.parametrize(("adapters", "model", "status", "says"), [
     ([{"name": "nope", "weight": 1.0}, {"name": "a", "weight": 0.5}], None, 404, "nope"),
     ([{"name": "a", "weight": 1}, {"name": "b", "weight": 1}, {"name": "c", "weight": 1}], None, 400, "at most 2"),
