@@ -149,3 +149,25 @@ def test_peft_linear_with_two_adapters_is_not_a_sum_of_deltas(llm: LLM, llama_di
     assert diff(cat) < 1e-4 < diff(linear)
     for n in same:
         llm.remove_adapter(n)
+
+
+def test_a_running_composition_keeps_the_component_versions_it_started_with(llm: LLM, adapters: dict[str, Path]) -> None:
+    """Replacing a component's files mid-request does not change an answer under way (each component is
+    bound to its version at admission, as a single adapter is); new requests get the new version."""
+    want = llm.generate([PROMPTS[0]], PARAMS, [AB])[0]
+    eng = llm.engine
+    eng.add_request("pin", PROMPTS[0], PARAMS, None, adapters=AB)
+    outs = eng.step()  # admitted: both components pinned and bound
+    try:
+        llm.add_adapter("a", str(adapters["c"]))  # replace "a" while the request runs
+        final = None
+        while eng.has_unfinished():
+            for o in eng.step():
+                if o.finished:
+                    final = o
+        assert outs and final is not None
+        _same(final, want, "old versions kept")
+        assert llm.generate([PROMPTS[0]], PARAMS, [AB])[0].logprobs[0].logprob != want.logprobs[0].logprob
+    finally:
+        llm.add_adapter("a", str(adapters["a"]))
+    assert not any(v.pins for v in eng.lora.cache._versions.values())
