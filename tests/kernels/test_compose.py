@@ -42,7 +42,8 @@ PAIRS = [(0, [(1, 0.7), (3, 0.5)]), (2, [(0, 1.0)]), (3, [(4, 0.2), (1, -0.4), (
 def test_compose_matches_weighted_sum_of_deltas(backend: str, dtype: torch.dtype) -> None:
     x, a, b, scales, out = _inputs(dtype)
     composed = ComposedRows.from_pairs(PAIRS)
-    assert composed.rows.tolist() == [0, 0, 2, 3, 3, 3, 4, 4, 6, 6]
+    assert composed.meta.token_slots.tolist() == [0, 0, 1, 1, 1, 1, 2, 3, 3, 4]  # grouped by slot: one run each
+    assert composed.rows.tolist() == [2, 6, 0, 3, 4, 6, 3, 0, 4, 3]
     before = out.clone()
     res = lora_compose(x, a, b, scales, out, composed, out_offset=8, backend=backend)
     assert res is out
