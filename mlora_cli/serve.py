@@ -134,6 +134,11 @@ def serve(
                           max_seqs_per_tenant=max_seqs_per_tenant, lora_compose=lora_compose,
                           scheduling_policy=scheduling_policy.value if scheduling_policy is not None else None)
     if ray:
+        if lora_compose:
+            from engine.errors import UsageError
+
+            raise UsageError("--lora-compose is not supported with --ray yet: replicas load one adapter per request "
+                             "on demand, a composition needs all of its adapters on one replica")
         _serve_ray(config, 2 if replicas is None else replicas, ray_address)
         return
     if replicas is not None:
