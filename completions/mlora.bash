@@ -39,7 +39,7 @@ _mlora() {
                 --light-tenants) return 0 ;;
                 --light-delay) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --no-separate --no-churn --kernels --workload --trace --policy --max-num-seqs --light-requests --light-tenants --light-delay -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --no-separate --no-churn --composed --kernels --workload --trace --policy --max-num-seqs --light-requests --light-tenants --light-delay -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         budget)
             case "$prev" in
@@ -88,6 +88,7 @@ _mlora() {
                 --threads) return 0 ;;
                 --lora) return 0 ;;
                 --lora-dir) return 0 ;;
+                --lora-compose) return 0 ;;
                 --max-loras) return 0 ;;
                 --max-lora-rank) return 0 ;;
                 --max-cpu-loras) return 0 ;;
@@ -112,7 +113,7 @@ _mlora() {
                 --replicas) return 0 ;;
                 --ray-address) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --served-model-name --revision --trust-remote-code --chat-template --seed --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-memory --num-kv-blocks --num-gpu-blocks-override --block-size --max-num-batched-tokens --threads --lora --lora-dir --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-queue-per-tenant --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --served-model-name --revision --trust-remote-code --chat-template --seed --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-memory --num-kv-blocks --num-gpu-blocks-override --block-size --max-num-batched-tokens --threads --lora --lora-dir --lora-compose --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-queue-per-tenant --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
             case "$prev" in

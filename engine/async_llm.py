@@ -112,9 +112,10 @@ class AsyncLLM:
         adapter: str | None = None,
         priority: int = 0,
         tenant: str | None = None,
+        adapters: Any = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Incremental outputs of one request; the last has finished=True. `priority` and `tenant`:
-        see EngineCore.add_request.
+        """Incremental outputs of one request; the last has finished=True. `priority`, `tenant` and
+        `adapters` (a composition): see EngineCore.add_request.
 
         Raises AdapterNotFoundError / PromptTooLongError / QueueFullError / EngineStoppedError
         before the first output. Closing the iterator early aborts the request.
@@ -130,23 +131,18 @@ class AsyncLLM:
         if request_id in self._queues:
             raise ConfigError(f"duplicate request id {request_id!r}")
         check_priority(self.config, priority)
-        if adapter is not None:
-            if self.core.lora is None:
-                from engine.errors import AdapterNotFoundError
-
-                raise AdapterNotFoundError(f"adapter {adapter!r} is not registered (LoRA is disabled)")
-            self.core.lora.check_adapter(adapter)
+        first, _ = self.core.resolve_adapters(adapter, adapters)  # unknown names, DoRA, too many: now, not in the loop
         limit = self.config.max_queue
         if limit is not None and len(self.core.scheduler.waiting) + self._pending_adds() >= limit:
             raise QueueFullError(f"the waiting queue is full ({limit} requests)", hint="retry later")
-        who = self.core.tenant_of(adapter, tenant)
+        who = self.core.tenant_of(first, tenant)
         cap = self.config.max_queue_per_tenant
         if cap is not None and self._by_tenant.get(who, 0) >= cap:
             raise QueueFullError(f"tenant {who!r} already has {cap} unfinished requests (--max-queue-per-tenant)",
                                  hint="retry later")
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = q
-        self._inbox.put(("add", (request_id, ids, text, params, adapter, priority, tenant)))
+        self._inbox.put(("add", (request_id, ids, text, params, adapter, priority, tenant, adapters)))
         self._poke()
         self._by_tenant[who] = self._by_tenant.get(who, 0) + 1
         finished = False
@@ -194,6 +190,15 @@ class AsyncLLM:
     def list_adapters(self) -> list[str]:
         return [] if self.core.lora is None else self.core.lora.names()
 
+    @property
+    def compositions(self) -> dict[str, tuple[tuple[str, float], ...]]:
+        """Composition aliases (name -> ((adapter, weight), ...)) a request's `model` may name."""
+        return self.core.compositions
+
+    def add_composition(self, name: str, components: Any) -> None:
+        """See EngineCore.add_composition (a dict write between steps' reads: no step is affected mid-way)."""
+        self.core.add_composition(name, components)
+
     def _lora(self) -> Any:
         if self.core.lora is None:
             raise ConfigError("LoRA is disabled for this engine")
@@ -218,11 +223,12 @@ class AsyncLLM:
             except queue.Empty:
                 return
             if kind == "add":
-                rid, ids, text, params, adapter, priority, tenant = arg
+                rid, ids, text, params, adapter, priority, tenant, adapters = arg
                 if rid not in self._queues:
                     continue  # the client went away before the request started
                 try:
-                    self.core.add_request(rid, ids, params, adapter, prompt_text=text, priority=priority, tenant=tenant)
+                    self.core.add_request(rid, ids, params, adapter, prompt_text=text, priority=priority, tenant=tenant,
+                                          adapters=adapters)
                 except Exception as e:  # e.g. the adapter was removed meanwhile
                     self._queues[rid].put_nowait(e)
             elif kind == "weight":

@@ -37,7 +37,9 @@ class EngineConfig:
     `max_queue_per_tenant` bounds one tenant's unfinished requests in the async engine (queued or
     running: one tenant cannot fill the whole queue and lock the others out with 429s).
     LoRA: `max_loras` device slots of rank `max_lora_rank`, `max_cpu_loras` adapters kept in
-    CPU memory, `loras` = ((name, path), ...) registered at start.
+    CPU memory, `loras` = ((name, path), ...) registered at start. A request may compose up to
+    `max_adapters_per_request` adapters with weights; `lora_compose` = ((alias, ((adapter, weight), ...)), ...)
+    (or {alias: "a:0.7,b:0.5"}) names compositions a request can select like an adapter (engine.lora.compose).
     `served_model_name`: the base model's name in the API (default: `model` as given, as vLLM does;
     the demo model's name without one). `chat_template`: template text that replaces the tokenizer's.
     `cpu_threads`: torch's intra-op CPU threads (None = torch's default).
@@ -77,6 +79,8 @@ class EngineConfig:
     fair_prompt_weight: float = 1.0
     fair_output_weight: float = 2.0
     max_seqs_per_tenant: int | None = None
+    max_adapters_per_request: int = 4
+    lora_compose: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -84,7 +88,8 @@ class EngineConfig:
         set_("lora_dtype", _norm_dtype(self.lora_dtype, "lora_dtype"))
         if self.device not in DEVICES:
             raise UsageError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}")
-        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank"):
+        for name in ("max_num_seqs", "max_num_batched_tokens", "block_size", "max_loras", "max_lora_rank",
+                     "max_adapters_per_request"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise UsageError(f"{name} must be an integer >= 1, got {value!r}")
@@ -138,6 +143,7 @@ class EngineConfig:
         if self.max_seqs_per_tenant is not None and (not isinstance(self.max_seqs_per_tenant, int)
                                                      or self.max_seqs_per_tenant < 1):
             raise UsageError(f"max_seqs_per_tenant must be an integer >= 1 (or unset), got {self.max_seqs_per_tenant!r}")
+        set_("lora_compose", _compositions(self.lora_compose, self.max_adapters_per_request))
         if self.model is not None and not isinstance(self.model, str):
             set_("model", str(self.model))
 
@@ -152,6 +158,26 @@ class EngineConfig:
         if unknown:
             raise ConfigError(f"unknown engine option(s): {', '.join(sorted(unknown))}")
         return cls(model=model, **kwargs)
+
+
+def _compositions(value: Any, k: int) -> tuple[tuple[str, tuple[tuple[str, float], ...]], ...]:
+    """lora_compose as ((alias, ((adapter, weight), ...)), ...): from that, a {alias: spec} dict or "NAME=a:0.7,b:0.5" strings."""
+    from engine.lora.compose import normalize, parse_alias, parse_spec
+
+    items = value.items() if isinstance(value, dict) else (value or ())
+    out: dict[str, tuple[tuple[str, float], ...]] = {}
+    try:
+        for item in items:
+            name, comp = parse_alias(item) if isinstance(item, str) else tuple(item)
+            comp = parse_spec(comp) if isinstance(comp, str) else normalize(comp, max_components=k)
+            if name in out:
+                raise UsageError(f"composition {name!r} is defined twice")
+            out[name] = normalize(comp, max_components=k)
+    except UsageError:
+        raise
+    except (ConfigError, ValueError, TypeError) as e:
+        raise UsageError(f"lora_compose: {getattr(e, 'message', e)}") from None
+    return tuple(out.items())
 
 
 def positive_number(value: object, what: str, *, zero_ok: bool = False,

@@ -82,6 +82,7 @@ class EngineCore:
         if config.chat_template is not None:
             self.tokenizer.chat_template = config.chat_template
         self.model_name = config.served_model_name or config.model or DEMO_MODEL_NAME
+        self.compositions: dict[str, tuple[tuple[str, float], ...]] = {}  # alias -> ((adapter, weight), ...)
         self.runner = ModelRunner(config, self.hf_config, self.model_path)
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
@@ -112,6 +113,8 @@ class EngineCore:
             initial.update(dict(config.loras))
             for name, path in initial.items():
                 self.lora.add_adapter(name, str(path))
+        for name, comp in config.lora_compose:  # after the adapters they compose
+            self.add_composition(name, comp)
 
     def _eos_ids(self) -> frozenset[int]:
         ids: set[int] = set()
@@ -159,8 +162,12 @@ class EngineCore:
         prompt_text: str | None = None,
         priority: int = 0,
         tenant: str | None = None,
+        adapters: Any = None,
     ) -> None:
         """Queue a request. `prompt_text` names the text of already-tokenized ids (for outputs).
+        `adapters`: compose adapters with weights, [(name, weight), ...] or [{"name", "weight"}, ...]
+        (engine.lora.compose); `adapter` may then be None or name the first component. An `adapter`
+        that names a composition alias (`lora_compose`) composes too.
         `tenant` = whose fair share it uses (default: the adapter's name, or the base model's name);
         `priority`: lower first under the `priority` scheduling policy."""
         if request_id in self._requests:
@@ -173,17 +180,58 @@ class EngineCore:
                 raise ConfigError(f"{name} token id {outside[0]} is outside the vocabulary (size {self.vocab_size})")
         text, ids = self.tokenize(prompt)
         text = text if prompt_text is None else prompt_text
-        if self.lora is not None:
-            self.lora.check_adapter(adapter)
-        elif adapter is not None:
-            from engine.errors import AdapterNotFoundError
-
-            raise AdapterNotFoundError(f"adapter {adapter!r} is not registered (LoRA is disabled)")
+        adapter, components = self.resolve_adapters(adapter, adapters)
         seq = Sequence(request_id, ids, params, prompt=text, adapter=adapter, tenant=self.tenant_of(adapter, tenant),
-                       priority=priority, eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len)  # fmt: skip
+                       priority=priority, eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
+                       components=components)  # fmt: skip
         seq.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params))
         self.scheduler.add(seq)
+
+    def add_composition(self, name: str, components: Any) -> None:
+        """Register (or replace) alias `name` for a composition ("a:0.7,b:0.5" or [(name, weight), ...]);
+        requests naming it compose those adapters. Its components must be registered, non-DoRA adapters."""
+        from engine.lora.compose import normalize, parse_spec
+
+        comp = parse_spec(components) if isinstance(components, str) else normalize(components, max_components=None)
+        comp = normalize(comp, max_components=self.config.max_adapters_per_request)
+        if not comp:
+            raise ConfigError(f"composition {name!r} has no component with a non-zero weight")
+        if self.lora is None:
+            raise ConfigError("LoRA is disabled for this engine", hint="create it with enable_lora=True")
+        if name in self.lora.names():
+            raise ConfigError(f"composition name {name!r} is already an adapter's name")
+        self.lora.composition_check(comp)
+        self.compositions[name] = comp
+
+    def resolve_adapters(self, adapter: str | None, adapters: Any = None) -> tuple[str | None, tuple[tuple[str, float], ...]]:
+        """One owner for "what does this request run": (adapter name or None, components or ()).
+        A plain single adapter of weight 1 gets no components (the single-adapter path, unchanged)."""
+        from engine.errors import AdapterNotFoundError
+        from engine.lora.compose import is_plain, normalize
+
+        comp: tuple[tuple[str, float], ...] = ()
+        if adapters is not None:
+            comp = normalize(adapters, max_components=self.config.max_adapters_per_request)
+            if adapter is not None and adapter in self.compositions:
+                raise ConfigError(f"{adapter!r} is a composition; give either it or adapters, not both")
+            if adapter is not None and (not comp or adapter != comp[0][0]):
+                raise ConfigError(f"model {adapter!r} must be the base model or the first entry of adapters "
+                                  f"({comp[0][0]!r})" if comp else f"model {adapter!r} names an adapter but every "
+                                  "entry of adapters has weight 0")  # fmt: skip
+        elif adapter is not None and adapter in self.compositions:
+            comp = self.compositions[adapter]
+        else:
+            comp = ((adapter, 1.0),) if adapter is not None else ()
+        if not comp:
+            return None, ()
+        if self.lora is None:
+            raise AdapterNotFoundError(f"adapter {comp[0][0]!r} is not registered (LoRA is disabled)")
+        if is_plain(comp):
+            self.lora.check_adapter(comp[0][0])
+            return comp[0][0], ()
+        self.lora.composition_check(comp)
+        return comp[0][0], comp
 
     def tenant_of(self, adapter: str | None, tenant: str | None = None) -> str:
         """Whose fair share and queue quota a request uses: its explicit tenant, else its adapter,
@@ -234,7 +282,9 @@ class EngineCore:
                 item.seq.metrics.first_scheduled_time = now
         try:
             slots, stacks = lora.step_inputs(out) if lora is not None else (None, None)
-            tokens, logprobs = self.runner.run(out, slots, stacks)
+            compose = lora.step_compose(out) if lora is not None else None
+            tokens, logprobs = (self.runner.run(out, slots, stacks, compose) if compose
+                                else self.runner.run(out, slots, stacks))
         except Exception as exc:  # noqa: BLE001 - ends this step's requests, not the engine
             return failed + self._fail_step(out, exc)
         self._failed_steps = 0
@@ -338,12 +388,12 @@ class EngineCore:
             tenant_prompt_tokens=dict(self.scheduler.prompt_served),
             tenant_output_tokens=dict(self.scheduler.output_served),
         )
-        for seq in running:
-            if seq.adapter is not None:
-                s.running_by_adapter[seq.adapter] = s.running_by_adapter.get(seq.adapter, 0) + 1
+        for seq in running:  # a composed request counts for each of its components
+            for name in seq.adapter_names:
+                s.running_by_adapter[name] = s.running_by_adapter.get(name, 0) + 1
         for seq in waiting:
-            if seq.adapter is not None:
-                s.waiting_by_adapter[seq.adapter] = s.waiting_by_adapter.get(seq.adapter, 0) + 1
+            for name in seq.adapter_names:
+                s.waiting_by_adapter[name] = s.waiting_by_adapter.get(name, 0) + 1
         if self.lora is not None:
             self.lora.fill_stats(s)
         return s

@@ -70,6 +70,11 @@ class LLM:
         self.engine.scheduler.forget_tenant(name)
         self._lora_ids = {i: n for i, n in self._lora_ids.items() if n != name}
 
+    def add_composition(self, name: str, components: Any) -> None:
+        """Name a composition ("style:0.7,domain:0.5" or [("style", 0.7), ("domain", 0.5)]) so that
+        `adapters="name"` composes those adapters; their deltas add with the weights, as `mlora merge --weight`."""
+        self.engine.add_composition(name, components)
+
     def list_adapters(self) -> list[str]:
         return [] if self.engine.lora is None else self.engine.lora.names()
 
@@ -82,7 +87,7 @@ class LLM:
         self,
         prompts: Any,
         sampling_params: SamplingParams | Seq[SamplingParams] | None = None,
-        adapters: str | None | Seq[str | None] = None,
+        adapters: Any = None,
         *,
         lora_request: LoRARequest | None | Seq[LoRARequest | None] = None,
         use_tqdm: Any = True,
@@ -93,7 +98,8 @@ class LLM:
 
         `prompts`: one or a list of: text, token ids, `{"prompt": text}`, `{"prompt_token_ids": ids}`.
         `sampling_params` (or `params=`): one SamplingParams for all, or one per prompt.
-        `adapters`: one adapter name (or None = base model) for all, or one per prompt; or
+        `adapters`: one adapter name (or None = base model) for all, or one per prompt, where an entry
+        may also compose adapters: [("style", 0.7), ("domain", 0.5)] (see engine.lora.compose); or
         `lora_request`: one LoRARequest (or None) for all, or one per prompt, as in vLLM. A
         LoRARequest's adapter is registered under its name on first use.
         `priority`: one value per prompt (lower first) for the `priority` scheduling policy, as vLLM.
@@ -126,7 +132,8 @@ class LLM:
         added: list[str] = []
         try:
             for rid, (prompt, text), p, a, pr in zip(ids, parsed, plist, alist, prio):
-                self.engine.add_request(rid, prompt, p, a, prompt_text=text, priority=pr)
+                name, comp = _adapter_entry(a)
+                self.engine.add_request(rid, prompt, p, name, prompt_text=text, priority=pr, adapters=comp)
                 added.append(rid)
             final: dict[str, RequestOutput] = {}
             while self.engine.has_unfinished():
@@ -171,6 +178,15 @@ class LLM:
 
     def stats(self) -> EngineStats:
         return self.engine.stats()
+
+
+def _adapter_entry(entry: Any) -> tuple[str | None, Any]:
+    """One prompt's `adapters` entry -> (adapter name, composition or None)."""
+    if entry is None or isinstance(entry, str):
+        return entry, None
+    if isinstance(entry, tuple) and len(entry) == 2 and isinstance(entry[0], str) and not isinstance(entry[1], str):
+        return None, [entry]  # one ("name", weight) pair
+    return None, entry
 
 
 def _path_key(path: str) -> str:

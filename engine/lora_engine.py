@@ -20,7 +20,7 @@ from typing import Any
 
 from engine.config import EngineConfig
 from engine.core import EngineStats
-from engine.errors import AdapterNotFoundError, MloraError
+from engine.errors import AdapterNotFoundError, ConfigError, MloraError
 from engine.lora import AdapterCache, LoraSlots
 from engine.lora.manager import AdapterChangedError, AdapterVersionGoneError
 from engine.scheduler import Scheduler, SchedulerOutput
@@ -49,6 +49,7 @@ class LoraEngine:
         )
         self.max_loras = config.max_loras
         self._held: dict[int, tuple[str, int]] = {}  # id(seq) -> (adapter, slot) while pinned
+        self._held_composed: dict[int, list[tuple[str, int]]] = {}  # id(seq) -> [(component, slot), ...] while pinned
         self._failed: list[tuple[Sequence, str]] = []
 
     # -- registry ----------------------------------------------------------------------------
@@ -73,6 +74,8 @@ class LoraEngine:
     # -- scheduler hooks ---------------------------------------------------------------------
     def acquire(self, seq: Sequence) -> bool:
         """Pin `seq`'s adapter in a slot (loading it if needed); False = no slot free now."""
+        if seq.components:
+            return self._acquire_composed(seq)
         if seq.adapter is None:
             return True
         try:
@@ -93,6 +96,50 @@ class LoraEngine:
         self._held[id(seq)] = (seq.adapter, slot)
         return True
 
+    def _acquire_composed(self, seq: Sequence) -> bool:
+        """Pin every component (each bound to its own version, as a single adapter is); all or none."""
+        held: list[tuple[str, int]] = []
+        versions = seq.component_versions or [None] * len(seq.components)
+        try:
+            for (name, _), version in zip(seq.components, versions):
+                try:
+                    slot = self.cache.acquire(name, version=version)
+                except (AdapterVersionGoneError, AdapterChangedError) as e:
+                    self._fail(seq, e.message)
+                    return False
+                except AdapterNotFoundError:
+                    self._fail(seq, f"adapter {name!r} was unloaded before this request started")
+                    return False
+                except MloraError as e:
+                    self._fail(seq, f"adapter {name!r} could not be loaded: {e}")
+                    return False
+                if slot is None:
+                    return False
+                held.append((name, slot))
+        finally:
+            if len(held) < len(seq.components):  # not all pinned: give back what was
+                for name, slot in held:
+                    self.cache.release(name, slot)
+        if seq.component_versions is None:
+            seq.component_versions = [self.cache.bind(slot) for _, slot in held]
+        self._held_composed[id(seq)] = held
+        return True
+
+    def composition_check(self, components: tuple[tuple[str, float], ...]) -> None:
+        """Refuse what cannot be composed: unknown names (AdapterNotFoundError, 404), DoRA components
+        (ConfigError, 400: DoRA renormalises each output row by ||W + BA||, so deltas do not add linearly),
+        more distinct components than `max_loras` slots (never admissible)."""
+        for name, _ in components:
+            self.check_adapter(name)
+        if len(components) > self.max_loras:
+            raise ConfigError(f"a request composing {len(components)} adapters needs {len(components)} slots; "
+                              f"this engine has max_loras={self.max_loras}")
+        for name, _ in components:
+            if self.cache.is_dora(name):
+                raise ConfigError(f"adapter {name!r} is a DoRA adapter and cannot be composed: DoRA rescales each "
+                                  "output row by its norm, so weighted deltas do not add up linearly",
+                                  hint="serve it alone, or merge offline with mlora merge")
+
     def _fail(self, seq: Sequence, message: str) -> None:
         if all(s is not seq for s, _ in self._failed):
             self._failed.append((seq, message))
@@ -106,20 +153,35 @@ class LoraEngine:
         held = self._held.pop(id(seq), None)
         if held is not None:
             self.cache.release(held[0], held[1])
+        for name, slot in self._held_composed.pop(id(seq), ()):
+            self.cache.release(name, slot)
 
     def on_finish(self, seq: Sequence) -> None:
         self.release(seq)
         if seq.adapter_version is not None:
             self.cache.unbind(seq.adapter_version)
             seq.adapter_version = None
+        for version in seq.component_versions or ():
+            self.cache.unbind(version)
+        seq.component_versions = None
 
     # -- per step ----------------------------------------------------------------------------
     def step_inputs(self, out: SchedulerOutput) -> tuple[list[int] | None, LoraSlots | None]:
-        """Slot index per scheduled item (-1 = base); (None, None) for an all-base step."""
-        slots = [self._held[id(it.seq)][1] if it.seq.adapter is not None else -1 for it in out.scheduled]
-        if all(s < 0 for s in slots):
+        """Slot index per scheduled item (-1 = base or composed); (None, None) for an all-base step."""
+        slots = [self._held[id(it.seq)][1] if it.seq.adapter is not None and not it.seq.components else -1
+                 for it in out.scheduled]
+        if all(s < 0 for s in slots) and not any(it.seq.components for it in out.scheduled):
             return None, None
         return slots, self.slots
+
+    def step_compose(self, out: SchedulerOutput) -> dict[int, tuple[tuple[int, float], ...]] | None:
+        """Scheduled item index -> its (lora_slot, weight) pairs, for composed requests; None when there are none."""
+        comp = {}
+        for i, it in enumerate(out.scheduled):
+            if it.seq.components:
+                held = self._held_composed[id(it.seq)]
+                comp[i] = tuple((slot, w) for (_, slot), (_, w) in zip(held, it.seq.components))
+        return comp or None
 
     def after_step(self, scheduler: Scheduler) -> None:
         """Prefetch (disk -> CPU, background) the adapters that waiting requests need."""

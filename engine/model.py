@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import lora_expand, lora_shrink
+from kernels import lora_compose, lora_expand, lora_shrink
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.errors import ConfigError
@@ -90,6 +90,7 @@ class LoraContext:
     token_slots: torch.Tensor  # [T] int
     meta: Any  # kernels.LoraBatchMeta built once per step
     stacks: LoraStacks
+    composed: Any = None  # kernels.ComposedRows: rows composing several adapters (their token_slots are -1)
 
 
 # On CPU, batches of SMALL_BATCH_ROWS rows (a decode batch) run as W @ x.T: MKL streams the
@@ -151,8 +152,11 @@ class LoraLinear(nn.Module):
                 if stack is not None:
                     a, b, scales = stack
                     # stacks and meta are built consistent per step: skip the per-call argument checks
-                    h = lora_shrink(x, a, lora.token_slots, scales, meta=lora.meta, check=False)  # [T, R]
-                    lora_expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset, check=False)
+                    if lora.composed is None or lora.meta.num_lora_rows:  # an all-composed step has no single-slot rows
+                        h = lora_shrink(x, a, lora.token_slots, scales, meta=lora.meta, check=False)  # [T, R]
+                        lora_expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset, check=False)
+                    if lora.composed is not None:  # sum_i w_i * s_i * B_i A_i x on the composed rows
+                        lora_compose(x, a, b, scales, y, lora.composed, out_offset=offset, check=False)
                     dora = getattr(lora.stacks, "dora", None)
                     g = dora(self.layer, name) if dora is not None else None
                     if g is not None:  # DoRA: rescale this part's output per token (see engine.lora.slots)

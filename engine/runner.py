@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import LoraBatchMeta
+from kernels import ComposedRows, LoraBatchMeta
 
 from engine.attention import AttentionMetadata, PrefillBatch, PrefillSpan
 from engine.budget import ModelDims, kv_bytes_per_token, total_slot_bytes
@@ -203,8 +203,10 @@ class ModelRunner:
         out: SchedulerOutput,
         slots: list[int] | None = None,
         stacks: LoraStacks | None = None,
+        compose: dict[int, tuple[tuple[int, float], ...]] | None = None,
     ) -> tuple[list[int | None], list[TokenLogprob | None]]:
         """Forward the scheduled tokens; `slots[i]` is scheduled item i's LoRA slot (-1 = base).
+        `compose[i]`: item i's (lora_slot, weight) pairs when it composes adapters (its slot is then -1).
 
         Returns (token or None, logprob or None) per scheduled item, in `out.scheduled` order; a
         sampling item gets None when its logits were non-finite (the engine ends that request).
@@ -220,6 +222,7 @@ class ModelRunner:
         pos: list[int] = []
         slot_map: list[int] = []
         token_slots: list[int] = []
+        composed_rows: list[tuple[int, tuple[tuple[int, float], ...]]] = []  # (token row, pairs)
         prefills: list[PrefillSpan] = []
         decode_rows: list[int] = []
         sample_rows: list[int] = []  # token index of each sampling item's last token
@@ -235,6 +238,8 @@ class ModelRunner:
             slot_map.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
             if slots is not None:
                 token_slots.extend([slots[i]] * n)
+            if compose and i in compose:
+                composed_rows.extend((t, compose[i]) for t in range(t0, t0 + n))
             if n > 1:
                 prefills.append(self._prefill_span(seq, t0, n, start))
             else:
@@ -259,11 +264,13 @@ class ModelRunner:
             meta.decode_start = len(ids) - len(decode_rows)
             self._decode_meta(meta, [items[i].seq for i in decode_rows])
         lora = None
-        if stacks is not None and slots is not None and any(s >= 0 for s in slots):
+        if stacks is not None and slots is not None and (any(s >= 0 for s in slots) or composed_rows):
             # once per step; prefill chunks and decode rows get separate CPU layouts (kernels.meta "split")
             split = meta.decode_start if prefills and decode_rows else None
             lmeta = LoraBatchMeta.from_token_slots(token_slots, device=dev, split=split)
-            lora = LoraContext(token_slots=lmeta.token_slots, meta=lmeta, stacks=stacks)  # [T] int32 on dev
+            # composed rows: one virtual row per component (kernels.ComposedRows); None keeps single-adapter steps as they were
+            comp = ComposedRows.from_pairs(composed_rows, device=dev) if composed_rows else None
+            lora = LoraContext(token_slots=lmeta.token_slots, meta=lmeta, stacks=stacks, composed=comp)  # [T] int32 on dev
         input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
         positions = torch.tensor(pos, dtype=torch.long, device=dev)
         with sdpa_backends(dev):

@@ -185,8 +185,8 @@ class Scheduler:
         """Adapters that waiting requests need, in the order they would be admitted."""
         seen: dict[str, None] = {}
         for seq in self._candidates(frozenset()):
-            if seq.adapter is not None:
-                seen.setdefault(seq.adapter, None)
+            for name in seq.adapter_names:
+                seen.setdefault(name, None)
         return list(seen)
 
     # -- one step ---------------------------------------------------------------------------
@@ -215,10 +215,10 @@ class Scheduler:
             done.add(id(seq))
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
             budget -= n
-        active = {s.adapter for s in self.running if s.adapter is not None}
+        active = {n for s in self.running for n in s.adapter_names}  # a composed request counts each component
         if not out.preempted:
             budget = self._admit(out, budget, active, frozenset(resident))
-        out.adapters = {s.seq.adapter for s in out.scheduled if s.seq.adapter is not None}
+        out.adapters = {n for s in out.scheduled for n in s.seq.adapter_names}
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int, active: set[str], resident: frozenset[str]) -> int:
@@ -233,8 +233,8 @@ class Scheduler:
             if cap is not None and per_tenant.get(seq.tenant, 0) >= cap:
                 continue
             aged = self.step_no - self._enqueued_at.get(id(seq), self.step_no) >= self.aging_steps
-            needs_slot = seq.adapter is not None and seq.adapter not in active
-            if needs_slot and self.max_loras is not None and len(active) >= self.max_loras:
+            new = [n for n in seq.adapter_names if n not in active]
+            if new and self.max_loras is not None and len(active) + len(new) > self.max_loras:
                 if aged:
                     break  # hold everything behind it until its adapter can join
                 continue
@@ -251,8 +251,7 @@ class Scheduler:
             self._enqueued_at.pop(id(seq), None)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
-            if seq.adapter is not None:
-                active.add(seq.adapter)
+            active.update(seq.adapter_names)
             if cap is not None:
                 per_tenant[seq.tenant] = per_tenant.get(seq.tenant, 0) + 1
             if seq.num_preemptions == 0:  # a recompute after preemption is not charged again

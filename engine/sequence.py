@@ -36,6 +36,10 @@ class Sequence:
     prompt: str | None = None
     adapter: str | None = None
     adapter_version: int | None = None  # set at first admission; preemption re-acquires this version, not the name
+    # a composed request: ((adapter, weight), ...), 2+ components or one with weight != 1 (`adapter` is the
+    # first one's name); each component is bound to its own version at first admission, like `adapter_version`
+    components: tuple[tuple[str, float], ...] = ()
+    component_versions: list[int] | None = None
     tenant: str = ""  # whose fair share this request draws on (scheduler); "" = the adapter's name
     priority: int = 0  # lower runs first under the `priority` scheduling policy (vLLM's convention)
     eos_token_ids: frozenset[int] = frozenset()
@@ -64,6 +68,13 @@ class Sequence:
             self.logprobs = []
         if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
             self.prompt_logprobs = [None]
+
+    @property
+    def adapter_names(self) -> tuple[str, ...]:
+        """Every adapter this request needs in a slot (its components when composed)."""
+        if self.components:
+            return tuple(n for n, _ in self.components)
+        return () if self.adapter is None else (self.adapter,)
 
     @property
     def num_prompt_tokens(self) -> int:

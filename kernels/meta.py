@@ -286,3 +286,46 @@ class LoraBatchMeta:
             dense_fallback=dense_fallback,
             dense_cols=(sorted_vals[num_no_lora:] - (seg_vals_l[0] if G else 0)).to(dev),
         )
+
+
+@dataclass(frozen=True, eq=False)
+class ComposedRows:
+    """Rows that compose several adapters, expanded into "virtual rows" (one per component).
+
+    A composed row t with pairs [(s_1, w_1), ..., (s_k, w_k)] becomes k virtual rows v, each with one
+    slot (`meta`, a plain LoraBatchMeta over the virtual rows) and one weight, so the single-adapter
+    segment kernels run unchanged on them; `lora_compose` sums them back into row t (index_add).
+    Virtual rows are ordered by slot (stable), so each slot's rows are one contiguous run and the CPU path
+    takes its zero-copy "runs"/"bmm" layouts instead of a sort-gather.
+    Example: rows 0 and 2 compose [(1, 0.7), (3, 0.5)] and [(3, 1.0), (0, 0.2), (2, 0.4)]:
+        rows    = [2, 0, 2, 0, 2]          (the real row of each virtual row, int64 on device)
+        weights = [0.2, 0.7, 0.4, 0.5, 1.0] (fp32 on device)
+        meta    = LoraBatchMeta.from_token_slots([0, 1, 2, 3, 3])
+    """
+
+    rows: torch.Tensor
+    weights: torch.Tensor
+    meta: LoraBatchMeta
+
+    @property
+    def num_virtual(self) -> int:
+        return self.meta.num_tokens
+
+    @classmethod
+    def from_pairs(cls, pairs: Sequence[tuple[int, Sequence[tuple[int, float]]]], *,
+                   device: torch.device | str | None = None) -> ComposedRows:
+        """`pairs`: (row, [(lora_slot, weight), ...]) per composed row; slots >= 0 (base rows are not composed)."""
+        triples: list[tuple[int, int, float]] = []  # (slot, row, weight)
+        for row, comps in pairs:
+            for slot, w in comps:
+                if isinstance(slot, bool) or not isinstance(slot, int) or slot < 0:
+                    raise KernelError(f"a composed row's slot must be an int >= 0, got {slot!r}")
+                triples.append((slot, int(row), float(w)))
+        triples.sort(key=lambda t: t[0])  # stable: rows of one slot stay in row order
+        slots = [t[0] for t in triples]
+        rows = [t[1] for t in triples]
+        weights = [t[2] for t in triples]
+        dev = torch.device(device) if device is not None else torch.device("cpu")
+        return cls(torch.tensor(rows, dtype=torch.int64, device=dev),
+                   torch.tensor(weights, dtype=torch.float32, device=dev),
+                   LoraBatchMeta.from_token_slots(slots, device=dev))

@@ -17,7 +17,7 @@ import torch
 from kernels import _triton
 from kernels.cpu import expand_cpu, shrink_cpu
 from kernels.expand import expand_reference, expand_triton
-from kernels.meta import KernelError, LoraBatchMeta
+from kernels.meta import ComposedRows, KernelError, LoraBatchMeta
 from kernels.shrink import shrink_reference, shrink_triton
 
 BACKENDS = ("auto", "triton", "torch", "cpu")
@@ -77,6 +77,38 @@ def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor
     if be == "cpu":
         return expand_cpu(h, lora_b, out, meta, out_offset)
     return expand_triton(h, lora_b, out, meta, out_offset, _strategy(strategy, meta))
+
+
+def lora_compose(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
+                 out: torch.Tensor, composed: ComposedRows, *, out_offset: int = 0, backend: str = "auto",
+                 strategy: str = "auto", check: bool = True) -> torch.Tensor:
+    """Weighted sum of several adapters' deltas per row, added in place into a column slice of `out`.
+
+    Semantics:
+        x: [T, K], lora_a: [S, R, K], lora_b: [S, N, R] (as `lora_expand`), scales: [S] or [S, R],
+        composed: virtual rows v = 0..V-1, each with a real row rows[v], a slot s_v >= 0 and a weight w_v
+        out[rows[v], off:off+N] += w_v * scales[s_v] * (x[rows[v]] @ lora_a[s_v].T) @ lora_b[s_v].T   for every v
+        i.e. a composed row t gets  sum_i w_i * s_i * B_i A_i x[t];  rows not in `rows` are untouched
+        returns out (the same tensor)
+    The virtual rows run through `lora_shrink` / `lora_expand` unchanged (one slot each, any backend,
+    `composed.meta` as their per-step layout) into a zeroed [V, N] buffer, summed back with one index_add:
+    steps without composed rows never come here, so single-adapter batches keep their kernels and cost.
+    """
+    m = composed.meta
+    if check:
+        _check_common("out", out, 2)
+        if composed.rows.numel() and int(composed.rows.max()) >= x.shape[0]:
+            raise KernelError(f"composed rows must be < {x.shape[0]} (the rows of x)")
+    if m.num_tokens == 0:
+        return out
+    N = lora_b.shape[1]
+    xv = x.index_select(0, composed.rows)  # [V, K]
+    h = lora_shrink(xv, lora_a, m.token_slots, scales, meta=m, backend=backend, strategy=strategy, check=check)
+    h.mul_(composed.weights.to(h.dtype).unsqueeze(1))  # [V, R]: w_v * scales[s_v] * A x
+    buf = torch.zeros(m.num_tokens, N, dtype=out.dtype, device=out.device)  # [V, N]
+    lora_expand(h, lora_b, m.token_slots, buf, meta=m, backend=backend, strategy=strategy, check=check)
+    out[:, out_offset:out_offset + N].index_add_(0, composed.rows, buf)
+    return out
 
 
 # ----------------------------------------------------------------------------- dispatch

@@ -101,6 +101,8 @@ def build_config(**opts: Any) -> Any:
     engine_kwargs = {k: opts[k] for k in engine_keys if opts.get(k) is not None}
     if opts.get("lora_weight"):
         engine_kwargs["lora_weights"] = parse_lora_weights(opts["lora_weight"])
+    if opts.get("lora_compose"):
+        engine_kwargs["lora_compose"] = tuple(opts["lora_compose"])  # NAME=a:0.7,b:0.5, parsed by EngineConfig
     if opts.get("trust_remote_code"):
         engine_kwargs["trust_remote_code"] = True
     template = read_chat_template(opts.get("chat_template"))
@@ -133,6 +135,7 @@ def serve(
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for torch's ops. \[default: torch's]", rich_help_panel=_ENGINE, show_default=False)] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="Adapter to serve, as NAME=PATH (directory or Hub id). Repeatable. Requests select it with \"model\": NAME.", rich_help_panel=_LORA, show_default=False)] = None,
     lora_dir: Annotated[Optional[str], typer.Option("--lora-dir", help="Serve every adapter in this directory (each subdirectory with adapter_config.json), named after its subdirectory; one that fails validation is skipped with a warning. With --allow-runtime-lora, an adapter added there later loads on its first request (vLLM's filesystem resolver). With --ray, replicas load them on demand.", rich_help_panel=_LORA, show_default=False)] = None,
+    lora_compose: Annotated[Optional[list[str]], typer.Option("--lora-compose", help="A composed adapter name, as NAME=A:0.7,B:0.5: requests with \"model\": NAME get W x + 0.7 * delta_A + 0.5 * delta_B (as mlora merge --weight, nothing materialised). Repeatable. A request can also compose with \"adapters\": [{\"name\": A, \"weight\": 0.7}, ...].", rich_help_panel=_LORA, show_default=False)] = None,
     max_loras: Annotated[Optional[int], typer.Option("--max-loras", min=1, help="Adapters resident in device slots at once (distinct adapters per step). \\[default: 4]", rich_help_panel=_LORA)] = None,
     max_lora_rank: Annotated[Optional[int], typer.Option("--max-lora-rank", min=1, help="Largest adapter rank a slot holds. \\[default: 16]", rich_help_panel=_LORA)] = None,
     max_cpu_loras: Annotated[Optional[int], typer.Option("--max-cpu-loras", min=1, help="Adapters kept in CPU memory (>= --max-loras). \\[default: 2 x max-loras]", rich_help_panel=_LORA)] = None,
@@ -184,9 +187,14 @@ def serve(
                           max_seqs_per_request=max_seqs_per_request, max_body_bytes=max_body_bytes,
                           header_timeout=header_timeout, body_timeout=body_timeout,
                           trust_request_chat_template=trust_request_chat_template, lora_weight=lora_weight,
-                          max_seqs_per_tenant=max_seqs_per_tenant,
+                          max_seqs_per_tenant=max_seqs_per_tenant, lora_compose=lora_compose,
                           scheduling_policy=scheduling_policy.value if scheduling_policy is not None else None)
     if ray:
+        if lora_compose:
+            from engine.errors import UsageError
+
+            raise UsageError("--lora-compose is not supported with --ray yet: replicas load one adapter per request "
+                             "on demand, a composition needs all of its adapters on one replica")
         _serve_ray(config, 2 if replicas is None else replicas, ray_address)
         return
     from engine.server.run import serve as run_server

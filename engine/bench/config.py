@@ -42,6 +42,7 @@ class BenchConfig:
     alternatives: bool = True
     separate: bool = True
     churn: bool = True
+    composed: bool = False  # add the composed-2 workload (each request composes 2 adapters) and its ratio to mixed-2
     quick: bool = False
     repeat: int = 1
     threads: int | None = None

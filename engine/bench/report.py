@@ -96,6 +96,11 @@ def compute_ratios(results: list[WorkloadResult], *, w: int, a: int, metric: str
         "mlora_over_peft": _ratio(throughput(largest, e2e), throughput(alt("peft"), e2e)),
         "mlora_over_separate": _ratio(throughput(largest, e2e), throughput(alt("separate"), e2e)),
     }
+    metrics = {"mixed_over_homogeneous": metric, "homogeneous_over_base": metric, "mlora_over_peft": e2e,
+               "mlora_over_separate": e2e}
+    if "composed-2" in mlora:  # bench --composed: every request 0.7 * lora-000 + 0.5 * lora-001 vs one of them each
+        ratios["composed_over_single"] = _ratio(throughput(mlora["composed-2"], metric), throughput(mlora.get("mixed-2"), metric))
+        metrics["composed_over_single"] = metric
     bounds = {
         "mixed_over_homogeneous": per_n[-1]["bound"] if per_n else None,
         "homogeneous_over_base": bound_homogeneous_over_base(w, a),
@@ -106,12 +111,7 @@ def compute_ratios(results: list[WorkloadResult], *, w: int, a: int, metric: str
         "efficiency": {k: _eff(ratios[k], bounds[k]) for k in BOUND_KEYS},
         "mixed": per_n,
         "largest_n": largest.num_adapters if largest else None,
-        "ratio_metrics": {
-            "mixed_over_homogeneous": metric,
-            "homogeneous_over_base": metric,
-            "mlora_over_peft": e2e,
-            "mlora_over_separate": e2e,
-        },
+        "ratio_metrics": metrics,
     }
 
 
@@ -216,6 +216,9 @@ def render(report: dict[str, Any], console: Any) -> None:
     n = report["largest_n"]
     for key, label in (("mlora_over_peft", f"mlora / peft, mixed-{n}"), ("mlora_over_separate", f"mlora / separate, mixed-{n}")):
         rt.add_row(label, _f(report["ratios"][key], "{:.2f}x"), "-", "-", metrics[key])
+    if report["ratios"].get("composed_over_single") is not None:
+        rt.add_row("composed-2 / mixed-2", _f(report["ratios"]["composed_over_single"], "{:.3f}"), "-", "-",
+                   metrics["composed_over_single"])
     console.print(rt)
     traffic = report["traffic"]
     console.print(f"[dim]W = {traffic['W_bytes'] / 1e6:.1f} MB base linears per decode step, "

@@ -64,11 +64,11 @@ def run_offline(llm: Any, wl: Workload, *, system: str = "mlora", warm: bool = T
         # its prefill and decode batch layouts already run once (on CUDA the Triton kernels compile per
         # layout: ~1 s inside a timed run, seen on an H200 as homogeneous decode at half its rate).
         llm.generate([r.prompt for r in reqs], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
-                     adapters=[r.adapter for r in reqs])  # fmt: skip
+                     adapters=[r.engine_adapters for r in reqs])  # fmt: skip
     loads0, ev0 = _lora_counters(llm)
     gc.collect()
     t0 = time.monotonic()
-    outs = llm.generate([r.prompt for r in reqs], [_params(r) for r in reqs], adapters=[r.adapter for r in reqs])
+    outs = llm.generate([r.prompt for r in reqs], [_params(r) for r in reqs], adapters=[r.engine_adapters for r in reqs])
     t1 = time.monotonic()
     loads1, ev1 = _lora_counters(llm)
     notes, timings = [], []
@@ -96,7 +96,8 @@ async def _one_request(engine: Any, req: BenchRequest, rid: str, t0: float, out:
     first = last = None
     gaps: list[float] = []
     n = 0
-    async for o in engine.generate(req.prompt, _params(req), request_id=rid, adapter=req.adapter):
+    kw = {"adapters": req.composition} if req.composition is not None else {}
+    async for o in engine.generate(req.prompt, _params(req), request_id=rid, adapter=req.adapter, **kw):
         now = time.monotonic()
         k = len(o.delta_token_ids)
         if k:
@@ -123,7 +124,7 @@ async def run_poisson(engine: Any, wl: Workload, *, system: str = "mlora", warm:
     base = min(r.arrival_s for r in reqs)
     timings: list[RequestTiming] = []
     t0 = time.monotonic()
-    shifted = [BenchRequest(r.prompt, r.adapter, r.max_tokens, r.arrival_s - base) for r in reqs]
+    shifted = [BenchRequest(r.prompt, r.adapter, r.max_tokens, r.arrival_s - base, r.composition) for r in reqs]
     await asyncio.gather(*[_one_request(engine, r, f"{wl.name}-{system}-{i}", t0, timings) for i, r in enumerate(shifted)])
     t1 = time.monotonic()
     loads1, ev1 = _lora_counters(engine)
@@ -152,7 +153,7 @@ def plan_steps(cfg: BenchConfig) -> list[str]:
 def _workloads(cfg: BenchConfig) -> list[Workload]:
     return build_workloads(
         num_requests=cfg.num_requests, max_tokens=cfg.max_tokens, max_loras=cfg.max_loras,
-        prompt_chars=cfg.prompt_chars, zipf=cfg.zipf, rate=cfg.rate, churn=cfg.churn, seed=cfg.seed,
+        prompt_chars=cfg.prompt_chars, zipf=cfg.zipf, rate=cfg.rate, churn=cfg.churn, composed=cfg.composed, seed=cfg.seed,
     )  # fmt: skip
 
 

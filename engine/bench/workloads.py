@@ -30,6 +30,12 @@ class BenchRequest:
     adapter: str | None
     max_tokens: int
     arrival_s: float = 0.0  # offset from the start of the run (Poisson mode); 0 = all at once
+    composition: tuple[tuple[str, float], ...] | None = None  # adapters composed with weights (issue 20); None = `adapter`
+
+    @property
+    def engine_adapters(self) -> str | tuple[tuple[str, float], ...] | None:
+        """What `LLM.generate(adapters=[...])` takes for this request."""
+        return self.composition if self.composition is not None else self.adapter
 
 
 @dataclass(frozen=True)
@@ -37,14 +43,15 @@ class Workload:
     """A named list of requests. `num_adapters` is the number of distinct adapters used."""
 
     name: str
-    kind: str  # "base" | "homogeneous" | "mixed" | "churn"
+    kind: str  # "base" | "homogeneous" | "mixed" | "churn" | "composed"
     requests: tuple[BenchRequest, ...]
     num_adapters: int
 
     @property
     def adapters(self) -> list[str]:
         """Distinct adapters in first-use order."""
-        return list(dict.fromkeys(r.adapter for r in self.requests if r.adapter is not None))
+        names = [n for r in self.requests for n, _ in (r.composition or ())]
+        return list(dict.fromkeys(names + [r.adapter for r in self.requests if r.adapter is not None]))
 
     @property
     def output_tokens(self) -> int:
@@ -136,9 +143,12 @@ def build_workloads(
     zipf: float | None = None,
     rate: float | None = None,
     churn: bool = True,
+    composed: bool = False,
     seed: int = 0,
 ) -> list[Workload]:
-    """base, homogeneous, mixed-N for every N in `mixed_sizes`, and (optionally) churn.
+    """base, homogeneous, mixed-N for every N in `mixed_sizes`, (optionally) churn, and (optionally) composed-2:
+    every request composes lora-000 and lora-001 (weights 0.7, 0.5), the same batch as mixed-2 (each request
+    one of those two adapters), so composed-2 / mixed-2 is the cost of composing at equal slots.
 
     With `rate`, requests arrive as a seeded Poisson process and output lengths vary
     (seeded, identical across workloads); without, all arrive at once with `max_tokens` each.
@@ -166,4 +176,12 @@ def build_workloads(
     n_churn = min(churn_adapters(max_loras), num_requests)
     if churn and n_churn > max_loras:
         out.append(make(f"churn-{n_churn}", "churn", list(assign_adapters(num_requests, n_churn, zipf=zipf, seed=seed))))
+    if composed:
+        if max_loras < 2:
+            raise ConfigError("--composed needs --max-loras >= 2 (each request composes 2 adapters)")
+        if not any(w.name == "mixed-2" for w in out):
+            out.append(make("mixed-2", "mixed", list(assign_adapters(num_requests, 2, zipf=zipf, seed=seed))))
+        comp = ((adapter_name(0), 0.7), (adapter_name(1), 0.5))
+        reqs = tuple(BenchRequest(p, None, n, t, composition=comp) for p, n, t in zip(prompts, lengths, arrivals))
+        out.append(Workload("composed-2", "composed", reqs, 2))
     return out

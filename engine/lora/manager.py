@@ -117,6 +117,7 @@ class _Version:
     bindings: int = 0  # requests admitted on this version and not finished (running or preempted)
     retired: bool = False
     broken: str | None = None  # why a re-read was refused; acquire raises AdapterChangedError
+    dora: bool = False  # the loader's adapter had DoRA magnitudes (it cannot be composed with others)
 
 
 class AdapterCache:
@@ -176,7 +177,8 @@ class AdapterCache:
             self._stats.disk_loads += 1
             self._stats.disk_load_seconds.append(dt)
             old = self._current.get(name)
-            ver = _Version(name, path, vid=self._next_vid, fingerprint=getattr(adapter, "fingerprint", None))
+            ver = _Version(name, path, vid=self._next_vid, fingerprint=getattr(adapter, "fingerprint", None),
+                           dora=bool(getattr(adapter, "dora", None)))
             self._next_vid += 1
             self._current[name] = ver
             self._versions[ver.vid] = ver
@@ -196,6 +198,11 @@ class AdapterCache:
         """Registered adapter names, in registration order."""
         with self._lock:
             return list(self._current)
+
+    def is_dora(self, name: str) -> bool:
+        """Whether the current version of `name` is a DoRA adapter (AdapterNotFoundError if not registered)."""
+        with self._lock:
+            return self._version(name).dora
 
     def path_of(self, name: str) -> str:
         with self._lock:

@@ -194,7 +194,7 @@ def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
     """(served name, adapter) for a request's `model` field; None/base name = the base model."""
     if model is None or model == engine.model_name:
         return engine.model_name, None
-    if model in engine.list_adapters():
+    if model in engine.list_adapters() or model in getattr(engine, "compositions", {}):  # an adapter or a composition alias
         return model, model
     raise P.APIError(404, f"The model '{model[:200]}' does not exist. GET /v1/models lists the base model and its adapters.",
                      err_type="not_found_error", param="model")
@@ -246,14 +246,16 @@ def _start_checks(config: ServerConfig, prompts: int, n: int) -> None:
 
 
 async def _start(app: web.Application, prompts: list[str | list[int]], params: Any, n: int, rid: str,
-                 model: str | None, *, priority: int = 0, tenant: str | None = None) -> tuple[str, Choices]:
+                 model: str | None, *, priority: int = 0, tenant: str | None = None,
+                 adapters: Any = None) -> tuple[str, Choices]:
     engine, state, config = app[ENGINE], app[STATE], app[CONFIG]
     name, adapter = await _resolve_or_fetch(app, model)
     _start_checks(config, len(prompts), n)
     log.debug("request %s: model %s, %d sequence(s)", rid, name, len(prompts) * n)
     try:
         choices = await open_choices(engine, prompts, params, n=n, request_id=rid, adapter=adapter,
-                                     metrics=state.metrics, label=name, priority=priority, tenant=tenant)
+                                     metrics=state.metrics, label=name, priority=priority, tenant=tenant,
+                                     adapters=adapters)
     except MloraError as exc:
         err = api_error_for(exc, app[CONFIG].retry_after_s)
         state.metrics.count_error(name, err.status)
@@ -396,7 +398,7 @@ async def completion_reply(app: web.Application, body: Any, request_id: str | No
                    req.params.max_tokens)
     (rid, engine_rid), created = _request_ids(request_id, "cmpl"), P.now_s()
     name, choices = await _start(app, req.prompts, req.params, req.n, engine_rid, req.model, priority=req.priority,
-                                 tenant=req.tenant)
+                                 tenant=req.tenant, adapters=req.adapters)
     tok, want_lp = engine.tokenizer, req.params.logprobs is not None
 
     def echo_text(prompt: str | list[int]) -> str:
@@ -469,7 +471,7 @@ async def chat_reply(app: web.Application, body: Any, request_id: str | None = N
         _check_context(app, req.model, [n_prompt], req.params.max_tokens)
     (rid, engine_rid), created = _request_ids(request_id, "chatcmpl"), P.now_s()
     name, choices = await _start(app, [prompt], req.params, req.n, engine_rid, req.model, priority=req.priority,
-                                 tenant=req.tenant)
+                                 tenant=req.tenant, adapters=req.adapters)
     tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None
     kind = "chat.completion.chunk"
 
@@ -532,6 +534,9 @@ async def models(request: web.Request) -> web.Response:
                           max_model_len=engine.max_model_len)]
     for name in engine.list_adapters():
         cards.append(P.model_card(name, root=state.adapter_paths.get(name, name), parent=base, created=state.created,
+                                  max_model_len=engine.max_model_len))
+    for name, comp in getattr(engine, "compositions", {}).items():  # --lora-compose aliases: root = their recipe
+        cards.append(P.model_card(name, root=",".join(f"{a}:{w:g}" for a, w in comp), parent=base, created=state.created,
                                   max_model_len=engine.max_model_len))
     return json_response({"object": "list", "data": cards})
 

@@ -127,6 +127,7 @@ async def open_choices(
     label: str,
     priority: int = 0,
     tenant: str | None = None,
+    adapters: Any = None,
 ) -> Choices:
     """Submit len(prompts) * n engine requests and wait for each one's first output.
 
@@ -145,7 +146,8 @@ async def open_choices(
                 child = copy.copy(params)
                 if params.seed is not None:
                     child.seed = params.seed + j
-                stream = engine.generate(prompt, child, request_id=rid, adapter=adapter, priority=priority, tenant=tenant)
+                kw = {"adapters": adapters} if adapters is not None else {}  # a composition (engine.lora.compose)
+                stream = engine.generate(prompt, child, request_id=rid, adapter=adapter, priority=priority, tenant=tenant, **kw)
             except BaseException:
                 await choices.close()
                 raise

@@ -292,6 +292,23 @@ def _tenant(body: dict[str, Any]) -> str | None:
     return tenant
 
 
+def _adapters(body: dict[str, Any]) -> Any:
+    """mlora's `adapters`: [{"name": "style", "weight": 0.7}, ...] composes those adapters' deltas with
+    weights (`model` stays the base name or names the first entry); its shape is checked here, the names
+    and the per-request limit by the engine (404 / 400)."""
+    value = body.get("adapters")
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise bad("'adapters' must be a list of {\"name\": ..., \"weight\": ...} objects", "adapters")
+    from engine.lora.compose import normalize
+
+    try:
+        return normalize(value, max_components=None)
+    except ConfigError as exc:
+        raise bad(exc.message, "adapters") from None
+
+
 def _n(body: dict[str, Any]) -> int:
     n = _opt_int(body, "n", 1, MAX_N) or 1
     best_of = _opt_int(body, "best_of", 1, MAX_INT)
@@ -355,6 +372,7 @@ class CompletionRequest:
     echo_only: bool = False  # echo with max_tokens 0 (vLLM): one token is computed, only the prompt is returned
     priority: int = 0
     tenant: str | None = None
+    adapters: Any = None  # ((adapter, weight), ...) to compose (engine.lora.compose), or None
 
 
 @dataclass
@@ -374,6 +392,7 @@ class ChatRequest:
     chat_template: str | None = None  # the client's own template (refused unless the operator trusts them)
     priority: int = 0
     tenant: str | None = None
+    adapters: Any = None  # ((adapter, weight), ...) to compose (engine.lora.compose), or None
 
 
 def _is_token_list(value: Any) -> bool:
@@ -426,6 +445,7 @@ def parse_completion(body: Any, vocab_size: int) -> CompletionRequest:
         echo_only=max_tokens == 0,
         priority=_priority(body),
         tenant=_tenant(body),
+        adapters=_adapters(body),
     )
 
 
@@ -490,6 +510,7 @@ def parse_chat(body: Any) -> ChatRequest:
         chat_template=template,
         priority=_priority(body),
         tenant=_tenant(body),
+        adapters=_adapters(body),
     )
 
 

@@ -78,7 +78,7 @@ class MloraReplica:
         ctx = serve.get_replica_context()
         self.replica_id: str = ctx.replica_id.unique_id
         self.catalog = adapter_catalog(config)
-        config = replace(config, engine=replace(config.engine, loras=()))
+        config = replace(config, engine=replace(config.engine, loras=(), lora_compose=()))  # compositions: not with Ray yet
         self.engine = AsyncLLM(config.engine)
         await self.engine.start()
         for name in self.engine.list_adapters():  # the demo registers its adapters at start: begin empty

@@ -83,3 +83,13 @@ def test_bad_inputs_are_config_errors():
         poisson_arrivals(3, rate=0.0)
     with pytest.raises(ConfigError, match="--num-requests"):
         build_workloads(num_requests=0, max_tokens=4, max_loras=2)
+
+
+def test_composed_workload_is_mixed_2_with_both_adapters_on_every_request() -> None:
+    wls = {w.name: w for w in build_workloads(num_requests=6, max_tokens=4, max_loras=4, composed=True)}
+    comp, single = wls["composed-2"], wls["mixed-2"]
+    assert [r.prompt for r in comp.requests] == [r.prompt for r in single.requests]
+    assert comp.output_tokens == single.output_tokens
+    assert {r.engine_adapters for r in comp.requests} == {(("lora-000", 0.7), ("lora-001", 0.5))}
+    assert comp.adapters == single.adapters == ["lora-000", "lora-001"] or sorted(single.adapters) == comp.adapters
+    assert "composed-2" not in {w.name for w in build_workloads(num_requests=6, max_tokens=4, max_loras=4)}

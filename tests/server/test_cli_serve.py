@@ -45,6 +45,17 @@ def test_bad_lora_spec_is_a_clear_error() -> None:
         build_config(**DEFAULTS, lora=["a=/x", "a=/y"])
 
 
+def test_lora_compose_flag_builds_named_compositions() -> None:
+    cfg = build_config(**DEFAULTS, lora_compose=["mix=style:0.7,domain:0.5", "neg = a:-0.25,b"])
+    assert cfg.engine.lora_compose == (("mix", (("style", 0.7), ("domain", 0.5))), ("neg", (("a", -0.25), ("b", 1.0))))
+    with pytest.raises(ConfigError, match="NAME=adapter:weight"):
+        build_config(**DEFAULTS, lora_compose=["style:0.7"])
+    with pytest.raises(ConfigError, match="not a number"):
+        build_config(**DEFAULTS, lora_compose=["m=a:x"])
+    with pytest.raises(ConfigError, match="at most 4"):
+        build_config(**DEFAULTS, lora_compose=["m=a:1,b:1,c:1,d:1,e:1"])
+
+
 def test_sigterm_finishes_in_flight_requests_and_exits_0(tiny_base: Path) -> None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "COLUMNS": "200"}
     proc = subprocess.Popen(

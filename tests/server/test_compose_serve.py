@@ -1,0 +1,91 @@
+"""Adapter composition through the server (issue 20): `adapters` in the body of completions and chat, and a
+`lora_compose` alias named by `model`, equal the offline `LLM.generate(..., adapters=[[(name, weight), ...]])`."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from engine.config import EngineConfig
+from engine.sampling_params import SamplingParams
+from engine.server.config import ServerConfig
+from tests.server.real_server import KEY, ServerThread
+
+COMP = [("a", 0.7), ("b", 0.5)]
+BODY = [{"name": "a", "weight": 0.7}, {"name": "b", "weight": 0.5}]
+
+
+@pytest.fixture(scope="module")
+def cfg(tiny_base: Path, tmp_path_factory: pytest.TempPathFactory) -> EngineConfig:
+    from tests.tiny import build_peft_adapter
+
+    root = tmp_path_factory.mktemp("compose_adapters")
+    a = build_peft_adapter(tiny_base, root / "a", seed=21, r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    b = build_peft_adapter(tiny_base, root / "b", seed=22, r=8, lora_alpha=16)
+    return EngineConfig(model=str(tiny_base), dtype="float32", device="cpu", max_model_len=128, seed=0, max_loras=4,
+                        loras=(("a", str(a)), ("b", str(b))), lora_compose=("mix=a:0.7,b:0.5",),
+                        max_adapters_per_request=2)
+
+
+@pytest.fixture(scope="module")
+def server(cfg: EngineConfig) -> Iterator[ServerThread]:
+    srv = ServerThread(ServerConfig(engine=cfg, port=0, api_key=KEY)).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def want(cfg: EngineConfig) -> dict[str, list[float]]:
+    """Offline logprobs of the greedy tokens (the tiny base repeats one token: the logprobs tell them apart)."""
+    from engine import LLM
+
+    llm = LLM(config=cfg)
+    p = SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True, logprobs=1)
+    outs = llm.generate(["hello there"] * 3, p, adapters=[COMP, "a", None])
+    return {k: [lp.logprob for lp in o.logprobs] for k, o in zip(("composed", "a", "base"), outs)}
+
+
+def _close(got: list[float], want: list[float]) -> bool:
+    return len(got) == len(want) and max(abs(x - y) for x, y in zip(got, want)) < 1e-4
+
+
+def test_adapters_field_and_alias_equal_the_offline_composition(server: ServerThread, want: dict[str, list[float]]) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+    base = server.engine.model_name
+    kw: dict[str, Any] = dict(prompt="hello there", max_tokens=8, temperature=0.0, logprobs=1, extra_body={"ignore_eos": True})
+    lps = lambda out: out.choices[0].logprobs.token_logprobs  # noqa: E731
+    assert not _close(want["composed"], want["a"]) and not _close(want["composed"], want["base"])
+    for model in (base, "a"):  # model: the base name or the first component
+        out = client.completions.create(model=model, **{**kw, "extra_body": {"ignore_eos": True, "adapters": BODY}})
+        assert _close(lps(out), want["composed"]), model
+    assert _close(lps(client.completions.create(model="mix", **kw)), want["composed"])
+    assert _close(lps(client.completions.create(model="a", **kw)), want["a"])
+    chat = client.chat.completions.create(model=base, messages=[{"role": "user", "content": "hi"}], max_tokens=4,
+                                          temperature=0.0, extra_body={"adapters": BODY})
+    assert chat.choices[0].message.content is not None
+
+
+def test_models_lists_the_alias_with_its_recipe(server: ServerThread) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+    cards = {m.id: m for m in client.models.list().data}
+    assert cards["mix"].root == "a:0.7,b:0.5" and cards["mix"].parent == server.engine.model_name  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(("adapters", "model", "status", "says"), [
+    ([{"name": "nope", "weight": 1.0}, {"name": "a", "weight": 0.5}], None, 404, "nope"),
+    ([{"name": "a", "weight": 1}, {"name": "b", "weight": 1}, {"name": "c", "weight": 1}], None, 400, "at most 2"),
+    ([{"name": "a", "weight": "x"}], None, 400, "finite number"),
+    ("a", None, 400, "list of"),
+    (BODY, "b", 400, "first entry"),
+])
+def test_bad_compositions_are_refused(server: ServerThread, adapters: Any, model: str | None, status: int, says: str) -> None:
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+    with pytest.raises(openai.APIStatusError) as err:
+        client.completions.create(model=model or server.engine.model_name, prompt="hi", max_tokens=2,
+                                  extra_body={"adapters": adapters})
+    assert err.value.status_code == status
+    assert says in str(err.value)
