@@ -42,6 +42,8 @@ class EngineConfig:
     adapter's name, the base model's name, or a name a request gives); `fair_prompt_weight` /
     `fair_output_weight` = what one prompt / output token counts in the fair-share counters;
     `max_seqs_per_tenant` caps one tenant's running requests (None = no cap).
+    `enable_prefix_caching` (vLLM's name, on by default): reuse the K/V of full blocks of a prompt
+    prefix that an earlier request of the same adapter version (or the base model) computed.
     """
 
     model: str | None = None
@@ -69,6 +71,7 @@ class EngineConfig:
     fair_prompt_weight: float = 1.0
     fair_output_weight: float = 2.0
     max_seqs_per_tenant: int | None = None
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -121,6 +124,10 @@ class EngineConfig:
         if self.max_seqs_per_tenant is not None and (not isinstance(self.max_seqs_per_tenant, int)
                                                      or self.max_seqs_per_tenant < 1):
             raise UsageError(f"max_seqs_per_tenant must be an integer >= 1 (or unset), got {self.max_seqs_per_tenant!r}")
+        if self.enable_prefix_caching is None:  # vLLM's "unset": its default, on
+            set_("enable_prefix_caching", True)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise UsageError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if self.model is not None and not isinstance(self.model, str):
             set_("model", str(self.model))
 

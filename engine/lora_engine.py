@@ -90,6 +90,7 @@ class LoraEngine:
             return False
         if seq.adapter_version is None:
             seq.adapter_version = self.cache.bind(slot)
+            seq.adapter_digest = self.cache.digest_of(seq.adapter_version)  # the prefix-cache key (block_manager)
         self._held[id(seq)] = (seq.adapter, slot)
         return True
 

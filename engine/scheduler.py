@@ -245,7 +245,7 @@ class Scheduler:
                 if aged:
                     break
                 continue
-            self.bm.allocate(seq, n)
+            n = self.bm.allocate_admitted(seq, n)  # starts at its cached prefix, if any
             self.waiting.remove(seq)
             self._deactivate(seq.tenant)
             self._enqueued_at.pop(id(seq), None)

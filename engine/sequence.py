@@ -36,6 +36,7 @@ class Sequence:
     prompt: str | None = None
     adapter: str | None = None
     adapter_version: int | None = None  # set at first admission; preemption re-acquires this version, not the name
+    adapter_digest: str | None = None  # content hash of that version (set with it): part of the prefix-cache key
     tenant: str = ""  # whose fair share this request draws on (scheduler); "" = the adapter's name
     priority: int = 0  # lower runs first under the `priority` scheduling policy (vLLM's convention)
     eos_token_ids: frozenset[int] = frozenset()
@@ -43,6 +44,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of its full blocks (block_manager)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None
