@@ -129,11 +129,12 @@ class BlockManager:
     def free(self, seq: Sequence) -> None:
         """Drop `seq`'s references (finish, abort or preemption); a block no one holds any more
         returns to the pool, still cached under its hash until it is reused for something else."""
-        for b in reversed(seq.block_table):  # a sequence's tail blocks are evicted before its head
+        caching = self.enable_prefix_caching
+        for b in reversed(seq.block_table) if caching else seq.block_table:  # cached: tail blocks are evicted first
             self._ref[b] -= 1
             if self._ref[b] == 0:
                 self._free[b] = None
-                if self._hash[b] is None:
+                if caching and self._hash[b] is None:
                     self._free.move_to_end(b, last=False)  # nothing cached in it: reuse it first
         seq.block_table = []
 
