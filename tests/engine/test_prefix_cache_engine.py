@@ -106,3 +106,22 @@ def test_llm_option_and_default() -> None:
     assert _llm(True).engine.block_manager.enable_prefix_caching
     assert not _llm(False).engine.block_manager.enable_prefix_caching
     assert LLM(num_kv_blocks=16).engine.block_manager.enable_prefix_caching  # on by default, as vLLM
+
+
+def test_a_composition_never_shares_blocks_with_its_components_or_other_weights() -> None:
+    """A composed request's K/V depend on every component and weight: it never hits the blocks of
+    its first component alone, nor of the same components with other weights; with the cache on,
+    every output equals the cache-off run."""
+    prompt = SYSTEM + "compose me"
+    cases = ["upper", [("upper", 0.5), ("reverse", 0.5)], [("upper", 0.7), ("reverse", 0.3)], "upper",
+             [("upper", 0.5), ("reverse", 0.5)]]
+    off_llm, on_llm = _llm(False), _llm(True)
+    bm = on_llm.engine.block_manager
+    for i, adapters in enumerate(cases):
+        off = _run(off_llm, [prompt], [adapters])
+        before = bm.hits
+        assert _run(on_llm, [prompt], [adapters]) == off, adapters
+        if i < 3:
+            assert bm.hits == before, f"{adapters} hit blocks computed under another adapter set"
+        else:
+            assert bm.hits > before  # the same adapter (set and weights) again does hit
