@@ -48,6 +48,8 @@ class EngineConfig:
     adapter's name, the base model's name, or a name a request gives); `fair_prompt_weight` /
     `fair_output_weight` = what one prompt / output token counts in the fair-share counters;
     `max_seqs_per_tenant` caps one tenant's running requests (None = no cap).
+    `enable_prefix_caching` (vLLM's name, on by default): reuse the K/V of full blocks of a prompt
+    prefix that an earlier request of the same adapter version (or the base model) computed.
     """
 
     model: str | None = None
@@ -81,6 +83,7 @@ class EngineConfig:
     max_seqs_per_tenant: int | None = None
     max_adapters_per_request: int = 4
     lora_compose: tuple[tuple[str, tuple[tuple[str, float], ...]], ...] = field(default_factory=tuple)
+    enable_prefix_caching: bool = True
 
     def __post_init__(self) -> None:
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731  (frozen dataclass)
@@ -144,6 +147,10 @@ class EngineConfig:
                                                      or self.max_seqs_per_tenant < 1):
             raise UsageError(f"max_seqs_per_tenant must be an integer >= 1 (or unset), got {self.max_seqs_per_tenant!r}")
         set_("lora_compose", _compositions(self.lora_compose, self.max_adapters_per_request))
+        if self.enable_prefix_caching is None:  # vLLM's "unset": its default, on
+            set_("enable_prefix_caching", True)
+        if not isinstance(self.enable_prefix_caching, bool):
+            raise UsageError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
         if self.model is not None and not isinstance(self.model, str):
             set_("model", str(self.model))
 

@@ -59,6 +59,8 @@ class EngineStats:
     tenant_service: dict[str, float] = field(default_factory=dict)  # tenant -> fair-share counter (weighted)
     tenant_prompt_tokens: dict[str, int] = field(default_factory=dict)  # tenant -> prompt tokens admitted
     tenant_output_tokens: dict[str, int] = field(default_factory=dict)  # tenant -> tokens generated
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (vLLM's counter, cumulative)
+    prefix_cache_hits: int = 0  # of those, tokens served from it
 
 
 @dataclass
@@ -85,7 +87,7 @@ class EngineCore:
         self.compositions: dict[str, tuple[tuple[str, float], ...]] = {}  # alias -> ((adapter, weight), ...)
         self.runner = ModelRunner(config, self.hf_config, self.model_path)
         self.max_model_len = self.runner.max_model_len
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.lora: Any = None
         if config.enable_lora:
             from engine.lora_engine import LoraEngine
@@ -329,7 +331,8 @@ class EngineCore:
                      "request's sampling constraints (allowed_token_ids, bad_words, logit_bias, min_tokens, "
                      "penalties) left no finite choice, or the logits became non-finite; the request was stopped")
         log.error("request %s: %s", seq.request_id, error)
-        self.runner.scrub(seq.block_table)  # zero its K/V (NaN) before the blocks are handed out again
+        # zero its K/V (NaN) before the blocks are handed out again, and never serve them from the prefix cache
+        self.runner.scrub(self.block_manager.uncache(seq))
         return self._fail(seq, error)
 
     def _fail_step(self, out: SchedulerOutput, exc: Exception) -> list[RequestOutput]:
@@ -343,7 +346,7 @@ class EngineCore:
         for it in out.scheduled:
             seq = it.seq
             if seq.request_id in self._requests:
-                self.runner.scrub(seq.block_table)  # a half-written step: never let it be read
+                self.runner.scrub(self.block_manager.uncache(seq))  # a half-written step: never let it be read
                 outputs.append(self._fail(seq, error))
         if self._failed_steps >= MAX_CONSECUTIVE_STEP_FAILURES:
             raise EngineDeadError(f"{self._failed_steps} engine steps failed in a row; last: {type(exc).__name__}: {exc}") from exc
@@ -387,6 +390,8 @@ class EngineCore:
             tenant_service=dict(self.scheduler.vtc),  # dict() copies are atomic under the GIL
             tenant_prompt_tokens=dict(self.scheduler.prompt_served),
             tenant_output_tokens=dict(self.scheduler.output_served),
+            prefix_cache_queries=self.block_manager.queries,
+            prefix_cache_hits=self.block_manager.hits,
         )
         for seq in running:  # a composed request counts for each of its components
             for name in seq.adapter_names:

@@ -93,6 +93,7 @@ class LoraEngine:
             return False
         if seq.adapter_version is None:
             seq.adapter_version = self.cache.bind(slot)
+            seq.adapter_digest = self.cache.digest_of(seq.adapter_version)  # the prefix-cache key (block_manager)
         self._held[id(seq)] = (seq.adapter, slot)
         return True
 
@@ -122,6 +123,7 @@ class LoraEngine:
                     self.cache.release(name, slot)
         if seq.component_versions is None:
             seq.component_versions = [self.cache.bind(slot) for _, slot in held]
+            seq.component_digests = [self.cache.digest_of(v) for v in seq.component_versions]  # prefix-cache key
         self._held_composed[id(seq)] = held
         return True
 

@@ -17,6 +17,9 @@ Policy, in order:
    A request whose adapter cannot join this step is skipped, unless it has aged: then admission
    stops until it fits, so the running set drains and no request waits forever.
 
+With prefix caching (block_manager) an admitted request starts at its longest cached prefix: only
+the rest is fed, and only that counts against the token budget (the fair-share charge is the whole prompt).
+
 The order of step 2 is the scheduling policy (`policy`); the text above is `fcfs`:
 - `fair` (default): weighted fair share over tenants (a tenant = `seq.tenant`, by default the
   adapter; the base model is one tenant), after VTC (Sheng et al., "Fairness in Serving Large
@@ -245,7 +248,7 @@ class Scheduler:
                 if aged:
                     break
                 continue
-            self.bm.allocate(seq, n)
+            n = self.bm.allocate_admitted(seq, n)  # starts at its cached prefix, if any
             self.waiting.remove(seq)
             self._deactivate(seq.tenant)
             self._enqueued_at.pop(id(seq), None)

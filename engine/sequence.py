@@ -40,6 +40,8 @@ class Sequence:
     # first one's name); each component is bound to its own version at first admission, like `adapter_version`
     components: tuple[tuple[str, float], ...] = ()
     component_versions: list[int] | None = None
+    component_digests: list[str | None] | None = None  # their content hashes: part of the prefix-cache key
+    adapter_digest: str | None = None  # content hash of that version (set with it): part of the prefix-cache key
     tenant: str = ""  # whose fair share this request draws on (scheduler); "" = the adapter's name
     priority: int = 0  # lower runs first under the `priority` scheduling policy (vLLM's convention)
     eos_token_ids: frozenset[int] = frozenset()
@@ -47,6 +49,7 @@ class Sequence:
     token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
     block_table: list[int] = field(default_factory=list)
+    block_hashes: list[bytes] = field(default_factory=list)  # prefix-cache hashes of its full blocks (block_manager)
     status: SeqStatus = SeqStatus.WAITING
     finish_reason: str | None = None
     stop_reason: str | int | None = None

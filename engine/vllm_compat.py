@@ -19,7 +19,7 @@ from engine.errors import ConfigError
 # outputs do not depend on them, so they are accepted and have no effect.
 NOOP_OPTIONS = frozenset({
     "enforce_eager", "max_seq_len_to_capture", "compilation_config", "disable_custom_all_reduce",
-    "disable_async_output_proc", "enable_prefix_caching", "enable_chunked_prefill", "disable_log_stats",
+    "disable_async_output_proc", "enable_chunked_prefill", "disable_log_stats",
     "disable_log_requests", "fully_sharded_loras", "use_tqdm_on_load",
 })  # fmt: skip
 

@@ -30,6 +30,7 @@ class BenchWorkload(str, Enum):
     standard = "standard"
     flood = "flood"
     trace = "trace"
+    shared_prefix = "shared-prefix"
 
 
 class Policy(str, Enum):
@@ -68,7 +69,7 @@ def bench(
     no_churn: Annotated[bool, typer.Option("--no-churn", help="Skip the churn workload (more adapters than slots).")] = False,
     composed: Annotated[bool, typer.Option("--composed", help="Add the composed-2 workload (every request composes 2 adapters, weights 0.7 and 0.5) and its ratio to mixed-2, the same batch with one adapter per request.")] = False,
     kernels: Annotated[bool, typer.Option("--kernels", help="Run the LoRA kernel micro-benchmark (shrink/expand) instead.")] = False,
-    workload: Annotated[BenchWorkload, typer.Option("--workload", help="standard: the workloads above; flood: one adapter floods the queue (--num-requests, default 60), light tenants arrive --light-delay s later (--rate: Poisson); trace: replay --trace's arrivals. flood/trace report per-tenant TTFT and tokens/s for each --policy.")] = BenchWorkload.standard,
+    workload: Annotated[BenchWorkload, typer.Option("--workload", help="standard: the workloads above; flood: one adapter floods the queue (--num-requests, default 60), light tenants arrive --light-delay s later (--rate: Poisson); trace: replay --trace's arrivals. flood/trace report per-tenant TTFT and tokens/s for each --policy. shared-prefix: 8 tenants (adapters) each with a 512-token system prompt, --num-requests (default 64) 16-token user turns, --max-tokens (default 32): TTFT and tokens/s with prefix caching off and on.")] = BenchWorkload.standard,
     trace: Annotated[Optional[Path], typer.Option("--trace", help="JSONL trace to replay with --workload trace (timestamp + adapter or model; optional max_tokens, priority, tenant).", show_default=False)] = None,
     policy: Annotated[Optional[list[Policy]], typer.Option("--policy", help="Scheduling policies to compare with flood/trace (repeatable). (default: fcfs and fair)", show_default=False)] = None,
     max_num_seqs: Annotated[int, typer.Option("--max-num-seqs", min=1, help="Running batch size with flood/trace.")] = 4,
@@ -86,6 +87,18 @@ def bench(
 
     if kernels:
         _run_kernels(device=device.value, dtype=dtype.value, rank=rank, threads=threads, quick=quick, json_file=json_file)
+        return
+    if workload is BenchWorkload.shared_prefix:
+        from engine.bench.prefix import PrefixConfig
+
+        if preset is not None and model is not None:
+            from engine.errors import UsageError
+
+            raise UsageError("give either --preset or --model, not both")
+        pcfg = PrefixConfig(preset=None if model is not None else (preset.value if preset else ("tiny" if quick else "small")),
+                            model=model, rank=rank, num_requests=num_requests or 64, max_tokens=max_tokens or 32,
+                            device=device.value, dtype=dtype.value, threads=threads, repeat=repeat or 1)  # fmt: skip
+        _run_prefix(pcfg, json_file)
         return
     if workload is not BenchWorkload.standard or trace is not None:
         from engine.bench.fairness import FairnessConfig
@@ -159,6 +172,23 @@ def _run_fairness(config, json_file: Optional[Path]) -> None:  # noqa: ANN001 - 
     with err_console.status("fairness bench") as status:
         report = run_fairness(config, on_step=lambda name: status.update(f"fairness bench: {name}"))
     render_fairness(report, console)
+    if json_file is not None:
+        try:
+            json_file.write_text(json.dumps(report, indent=2) + "\n")
+        except OSError as e:
+            raise ConfigError(f"cannot write {json_file}: {e}") from e
+        console.print(f"[dim]wrote {json_file}[/]", highlight=False)
+
+
+def _run_prefix(config, json_file: Optional[Path]) -> None:  # noqa: ANN001 - PrefixConfig
+    """`--workload shared-prefix`: the same requests with prefix caching off and on."""
+    from engine.bench.prefix import render_prefix, run_prefix
+    from engine.errors import ConfigError
+    from mlora_cli._common import console, err_console
+
+    with err_console.status("shared-prefix bench") as status:
+        report = run_prefix(config, on_step=lambda name: status.update(f"shared-prefix bench: {name}"))
+    render_prefix(report, console)
     if json_file is not None:
         try:
             json_file.write_text(json.dumps(report, indent=2) + "\n")

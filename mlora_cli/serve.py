@@ -97,7 +97,8 @@ def build_config(**opts: Any) -> Any:
     engine_keys = ("model", "dtype", "device", "max_model_len", "max_num_seqs", "max_queue", "max_queue_per_tenant",
                    "max_loras", "max_lora_rank", "max_cpu_loras", "scheduling_policy", "max_seqs_per_tenant",
                    "served_model_name", "gpu_memory_utilization", "kv_cache_memory_bytes", "num_kv_blocks",
-                   "block_size", "max_num_batched_tokens", "seed", "revision", "cpu_threads")
+                   "block_size", "max_num_batched_tokens", "seed", "revision", "cpu_threads",
+                   "enable_prefix_caching")
     engine_kwargs = {k: opts[k] for k in engine_keys if opts.get(k) is not None}
     if opts.get("lora_weight"):
         engine_kwargs["lora_weights"] = parse_lora_weights(opts["lora_weight"])
@@ -151,6 +152,7 @@ def serve(
     scheduling_policy: Annotated[Optional[Policy], typer.Option("--scheduling-policy", help="Who is admitted first: fair (weighted fair share across tenants: one adapter's flood cannot make the others wait), fcfs (arrival order) or priority (the request's \"priority\", lower first). \\[default: fair]", rich_help_panel=_SCHED, show_default=False)] = None,
     lora_weight: Annotated[Optional[list[str]], typer.Option("--lora-weight", help="A tenant's fair-share weight, as NAME=W (an adapter, the base model or a request's \"tenant\"; default 1). Repeatable.", rich_help_panel=_SCHED, show_default=False)] = None,
     max_seqs_per_tenant: Annotated[Optional[int], typer.Option("--max-seqs-per-tenant", min=1, help="Running requests one tenant may hold at once. \\[default: no cap]", rich_help_panel=_SCHED)] = None,
+    enable_prefix_caching: Annotated[bool, typer.Option("--enable-prefix-caching/--no-enable-prefix-caching", help="Reuse the KV cache of prompt prefixes (full blocks) across requests of the same adapter version or of the base model; never across adapters.", rich_help_panel=_ENGINE)] = True,
     host: Annotated[str, typer.Option("--host", help="Interface to listen on.", rich_help_panel=_HTTP)] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", "-p", min=0, max=65535, help="Port to listen on (0 = any free port).", rich_help_panel=_HTTP)] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="MLORA_API_KEY", help="Require 'Authorization: Bearer KEY' on every route but /health, /ping, /version and /metrics (probes and scrapers).", rich_help_panel=_HTTP, show_default=False)] = None,
@@ -188,6 +190,7 @@ def serve(
                           header_timeout=header_timeout, body_timeout=body_timeout,
                           trust_request_chat_template=trust_request_chat_template, lora_weight=lora_weight,
                           max_seqs_per_tenant=max_seqs_per_tenant, lora_compose=lora_compose,
+                          enable_prefix_caching=enable_prefix_caching,
                           scheduling_policy=scheduling_policy.value if scheduling_policy is not None else None)
     if ray:
         if lora_compose:

@@ -296,6 +296,12 @@ class AdapterCache:
             ver.bindings -= 1
             self._maybe_drop(ver)
 
+    def digest_of(self, version: int) -> str | None:
+        """The content digest a live version was registered with (None if unknown or not fingerprinted)."""
+        with self._lock:
+            ver = self._versions.get(version)
+            return getattr(ver.fingerprint, "digest", None) if ver is not None else None
+
     def version_of(self, name: str) -> int:
         """The current version id of `name` (AdapterNotFoundError if not registered)."""
         with self._lock:

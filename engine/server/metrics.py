@@ -10,6 +10,8 @@ know keep vLLM's spelling: `vllm:num_requests_running`, `vllm:num_requests_waiti
 wall-clock time of the update), which the Gateway API Inference Extension reads for LoRA
 affinity. Unlike vLLM we keep only the latest `lora_requests_info` series (old label sets are
 dropped), which is what a reader that picks the newest timestamp sees anyway.
+Prefix caching: `vllm:prefix_cache_queries_total` / `vllm:prefix_cache_hits_total` (tokens looked up
+/ found cached at admission; hit rate = hits / queries), as vLLM.
 Fair share is labelled by `tenant` (the request's "tenant" / X-Tenant-Id, else its adapter or the
 base model's name): `mlora:tenant_service` (the scheduler's weighted counter),
 `mlora:tenant_prompt_tokens_total`, `mlora:tenant_generation_tokens_total` (from the engine) and
@@ -62,8 +64,10 @@ class _EngineCollector:
         self.loads = 0
         self.evictions = 0
         self.preemptions = 0
-        self.labels = labels
+        self.labels = labels  # (model_name, engine) of vLLM's series
         self.tenants: tuple[dict[str, float], dict[str, int], dict[str, int]] = ({}, {}, {})
+        self.prefix_queries = 0
+        self.prefix_hits = 0
 
     def collect(self) -> Iterable[Metric]:
         c = CounterMetricFamily("mlora:lora_loads", "Adapter loads into a device slot (cumulative).")
@@ -76,6 +80,12 @@ class _EngineCollector:
                                 labels=["model_name", "engine"])
         p.add_metric(list(self.labels), float(self.preemptions))
         yield p
+        for family, value, what in (("vllm:prefix_cache_queries", self.prefix_queries, "Prefix cache queries, in terms "
+                                     "of number of queried tokens."), ("vllm:prefix_cache_hits", self.prefix_hits,
+                                     "Prefix cache hits, in terms of number of cached tokens.")):  # fmt: skip
+            c = CounterMetricFamily(family, what, labels=["model_name", "engine"])
+            c.add_metric(list(self.labels), float(value))
+            yield c
         service, prompt, output = self.tenants
         v = GaugeMetricFamily("mlora:tenant_service", "Fair-share counter of each tenant: weighted tokens served "
                               "(prompt x fair_prompt_weight + output x fair_output_weight) / its weight.", labels=["tenant"])
@@ -210,6 +220,8 @@ class ServerMetrics:
             gauge.clear()
             for name, count in counts.items():
                 gauge.labels(self._adapter_label(name)).set(count)
+        self._engine.prefix_queries = g("prefix_cache_queries")
+        self._engine.prefix_hits = g("prefix_cache_hits")
         self._engine.loads = g("lora_loads")
         self._engine.evictions = g("lora_evictions")
         self._engine.preemptions = g("num_preemptions")

@@ -108,7 +108,10 @@ def test_sampled_requests_of_every_tenant_still_succeed(llm, evil):
 
 def test_a_reused_block_with_stale_nan_is_never_read(llm, solo):
     """Freed blocks keep whatever their last owner wrote; a decode batch must read none of it.
-    Fill every KV slot with NaN (as a failed request would leave it), then run mixed-length batches."""
+    Fill every KV slot with NaN (as a failed request would leave it), then run mixed-length batches.
+    A failed request's blocks are dropped from the prefix cache (test_prefix_cache_engine.py), so the
+    prefix cache is emptied first: here every block stands for one a failed request left behind."""
+    llm.engine.block_manager.reset_prefix_cache()
     llm.engine.runner.kv_cache[:, :, : llm.engine.runner.zero_kv_slot].fill_(float("nan"))
     outs = llm.generate([p for p, _ in TENANTS], GREEDY, adapters=[a for _, a in TENANTS])
     assert [o.token_ids for o in outs] == [solo[t] for t in TENANTS]
