@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
@@ -163,38 +163,35 @@ def bench(
         raise typer.Exit(1)
 
 
-def _run_fairness(config, json_file: Optional[Path]) -> None:  # noqa: ANN001 - FairnessConfig
-    """`--workload flood|trace`: each policy on the same requests, per-tenant TTFT side by side."""
-    from engine.bench.fairness import render_fairness, run_fairness
+def _run_side_by_side(label: str, run: Any, render: Any, json_file: Optional[Path]) -> None:
+    """A bench that runs one request set under several settings (`--workload flood|trace`: each
+    policy; `--workload shared-prefix`: prefix caching off and on) and renders them side by side."""
     from engine.errors import ConfigError
     from mlora_cli._common import console, err_console
 
-    with err_console.status("fairness bench") as status:
-        report = run_fairness(config, on_step=lambda name: status.update(f"fairness bench: {name}"))
-    render_fairness(report, console)
+    with err_console.status(label) as status:
+        report = run(on_step=lambda name: status.update(f"{label}: {name}"))
+    render(report, console)
     if json_file is not None:
         try:
             json_file.write_text(json.dumps(report, indent=2) + "\n")
         except OSError as e:
             raise ConfigError(f"cannot write {json_file}: {e}") from e
         console.print(f"[dim]wrote {json_file}[/]", highlight=False)
+
+
+def _run_fairness(config, json_file: Optional[Path]) -> None:  # noqa: ANN001 - FairnessConfig
+    """`--workload flood|trace`: each policy on the same requests, per-tenant TTFT side by side."""
+    from engine.bench.fairness import render_fairness, run_fairness
+
+    _run_side_by_side("fairness bench", lambda on_step: run_fairness(config, on_step=on_step), render_fairness, json_file)
 
 
 def _run_prefix(config, json_file: Optional[Path]) -> None:  # noqa: ANN001 - PrefixConfig
     """`--workload shared-prefix`: the same requests with prefix caching off and on."""
     from engine.bench.prefix import render_prefix, run_prefix
-    from engine.errors import ConfigError
-    from mlora_cli._common import console, err_console
 
-    with err_console.status("shared-prefix bench") as status:
-        report = run_prefix(config, on_step=lambda name: status.update(f"shared-prefix bench: {name}"))
-    render_prefix(report, console)
-    if json_file is not None:
-        try:
-            json_file.write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as e:
-            raise ConfigError(f"cannot write {json_file}: {e}") from e
-        console.print(f"[dim]wrote {json_file}[/]", highlight=False)
+    _run_side_by_side("shared-prefix bench", lambda on_step: run_prefix(config, on_step=on_step), render_prefix, json_file)
 
 
 def _check_matplotlib() -> None:
