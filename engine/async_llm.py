@@ -199,6 +199,10 @@ class AsyncLLM:
         """See EngineCore.add_composition (a dict write between steps' reads: no step is affected mid-way)."""
         self.core.add_composition(name, components)
 
+    def remove_composition(self, name: str) -> None:
+        """See EngineCore.remove_composition."""
+        self.core.remove_composition(name)
+
     def _lora(self) -> Any:
         if self.core.lora is None:
             raise ConfigError("LoRA is disabled for this engine")

@@ -206,6 +206,13 @@ class EngineCore:
         self.lora.composition_check(comp)
         self.compositions[name] = comp
 
+    def remove_composition(self, name: str) -> None:
+        """Drop alias `name`; requests already admitted with it keep their components."""
+        if self.compositions.pop(name, None) is None:
+            from engine.errors import AdapterNotFoundError
+
+            raise AdapterNotFoundError(f"composition {name!r} is not registered")
+
     def resolve_adapters(self, adapter: str | None, adapters: Any = None) -> tuple[str | None, tuple[tuple[str, float], ...]]:
         """One owner for "what does this request run": (adapter name or None, components or ()).
         A plain single adapter of weight 1 gets no components (the single-adapter path, unchanged)."""

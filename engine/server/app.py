@@ -663,6 +663,8 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
 
 async def _load_lora(engine: Any, config: ServerConfig, state: ServerState, body: Any) -> web.Response:
     name = _lora_name(body, engine, new=True)
+    if "compose" in body:  # a composition alias at runtime, as --lora-compose at start
+        return _load_composition(engine, name, body)
     path = body.get("lora_path")
     if not isinstance(path, str) or not path.strip():
         raise P.bad("'lora_path' must be a non-empty string", "lora_path")
@@ -687,6 +689,24 @@ async def _load_lora(engine: Any, config: ServerConfig, state: ServerState, body
     return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
 
+def _load_composition(engine: Any, name: str, body: dict[str, Any]) -> web.Response:
+    """`{"lora_name": "mix", "compose": "style:0.7,domain:0.5"}` (or `[{"name", "weight"}, ...]`):
+    `mix` then names that composition, like any adapter; components must be loaded already."""
+    if body.get("lora_path") is not None:
+        raise P.bad("give either 'lora_path' (an adapter) or 'compose' (a composition alias), not both", "compose")
+    spec = body["compose"]
+    if not isinstance(spec, (str, list)) or not spec:
+        raise P.bad("'compose' must be \"a:0.7,b:0.5\" or a non-empty list of {\"name\", \"weight\"}", "compose")
+    try:
+        engine.add_composition(name, spec)
+    except AdapterNotFoundError as exc:
+        raise P.APIError(404, exc.message, err_type="not_found_error", param="compose") from None
+    except ConfigError as exc:
+        raise P.bad(exc.message, "compose") from None
+    log.info("registered composition %r = %s", name, engine.compositions[name])
+    return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
+
+
 async def unload_lora_adapter(request: web.Request) -> web.Response:
     engine, config, state = request.app[ENGINE], request.app[CONFIG], request.app[STATE]
     if not config.allow_runtime_lora:
@@ -698,6 +718,10 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
 
 
 async def _unload_lora(engine: Any, state: ServerState, name: str) -> web.Response:
+    if name in getattr(engine, "compositions", {}):  # a composition alias: its adapters stay loaded
+        engine.remove_composition(name)
+        log.info("removed composition %r", name)
+        return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
     if name not in engine.list_adapters():
         raise P.APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
     await engine.remove_adapter(name)

@@ -89,3 +89,40 @@ def test_bad_compositions_are_refused(server: ServerThread, adapters: Any, model
                                   extra_body={"adapters": adapters})
     assert err.value.status_code == status
     assert says in str(err.value)
+
+
+def test_a_composition_alias_registered_and_removed_at_runtime(cfg: EngineConfig, want: dict[str, list[float]],
+                                                               tmp_path: Path) -> None:
+    """`/v1/load_lora_adapter {"lora_name", "compose"}` registers an alias while serving (as
+    --lora-compose at start); it then serves the composition by `model`; unloading it removes the
+    alias and leaves its adapters loaded."""
+    import dataclasses
+
+    import httpx
+
+    srv = ServerThread(ServerConfig(engine=dataclasses.replace(cfg, lora_compose=()), port=0, api_key=KEY,
+                                    allow_runtime_lora=True, adapter_root=str(tmp_path))).start()
+    auth = {"Authorization": f"Bearer {KEY}"}
+    load, unload = f"{srv.url}/v1/load_lora_adapter", f"{srv.url}/v1/unload_lora_adapter"
+    try:
+        client = openai.OpenAI(base_url=srv.base_url, api_key=KEY, max_retries=0)
+        kw: dict[str, Any] = dict(prompt="hello there", max_tokens=8, temperature=0.0, logprobs=1,
+                                  extra_body={"ignore_eos": True})
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="mix2", **kw)
+        r = httpx.post(load, json={"lora_name": "mix2", "compose": "a:0.7,b:0.5"}, headers=auth, timeout=30)
+        assert r.status_code == 200, r.text
+        out = client.completions.create(model="mix2", **kw)
+        assert _close(out.choices[0].logprobs.token_logprobs, want["composed"])
+        assert "mix2" in [m.id for m in client.models.list().data]
+        r = httpx.post(load, json={"lora_name": "mix3", "compose": [{"name": "a", "weight": 1}, {"name": "nope", "weight": 1}]},
+                          headers=auth, timeout=30)
+        assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
+        r = httpx.post(load, json={"lora_name": "mix3", "compose": "a:x"}, headers=auth, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "compose"
+        assert httpx.post(unload, json={"lora_name": "mix2"}, headers=auth, timeout=30).status_code == 200
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="mix2", **kw)
+        assert _close(client.completions.create(model="a", **kw).choices[0].logprobs.token_logprobs, want["a"])
+    finally:
+        srv.stop()
