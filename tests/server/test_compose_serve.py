@@ -97,8 +97,25 @@ def test_a_composition_alias_registered_and_removed_at_runtime(cfg: EngineConfig
     --lora-compose at start); it then serves the composition by `model`; unloading it removes the
     alias and leaves its adapters loaded."""
     import dataclasses
+    import json
+    import urllib.error
+    import urllib.request
 
-    import httpx
+    class Reply:
+        def __init__(self, status_code: int, text: str) -> None:
+            self.status_code, self.text = status_code, text
+
+        def json(self) -> Any:
+            return json.loads(self.text)
+
+    def post(url: str, body: Any, headers: dict[str, str], timeout: float) -> Reply:
+        req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={**headers, "Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as r:
+                return Reply(r.status, r.read().decode())
+        except urllib.error.HTTPError as e:
+            return Reply(e.code, e.read().decode())
 
     srv = ServerThread(ServerConfig(engine=dataclasses.replace(cfg, lora_compose=()), port=0, api_key=KEY,
                                     allow_runtime_lora=True, adapter_root=str(tmp_path))).start()
@@ -110,17 +127,17 @@ def test_a_composition_alias_registered_and_removed_at_runtime(cfg: EngineConfig
                                   extra_body={"ignore_eos": True})
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="mix2", **kw)
-        r = httpx.post(load, json={"lora_name": "mix2", "compose": "a:0.7,b:0.5"}, headers=auth, timeout=30)
+        r = post(load, body={"lora_name": "mix2", "compose": "a:0.7,b:0.5"}, headers=auth, timeout=30)
         assert r.status_code == 200, r.text
         out = client.completions.create(model="mix2", **kw)
         assert _close(out.choices[0].logprobs.token_logprobs, want["composed"])
         assert "mix2" in [m.id for m in client.models.list().data]
-        r = httpx.post(load, json={"lora_name": "mix3", "compose": [{"name": "a", "weight": 1}, {"name": "nope", "weight": 1}]},
+        r = post(load, body={"lora_name": "mix3", "compose": [{"name": "a", "weight": 1}, {"name": "nope", "weight": 1}]},
                           headers=auth, timeout=30)
         assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
-        r = httpx.post(load, json={"lora_name": "mix3", "compose": "a:x"}, headers=auth, timeout=30)
+        r = post(load, body={"lora_name": "mix3", "compose": "a:x"}, headers=auth, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "compose"
-        assert httpx.post(unload, json={"lora_name": "mix2"}, headers=auth, timeout=30).status_code == 200
+        assert post(unload, body={"lora_name": "mix2"}, headers=auth, timeout=30).status_code == 200
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="mix2", **kw)
         assert _close(client.completions.create(model="a", **kw).choices[0].logprobs.token_logprobs, want["a"])
