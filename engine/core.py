@@ -18,8 +18,8 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig, check_priority
@@ -31,36 +31,16 @@ from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.stats import EngineStats  # re-exported: `from engine.core import EngineStats` keeps working
+
+if TYPE_CHECKING:
+    from engine.lora_engine import LoraEngine  # imported at run time only when LoRA is on (it brings torch)
 
 log = logging.getLogger("mlora.engine")
 
 # Failed steps in a row after which the engine gives up (each failure already ended that step's
 # requests; this many in a row means every step fails, e.g. a lost device, so a restart is due).
 MAX_CONSECUTIVE_STEP_FAILURES = 3
-
-
-@dataclass
-class EngineStats:
-    """Point-in-time engine counters for metrics (see CONTRACTS.md)."""
-
-    num_running: int = 0
-    num_waiting: int = 0
-    running_by_adapter: dict[str, int] = field(default_factory=dict)
-    waiting_by_adapter: dict[str, int] = field(default_factory=dict)
-    kv_free_blocks: int = 0
-    kv_total_blocks: int = 0
-    lora_loads: int = 0
-    lora_evictions: int = 0
-    lora_load_seconds: list[float] = field(default_factory=list)  # disk -> CPU loads since the last stats()
-    lora_slot_load_seconds: list[float] = field(default_factory=list)  # CPU -> device slot writes since then
-    resident_adapters: list[str] = field(default_factory=list)
-    max_loras: int = 0
-    num_preemptions: int = 0
-    tenant_service: dict[str, float] = field(default_factory=dict)  # tenant -> fair-share counter (weighted)
-    tenant_prompt_tokens: dict[str, int] = field(default_factory=dict)  # tenant -> prompt tokens admitted
-    tenant_output_tokens: dict[str, int] = field(default_factory=dict)  # tenant -> tokens generated
-    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache (vLLM's counter, cumulative)
-    prefix_cache_hits: int = 0  # of those, tokens served from it
 
 
 @dataclass
@@ -88,7 +68,7 @@ class EngineCore:
         self.runner = ModelRunner(config, self.hf_config, self.model_path)
         self.max_model_len = self.runner.max_model_len
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.lora: Any = None
+        self.lora: LoraEngine | None = None
         if config.enable_lora:
             from engine.lora_engine import LoraEngine
 

@@ -19,12 +19,12 @@ from __future__ import annotations
 from typing import Any
 
 from engine.config import EngineConfig
-from engine.core import EngineStats
 from engine.errors import AdapterNotFoundError, ConfigError, MloraError
 from engine.lora import AdapterCache, LoraSlots
 from engine.lora.manager import AdapterChangedError, AdapterVersionGoneError
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
+from engine.stats import EngineStats
 
 
 class LoraEngine:

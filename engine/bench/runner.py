@@ -350,7 +350,7 @@ async def _separate_async(kw: dict[str, Any], wl: Workload, t: float) -> Workloa
 def machine_info(device: str, dtype: str) -> dict[str, Any]:
     import torch
 
-    from mlora_cli import __version__
+    from engine.version import __version__
 
     info: dict[str, Any] = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
