@@ -30,7 +30,7 @@ log = logging.getLogger("mlora.engine")
 
 
 class AsyncLLM:
-    """Async front of EngineCore (see the module docstring and CONTRACTS.md)."""
+    """Async front of EngineCore (threading and failure rules: see the module docstring)."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.config = config

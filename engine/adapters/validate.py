@@ -23,7 +23,8 @@ from engine.adapters.servable import servability_issues
 from engine.errors import AdapterError, MloraError
 
 STATUSES = ("pass", "warn", "fail")
-# Display order of the named checks (the order issue 2 lists them in).
+# Display order of the named checks in `mlora validate` (table and --json): the adapter itself first, then
+# what serving it needs, then its fit to a base model, then an internal error last.
 CHECK_ORDER = (
     "config", "required_fields", "rank", "max_rank", "weights_file", "lora_pairs", "shapes", "dtype", "finite",
     "magnitude", "target_modules", "servable", "base_config", "base_modules", "base_dims", "base_layers", "base_name", "internal",

@@ -46,7 +46,8 @@ import torch
 from engine.budget import LORA_MODULES, ModelDims, lora_module_shape, normalize_dtype, slot_stack_shapes
 from engine.errors import AdapterError, ConfigError
 
-DORA_UNSUPPORTED = "DoRA adapters are not supported by the slot engine yet"
+# Slots built without the base weights (`base_weight=None`) cannot serve DoRA: its norm needs W0.
+DORA_UNSUPPORTED = "DoRA adapters need the base weights, and these LoRA slots were built without them"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

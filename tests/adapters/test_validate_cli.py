@@ -1,6 +1,6 @@
 """`mlora validate` through the real CLI: each failing check on a corrupted copy of a real PEFT
 adapter gives exit 1 and a message naming the problem; valid adapters give exit 0 and the
---json schema from issue 2."""
+`mlora validate --json` schema: {valid, checks, adapter}, each check {name, status, message}."""
 
 from __future__ import annotations
 

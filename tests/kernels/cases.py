@@ -1,6 +1,7 @@
 """Test grid for the LoRA ops: cases, inputs, tolerances and a naive float64 oracle.
 
-Axes (issue 3): dtype x rank x feature size (real + odd) x T x adapter popularity x -1 rows,
+Axes (DESIGN.md's op test grid, after punica and vLLM's lora/ops): dtype x rank x feature size
+(real + odd) x T x adapter popularity x -1 rows,
 plus zero-padded smaller-rank adapters, per-rank scales, and sliced/strided outputs. The default
 grid is a deterministic pairwise (all-pairs) covering selection of these axes, so the interpreter
 stays fast; `full_grid()` is the cartesian product (marked slow).
