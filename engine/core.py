@@ -175,8 +175,8 @@ class EngineCore:
         requests naming it compose those adapters. Its components must be registered, non-DoRA adapters."""
         from engine.lora.compose import normalize, parse_spec
 
-        comp = parse_spec(components) if isinstance(components, str) else normalize(components, max_components=None)
-        comp = normalize(comp, max_components=self.config.max_adapters_per_request)
+        comp = normalize(parse_spec(components) if isinstance(components, str) else components,
+                         max_components=self.config.max_adapters_per_request)
         if not comp:
             raise ConfigError(f"composition {name!r} has no component with a non-zero weight")
         if self.lora is None:

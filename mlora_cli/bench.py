@@ -83,6 +83,7 @@ def bench(
     batch), churn (more adapters than slots); alternatives: one engine per adapter run one after
     another (separate) and transformers + PEFT. Every ratio is shown beside its memory-traffic bound.
     """
+    from engine.errors import UsageError
     from mlora_cli._common import console
 
     if kernels:
@@ -92,8 +93,6 @@ def bench(
         from engine.bench.prefix import PrefixConfig
 
         if preset is not None and model is not None:
-            from engine.errors import UsageError
-
             raise UsageError("give either --preset or --model, not both")
         pcfg = PrefixConfig(preset=None if model is not None else (preset.value if preset else ("tiny" if quick else "small")),
                             model=model, rank=rank, num_requests=num_requests or 64, max_tokens=max_tokens or 32,
@@ -114,7 +113,6 @@ def bench(
         _run_fairness(fcfg, json_file)
         return
     from engine.bench.config import FULL_DEFAULTS, QUICK_DEFAULTS, BenchConfig
-    from engine.errors import ConfigError, UsageError
 
     if plot_file is not None:
         _check_matplotlib()
@@ -146,12 +144,7 @@ def bench(
     from engine.bench.report import check_min_mixed_ratio, plot, render
 
     render(report, console)
-    if json_file is not None:
-        try:
-            json_file.write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as e:
-            raise ConfigError(f"cannot write {json_file}: {e}") from e
-        console.print(f"[dim]wrote {json_file}[/]", highlight=False)
+    _write_json(report, json_file)
     if plot_file is not None:
         plot(report, plot_file)
         console.print(f"[dim]wrote {plot_file}[/]", highlight=False)
@@ -163,21 +156,29 @@ def bench(
         raise typer.Exit(1)
 
 
+def _write_json(report: dict[str, Any], json_file: Optional[Path]) -> None:
+    """`--json FILE`: the report as JSON (a file that cannot be written is a one-line error)."""
+    if json_file is None:
+        return
+    from engine.errors import ConfigError
+    from mlora_cli._common import console
+
+    try:
+        json_file.write_text(json.dumps(report, indent=2) + "\n")
+    except OSError as e:
+        raise ConfigError(f"cannot write {json_file}: {e}") from e
+    console.print(f"[dim]wrote {json_file}[/]", highlight=False)
+
+
 def _run_side_by_side(label: str, run: Any, render: Any, json_file: Optional[Path]) -> None:
     """A bench that runs one request set under several settings (`--workload flood|trace`: each
     policy; `--workload shared-prefix`: prefix caching off and on) and renders them side by side."""
-    from engine.errors import ConfigError
     from mlora_cli._common import console, err_console
 
     with err_console.status(label) as status:
         report = run(on_step=lambda name: status.update(f"{label}: {name}"))
     render(report, console)
-    if json_file is not None:
-        try:
-            json_file.write_text(json.dumps(report, indent=2) + "\n")
-        except OSError as e:
-            raise ConfigError(f"cannot write {json_file}: {e}") from e
-        console.print(f"[dim]wrote {json_file}[/]", highlight=False)
+    _write_json(report, json_file)
 
 
 def _run_fairness(config, json_file: Optional[Path]) -> None:  # noqa: ANN001 - FairnessConfig

@@ -11,6 +11,14 @@ QUICK_DEFAULTS = dict(num_requests=16, max_tokens=12, max_loras=4, repeat=3)
 FULL_DEFAULTS = dict(num_requests=32, max_tokens=32, max_loras=16, repeat=1)
 
 
+def check_positive_ints(cfg: Any, names: tuple[str, ...]) -> None:
+    """Each named field of a bench config is an integer >= 1 (UsageError naming its flag otherwise)."""
+    for name in names:
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """What to benchmark and how.
@@ -56,10 +64,7 @@ class BenchConfig:
 
             if self.preset not in preset_names():
                 raise UsageError(f"unknown preset {self.preset!r}; choose from {', '.join(preset_names())}")
-        for name in ("rank", "max_loras", "num_requests", "max_tokens", "prompt_chars", "repeat"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        check_positive_ints(self, ("rank", "max_loras", "num_requests", "max_tokens", "prompt_chars", "repeat"))
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise UsageError(f"--threads must be an integer >= 1, got {self.threads!r}")
         if self.zipf is not None and not self.zipf > 0:

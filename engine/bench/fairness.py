@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from engine.bench.config import check_positive_ints
 from engine.bench.stats import percentile
 from engine.bench.workloads import make_prompts, poisson_arrivals
 from engine.errors import ConfigError, UsageError
@@ -66,10 +67,7 @@ class FairnessConfig:
         bad = [p for p in self.policies if p not in SCHEDULING_POLICIES]
         if bad or not self.policies:
             raise UsageError(f"policies must be among {', '.join(SCHEDULING_POLICIES)}, got {', '.join(self.policies) or 'none'}")
-        for name in ("max_num_seqs", "heavy_requests", "light_requests", "light_tenants", "max_tokens", "rank", "repeat"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        check_positive_ints(self, ("max_num_seqs", "heavy_requests", "light_requests", "light_tenants", "max_tokens", "rank", "repeat"))
         if self.light_delay_s < 0:
             raise UsageError(f"the light tenants' delay must be >= 0 s, got {self.light_delay_s}")
         if self.light_rate is not None and not self.light_rate > 0:

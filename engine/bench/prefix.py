@@ -17,6 +17,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable
 
+from engine.bench.config import check_positive_ints
 from engine.bench.stats import RequestTiming, WorkloadResult, summarize
 from engine.errors import UsageError
 
@@ -44,10 +45,7 @@ class PrefixConfig:
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.model is None):
             raise UsageError("give exactly one of --preset and --model")
-        for name in ("rank", "tenants", "system_tokens", "user_tokens", "num_requests", "max_tokens", "repeat"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UsageError(f"--{name.replace('_', '-')} must be an integer >= 1, got {value!r}")
+        check_positive_ints(self, ("rank", "tenants", "system_tokens", "user_tokens", "num_requests", "max_tokens", "repeat"))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
