@@ -1,9 +1,18 @@
-"""AsyncLLM: the engine behind the server. One asyncio task owns the step loop.
+"""AsyncLLM: the engine behind the server. One asyncio task drives the step loop on one engine thread.
 
-- Each `EngineCore.step()` runs in a worker thread (`asyncio.to_thread`), so the event loop keeps
-  serving HTTP while the model computes.
-- Adds and aborts are queued (thread-safe) and applied by the loop task between steps, so the
-  core is only ever touched by one thread at a time.
+- The engine thread (a one-worker executor, `mlora-engine`) is the only thread that calls into
+  `EngineCore`, its scheduler and its LoRA engine: each loop turn it applies the inbox (adds, aborts,
+  fair-share weights) and runs one `EngineCore.step()`, so the event loop keeps serving HTTP while the
+  model computes. Rarer calls (compositions, closing) are queued on the same thread and awaited.
+- The event loop talks to the core only through that inbox. What a request's validation needs from
+  the core is immutable (the tokenizer, vocabulary size, context length): `core.processor`, an
+  `InputProcessor`, runs in a worker thread and the engine thread gets an input that is already valid.
+  What needs engine state (a duplicate id, an adapter unknown or removed meanwhile) is decided on the
+  engine thread at add time and reaches the client as the request's first item, the same exception
+  `generate()` raised before, so the server answers the same 4xx.
+- Two documented exceptions read across threads: `stats()` (EngineCore.stats takes atomic snapshots
+  for a /metrics scrape, which must answer while a step runs) and the adapter registry
+  (`AdapterCache`, lock-protected: registering reads and validates files in a worker thread so steps go on).
 - Each request has its own asyncio.Queue of outputs; `generate()` is an async iterator over it.
   Closing or cancelling the iterator before the end aborts the request (its KV blocks are freed).
 - A failure inside one step ends only that step's requests (EngineCore). If the loop itself cannot
@@ -17,16 +26,32 @@ from __future__ import annotations
 import asyncio
 import logging
 import queue
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
-from engine.config import EngineConfig, check_priority, positive_number
+from engine.config import EngineConfig, positive_number
 from engine.core import EngineCore, EngineStats
 from engine.errors import ConfigError, EngineStoppedError, QueueFullError
+from engine.input_processor import Composition, resolve_components
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
 
 log = logging.getLogger("mlora.engine")
+
+ENGINE_THREAD_NAME = "mlora-engine"
+T = TypeVar("T")
+
+
+@dataclass
+class _Turn:
+    """What one engine-thread turn hands back to the event loop."""
+
+    deliveries: list[tuple[str, RequestOutput | BaseException]] = field(default_factory=list)  # (request id, item)
+    adds_taken: int = 0  # "add" messages this turn took from the inbox
+    num_waiting: int = 0  # the scheduler's waiting queue after the turn
+    busy: bool = False  # unfinished requests remain
 
 
 class AsyncLLM:
@@ -35,9 +60,15 @@ class AsyncLLM:
     def __init__(self, config: EngineConfig) -> None:
         self.config = config
         self.core = EngineCore(config)
+        self.processor = self.core.processor  # immutable facts: safe on any thread
+        self._registry = self.core.lora.cache if self.core.lora is not None else None  # lock-protected
+        self._compositions: dict[str, Composition] = dict(self.core.compositions)  # event-loop copy
+        self._executor: ThreadPoolExecutor | None = None
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._queues: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._by_tenant: dict[str, int] = {}  # tenant -> its unfinished requests (event-loop side only)
+        self._num_waiting = 0  # the scheduler's waiting queue as the last engine turn left it
+        self._adds_in_flight = 0  # adds put in the inbox that no finished turn has reported yet
         self._wake: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -47,15 +78,15 @@ class AsyncLLM:
     # -- facts the server reads --------------------------------------------------------------
     @property
     def tokenizer(self) -> Any:
-        return self.core.tokenizer
+        return self.processor.tokenizer
 
     @property
     def model_name(self) -> str:
-        return self.core.model_name
+        return self.processor.model_name
 
     @property
     def max_model_len(self) -> int:
-        return self.core.max_model_len
+        return self.processor.max_model_len
 
     @property
     def error(self) -> str | None:
@@ -84,6 +115,7 @@ class AsyncLLM:
         """Refuse new requests, let running ones finish for up to `grace_s`, abort the rest."""
         self._stopping = True
         if self._task is None:
+            await self._close_engine_thread()
             return
         deadline = asyncio.get_running_loop().time() + grace_s
         while self._queues and asyncio.get_running_loop().time() < deadline:
@@ -100,7 +132,14 @@ class AsyncLLM:
             pass
         self._task = None
         if self.core.lora is not None:
-            self.core.lora.close()
+            await self._on_engine_thread(self.core.lora.close)  # after the turn in flight, if any
+        await self._close_engine_thread()
+
+    async def _close_engine_thread(self) -> None:
+        """Let the turn in flight end, then release the thread (a later start() makes a new one)."""
+        if self._executor is not None:
+            executor, self._executor = self._executor, None
+            await asyncio.to_thread(executor.shutdown)
 
     # -- requests --------------------------------------------------------------------------------
     async def generate(
@@ -122,27 +161,29 @@ class AsyncLLM:
         """
         # PromptTooLongError / bad ids now, not inside the loop; text in a worker thread, as its cost
         # grows with the client's input and the event loop serves every other client meanwhile.
-        text, ids = await asyncio.to_thread(self.core.tokenize, prompt) if isinstance(prompt, str) else \
-            self.core.tokenize(prompt)
+        text, ids = await asyncio.to_thread(self.processor.process, prompt, params, priority) \
+            if isinstance(prompt, str) else self.processor.process(prompt, params, priority)
         if self._stopping or self._task is None:
             raise EngineStoppedError("the engine is not running" if self._task is None else "the engine is shutting down")
         if self._error is not None:
             raise EngineStoppedError(f"the engine loop failed: {self._error}")
         if request_id in self._queues:
             raise ConfigError(f"duplicate request id {request_id!r}")
-        check_priority(self.config, priority)
-        first, _ = self.core.resolve_adapters(adapter, adapters)  # unknown names, DoRA, too many: now, not in the loop
+        first, _ = resolve_components(adapter, adapters, self._compositions, self.config.max_adapters_per_request)
         limit = self.config.max_queue
-        if limit is not None and len(self.core.scheduler.waiting) + self._pending_adds() >= limit:
+        if limit is not None and self._num_waiting + self._adds_in_flight >= limit:
             raise QueueFullError(f"the waiting queue is full ({limit} requests)", hint="retry later")
-        who = self.core.tenant_of(first, tenant)
+        who = self.processor.tenant_of(first, tenant)
         cap = self.config.max_queue_per_tenant
         if cap is not None and self._by_tenant.get(who, 0) >= cap:
             raise QueueFullError(f"tenant {who!r} already has {cap} unfinished requests (--max-queue-per-tenant)",
                                  hint="retry later")
         q: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
         self._queues[request_id] = q
+        # unknown adapters, DoRA in a composition, a duplicate id: decided by the engine thread, which
+        # puts the error first in `q` (raised below, before any output)
         self._inbox.put(("add", (request_id, ids, text, params, adapter, priority, tenant, adapters)))
+        self._adds_in_flight += 1
         self._poke()
         self._by_tenant[who] = self._by_tenant.get(who, 0) + 1
         finished = False
@@ -173,94 +214,120 @@ class AsyncLLM:
         """Validate and register an adapter (loads in a worker thread; the loop keeps stepping).
         `weight`: its fair-share weight from now on (None = unchanged), applied between steps.
         `root`: the files actually read must resolve inside it (see AdapterCache.register)."""
-        lora = self._lora()
+        registry = self._adapter_registry()
         if weight is not None:
             weight = positive_number(weight, f"the weight of {name!r}")
-        await asyncio.to_thread(lora.add_adapter, name, str(path), root=root)
+        await asyncio.to_thread(registry.register, name, str(path), root=root)
         if weight is not None:
             self._inbox.put(("weight", (name, weight)))
             self._poke()
 
     async def remove_adapter(self, name: str) -> None:
         """Unregister `name`; its default tenant's fair-share accounting goes too (between steps)."""
-        self._lora().remove_adapter(name)
+        self._adapter_registry().remove(name)
         self._inbox.put(("forget", name))
         self._poke()
 
     def list_adapters(self) -> list[str]:
-        return [] if self.core.lora is None else self.core.lora.names()
+        return [] if self._registry is None else self._registry.names()
+
+    def knows(self, name: str) -> bool:
+        """Whether a request's `model` may name `name` as an adapter or a composition alias right now
+        (the early 404; the engine thread decides again at add time, as adapters come and go)."""
+        return name in self.list_adapters() or name in self._compositions
 
     @property
-    def compositions(self) -> dict[str, tuple[tuple[str, float], ...]]:
+    def compositions(self) -> dict[str, Composition]:
         """Composition aliases (name -> ((adapter, weight), ...)) a request's `model` may name."""
-        return self.core.compositions
+        return self._compositions
 
-    def add_composition(self, name: str, components: Any) -> None:
-        """See EngineCore.add_composition (a dict write between steps' reads: no step is affected mid-way)."""
-        self.core.add_composition(name, components)
+    async def add_composition(self, name: str, components: Any) -> None:
+        """See EngineCore.add_composition (applied on the engine thread between steps)."""
+        self._compositions = await self._on_engine_thread(self._composition_call, self.core.add_composition,
+                                                          name, components)
 
-    def remove_composition(self, name: str) -> None:
+    async def remove_composition(self, name: str) -> None:
         """See EngineCore.remove_composition."""
-        self.core.remove_composition(name)
+        self._compositions = await self._on_engine_thread(self._composition_call, self.core.remove_composition, name)
 
-    def _lora(self) -> Any:
-        if self.core.lora is None:
+    def _composition_call(self, fn: Callable[..., None], *args: Any) -> dict[str, Composition]:
+        fn(*args)
+        return dict(self.core.compositions)
+
+    def _adapter_registry(self) -> Any:
+        if self._registry is None:
             raise ConfigError("LoRA is disabled for this engine")
-        return self.core.lora
+        return self._registry
 
     def stats(self) -> EngineStats:
-        return self.core.stats()
+        return self.core.stats()  # atomic snapshots, safe while a step runs (see the module docstring)
 
     # -- the loop --------------------------------------------------------------------------------
     def _poke(self) -> None:
         if self._wake is not None:
             self._wake.set()
 
-    def _pending_adds(self) -> int:
-        return self._inbox.qsize()  # counts the few weight/forget messages too: a bound, not an exact count
+    async def _on_engine_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` on the engine thread (after the turn in flight) and return its result."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=ENGINE_THREAD_NAME)
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
 
-    def _apply_inbox(self) -> None:
-        """Apply queued adds/aborts (between steps: the core is not running)."""
+    def _turn(self) -> _Turn:
+        """One turn on the engine thread: apply the inbox, then one step if there is work."""
+        turn = _Turn()
+        self._apply_inbox(turn)
+        if self.core.has_unfinished():
+            turn.deliveries += [(out.request_id, out) for out in self.core.step()]
+        turn.num_waiting, turn.busy = len(self.core.scheduler.waiting), self.core.has_unfinished()
+        return turn
+
+    def _apply_inbox(self, turn: _Turn) -> None:
+        """Apply queued adds/aborts (engine thread, between steps)."""
         while True:
             try:
                 kind, arg = self._inbox.get_nowait()
             except queue.Empty:
                 return
             if kind == "add":
+                turn.adds_taken += 1
                 rid, ids, text, params, adapter, priority, tenant, adapters = arg
                 if rid not in self._queues:
                     continue  # the client went away before the request started
                 try:
-                    self.core.add_request(rid, ids, params, adapter, prompt_text=text, priority=priority, tenant=tenant,
-                                          adapters=adapters)
-                except Exception as e:  # e.g. the adapter was removed meanwhile
-                    self._queues[rid].put_nowait(e)
+                    self.core.add_processed(rid, ids, params, adapter, prompt_text=text, priority=priority,
+                                            tenant=tenant, adapters=adapters)
+                except Exception as e:  # e.g. the adapter was removed meanwhile: the client's 4xx
+                    turn.deliveries.append((rid, e))
             elif kind == "weight":
                 self.core.scheduler.set_weight(*arg)
             elif kind == "forget":
                 self.core.scheduler.forget_tenant(arg)
             else:
                 out = self.core.abort(arg)
-                q = self._queues.get(arg)
-                if out is not None and q is not None:
-                    q.put_nowait(out)
+                if out is not None:
+                    turn.deliveries.append((arg, out))
+
+    def _deliver(self, turn: _Turn) -> None:
+        """Hand a turn's outputs and errors to their requests (event loop)."""
+        self._num_waiting = turn.num_waiting
+        self._adds_in_flight -= turn.adds_taken
+        for rid, item in turn.deliveries:
+            q = self._queues.get(rid)
+            if q is not None:
+                q.put_nowait(item)
 
     async def _loop(self) -> None:
         assert self._wake is not None
         try:
             while True:
-                self._apply_inbox()
-                if not self.core.has_unfinished():
-                    self._wake.clear()
-                    if self._inbox.empty():
-                        await self._wake.wait()
-                    continue
-                outputs = await asyncio.to_thread(self.core.step)
-                for out in outputs:
-                    q = self._queues.get(out.request_id)
-                    if q is not None:
-                        q.put_nowait(out)
-                await asyncio.sleep(0)  # let handlers run between steps
+                self._wake.clear()
+                turn = await self._on_engine_thread(self._turn)
+                self._deliver(turn)
+                if not turn.busy and self._inbox.empty():
+                    await self._wake.wait()
+                else:
+                    await asyncio.sleep(0)  # let handlers run between steps
         except asyncio.CancelledError:
             raise
         except BaseException as e:  # a bug or device error: fail every waiter, refuse new work

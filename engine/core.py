@@ -22,10 +22,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from engine.block_manager import BlockManager
-from engine.config import EngineConfig, check_priority
+from engine.config import EngineConfig
 from engine.demo import DEMO_MODEL_NAME
 from engine.detokenizer import IncrementalDetokenizer
-from engine.errors import ConfigError, EngineDeadError, PromptTooLongError
+from engine.errors import ConfigError, EngineDeadError
+from engine.input_processor import InputProcessor, resolve_components
 from engine.loader import demo_adapters, load_hf_config, load_tokenizer, resolve_model_path
 from engine.outputs import RequestOutput
 from engine.sampling_params import SamplingParams
@@ -88,6 +89,7 @@ class EngineCore:
         )
         self.eos_token_ids = self._eos_ids()
         self.vocab_size = self.runner.args.vocab_size
+        self.processor = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len, self.model_name, config)
         self._requests: dict[str, _Request] = {}
         self._failed_steps = 0  # consecutive steps whose forward raised
         if self.lora is not None:
@@ -116,23 +118,8 @@ class EngineCore:
 
     # -- requests ----------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        """(prompt text or None, prompt token ids), validated against vocab and context."""
-        if isinstance(prompt, str):
-            ids = list(self.tokenizer(prompt).input_ids)
-            text: str | None = prompt
-        else:
-            ids, text = [int(t) for t in prompt], None
-            bad = [t for t in ids if not 0 <= t < self.vocab_size]
-            if bad:
-                raise ConfigError(f"prompt token id {bad[0]} is outside the vocabulary (size {self.vocab_size})")
-        if not ids:
-            raise ConfigError("the prompt is empty")
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(
-                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
-                "(including at least one generated token)"
-            )
-        return text, ids
+        """(prompt text or None, prompt token ids), validated against vocab and context (InputProcessor)."""
+        return self.processor.tokenize(prompt)
 
     def add_request(
         self,
@@ -152,23 +139,30 @@ class EngineCore:
         that names a composition alias (`lora_compose`) composes too.
         `tenant` = whose fair share it uses (default: the adapter's name, or the base model's name);
         `priority`: lower first under the `priority` scheduling policy."""
-        if request_id in self._requests:
-            raise ConfigError(f"duplicate request id {request_id!r}")
-        check_priority(self.config, priority)
         params = params or SamplingParams()
-        for name, ids in (("logit_bias", params.logit_bias or {}), ("allowed_token_ids", params.allowed_token_ids or [])):
-            outside = [t for t in ids if not 0 <= t < self.vocab_size]
-            if outside:
-                raise ConfigError(f"{name} token id {outside[0]} is outside the vocabulary (size {self.vocab_size})")
-        text, ids = self.tokenize(prompt)
-        text = text if prompt_text is None else prompt_text
+        self._check_new(request_id)
+        text, ids = self.processor.process(prompt, params, priority)
+        self.add_processed(request_id, ids, params, adapter, prompt_text=text if prompt_text is None else prompt_text,
+                           priority=priority, tenant=tenant, adapters=adapters)
+
+    def add_processed(self, request_id: str, ids: list[int], params: SamplingParams, adapter: str | None = None, *,
+                      prompt_text: str | None = None, priority: int = 0, tenant: str | None = None,
+                      adapters: Any = None) -> None:
+        """Queue a request whose prompt and parameters `self.processor` already validated (AsyncLLM does that
+        off the engine thread); what needs engine state is decided here: a new id, known adapters."""
+        self._check_new(request_id)
         adapter, components = self.resolve_adapters(adapter, adapters)
-        seq = Sequence(request_id, ids, params, prompt=text, adapter=adapter, tenant=self.tenant_of(adapter, tenant),
-                       priority=priority, eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
+        seq = Sequence(request_id, ids, params, prompt=prompt_text, adapter=adapter,
+                       tenant=self.processor.tenant_of(adapter, tenant), priority=priority,
+                       eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
                        components=components)  # fmt: skip
         seq.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
         self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params))
         self.scheduler.add(seq)
+
+    def _check_new(self, request_id: str) -> None:
+        if request_id in self._requests:
+            raise ConfigError(f"duplicate request id {request_id!r}")
 
     def add_composition(self, name: str, components: Any) -> None:
         """Register (or replace) alias `name` for a composition ("a:0.7,b:0.5" or [(name, weight), ...]);
@@ -197,21 +191,9 @@ class EngineCore:
         """One owner for "what does this request run": (adapter name or None, components or ()).
         A plain single adapter of weight 1 gets no components (the single-adapter path, unchanged)."""
         from engine.errors import AdapterNotFoundError
-        from engine.lora.compose import is_plain, normalize
+        from engine.lora.compose import is_plain
 
-        comp: tuple[tuple[str, float], ...] = ()
-        if adapters is not None:
-            comp = normalize(adapters, max_components=self.config.max_adapters_per_request)
-            if adapter is not None and adapter in self.compositions:
-                raise ConfigError(f"{adapter!r} is a composition; give either it or adapters, not both")
-            if adapter is not None and (not comp or adapter != comp[0][0]):
-                raise ConfigError(f"model {adapter!r} must be the base model or the first entry of adapters "
-                                  f"({comp[0][0]!r})" if comp else f"model {adapter!r} names an adapter but every "
-                                  "entry of adapters has weight 0")  # fmt: skip
-        elif adapter is not None and adapter in self.compositions:
-            comp = self.compositions[adapter]
-        else:
-            comp = ((adapter, 1.0),) if adapter is not None else ()
+        _, comp = resolve_components(adapter, adapters, self.compositions, self.config.max_adapters_per_request)
         if not comp:
             return None, ()
         if self.lora is None:
@@ -221,11 +203,6 @@ class EngineCore:
             return comp[0][0], ()
         self.lora.composition_check(comp)
         return comp[0][0], comp
-
-    def tenant_of(self, adapter: str | None, tenant: str | None = None) -> str:
-        """Whose fair share and queue quota a request uses: its explicit tenant, else its adapter,
-        else the base model's name."""
-        return tenant or adapter or self.model_name
 
     def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
         """vLLM's tokenization of bad_words: each word as is, and with a leading space when that gives

@@ -194,7 +194,7 @@ def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
     """(served name, adapter) for a request's `model` field; None/base name = the base model."""
     if model is None or model == engine.model_name:
         return engine.model_name, None
-    if model in engine.list_adapters() or model in getattr(engine, "compositions", {}):  # an adapter or a composition alias
+    if engine.knows(model):  # an adapter or a composition alias
         return model, model
     raise P.APIError(404, f"The model '{model[:200]}' does not exist. GET /v1/models lists the base model and its adapters.",
                      err_type="not_found_error", param="model")
@@ -664,7 +664,7 @@ async def load_lora_adapter(request: web.Request) -> web.Response:
 async def _load_lora(engine: Any, config: ServerConfig, state: ServerState, body: Any) -> web.Response:
     name = _lora_name(body, engine, new=True)
     if "compose" in body:  # a composition alias at runtime, as --lora-compose at start
-        return _load_composition(engine, name, body)
+        return await _load_composition(engine, name, body)
     path = body.get("lora_path")
     if not isinstance(path, str) or not path.strip():
         raise P.bad("'lora_path' must be a non-empty string", "lora_path")
@@ -689,7 +689,7 @@ async def _load_lora(engine: Any, config: ServerConfig, state: ServerState, body
     return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
 
-def _load_composition(engine: Any, name: str, body: dict[str, Any]) -> web.Response:
+async def _load_composition(engine: Any, name: str, body: dict[str, Any]) -> web.Response:
     """`{"lora_name": "mix", "compose": "style:0.7,domain:0.5"}` (or `[{"name", "weight"}, ...]`):
     `mix` then names that composition, like any adapter; components must be loaded already."""
     if body.get("lora_path") is not None:
@@ -698,7 +698,7 @@ def _load_composition(engine: Any, name: str, body: dict[str, Any]) -> web.Respo
     if not isinstance(spec, (str, list)) or not spec:
         raise P.bad("'compose' must be \"a:0.7,b:0.5\" or a non-empty list of {\"name\", \"weight\"}", "compose")
     try:
-        engine.add_composition(name, spec)
+        await engine.add_composition(name, spec)
     except AdapterNotFoundError as exc:
         raise P.APIError(404, exc.message, err_type="not_found_error", param="compose") from None
     except ConfigError as exc:
@@ -719,7 +719,7 @@ async def unload_lora_adapter(request: web.Request) -> web.Response:
 
 async def _unload_lora(engine: Any, state: ServerState, name: str) -> web.Response:
     if name in getattr(engine, "compositions", {}):  # a composition alias: its adapters stay loaded
-        engine.remove_composition(name)
+        await engine.remove_composition(name)
         log.info("removed composition %r", name)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
     if name not in engine.list_adapters():

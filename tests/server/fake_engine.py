@@ -77,6 +77,9 @@ class FakeEngine:
     def list_adapters(self) -> list[str]:
         return list(self.adapters)
 
+    def knows(self, name: str) -> bool:
+        return name in self.adapters
+
     async def add_adapter(self, name: str, path: str, weight: float | None = None, *, root: str | None = None) -> None:
         marker = Path(path) / "transform.txt"
         if not marker.is_file():

@@ -355,13 +355,13 @@ def test_the_engine_tokenizes_text_prompts_off_the_event_loop(tiny_base: Any, ar
 
     async def go() -> None:
         engine = AsyncLLM(EngineConfig(model=str(tiny_base), dtype="float32", device="cpu", max_model_len=64))
-        tokenize = engine.core.tokenize
+        process = engine.processor.process
 
-        def slow(prompt: Any) -> Any:
+        def slow(*args: Any) -> Any:
             time.sleep(1.0)
-            return tokenize(prompt)
+            return process(*args)
 
-        engine.core.tokenize = slow  # type: ignore[method-assign]
+        object.__setattr__(engine.processor, "process", slow)  # a frozen dataclass: patch the instance
         await engine.start()
         try:
             ticks = 0

@@ -1,0 +1,93 @@
+"""InputProcessor: checks one request's input from the engine's immutable facts (vLLM v1's `Processor`).
+
+It holds only what never changes after the engine is built (the tokenizer, the model's vocabulary size
+and context length, the engine config), so any thread may call it: AsyncLLM runs it in a worker thread
+(tokenizing grows with the client's input) and hands the engine thread an input that is already valid;
+the offline `LLM` calls it through `EngineCore.add_request`. It is the one owner of "is this prompt
+valid" (token ids in the vocabulary, not empty, fits the context) and of the sampling parameters'
+token ids (logit_bias, allowed_token_ids). Whether an adapter is known is the engine thread's decision
+(`EngineCore.resolve_adapters`), since adapters come and go while requests wait.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from engine.config import EngineConfig, check_priority
+from engine.errors import ConfigError, PromptTooLongError
+from engine.sampling_params import SamplingParams
+
+Composition = tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class InputProcessor:
+    """Validates prompts and sampling parameters; thread-safe (reads immutable facts only)."""
+
+    tokenizer: Any
+    vocab_size: int
+    max_model_len: int
+    model_name: str
+    config: EngineConfig
+
+    def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
+        """(prompt text or None, prompt token ids), validated against vocab and context."""
+        if isinstance(prompt, str):
+            ids = list(self.tokenizer(prompt).input_ids)
+            text: str | None = prompt
+        else:
+            ids, text = [int(t) for t in prompt], None
+            self._check_ids("prompt", ids)
+        if not ids:
+            raise ConfigError("the prompt is empty")
+        if len(ids) >= self.max_model_len:
+            raise PromptTooLongError(
+                f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
+                "(including at least one generated token)"
+            )
+        return text, ids
+
+    def check_params(self, params: SamplingParams, priority: int = 0) -> None:
+        """The request's sampling token ids are in the vocabulary; `priority` means something here."""
+        check_priority(self.config, priority)
+        self._check_ids("logit_bias", params.logit_bias or {})
+        self._check_ids("allowed_token_ids", params.allowed_token_ids or [])
+
+    def process(self, prompt: str | list[int], params: SamplingParams, priority: int = 0) -> tuple[str | None, list[int]]:
+        """check_params, then tokenize: everything about a request that needs no engine state."""
+        self.check_params(params, priority)
+        return self.tokenize(prompt)
+
+    def tenant_of(self, adapter: str | None, tenant: str | None = None) -> str:
+        """Whose fair share and queue quota a request uses: its explicit tenant, else its adapter,
+        else the base model's name."""
+        return tenant or adapter or self.model_name
+
+    def _check_ids(self, what: str, ids: Any) -> None:
+        outside = [t for t in ids if not 0 <= t < self.vocab_size]
+        if outside:
+            raise ConfigError(f"{what} token id {outside[0]} is outside the vocabulary (size {self.vocab_size})")
+
+
+def resolve_components(adapter: str | None, adapters: Any, compositions: Mapping[str, Composition],
+                       max_components: int | None) -> tuple[str | None, Composition]:
+    """What a request names, before asking whether those adapters are registered: (first adapter or None,
+    components). `adapter` may name a composition alias; `adapters` an explicit composition, whose first
+    entry `adapter` must then be. ConfigError (400) for a contradiction."""
+    from engine.lora.compose import normalize
+
+    if adapters is not None:
+        comp = normalize(adapters, max_components=max_components)
+        if adapter is not None and adapter in compositions:
+            raise ConfigError(f"{adapter!r} is a composition; give either it or adapters, not both")
+        if adapter is not None and (not comp or adapter != comp[0][0]):
+            raise ConfigError(f"model {adapter!r} must be the base model or the first entry of adapters "
+                              f"({comp[0][0]!r})" if comp else f"model {adapter!r} names an adapter but every "
+                              "entry of adapters has weight 0")  # fmt: skip
+    elif adapter is not None and adapter in compositions:
+        comp = compositions[adapter]
+    else:
+        comp = ((adapter, 1.0),) if adapter is not None else ()
+    return (comp[0][0] if comp else None), comp
