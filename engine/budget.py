@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from math import prod
 from typing import Any
 
+from engine.config import dtype_name
 from engine.errors import ConfigError
 
 LORA_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -30,17 +31,11 @@ ATTN_MODULES: tuple[str, ...] = LORA_MODULES[:4]
 MLP_MODULES: tuple[str, ...] = LORA_MODULES[4:]
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4}
-_DTYPE_ALIASES = {
-    "fp16": "float16", "f16": "float16", "half": "float16",
-    "bf16": "bfloat16",
-    "fp32": "float32", "f32": "float32", "float": "float32",
-}  # fmt: skip
 
 
 def normalize_dtype(dtype: object) -> str:
     """Canonical dtype name ("float16" | "bfloat16" | "float32") from a name, alias or torch.dtype."""
-    text = str(dtype).strip().lower().removeprefix("torch.")
-    text = _DTYPE_ALIASES.get(text, text)
+    text = dtype_name(dtype)
     if text not in _DTYPE_BYTES:
         raise ConfigError(
             f"unsupported dtype {dtype!s}; use one of float16, bfloat16, float32 (or fp16, bf16, fp32)",

@@ -14,7 +14,12 @@ from engine.errors import ConfigError, UsageError
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
 SCHEDULING_POLICIES = ("fair", "fcfs", "priority")  # engine.scheduler.POLICIES (which imports no config)
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
+# The one dtype name map (engine, merge, budget): alias -> canonical name.
+DTYPE_ALIASES = {
+    "fp16": "float16", "f16": "float16", "half": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32", "f32": "float32", "float": "float32",
+}  # fmt: skip
 CPU_LORAS_PER_SLOT = 2  # CPU cache = 2x the device slots: a working set twice the slots swaps without disk reads
 
 
@@ -197,9 +202,15 @@ def positive_number(value: object, what: str, *, zero_ok: bool = False,
     return float(value)  # type: ignore[arg-type]
 
 
+def dtype_name(value: object) -> str:
+    """The canonical name of a dtype given as a name, an alias (bf16, fp32, half...) or a torch.dtype;
+    callers check it against the dtypes they support."""
+    text = str(value).strip().lower().removeprefix("torch.")
+    return DTYPE_ALIASES.get(text, text)
+
+
 def _norm_dtype(value: str, name: str) -> str:
-    value = str(value).replace("torch.", "")
-    value = _DTYPE_ALIASES.get(value, value)
+    value = dtype_name(value)
     if value not in DTYPES:
         raise UsageError(f"{name} must be one of {', '.join(DTYPES)}, got {value!r}")
     return value

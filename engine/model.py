@@ -237,12 +237,19 @@ class LlamaModel(nn.Module):
             x = layer(x, cos, sin, meta, kv_cache[i, 0], kv_cache[i, 1], lora)
         return self.norm(x)
 
+    def fused_slices(self) -> dict[str, tuple[str, int, int]]:
+        """HF module name -> (fused linear attribute, row offset, rows): the one place q/k/v and gate/up
+        offsets are computed (weight loading and LoRA slot layout both read it)."""
+        args = self.args
+        q, kv, inter = args.num_heads * args.head_dim, args.num_kv_heads * args.head_dim, args.intermediate_size
+        return {"q_proj": ("qkv", 0, q), "k_proj": ("qkv", q, kv), "v_proj": ("qkv", q + kv, kv),
+                "o_proj": ("o_proj", 0, args.hidden_size), "gate_proj": ("gate_up", 0, inter),
+                "up_proj": ("gate_up", inter, inter), "down_proj": ("down_proj", 0, args.hidden_size)}  # fmt: skip
+
     def module_slice(self, module: str) -> tuple[str, int]:
         """(fused linear attribute, column offset) of an HF module name."""
-        a = self.args
-        q, kv = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        return {"q_proj": ("qkv", 0), "k_proj": ("qkv", q), "v_proj": ("qkv", q + kv), "o_proj": ("o_proj", 0),
-                "gate_proj": ("gate_up", 0), "up_proj": ("gate_up", a.intermediate_size), "down_proj": ("down_proj", 0)}[module]  # fmt: skip
+        attr, offset, _ = self.fused_slices()[module]
+        return attr, offset
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> fp32 logits [N, vocab]."""
@@ -252,11 +259,7 @@ class LlamaModel(nn.Module):
     @torch.no_grad()
     def load_weights(self, path: Path) -> None:
         """Copy HF-named safetensors weights into the fused layout; error on anything missing."""
-        a = self.args
-        q, kv, inter = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim, a.intermediate_size
-        slices = {"q_proj": ("qkv", 0, q), "k_proj": ("qkv", q, kv), "v_proj": ("qkv", q + kv, kv),
-                  "o_proj": ("o_proj", 0, a.hidden_size), "gate_proj": ("gate_up", 0, inter),
-                  "up_proj": ("gate_up", inter, inter), "down_proj": ("down_proj", 0, a.hidden_size)}  # fmt: skip
+        slices = self.fused_slices()
         expected = {n: p.shape[0] for n, p in self.named_parameters()}
         loaded: dict[str, int] = {}  # parameter -> rows filled (fused params fill in parts)
         for name, w in iter_weights(path):
@@ -273,7 +276,7 @@ class LlamaModel(nn.Module):
                 dst, target = self.norm.weight, "norm.weight"
             elif name.startswith("layers."):
                 _, idx, *rest = name.split(".")
-                if int(idx) >= a.num_layers:
+                if int(idx) >= self.args.num_layers:
                     raise ConfigError(f"weight {name} is for a layer the config does not have")
                 layer = self.layers[int(idx)]
                 module, kind = rest[-2], rest[-1]
@@ -286,9 +289,9 @@ class LlamaModel(nn.Module):
                 elif module in ("input_layernorm", "post_attention_layernorm", "q_norm", "k_norm") and hasattr(layer, module):
                     dst, target = getattr(layer, module).weight, f"layers.{idx}.{module}.weight"
                 else:
-                    raise ConfigError(f"unexpected weight {name} for a {a.arch} model")
+                    raise ConfigError(f"unexpected weight {name} for a {self.args.arch} model")
             else:
-                raise ConfigError(f"unexpected weight {name} for a {a.arch} model")
+                raise ConfigError(f"unexpected weight {name} for a {self.args.arch} model")
             if tuple(dst.shape) != tuple(w.shape):
                 raise ConfigError(f"weight {name} has shape {tuple(w.shape)}, expected {tuple(dst.shape)}")
             dst.copy_(w)

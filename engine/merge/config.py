@@ -9,10 +9,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config import dtype_name
 from engine.errors import ConfigError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
-_DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "float": "float32"}
 
 # Default --verify tolerance on the max abs logit difference, by output dtype: merging rounds each
 # merged weight to the output dtype once, which moves logits by about that dtype's epsilon times
@@ -60,7 +60,7 @@ class MergeConfig:
             raise ConfigError("a base model is required (--base)")
         if not specs:
             raise ConfigError("at least one adapter is required (--adapter)")
-        dtype = _DTYPE_ALIASES.get(str(self.dtype).lower(), str(self.dtype).lower())
+        dtype = dtype_name(self.dtype)
         if dtype not in DTYPES:
             raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.tolerance is not None and not (math.isfinite(self.tolerance) and self.tolerance >= 0):
