@@ -55,6 +55,25 @@ class ServerState:
         self.idle.set()
 
 
+@dataclass
+class Serving:
+    """What the route logic needs, without an HTTP server: the engine, the server config and the mutable
+    state. The aiohttp app holds one (SERVING); a Ray Serve replica builds its own (`new_serving`)."""
+
+    engine: Any
+    config: ServerConfig
+    state: ServerState
+
+
+def new_serving(engine: Any, config: ServerConfig) -> Serving:
+    """A fresh Serving for `engine`: metrics labelled with its model, the adapters given at start."""
+    ecfg = config.engine
+    state = ServerState(metrics=ServerMetrics(engine.model_name, max_loras=ecfg.max_loras, lora_enabled=ecfg.enable_lora))
+    state.adapter_paths.update(dict(ecfg.loras))
+    return Serving(engine, config, state)
+
+
+SERVING = web.AppKey("serving", Serving)
 ENGINE = web.AppKey("engine", object)
 REQUEST_ID = web.RequestKey("request_id", str)  # the client's X-Request-Id, if it sent a usable one
 _MAX_REQUEST_ID = 256
@@ -205,11 +224,11 @@ def resolvable_name(name: str) -> bool:
     return P.valid_adapter_name(name) and "/" not in name and ":" not in name and not name.startswith(".")
 
 
-async def _resolve_or_fetch(app: web.Application, model: str | None) -> tuple[str, str | None]:
+async def _resolve_or_fetch(srv: Serving, model: str | None) -> tuple[str, str | None]:
     """`_resolve`, plus vLLM's filesystem LoRA resolver: with --allow-runtime-lora and --lora-dir, an
     unregistered adapter NAME that exists as DIR/NAME is validated, registered (once, however many
     requests ask for it at the same time) and served. Anything else stays the 404 of `_resolve`."""
-    engine, config, state = app[ENGINE], app[CONFIG], app[STATE]
+    engine, config, state = srv.engine, srv.config, srv.state
     try:
         return _resolve(engine, model)
     except P.APIError:
@@ -245,11 +264,11 @@ def _start_checks(config: ServerConfig, prompts: int, n: int) -> None:
                     "n" if n > 1 else "prompt")
 
 
-async def _start(app: web.Application, prompts: list[str | list[int]], params: Any, n: int, rid: str,
+async def _start(srv: Serving, prompts: list[str | list[int]], params: Any, n: int, rid: str,
                  model: str | None, *, priority: int = 0, tenant: str | None = None,
                  adapters: Any = None) -> tuple[str, Choices]:
-    engine, state, config = app[ENGINE], app[STATE], app[CONFIG]
-    name, adapter = await _resolve_or_fetch(app, model)
+    engine, state, config = srv.engine, srv.state, srv.config
+    name, adapter = await _resolve_or_fetch(srv, model)
     _start_checks(config, len(prompts), n)
     log.debug("request %s: model %s, %d sequence(s)", rid, name, len(prompts) * n)
     try:
@@ -257,7 +276,7 @@ async def _start(app: web.Application, prompts: list[str | list[int]], params: A
                                      metrics=state.metrics, label=name, priority=priority, tenant=tenant,
                                      adapters=adapters)
     except MloraError as exc:
-        err = api_error_for(exc, app[CONFIG].retry_after_s)
+        err = api_error_for(exc, config.retry_after_s)
         state.metrics.count_error(name, err.status)
         raise err from None
     for ch in choices.items:  # aborted before its first token: an error status, headers not sent yet
@@ -267,17 +286,17 @@ async def _start(app: web.Application, prompts: list[str | list[int]], params: A
     return name, choices
 
 
-def _check_context(app: web.Application, model: str | None, prompt_lens: list[int], max_tokens: int) -> None:
+def _check_context(srv: Serving, model: str | None, prompt_lens: list[int], max_tokens: int) -> None:
     """vLLM's 400 when prompt + max_tokens exceed the context, counted like the engine's errors.
 
     A prompt that alone fills the context is left to the engine (its own message)."""
-    engine = app[ENGINE]
+    engine = srv.engine
     try:
         for n in prompt_lens:
             if n < engine.max_model_len:
                 P.check_max_tokens(n, max_tokens, engine.max_model_len)
     except P.APIError as err:
-        app[STATE].metrics.count_error(_resolve(engine, model)[0], err.status)
+        srv.state.metrics.count_error(_resolve(engine, model)[0], err.status)
         raise
 
 
@@ -307,14 +326,14 @@ class Reply:
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
 
 
-async def _events(app: web.Application, choices: Choices, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+async def _events(srv: Serving, choices: Choices, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
     """`chunks` then `data: [DONE]`, reporting a late error in-band; always closes the engine requests."""
     try:
         try:
             async for data in chunks:
                 yield data
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
-            err = api_error_for(exc, app[CONFIG].retry_after_s)
+            err = api_error_for(exc, srv.config.retry_after_s)
             if err.status >= 500 and not isinstance(exc, (P.APIError, MloraError)):
                 log.exception("error while streaming")
             yield P.sse(P.error_body(err))
@@ -378,9 +397,9 @@ def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, na
     return P.sse(P.chunk(kind, rid, created, name, [], P.usage(prompt_tokens, sum(len(o.token_ids) for o in outs))))
 
 
-async def completion_reply(app: web.Application, body: Any, request_id: str | None = None) -> Reply:
+async def completion_reply(srv: Serving, body: Any, request_id: str | None = None) -> Reply:
     """POST /v1/completions (vLLM/OpenAI legacy completions; prompt may be a batch) for a parsed JSON body."""
-    engine, config = app[ENGINE], app[CONFIG]
+    engine, config = srv.engine, srv.config
     if isinstance(body, dict) and isinstance(body.get("prompt"), list):  # token ids: checking them scales
         req = await run_text_work(P.parse_completion, body, len(engine.tokenizer))
     else:
@@ -394,10 +413,10 @@ async def completion_reply(app: web.Application, body: Any, request_id: str | No
             raise P.bad(f"the prompt has {len(p)} tokens; this model's context is {engine.max_model_len} tokens", "prompt")
     texts = [p for p in req.prompts if isinstance(p, str)]  # counted off the event loop, as the engine tokenizes
     counts = iter(await run_text_work(lambda: [len(engine.tokenizer(p).input_ids) for p in texts]) if texts else [])
-    _check_context(app, req.model, [len(p) if isinstance(p, list) else next(counts) for p in req.prompts],
+    _check_context(srv, req.model, [len(p) if isinstance(p, list) else next(counts) for p in req.prompts],
                    req.params.max_tokens)
     (rid, engine_rid), created = _request_ids(request_id, "cmpl"), P.now_s()
-    name, choices = await _start(app, req.prompts, req.params, req.n, engine_rid, req.model, priority=req.priority,
+    name, choices = await _start(srv, req.prompts, req.params, req.n, engine_rid, req.model, priority=req.priority,
                                  tenant=req.tenant, adapters=req.adapters)
     tok, want_lp = engine.tokenizer, req.params.logprobs is not None
 
@@ -436,7 +455,7 @@ async def completion_reply(app: web.Application, body: Any, request_id: str | No
             yield _usage_chunk(choices, req.n, "text_completion", rid, created, name)
 
     if req.stream:
-        return Reply(events=_events(app, choices, chunks()), choices=choices)
+        return Reply(events=_events(srv, choices, chunks()), choices=choices)
     try:
         outs = await choices.collect()
         for o in outs:
@@ -454,9 +473,9 @@ async def completion_reply(app: web.Application, body: Any, request_id: str | No
         await choices.close()
 
 
-async def chat_reply(app: web.Application, body: Any, request_id: str | None = None) -> Reply:
+async def chat_reply(srv: Serving, body: Any, request_id: str | None = None) -> Reply:
     """POST /v1/chat/completions (prompt from the tokenizer's chat template, or the plain fallback)."""
-    engine, config = app[ENGINE], app[CONFIG]
+    engine, config = srv.engine, srv.config
     req = P.parse_chat(body)
     if req.chat_template is not None and not config.trust_request_chat_template:
         raise P.bad("this server does not accept a chat template from the request "
@@ -468,9 +487,9 @@ async def chat_reply(app: web.Application, body: Any, request_id: str | None = N
     if not req.max_tokens_given:  # OpenAI's default: as many as the context leaves
         req.params.max_tokens = max(1, engine.max_model_len - n_prompt)
     else:
-        _check_context(app, req.model, [n_prompt], req.params.max_tokens)
+        _check_context(srv, req.model, [n_prompt], req.params.max_tokens)
     (rid, engine_rid), created = _request_ids(request_id, "chatcmpl"), P.now_s()
-    name, choices = await _start(app, [prompt], req.params, req.n, engine_rid, req.model, priority=req.priority,
+    name, choices = await _start(srv, [prompt], req.params, req.n, engine_rid, req.model, priority=req.priority,
                                  tenant=req.tenant, adapters=req.adapters)
     tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None
     kind = "chat.completion.chunk"
@@ -495,7 +514,7 @@ async def chat_reply(app: web.Application, body: Any, request_id: str | None = N
             yield _usage_chunk(choices, req.n, kind, rid, created, name)
 
     if req.stream:
-        return Reply(events=_events(app, choices, chunks()), choices=choices)
+        return Reply(events=_events(srv, choices, chunks()), choices=choices)
     try:
         outs = await choices.collect()
         for o in outs:
@@ -518,13 +537,13 @@ async def _generation_body(request: web.Request) -> Any:
 async def completions(request: web.Request) -> web.StreamResponse:
     body = await _generation_body(request)
     async with _inflight(request):
-        return await _send(request, await completion_reply(request.app, body, request.get(REQUEST_ID)))
+        return await _send(request, await completion_reply(request.app[SERVING], body, request.get(REQUEST_ID)))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     body = await _generation_body(request)
     async with _inflight(request):
-        return await _send(request, await chat_reply(request.app, body, request.get(REQUEST_ID)))
+        return await _send(request, await chat_reply(request.app[SERVING], body, request.get(REQUEST_ID)))
 
 
 async def models(request: web.Request) -> web.Response:
@@ -569,13 +588,13 @@ def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
     return list(tokenizer(text, add_special_tokens=add_special_tokens).input_ids)
 
 
-async def tokenize_reply(app: web.Application, body: Any) -> Reply:
+async def tokenize_reply(srv: Serving, body: Any) -> Reply:
     """POST /tokenize (vLLM): `{"model", "prompt"}` or `{"model", "messages", "add_generation_prompt"}`
     -> `{"count", "max_model_len", "tokens"}` (+ `token_strs` with `return_token_strs`). The chat form
     renders exactly as /v1/chat/completions does. Rendering and tokenizing run in the worker pool,
     bounded like a generation request's prompt."""
-    engine, config = app[ENGINE], app[CONFIG]
-    await _resolve_or_fetch(app, _model_field(body))
+    engine, config = srv.engine, srv.config
+    await _resolve_or_fetch(srv, _model_field(body))
     tok, limit = engine.tokenizer, max_prompt_chars(engine.tokenizer, engine.max_model_len)
     if "messages" in body:
         chat = {k: v for k, v in body.items() if k in ("model", "messages", "add_generation_prompt",
@@ -600,10 +619,10 @@ async def tokenize_reply(app: web.Application, body: Any) -> Reply:
     return Reply(body=out)
 
 
-async def detokenize_reply(app: web.Application, body: Any) -> Reply:
+async def detokenize_reply(srv: Serving, body: Any) -> Reply:
     """POST /detokenize (vLLM): `{"model", "tokens"}` -> `{"prompt"}`; ids outside the vocabulary are a 400."""
-    engine = app[ENGINE]
-    await _resolve_or_fetch(app, _model_field(body))
+    engine = srv.engine
+    await _resolve_or_fetch(srv, _model_field(body))
     tokens, vocab = body.get("tokens"), len(engine.tokenizer)
     if (not isinstance(tokens, list) or len(tokens) > engine.max_model_len
             or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)):
@@ -614,13 +633,13 @@ async def detokenize_reply(app: web.Application, body: Any) -> Reply:
 async def tokenize(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     async with _inflight(request):
-        return await _send(request, await tokenize_reply(request.app, body))
+        return await _send(request, await tokenize_reply(request.app[SERVING], body))
 
 
 async def detokenize(request: web.Request) -> web.StreamResponse:
     body = await _body(request)
     async with _inflight(request):
-        return await _send(request, await detokenize_reply(request.app, body))
+        return await _send(request, await detokenize_reply(request.app[SERVING], body))
 
 
 async def version(request: web.Request) -> web.Response:
@@ -754,12 +773,11 @@ def create_app(engine: Any, config: ServerConfig) -> web.Application:
     app = web.Application(middlewares=[error_middleware, request_id_middleware, guard_middleware],
                           client_max_size=config.max_body_bytes)
     app.on_response_prepare.append(_echo_request_id)
-    ecfg = config.engine
+    serving = new_serving(engine, config)
+    app[SERVING] = serving
     app[ENGINE] = engine
     app[CONFIG] = config
-    app[STATE] = ServerState(metrics=ServerMetrics(engine.model_name, max_loras=ecfg.max_loras,
-                                                   lora_enabled=ecfg.enable_lora))
-    app[STATE].adapter_paths.update(dict(ecfg.loras))
+    app[STATE] = serving.state
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)

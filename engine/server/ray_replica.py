@@ -28,8 +28,8 @@ from ray import serve
 
 from engine.errors import AdapterNotFoundError, MloraError
 from engine.server import protocol as P
-from engine.server.app import CONFIG, ENGINE, SSE_HEADERS, STATE, Reply, api_error_for, chat_reply, completion_reply, \
-    create_app, detokenize_reply, tokenize_reply
+from engine.server.app import SSE_HEADERS, Reply, api_error_for, chat_reply, completion_reply, detokenize_reply, \
+    new_serving, tokenize_reply
 from engine.server.config import ServerConfig
 
 log = logging.getLogger("mlora.server.ray")
@@ -83,12 +83,12 @@ class MloraReplica:
         await self.engine.start()
         for name in self.engine.list_adapters():  # the demo registers its adapters at start: begin empty
             await self.engine.remove_adapter(name)
-        self.app = create_app(self.engine, config)
-        self.app[STATE].adapter_paths.clear()
+        self.serving = new_serving(self.engine, config)  # the route logic's state; no HTTP server here
+        self.serving.state.adapter_paths.clear()
         self.retry_after_s = config.retry_after_s
         self._inflight: Tally[str] = Tally()
         self._doomed: set[str] = set()  # unloaded by Ray while requests still use them
-        registry = self.app[STATE].metrics.registry
+        registry = self.serving.state.metrics.registry
         self.m_loads = Counter("mlora:replica_adapter_loads", "Adapters registered on this replica by Ray Serve "
                                "multiplexing (a miss: the request came to a replica without it).", ["adapter"],
                                registry=registry)
@@ -148,13 +148,13 @@ class MloraReplica:
 
     async def _reply(self, route: str, body: Any, request_id: str | None) -> Reply:
         if route == "/v1/completions":
-            return await completion_reply(self.app, body, request_id)
+            return await completion_reply(self.serving, body, request_id)
         if route == "/v1/chat/completions":
-            return await chat_reply(self.app, body, request_id)
+            return await chat_reply(self.serving, body, request_id)
         if route == "/tokenize":
-            return await tokenize_reply(self.app, body)
+            return await tokenize_reply(self.serving, body)
         if route == "/detokenize":
-            return await detokenize_reply(self.app, body)
+            return await detokenize_reply(self.serving, body)
         raise P.APIError(404, "Not Found")
 
     # -- called by the ingress -----------------------------------------------------------------
@@ -204,13 +204,13 @@ class MloraReplica:
     async def info(self) -> dict[str, Any]:
         """What /v1/models needs: the base model's name and context length, and this replica's id."""
         return {"model_name": self.engine.model_name, "max_model_len": self.engine.max_model_len,
-                "root": self.app[CONFIG].engine.model or self.engine.model_name, "replica": self.replica_id}
+                "root": self.serving.config.engine.model or self.engine.model_name, "replica": self.replica_id}
 
     async def metrics_text(self) -> tuple[str, bytes]:
         """(replica id, this replica's Prometheus exposition), refreshed from the engine now."""
-        state = self.app[STATE]
+        state = self.serving.state
         try:
-            state.metrics.refresh(self.app[ENGINE].stats())
+            state.metrics.refresh(self.engine.stats())
         except Exception:  # noqa: BLE001 - a scrape must not fail because stats did
             log.exception("engine.stats() failed during a /metrics scrape")
         return self.replica_id, state.metrics.render()
