@@ -6,6 +6,7 @@ Pure Python (no torch) so the CLI can build and validate it cheaply.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -20,7 +21,15 @@ DTYPE_ALIASES = {
     "bf16": "bfloat16",
     "fp32": "float32", "f32": "float32", "float": "float32",
 }  # fmt: skip
+# Adapter names: no commas or spaces, since vllm:lora_requests_info joins names with commas.
+ADAPTER_NAME_RULE = "1-128 characters from letters, digits and . _ / : @ + - (starting with a letter or digit)"
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,127}$")
 CPU_LORAS_PER_SLOT = 2  # CPU cache = 2x the device slots: a working set twice the slots swaps without disk reads
+
+
+def valid_adapter_name(name: object) -> bool:
+    """Whether `name` may name an adapter (--lora, /v1/load_lora_adapter, a tenant): see ADAPTER_NAME_RULE."""
+    return isinstance(name, str) and bool(_ADAPTER_NAME.match(name))
 
 
 def default_max_cpu_loras(max_loras: int) -> int:

@@ -23,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from kernels import ComposedRows, LoraBatchMeta
 
 from engine.attention import AttentionMetadata, PrefillBatch, PrefillSpan
-from engine.budget import ModelDims, kv_bytes_per_token, total_slot_bytes
+from engine.planning.budget import ModelDims, kv_bytes_per_token, total_slot_bytes
 from engine.config import EngineConfig
 from engine.errors import ConfigError
 from engine.model import LlamaModel, LoraContext, LoraStacks, ModelArgs

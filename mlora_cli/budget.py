@@ -58,7 +58,7 @@ def budget(
 
     Exits 3 when base weights + slots (or one --max-model-len sequence of KV cache) do not fit the GPU budget.
     """
-    from engine.budget_plan import BudgetConfig, plan_budget
+    from engine.planning.budget_plan import BudgetConfig, plan_budget
 
     config = BudgetConfig(
         model=model,
@@ -109,7 +109,7 @@ def _plan_with_progress(config):  # noqa: ANN001, ANN202 - BudgetConfig -> Budge
     """plan_budget with a progress bar on stderr while the trace replays (only on a terminal)."""
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    from engine.budget_plan import plan_budget
+    from engine.planning.budget_plan import plan_budget
     from mlora_cli._common import err_console
 
     columns = (TextColumn("replaying trace"), BarColumn(), DownloadColumn(), TimeRemainingColumn())

@@ -25,7 +25,7 @@ class Policy(str, Enum):
 def parse_lora(specs: list[str]) -> tuple[tuple[str, str], ...]:
     """`name=path` items (path: directory or Hub id) -> ((name, path), ...); a clear error otherwise."""
     from engine.errors import UsageError
-    from engine.server.protocol import ADAPTER_NAME_RULE, valid_adapter_name
+    from engine.config import ADAPTER_NAME_RULE, valid_adapter_name
 
     out = []
     for spec in specs:

@@ -179,3 +179,25 @@ def test_policy_modules_import_no_torch(module):
     code = f'import sys; sys.modules["torch"] = None; import {module}; print("ok")'
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_cli_commands_but_serve_import_no_server_code():
+    """`mlora budget/bench/merge/validate` and the CLI's option parsers load no HTTP stack (aiohttp blocked
+    in a fresh interpreter), and the engine.server package is not imported; only `mlora serve` needs it."""
+    code = """
+import sys
+sys.modules["aiohttp"] = None
+from typer.testing import CliRunner
+import mlora_cli.main, mlora_cli.bench, mlora_cli.budget, mlora_cli.merge, mlora_cli.validate, mlora_cli.completions
+from mlora_cli.serve import parse_lora, parse_lora_weights
+import engine.planning.budget_plan, engine.planning.trace, engine.planning.presets
+assert parse_lora(["a=./x"]) == (("a", "./x"),) and parse_lora_weights(["a=2"]) == (("a", 2.0),)
+for cmd in ("budget", "bench", "merge", "validate"):
+    res = CliRunner().invoke(mlora_cli.main.app, [cmd, "--help"])
+    assert res.exit_code == 0, (cmd, res.output, res.exception)
+server = sorted(m for m in sys.modules if m.startswith("engine.server"))
+assert not server, server
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]

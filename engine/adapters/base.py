@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from engine.adapters.files import looks_like_hub_id, read_json_file
-from engine.budget import LORA_MODULES, ModelDims, lora_module_shape
+from engine.planning.budget import LORA_MODULES, ModelDims, lora_module_shape
 from engine.errors import AdapterError, ConfigError
 
 
 @dataclass(frozen=True)
 class BaseDims:
-    """A base model's decoder dimensions (engine.budget.ModelDims, the one source of truth for
+    """A base model's decoder dimensions (engine.planning.budget.ModelDims, the one source of truth for
     shapes) plus where they came from."""
 
     name: str  # what the user passed (path or hub id)

@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Sequence
 
-from engine.budget import LORA_MODULES
+from engine.planning.budget import LORA_MODULES
 from engine.errors import AdapterError
 
 # The linear layers of a Llama-family decoder layer that the engine serves LoRA on (budget's list).

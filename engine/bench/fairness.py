@@ -3,7 +3,7 @@
 - flood: a heavy tenant (the first adapter) queues `heavy_requests` at once (saturation); after
   `light_delay_s`, each light tenant (the next adapters) sends `light_requests`, all at once or as a
   seeded Poisson process at `light_rate` requests/s.
-- trace: replays a JSONL trace's arrivals (engine/trace.py's format: `timestamp` + `adapter` or
+- trace: replays a JSONL trace's arrivals (engine/planning/trace.py's format: `timestamp` + `adapter` or
   `model`; optional `max_tokens`, `priority`, `tenant`). Adapter names the engine does not serve are
   mapped onto its adapters by first appearance, so any production trace replays on the bench model.
 Each policy runs the same requests on a fresh AsyncLLM (streaming, timed on the client side, as
@@ -108,7 +108,7 @@ def flood_requests(cfg: FairnessConfig, adapters: list[str]) -> list[TimedReques
 def trace_requests(path: str | Path, adapters: list[str], *, max_tokens: int, seed: int = 0) -> list[TimedRequest]:
     """A JSONL trace's requests with arrivals relative to its first timestamp (a line without one arrives
     with the line before it); adapter names not in `adapters` are mapped onto them by first appearance."""
-    from engine.trace import TraceError, _parse_timestamp
+    from engine.planning.trace import TraceError, _parse_timestamp
 
     path = Path(path)
     try:

@@ -4,7 +4,7 @@ The bound: a decode step reads the base linears once (W bytes) plus the A/B weig
 every distinct adapter in the batch (a bytes each), so when decode is memory-bound
     bound(mixed-N / homogeneous) = (W + a) / (W + N*a)
     bound(homogeneous / base)    = W / (W + a)
-W and a come from engine.budget (linear_weight_bytes, adapter_slot_bytes), the same
+W and a come from engine.planning.budget (linear_weight_bytes, adapter_slot_bytes), the same
 functions the slot allocator uses. Efficiency = measured ratio / bound.
 `bench_warnings` says when the numbers should not be trusted: an efficiency far above 100% (the
 run was not memory-bound, or noise slowed the reference run) or repeated rounds that disagree.
@@ -32,7 +32,7 @@ def metric_label(metric: str) -> str:
 
 def traffic_bytes(hf_config: Any, *, rank: int, dtype: str) -> tuple[int, int]:
     """(W, a): bytes of base decoder linears read per decode step, bytes of one adapter's A and B."""
-    from engine.budget import ModelDims, adapter_slot_bytes, linear_weight_bytes
+    from engine.planning.budget import ModelDims, adapter_slot_bytes, linear_weight_bytes
 
     dims = ModelDims.from_hf_config(hf_config)
     return linear_weight_bytes(dims, dtype), adapter_slot_bytes(dims, rank=rank, dtype=dtype)
@@ -222,7 +222,7 @@ def render(report: dict[str, Any], console: Any) -> None:
     console.print(rt)
     traffic = report["traffic"]
     console.print(f"[dim]W = {traffic['W_bytes'] / 1e6:.1f} MB base linears per decode step, "
-                  f"a = {traffic['a_bytes'] / 1e6:.2f} MB per adapter (engine.budget)[/]")
+                  f"a = {traffic['a_bytes'] / 1e6:.2f} MB per adapter (engine.planning.budget)[/]")
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     for warning in report.get("warnings", ()):

@@ -365,7 +365,7 @@ def machine_info(device: str, dtype: str) -> dict[str, Any]:
 
 
 def model_info(model_dir: Path, hf_config: Any, cfg: BenchConfig) -> dict[str, Any]:
-    from engine.budget import ModelDims
+    from engine.planning.budget import ModelDims
 
     dims = ModelDims.from_hf_config(hf_config)
     return {

@@ -1,6 +1,6 @@
 """LoRA weight slots on the engine device: one stack per (layer, module), `max_loras` deep.
 
-Layout (allocated ONCE, shapes from `engine.budget.slot_stack_shapes`, the one source of
+Layout (allocated ONCE, shapes from `engine.planning.budget.slot_stack_shapes`, the one source of
 truth, so the bytes here equal `budget.adapter_slot_bytes(...) * max_loras`):
 
     A[module]   [layers, max_loras, max_rank, in]    lora_dtype   (A[m][l] is one layer's stack)
@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from engine.budget import LORA_MODULES, ModelDims, lora_module_shape, normalize_dtype, slot_stack_shapes
+from engine.planning.budget import LORA_MODULES, ModelDims, lora_module_shape, normalize_dtype, slot_stack_shapes
 from engine.errors import AdapterError, ConfigError
 
 # Slots built without the base weights (`base_weight=None`) cannot serve DoRA: its norm needs W0.

@@ -81,7 +81,7 @@ class ServerConfig:
 def adapters_in_dir(directory: str, *, flag: str = "lora_dir") -> tuple[tuple[str, str], ...]:
     """((name, path), ...) for every subdirectory of `directory` holding adapter_config.json, named after
     it and sorted: a directory of adapters as one adapter source (`mlora serve --lora-dir`)."""
-    from engine.server.protocol import ADAPTER_NAME_RULE, valid_adapter_name
+    from engine.config import ADAPTER_NAME_RULE, valid_adapter_name
 
     root = Path(directory).expanduser()
     if not root.is_dir():

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import math
-import re
 import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from engine.config import ADAPTER_NAME_RULE, valid_adapter_name  # noqa: F401 - the wire format names them
 from engine.errors import ConfigError
 from engine.outputs import Logprob, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
@@ -29,13 +29,6 @@ MAX_STOP_CHARS = 256  # characters per stop string (the longest one is held back
 MAX_STOP_TOKEN_IDS = 256
 MAX_INT = 2**31 - 1  # max_tokens, top_k: anything larger is a mistake, not a wish (and no bignums reach torch)
 LOGPROB_FLOOR = -9999.0  # vLLM's floor for -inf logprobs (JSON has no infinities)
-# Adapter names: no commas or spaces, since vllm:lora_requests_info joins names with commas.
-ADAPTER_NAME_RULE = "1-128 characters from letters, digits and . _ / : @ + - (starting with a letter or digit)"
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,127}$")
-
-
-def valid_adapter_name(name: object) -> bool:
-    return isinstance(name, str) and bool(_ADAPTER_NAME.match(name))
 _ROLES = ("system", "user", "assistant", "tool", "developer")
 
 

@@ -20,8 +20,8 @@ from engine.bench.report import (
     traffic_bytes,
 )
 from engine.bench.stats import RequestTiming, summarize
-from engine.budget import ModelDims, adapter_slot_bytes, linear_weight_bytes
-from engine.presets import load_model_preset
+from engine.planning.budget import ModelDims, adapter_slot_bytes, linear_weight_bytes
+from engine.planning.presets import load_model_preset
 
 HIDDEN_768 = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12,
                   num_key_value_heads=12, vocab_size=32000)  # fmt: skip

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.budget import ModelDims, adapter_slot_bytes, base_weight_bytes
-from engine.presets import gpu_memory_bytes, load_model_preset
+from engine.planning.budget import ModelDims, adapter_slot_bytes, base_weight_bytes
+from engine.planning.presets import gpu_memory_bytes, load_model_preset
 from tests.tiny import build_peft_adapter, build_tiny_model
 
 

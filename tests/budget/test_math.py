@@ -11,7 +11,7 @@ import torch
 from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from engine.budget import (
+from engine.planning.budget import (
     LORA_MODULES,
     ModelDims,
     adapter_slot_bytes,
@@ -26,9 +26,9 @@ from engine.budget import (
     slot_stack_shapes,
     total_slot_bytes,
 )
-from engine.budget_plan import inspect_adapter
+from engine.planning.budget_plan import inspect_adapter
 from engine.errors import ConfigError
-from engine.presets import load_model_preset, model_preset_names
+from engine.planning.presets import load_model_preset, model_preset_names
 from tests.tiny import build_peft_adapter, build_tiny_model, tiny_config
 
 # (arch, config overrides): head_dim != hidden/heads, biases, tied/untied embeddings

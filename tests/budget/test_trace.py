@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.trace import TraceError, replay_trace
+from engine.planning.trace import TraceError, replay_trace
 
 
 def write_trace(path: Path, adapters: list, *, key: str = "adapter", t0: float = 1_700_000_000.0, dt: float = 0.5) -> Path:

@@ -70,7 +70,7 @@ def test_prompt_errors(llama_dir: Path) -> None:
 
 def test_kv_capacity_from_memory_budget(llama_dir: Path) -> None:
     """kv_cache_memory_bytes -> blocks = bytes // (block bytes); max_model_len clamps to what fits."""
-    from engine.budget import ModelDims, kv_bytes_per_token
+    from engine.planning.budget import ModelDims, kv_bytes_per_token
 
     llm = LLM(str(llama_dir), enable_lora=False, block_size=8, kv_cache_memory_bytes=200_000)
     per_block = kv_bytes_per_token(ModelDims.from_hf_config(llm.engine.hf_config), "float32") * 8

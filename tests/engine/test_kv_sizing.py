@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from engine.budget import ModelDims, kv_bytes_per_token
+from engine.planning.budget import ModelDims, kv_bytes_per_token
 from engine.config import EngineConfig
 from engine.errors import ConfigError
 from engine.loader import load_hf_config, resolve_model_path

@@ -198,7 +198,7 @@ def test_replace_and_remove_adapter(tiny_models: dict[str, Path], adapters) -> N
 
 def test_slot_bytes_equal_budget_and_dora_matches_peft(tiny_models: dict[str, Path], tmp_path: Path) -> None:
     """The engine's slots cost exactly what `mlora budget` says; a DoRA adapter is served like PEFT."""
-    from engine.budget import ModelDims, adapter_slot_bytes
+    from engine.planning.budget import ModelDims, adapter_slot_bytes
 
     base = tiny_models["llama"]
     dora = build_peft_adapter(base, tmp_path / "dora", seed=9, r=8, lora_alpha=16, use_dora=True)

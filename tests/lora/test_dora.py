@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from engine.adapters import load_adapter
-from engine.budget import ModelDims
+from engine.planning.budget import ModelDims
 from engine.lora.manager import AdapterCache
 from engine.lora.slots import LoraSlots, apply_dora
 from tests.tiny import build_peft_adapter, build_tiny_model, tiny_config

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from engine.adapters import load_adapter
-from engine.budget import LORA_MODULES, ModelDims, adapter_slot_bytes, total_slot_bytes
+from engine.planning.budget import LORA_MODULES, ModelDims, adapter_slot_bytes, total_slot_bytes
 from engine.errors import AdapterError
 from engine.lora.manager import AdapterCache
 from engine.lora.slots import DORA_UNSUPPORTED, LoraSlots

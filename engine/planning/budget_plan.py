@@ -1,8 +1,8 @@
 """`mlora budget` as one engine call: `plan_budget(BudgetConfig) -> BudgetReport`.
 
-Composes the byte math of `engine.budget` (the single source of truth for sizes), the model
+Composes the byte math of `engine.planning.budget` (the single source of truth for sizes), the model
 and GPU presets, real adapters read from their safetensors header, and the working-set replay
-of `engine.trace`. Torch-free; the CLI only parses flags and renders the report.
+of `engine.planning.trace`. Torch-free; the CLI only parses flags and renders the report.
 
 GPU arithmetic (the same as vLLM's): budget = total memory * gpu_memory_utilization;
 KV bytes = budget - base weights - LoRA slots, rounded down to whole KV blocks. Activations,
@@ -19,7 +19,9 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from engine.budget import (
+from engine.config import default_max_cpu_loras
+from engine.errors import ConfigError
+from engine.planning.budget import (
     LORA_MODULES,
     ModelDims,
     adapter_slot_bytes,
@@ -34,10 +36,8 @@ from engine.budget import (
     slot_stack_shapes,
     dtype_bytes,
 )
-from engine.config import default_max_cpu_loras
-from engine.errors import ConfigError
-from engine.presets import DEFAULT_GPU_PRESET, DEFAULT_MODEL_PRESET, find_model_preset, gpu_memory_bytes, resolve_model_config
-from engine.trace import ProgressFn, replay_trace
+from engine.planning.presets import DEFAULT_GPU_PRESET, DEFAULT_MODEL_PRESET, find_model_preset, gpu_memory_bytes, resolve_model_config
+from engine.planning.trace import ProgressFn, replay_trace
 
 DEFAULT_MAX_MODEL_LEN_CAP = 8192  # default --max-model-len: the model's max_position_embeddings, capped here
 GIB = 1 << 30
@@ -147,7 +147,7 @@ class TraceSummary:
     recommended_max_concurrent_sequences: int | None
     recommended_fits: bool | None  # None without a recommendation
     best_hit_rate: float  # with max_loras >= distinct_adapters: only cold misses
-    simulated_up_to: int  # hit rates are exact for max_loras <= this (engine.trace.MAX_SIMULATED_SLOTS cap)
+    simulated_up_to: int  # hit rates are exact for max_loras <= this (engine.planning.trace.MAX_SIMULATED_SLOTS cap)
     base_model_names: tuple[str, ...] = ()  # trace names counted as base-model requests, sorted
 
 

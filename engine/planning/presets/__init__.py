@@ -1,7 +1,7 @@
 """Built-in model and GPU presets for `mlora budget`, stored as JSON data next to this file.
 
 A model preset is the public `config.json` facts of a popular base model (the fields
-`engine.budget.ModelDims.from_hf_config` reads), so the budget math runs offline. `gpus.json`
+`engine.planning.budget.ModelDims.from_hf_config` reads), so the budget math runs offline. `gpus.json`
 holds each GPU's total memory in bytes as the driver reports it (nvidia-smi `memory.total`).
 """
 
