@@ -11,7 +11,7 @@ is one OpenAI-shaped JSON object with the right status, never a traceback:
     QueueFullError -> 429 + Retry-After             EngineStoppedError, draining -> 503 + Retry-After
     body over max_body_bytes -> 413                 body slower than body_timeout -> 408 (connection closed)
 
-Every response body and SSE event is strict JSON (`P.dumps`: a NaN never reaches a client).
+Every response body and SSE event is strict JSON (`protocol.dumps`: a NaN never reaches a client).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from aiohttp import web
 from engine.config import positive_number
 from engine.errors import (AdapterError, AdapterNotFoundError, ConfigError, EngineStoppedError, MloraError,
                            PromptTooLongError, QueueFullError)
-from engine.server import protocol as P
+from engine.server import protocol
 from engine.server.config import ServerConfig
 from engine.server.generation import Choices, open_choices
 from engine.server.metrics import CONTENT_TYPE, ServerMetrics
@@ -44,7 +44,7 @@ class ServerState:
     """Mutable per-app state: metrics, in-flight count (for graceful drain), adapter paths."""
 
     metrics: ServerMetrics
-    created: int = field(default_factory=P.now_s)
+    created: int = field(default_factory=protocol.now_s)
     inflight: int = 0
     draining: bool = False
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -81,28 +81,28 @@ CONFIG = web.AppKey("config", ServerConfig)
 STATE = web.AppKey("state", ServerState)
 
 
-def api_error_for(exc: BaseException, retry_after: int = 1) -> P.APIError:
+def api_error_for(exc: BaseException, retry_after: int = 1) -> protocol.APIError:
     """Map an engine error to its HTTP error."""
-    if isinstance(exc, P.APIError):
+    if isinstance(exc, protocol.APIError):
         return exc
     retry = {"Retry-After": str(retry_after)}
     if isinstance(exc, AdapterNotFoundError):
-        return P.APIError(404, exc.message, param="model")
+        return protocol.APIError(404, exc.message, param="model")
     if isinstance(exc, QueueFullError):
-        return P.APIError(429, exc.message, headers=retry)
+        return protocol.APIError(429, exc.message, headers=retry)
     if isinstance(exc, EngineStoppedError):
-        return P.APIError(503, exc.message, headers=retry)
+        return protocol.APIError(503, exc.message, headers=retry)
     if isinstance(exc, (PromptTooLongError, AdapterError, ConfigError, MloraError)):
-        return P.APIError(400, exc.message)
-    return P.APIError(500, "internal server error (see the server log)")
+        return protocol.APIError(400, exc.message)
+    return protocol.APIError(500, "internal server error (see the server log)")
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.json_response(body, status=status, headers=headers, dumps=P.dumps)
+    return web.json_response(body, status=status, headers=headers, dumps=protocol.dumps)
 
 
-def json_error(err: P.APIError) -> web.Response:
-    resp = json_response(P.error_body(err), status=err.status, headers=err.headers)
+def json_error(err: protocol.APIError) -> web.Response:
+    resp = json_response(protocol.error_body(err), status=err.status, headers=err.headers)
     if err.status == 408:  # the rest of a slow body is not worth waiting for
         resp.force_close()
     return resp
@@ -116,15 +116,15 @@ async def error_middleware(request: web.Request, handler: Any) -> web.StreamResp
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return json_error(P.APIError(exc.status, exc.reason or "error"))
-    except (P.APIError, MloraError) as exc:
+        return json_error(protocol.APIError(exc.status, exc.reason or "error"))
+    except (protocol.APIError, MloraError) as exc:
         return json_error(api_error_for(exc, request.app[CONFIG].retry_after_s))
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error in %s %s (X-Request-Id %s)", request.method, request.path,
                       request.get(REQUEST_ID, "-"))
-        return json_error(P.APIError(500, "internal server error (see the server log)"))
+        return json_error(protocol.APIError(500, "internal server error (see the server log)"))
 
 
 def client_request_id(header: str | None) -> str | None:
@@ -154,10 +154,10 @@ def _request_ids(given: str | None, prefix: str) -> tuple[str, str]:
     """(response id, engine request id). With X-Request-Id, the response id is `prefix-<header>` as in
     vLLM; the engine id gets a short suffix so two clients reusing one header never collide."""
     if given is None:
-        rid = P.new_id(prefix)
+        rid = protocol.new_id(prefix)
         return rid, rid
     rid = f"{prefix}-{given}"
-    return rid, f"{rid}-{P.new_id('r')[2:10]}"
+    return rid, f"{rid}-{protocol.new_id('r')[2:10]}"
 
 
 @web.middleware
@@ -172,8 +172,8 @@ async def guard_middleware(request: web.Request, handler: Any) -> web.StreamResp
     return await handler(request)
 
 
-def _draining(config: ServerConfig) -> P.APIError:
-    return P.APIError(503, "the server is shutting down", headers={"Retry-After": str(config.retry_after_s)})
+def _draining(config: ServerConfig) -> protocol.APIError:
+    return protocol.APIError(503, "the server is shutting down", headers={"Retry-After": str(config.retry_after_s)})
 
 
 @asynccontextmanager
@@ -203,10 +203,10 @@ async def _body(request: web.Request) -> Any:
         async with asyncio.timeout(config.body_timeout):
             raw = await request.read()
     except TimeoutError:
-        raise P.APIError(408, f"the request body did not arrive within {config.body_timeout:g}s") from None
+        raise protocol.APIError(408, f"the request body did not arrive within {config.body_timeout:g}s") from None
     if len(raw) > _BIG_BODY:
-        return await run_text_work(P.parse_json, raw)
-    return P.parse_json(raw)
+        return await run_text_work(protocol.parse_json, raw)
+    return protocol.parse_json(raw)
 
 
 def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
@@ -215,13 +215,13 @@ def _resolve(engine: Any, model: str | None) -> tuple[str, str | None]:
         return engine.model_name, None
     if engine.knows(model):  # an adapter or a composition alias
         return model, model
-    raise P.APIError(404, f"The model '{model[:200]}' does not exist. GET /v1/models lists the base model and its adapters.",
+    raise protocol.APIError(404, f"The model '{model[:200]}' does not exist. GET /v1/models lists the base model and its adapters.",
                      err_type="not_found_error", param="model")
 
 
 def resolvable_name(name: str) -> bool:
     """A name the filesystem resolver may look up as `--lora-dir/NAME`: one path component, no dot start."""
-    return P.valid_adapter_name(name) and "/" not in name and ":" not in name and not name.startswith(".")
+    return protocol.valid_adapter_name(name) and "/" not in name and ":" not in name and not name.startswith(".")
 
 
 async def _resolve_or_fetch(srv: Serving, model: str | None) -> tuple[str, str | None]:
@@ -231,7 +231,7 @@ async def _resolve_or_fetch(srv: Serving, model: str | None) -> tuple[str, str |
     engine, config, state = srv.engine, srv.config, srv.state
     try:
         return _resolve(engine, model)
-    except P.APIError:
+    except protocol.APIError:
         if not (config.allow_runtime_lora and config.lora_dir and isinstance(model, str) and resolvable_name(model)):
             raise
         path = os.path.join(config.lora_dir, model)
@@ -250,8 +250,8 @@ async def _resolve_or_fetch(srv: Serving, model: str | None) -> tuple[str, str |
         state.resolving[model] = task
     try:
         await asyncio.shield(task)  # a client that goes away does not cancel the load the others wait on
-    except P.APIError as exc:
-        raise P.APIError(exc.status, f"adapter '{model}' from --lora-dir could not be loaded: {exc.message}",
+    except protocol.APIError as exc:
+        raise protocol.APIError(exc.status, f"adapter '{model}' from --lora-dir could not be loaded: {exc.message}",
                          param="model") from None
     return _resolve(engine, model)
 
@@ -259,7 +259,7 @@ async def _resolve_or_fetch(srv: Serving, model: str | None) -> tuple[str, str |
 def _start_checks(config: ServerConfig, prompts: int, n: int) -> None:
     """400 for a request that would queue more than max_seqs_per_request sequences (prompts x n)."""
     if prompts * n > config.max_seqs_per_request:
-        raise P.bad(f"this request asks for {prompts} prompt(s) x n={n} = {prompts * n} sequences; "
+        raise protocol.bad(f"this request asks for {prompts} prompt(s) x n={n} = {prompts * n} sequences; "
                     f"the server allows at most {config.max_seqs_per_request} per request (--max-seqs-per-request)",
                     "n" if n > 1 else "prompt")
 
@@ -294,8 +294,8 @@ def _check_context(srv: Serving, model: str | None, prompt_lens: list[int], max_
     try:
         for n in prompt_lens:
             if n < engine.max_model_len:
-                P.check_max_tokens(n, max_tokens, engine.max_model_len)
-    except P.APIError as err:
+                protocol.check_max_tokens(n, max_tokens, engine.max_model_len)
+    except protocol.APIError as err:
         srv.state.metrics.count_error(_resolve(engine, model)[0], err.status)
         raise
 
@@ -334,10 +334,10 @@ async def _events(srv: Serving, choices: Choices, chunks: AsyncIterator[bytes]) 
                 yield data
         except Exception as exc:  # noqa: BLE001 - headers are sent: report in-band
             err = api_error_for(exc, srv.config.retry_after_s)
-            if err.status >= 500 and not isinstance(exc, (P.APIError, MloraError)):
+            if err.status >= 500 and not isinstance(exc, (protocol.APIError, MloraError)):
                 log.exception("error while streaming")
-            yield P.sse(P.error_body(err))
-        yield P.sse("[DONE]")
+            yield protocol.sse(protocol.error_body(err))
+        yield protocol.sse("[DONE]")
     finally:
         await chunks.aclose()  # type: ignore[attr-defined]
         await choices.close()
@@ -365,8 +365,8 @@ def _tail(lps: list[Any] | None, n: int) -> list[Any]:
     return list(lps[-n:]) if lps and n else []
 
 
-def _aborted() -> P.APIError:
-    return P.APIError(503, "the request was aborted (the server is shutting down)", headers={"Retry-After": "1"})
+def _aborted() -> protocol.APIError:
+    return protocol.APIError(503, "the request was aborted (the server is shutting down)", headers={"Retry-After": "1"})
 
 
 def _check_abort(o: Any, engine: Any) -> None:
@@ -375,7 +375,7 @@ def _check_abort(o: Any, engine: Any) -> None:
     stop_reason: its adapter was unloaded or changed on disk -> 404 naming it; could not be
     loaded -> 503 with the reason. Aborted without a reason: the server is shutting down."""
     if getattr(o, "error", None):
-        raise P.APIError(500, f"the request failed: {o.error}")
+        raise protocol.APIError(500, f"the request failed: {o.error}")
     if o.finish_reason != "abort":
         return
     if not (isinstance(o.stop_reason, str) and o.stop_reason):
@@ -383,39 +383,39 @@ def _check_abort(o: Any, engine: Any) -> None:
     if o.adapter is not None:
         mine = o.stop_reason.startswith(f"adapter {o.adapter!r}")
         if mine and ("was unloaded" in o.stop_reason or "changed on disk" in o.stop_reason):
-            raise P.APIError(404, o.stop_reason, err_type="not_found_error", param="model")  # gone, or broken until loaded again
+            raise protocol.APIError(404, o.stop_reason, err_type="not_found_error", param="model")  # gone, or broken until loaded again
         if o.adapter not in engine.list_adapters():
-            raise P.APIError(404, f"the adapter '{o.adapter}' was unloaded before this request finished",
+            raise protocol.APIError(404, f"the adapter '{o.adapter}' was unloaded before this request finished",
                              err_type="not_found_error", param="model")
-    raise P.APIError(503, o.stop_reason, headers={"Retry-After": "1"})
+    raise protocol.APIError(503, o.stop_reason, headers={"Retry-After": "1"})
 
 
 def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, name: str) -> bytes:
     """OpenAI's final `choices: []` chunk with the whole request's usage (stream_options.include_usage)."""
     outs = [ch.last for ch in choices.items if ch.last is not None]
     prompt_tokens = sum(len(o.prompt_token_ids) for o in outs[::n])
-    return P.sse(P.chunk(kind, rid, created, name, [], P.usage(prompt_tokens, sum(len(o.token_ids) for o in outs))))
+    return protocol.sse(protocol.chunk(kind, rid, created, name, [], protocol.usage(prompt_tokens, sum(len(o.token_ids) for o in outs))))
 
 
 async def completion_reply(srv: Serving, body: Any, request_id: str | None = None) -> Reply:
     """POST /v1/completions (vLLM/OpenAI legacy completions; prompt may be a batch) for a parsed JSON body."""
     engine, config = srv.engine, srv.config
     if isinstance(body, dict) and isinstance(body.get("prompt"), list):  # token ids: checking them scales
-        req = await run_text_work(P.parse_completion, body, len(engine.tokenizer))
+        req = await run_text_work(protocol.parse_completion, body, len(engine.tokenizer))
     else:
-        req = P.parse_completion(body, vocab_size=len(engine.tokenizer))
+        req = protocol.parse_completion(body, vocab_size=len(engine.tokenizer))
     _start_checks(config, len(req.prompts), req.n)  # before any per-prompt work
     limit = max_prompt_chars(engine.tokenizer, engine.max_model_len)
     for p in req.prompts:
         if isinstance(p, str):
             check_prompt_chars(p, limit)  # longer than any tokenization of it could fit: refused untokenized
         elif len(p) >= engine.max_model_len:
-            raise P.bad(f"the prompt has {len(p)} tokens; this model's context is {engine.max_model_len} tokens", "prompt")
+            raise protocol.bad(f"the prompt has {len(p)} tokens; this model's context is {engine.max_model_len} tokens", "prompt")
     texts = [p for p in req.prompts if isinstance(p, str)]  # counted off the event loop, as the engine tokenizes
     counts = iter(await run_text_work(lambda: [len(engine.tokenizer(p).input_ids) for p in texts]) if texts else [])
     _check_context(srv, req.model, [len(p) if isinstance(p, list) else next(counts) for p in req.prompts],
                    req.params.max_tokens)
-    (rid, engine_rid), created = _request_ids(request_id, "cmpl"), P.now_s()
+    (rid, engine_rid), created = _request_ids(request_id, "cmpl"), protocol.now_s()
     name, choices = await _start(srv, req.prompts, req.params, req.n, engine_rid, req.model, priority=req.priority,
                                  tenant=req.tenant, adapters=req.adapters)
     tok, want_lp = engine.tokenizer, req.params.logprobs is not None
@@ -445,12 +445,12 @@ async def completion_reply(srv: Serving, body: Any, request_id: str | None = Non
             offsets[ch.index] = offsets.get(ch.index, 0) + len(text)
             lp = None
             if want_lp:  # text_offset runs on over the tokens' strings, as in the non-streamed body
-                lp = P.completion_logprobs(tok, new, lp_next.get(ch.index, 0), echoed(o) if first else None)
+                lp = protocol.completion_logprobs(tok, new, lp_next.get(ch.index, 0), echoed(o) if first else None)
                 if lp["tokens"]:
                     lp_next[ch.index] = lp["text_offset"][-1] + len(lp["tokens"][-1])
-            use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if every_chunk else None
-            yield P.sse(P.chunk("text_completion", rid, created, name,
-                                [P.completion_choice(ch.index, text, o, lp)], use))
+            use = protocol.usage(len(o.prompt_token_ids), len(o.token_ids)) if every_chunk else None
+            yield protocol.sse(protocol.chunk("text_completion", rid, created, name,
+                                [protocol.completion_choice(ch.index, text, o, lp)], use))
         if req.stream_options.include_usage:
             yield _usage_chunk(choices, req.n, "text_completion", rid, created, name)
 
@@ -461,14 +461,14 @@ async def completion_reply(srv: Serving, body: Any, request_id: str | None = Non
         for o in outs:
             _check_abort(o, engine)
         want_plp = body.get("prompt_logprobs") is not None
-        body_choices = [P.completion_choice(ch.index, echo_text(ch.prompt) + ("" if req.echo_only else o.text), o,
-                                            P.completion_logprobs(tok, [] if req.echo_only else o.logprobs or [], 0,
+        body_choices = [protocol.completion_choice(ch.index, echo_text(ch.prompt) + ("" if req.echo_only else o.text), o,
+                                            protocol.completion_logprobs(tok, [] if req.echo_only else o.logprobs or [], 0,
                                                                   echoed(o)) if want_lp else None,
-                                            P.prompt_logprobs_json(tok, o.prompt_logprobs) if want_plp else None)
+                                            protocol.prompt_logprobs_json(tok, o.prompt_logprobs) if want_plp else None)
                         for ch, o in zip(choices.items, outs)]
         generated = 0 if req.echo_only else sum(len(o.token_ids) for o in outs)
-        use = P.usage(sum(len(o.prompt_token_ids) for o in outs[::req.n]), generated)
-        return Reply(body=P.response("text_completion", rid, created, name, body_choices, use))
+        use = protocol.usage(sum(len(o.prompt_token_ids) for o in outs[::req.n]), generated)
+        return Reply(body=protocol.response("text_completion", rid, created, name, body_choices, use))
     finally:
         await choices.close()
 
@@ -476,9 +476,9 @@ async def completion_reply(srv: Serving, body: Any, request_id: str | None = Non
 async def chat_reply(srv: Serving, body: Any, request_id: str | None = None) -> Reply:
     """POST /v1/chat/completions (prompt from the tokenizer's chat template, or the plain fallback)."""
     engine, config = srv.engine, srv.config
-    req = P.parse_chat(body)
+    req = protocol.parse_chat(body)
     if req.chat_template is not None and not config.trust_request_chat_template:
-        raise P.bad("this server does not accept a chat template from the request "
+        raise protocol.bad("this server does not accept a chat template from the request "
                     "(the operator can allow it with --trust-request-chat-template)", "chat_template")
     _start_checks(config, 1, req.n)
     tok, limit = engine.tokenizer, max_prompt_chars(engine.tokenizer, engine.max_model_len)
@@ -488,7 +488,7 @@ async def chat_reply(srv: Serving, body: Any, request_id: str | None = None) -> 
         req.params.max_tokens = max(1, engine.max_model_len - n_prompt)
     else:
         _check_context(srv, req.model, [n_prompt], req.params.max_tokens)
-    (rid, engine_rid), created = _request_ids(request_id, "chatcmpl"), P.now_s()
+    (rid, engine_rid), created = _request_ids(request_id, "chatcmpl"), protocol.now_s()
     name, choices = await _start(srv, [prompt], req.params, req.n, engine_rid, req.model, priority=req.priority,
                                  tenant=req.tenant, adapters=req.adapters)
     tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None
@@ -500,16 +500,16 @@ async def chat_reply(srv: Serving, body: Any, request_id: str | None = None) -> 
         for ch in choices.items:  # OpenAI/vLLM open each choice with the role
             first = {"index": ch.index, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                      "finish_reason": None}
-            yield P.sse(P.chunk(kind, rid, created, name, [first]))
+            yield protocol.sse(protocol.chunk(kind, rid, created, name, [first]))
         async for ch, o in choices.merged():
             _check_abort(o, engine)
             if not o.delta_text and not o.finished:
                 continue
-            lp = P.chat_logprobs(tok, _tail(o.logprobs, len(o.delta_token_ids)), top_n) if want_lp else None
-            use = P.usage(len(o.prompt_token_ids), len(o.token_ids)) if every_chunk else None
+            lp = protocol.chat_logprobs(tok, _tail(o.logprobs, len(o.delta_token_ids)), top_n) if want_lp else None
+            use = protocol.usage(len(o.prompt_token_ids), len(o.token_ids)) if every_chunk else None
             c = {"index": ch.index, "delta": {"content": o.delta_text} if o.delta_text else {}, "logprobs": lp,
                  "finish_reason": o.finish_reason, "stop_reason": o.stop_reason}
-            yield P.sse(P.chunk(kind, rid, created, name, [c], use))
+            yield protocol.sse(protocol.chunk(kind, rid, created, name, [c], use))
         if req.stream_options.include_usage:
             yield _usage_chunk(choices, req.n, kind, rid, created, name)
 
@@ -519,19 +519,19 @@ async def chat_reply(srv: Serving, body: Any, request_id: str | None = None) -> 
         outs = await choices.collect()
         for o in outs:
             _check_abort(o, engine)
-        body_choices = [P.chat_choice(ch.index, o, P.chat_logprobs(tok, o.logprobs or [], top_n) if want_lp else None)
+        body_choices = [protocol.chat_choice(ch.index, o, protocol.chat_logprobs(tok, o.logprobs or [], top_n) if want_lp else None)
                         for ch, o in zip(choices.items, outs)]
-        use = P.usage(len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs))
-        reply = P.response("chat.completion", rid, created, name, body_choices, use)
+        use = protocol.usage(len(outs[0].prompt_token_ids), sum(len(o.token_ids) for o in outs))
+        reply = protocol.response("chat.completion", rid, created, name, body_choices, use)
         if req.params.prompt_logprobs is not None:  # vLLM's extra top-level field
-            reply["prompt_logprobs"] = P.prompt_logprobs_json(tok, outs[0].prompt_logprobs)
+            reply["prompt_logprobs"] = protocol.prompt_logprobs_json(tok, outs[0].prompt_logprobs)
         return Reply(body=reply)
     finally:
         await choices.close()
 
 
 async def _generation_body(request: web.Request) -> Any:
-    return P.with_tenant_header(await _body(request), request.headers.get(P.TENANT_HEADER))
+    return protocol.with_tenant_header(await _body(request), request.headers.get(protocol.TENANT_HEADER))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -549,13 +549,13 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def models(request: web.Request) -> web.Response:
     engine, state, config = request.app[ENGINE], request.app[STATE], request.app[CONFIG]
     base = engine.model_name
-    cards = [P.model_card(base, root=config.engine.model or base, parent=None, created=state.created,
+    cards = [protocol.model_card(base, root=config.engine.model or base, parent=None, created=state.created,
                           max_model_len=engine.max_model_len)]
     for name in engine.list_adapters():
-        cards.append(P.model_card(name, root=state.adapter_paths.get(name, name), parent=base, created=state.created,
+        cards.append(protocol.model_card(name, root=state.adapter_paths.get(name, name), parent=base, created=state.created,
                                   max_model_len=engine.max_model_len))
     for name, comp in getattr(engine, "compositions", {}).items():  # --lora-compose aliases: root = their recipe
-        cards.append(P.model_card(name, root=",".join(f"{a}:{w:g}" for a, w in comp), parent=base, created=state.created,
+        cards.append(protocol.model_card(name, root=",".join(f"{a}:{w:g}" for a, w in comp), parent=base, created=state.created,
                                   max_model_len=engine.max_model_len))
     return json_response({"object": "list", "data": cards})
 
@@ -566,10 +566,10 @@ async def model_by_id(request: web.Request) -> web.Response:
     model_id = request.match_info["model_id"]
     name, adapter = _resolve(engine, model_id)
     if adapter is None:
-        card = P.model_card(name, root=config.engine.model or name, parent=None, created=state.created,
+        card = protocol.model_card(name, root=config.engine.model or name, parent=None, created=state.created,
                             max_model_len=engine.max_model_len)
     else:
-        card = P.model_card(name, root=state.adapter_paths.get(name, name), parent=engine.model_name,
+        card = protocol.model_card(name, root=state.adapter_paths.get(name, name), parent=engine.model_name,
                             created=state.created, max_model_len=engine.max_model_len)
     return json_response(card)
 
@@ -577,10 +577,10 @@ async def model_by_id(request: web.Request) -> web.Response:
 def _model_field(body: Any) -> str | None:
     """The optional `model` of a utility request body (/tokenize, /detokenize)."""
     if not isinstance(body, dict):
-        raise P.bad("the request body must be a JSON object")
+        raise protocol.bad("the request body must be a JSON object")
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise P.bad("'model' must be a string", "model")
+        raise protocol.bad("'model' must be a string", "model")
     return model
 
 
@@ -600,21 +600,21 @@ async def tokenize_reply(srv: Serving, body: Any) -> Reply:
         chat = {k: v for k, v in body.items() if k in ("model", "messages", "add_generation_prompt",
                                                       "continue_final_message", "chat_template",
                                                       "chat_template_kwargs")}
-        req = P.parse_chat(chat)
+        req = protocol.parse_chat(chat)
         if req.chat_template is not None and not config.trust_request_chat_template:
-            raise P.bad("this server does not accept a chat template from the request "
+            raise protocol.bad("this server does not accept a chat template from the request "
                         "(the operator can allow it with --trust-request-chat-template)", "chat_template")
         prompt = await run_text_work(render_chat, tok, req, limit)
         if isinstance(prompt, str):  # no chat template: the joined text, tokenized as the engine will
-            prompt = await run_text_work(_encode, tok, prompt, P._opt_bool(body, "add_special_tokens", True))
+            prompt = await run_text_work(_encode, tok, prompt, protocol._opt_bool(body, "add_special_tokens", True))
     else:
         text = body.get("prompt")
         if not isinstance(text, str):
-            raise P.bad("'prompt' must be a string (or send 'messages')", "prompt")
+            raise protocol.bad("'prompt' must be a string (or send 'messages')", "prompt")
         check_prompt_chars(text, limit)
-        prompt = await run_text_work(_encode, tok, text, P._opt_bool(body, "add_special_tokens", True))
+        prompt = await run_text_work(_encode, tok, text, protocol._opt_bool(body, "add_special_tokens", True))
     out: dict[str, Any] = {"count": len(prompt), "max_model_len": engine.max_model_len, "tokens": prompt}
-    if P._opt_bool(body, "return_token_strs", False):
+    if protocol._opt_bool(body, "return_token_strs", False):
         out["token_strs"] = tok.convert_ids_to_tokens(prompt)
     return Reply(body=out)
 
@@ -626,7 +626,7 @@ async def detokenize_reply(srv: Serving, body: Any) -> Reply:
     tokens, vocab = body.get("tokens"), len(engine.tokenizer)
     if (not isinstance(tokens, list) or len(tokens) > engine.max_model_len
             or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < vocab for t in tokens)):
-        raise P.bad(f"'tokens' must be a list of at most {engine.max_model_len} token ids in 0..{vocab - 1}", "tokens")
+        raise protocol.bad(f"'tokens' must be a list of at most {engine.max_model_len} token ids in 0..{vocab - 1}", "tokens")
     return Reply(body={"prompt": await run_text_work(engine.tokenizer.decode, tokens)})
 
 
@@ -660,21 +660,21 @@ def _validation_failures(path: str, config: ServerConfig) -> list[str]:
 
 def _lora_name(body: Any, engine: Any, *, new: bool) -> str:
     if not isinstance(body, dict):
-        raise P.bad("the request body must be a JSON object")
+        raise protocol.bad("the request body must be a JSON object")
     name = body.get("lora_name")
     if not isinstance(name, str) or not name:
-        raise P.bad("'lora_name' must be a non-empty string", "lora_name")
-    if new and not P.valid_adapter_name(name):
-        raise P.bad(f"'lora_name' must be {P.ADAPTER_NAME_RULE}", "lora_name")
+        raise protocol.bad("'lora_name' must be a non-empty string", "lora_name")
+    if new and not protocol.valid_adapter_name(name):
+        raise protocol.bad(f"'lora_name' must be {protocol.ADAPTER_NAME_RULE}", "lora_name")
     if name == engine.model_name:
-        raise P.bad(f"'lora_name' {name!r} is the base model's name", "lora_name")
+        raise protocol.bad(f"'lora_name' {name!r} is the base model's name", "lora_name")
     return name
 
 
 async def load_lora_adapter(request: web.Request) -> web.Response:
     engine, config, state = request.app[ENGINE], request.app[CONFIG], request.app[STATE]
     if not config.allow_runtime_lora:
-        raise P.APIError(403, "runtime adapter loading is disabled; start the server with --allow-runtime-lora")
+        raise protocol.APIError(403, "runtime adapter loading is disabled; start the server with --allow-runtime-lora")
     body = await _body(request)
     async with _inflight(request):
         return await _load_lora(engine, config, state, body)
@@ -686,23 +686,23 @@ async def _load_lora(engine: Any, config: ServerConfig, state: ServerState, body
         return await _load_composition(engine, name, body)
     path = body.get("lora_path")
     if not isinstance(path, str) or not path.strip():
-        raise P.bad("'lora_path' must be a non-empty string", "lora_path")
+        raise protocol.bad("'lora_path' must be a non-empty string", "lora_path")
     weight = body.get("weight")
     if weight is not None:
         try:
             weight = positive_number(weight, "'weight' (the adapter's fair-share weight)")
         except ConfigError as exc:
-            raise P.bad(exc.message, "weight") from None
+            raise protocol.bad(exc.message, "weight") from None
     path = await asyncio.to_thread(confine_adapter_path, path, config.adapter_root)  # walks the directory
     if os.path.exists(path):
         failures = await asyncio.to_thread(_validation_failures, path, config)
         if failures:
-            raise P.bad(f"adapter '{name}' failed validation: " + "; ".join(failures), "lora_path")
+            raise protocol.bad(f"adapter '{name}' failed validation: " + "; ".join(failures), "lora_path")
     try:
         # confinement re-checked on the files read
         await engine.add_adapter(name, path, root=config.adapter_root, weight=weight)
     except AdapterNotFoundError as exc:  # a path or hub id that is not there is the caller's mistake
-        raise P.bad(exc.message, "lora_path") from None
+        raise protocol.bad(exc.message, "lora_path") from None
     state.adapter_paths[name] = path
     log.info("loaded LoRA adapter %r from %s", name, path)
     return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
@@ -712,16 +712,16 @@ async def _load_composition(engine: Any, name: str, body: dict[str, Any]) -> web
     """`{"lora_name": "mix", "compose": "style:0.7,domain:0.5"}` (or `[{"name", "weight"}, ...]`):
     `mix` then names that composition, like any adapter; components must be loaded already."""
     if body.get("lora_path") is not None:
-        raise P.bad("give either 'lora_path' (an adapter) or 'compose' (a composition alias), not both", "compose")
+        raise protocol.bad("give either 'lora_path' (an adapter) or 'compose' (a composition alias), not both", "compose")
     spec = body["compose"]
     if not isinstance(spec, (str, list)) or not spec:
-        raise P.bad("'compose' must be \"a:0.7,b:0.5\" or a non-empty list of {\"name\", \"weight\"}", "compose")
+        raise protocol.bad("'compose' must be \"a:0.7,b:0.5\" or a non-empty list of {\"name\", \"weight\"}", "compose")
     try:
         await engine.add_composition(name, spec)
     except AdapterNotFoundError as exc:
-        raise P.APIError(404, exc.message, err_type="not_found_error", param="compose") from None
+        raise protocol.APIError(404, exc.message, err_type="not_found_error", param="compose") from None
     except ConfigError as exc:
-        raise P.bad(exc.message, "compose") from None
+        raise protocol.bad(exc.message, "compose") from None
     log.info("registered composition %r = %s", name, engine.compositions[name])
     return web.Response(text=f"Success: LoRA adapter '{name}' added successfully.")
 
@@ -729,7 +729,7 @@ async def _load_composition(engine: Any, name: str, body: dict[str, Any]) -> web
 async def unload_lora_adapter(request: web.Request) -> web.Response:
     engine, config, state = request.app[ENGINE], request.app[CONFIG], request.app[STATE]
     if not config.allow_runtime_lora:
-        raise P.APIError(403, "runtime adapter unloading is disabled; start the server with --allow-runtime-lora")
+        raise protocol.APIError(403, "runtime adapter unloading is disabled; start the server with --allow-runtime-lora")
     body = await _body(request)
     async with _inflight(request):
         name = _lora_name(body, engine, new=False)
@@ -742,7 +742,7 @@ async def _unload_lora(engine: Any, state: ServerState, name: str) -> web.Respon
         log.info("removed composition %r", name)
         return web.Response(text=f"Success: LoRA adapter '{name}' removed successfully.")
     if name not in engine.list_adapters():
-        raise P.APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
+        raise protocol.APIError(404, f"The lora adapter '{name}' cannot be found.", param="lora_name")
     await engine.remove_adapter(name)
     state.adapter_paths.pop(name, None)
     state.metrics.forget_adapter(name)  # no stale series per unloaded adapter

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.errors import ConfigError, MloraError
-from engine.server import protocol as P
+from engine.server import protocol
 from engine.server.app import api_error_for, client_request_id
 from engine.server.config import ServerConfig
 from engine.server.metrics import CONTENT_TYPE, merge_expositions
@@ -85,12 +85,12 @@ class RayConfig:
 def _json(status: int, body: Any, headers: dict[str, str] | None = None) -> Any:
     from starlette.responses import Response
 
-    return Response(P.dumps(body).encode(), status_code=status, headers=headers,
+    return Response(protocol.dumps(body).encode(), status_code=status, headers=headers,
                     media_type="application/json; charset=utf-8")
 
 
-def _error(err: P.APIError, extra: dict[str, str] | None = None) -> Any:
-    return _json(err.status, P.error_body(err), {**err.headers, **(extra or {})})
+def _error(err: protocol.APIError, extra: dict[str, str] | None = None) -> Any:
+    return _json(err.status, protocol.error_body(err), {**err.headers, **(extra or {})})
 
 
 def _retryable() -> tuple[type[BaseException], ...]:
@@ -101,9 +101,9 @@ def _retryable() -> tuple[type[BaseException], ...]:
     return (RayActorError, ReplicaUnavailableError)
 
 
-def replica_failed(exc: BaseException, retry_after_s: int) -> P.APIError:
+def replica_failed(exc: BaseException, retry_after_s: int) -> protocol.APIError:
     """The 503 a client gets when its replica died (after the retries) or Serve has none available."""
-    return P.APIError(503, f"the replica serving this request failed ({type(exc).__name__}); retry the request",
+    return protocol.APIError(503, f"the replica serving this request failed ({type(exc).__name__}); retry the request",
                       headers={"Retry-After": str(retry_after_s)})
 
 
@@ -115,7 +115,7 @@ class MloraIngress:
         self.config = config
         self.retries = retries
         self.catalog = adapter_catalog(config)
-        self.created = P.now_s()
+        self.created = protocol.now_s()
         self._info: dict[str, Any] | None = None
         from prometheus_client import CollectorRegistry, Counter
 
@@ -134,13 +134,13 @@ class MloraIngress:
     async def _answer(self, request: Any, rid: str | None) -> Any:
         try:
             return await self._route(request, rid)
-        except P.APIError as exc:
+        except protocol.APIError as exc:
             return _error(exc)
         except MloraError as exc:
             return _error(api_error_for(exc, self.config.retry_after_s))
         except Exception:  # noqa: BLE001 - never a traceback to the client
             log.exception("unhandled error in %s %s (X-Request-Id %s)", request.method, request.url.path, rid or "-")
-            return _error(P.APIError(500, "internal server error (see the server log)"))
+            return _error(protocol.APIError(500, "internal server error (see the server log)"))
 
     async def _route(self, request: Any, rid: str | None) -> Any:
         path, method = request.url.path, request.method
@@ -150,19 +150,19 @@ class MloraIngress:
             model_id = path[len("/v1/models/"):]
             card = next((c for c in (await self._models())["data"] if c["id"] == model_id), None)
             if card is None:
-                raise P.APIError(404, f"The model '{model_id[:200]}' does not exist. GET /v1/models lists the base "
+                raise protocol.APIError(404, f"The model '{model_id[:200]}' does not exist. GET /v1/models lists the base "
                                  "model and its adapters.", err_type="not_found_error", param="model")
             return _json(200, card)
         want = _METHODS.get(path)
         if want is None:
-            raise P.APIError(404, "Not Found")
+            raise protocol.APIError(404, "Not Found")
         if method != want and not (want == "GET" and method == "HEAD") and not (path == "/ping" and method == "POST"):
-            raise P.APIError(405, "Method Not Allowed")
+            raise protocol.APIError(405, "Method Not Allowed")
         if path in ROUTES:
             raw = await request.body()
             if len(raw) > self.config.max_body_bytes:  # as the single-process server's client_max_size
-                raise P.APIError(413, "Request Entity Too Large")
-            body = P.with_tenant_header(P.parse_json(raw), request.headers.get(P.TENANT_HEADER))
+                raise protocol.APIError(413, "Request Entity Too Large")
+            body = protocol.with_tenant_header(protocol.parse_json(raw), request.headers.get(protocol.TENANT_HEADER))
             return await self._generate(path, body, rid)
         if path == "/v1/models":
             return _json(200, await self._models())
@@ -176,7 +176,7 @@ class MloraIngress:
             from engine.version import __version__
 
             return _json(200, {"version": __version__})
-        raise P.APIError(403, "runtime adapter loading is not supported with --ray; list adapters at start with --lora")
+        raise protocol.APIError(403, "runtime adapter loading is not supported with --ray; list adapters at start with --lora")
 
     # -- generation ------------------------------------------------------------------------------
     async def _generate(self, route: str, body: Any, rid: str | None = None) -> Any:
@@ -224,9 +224,9 @@ class MloraIngress:
                 self.m_failures.labels("stream_cut").inc()
             else:
                 log.exception("error while relaying a stream")
-                err = P.APIError(500, "internal server error (see the server log)")
-            yield P.sse(P.error_body(err))
-            yield P.sse("[DONE]")
+                err = protocol.APIError(500, "internal server error (see the server log)")
+            yield protocol.sse(protocol.error_body(err))
+            yield protocol.sse("[DONE]")
         finally:  # the client went away (or we are done): stop the replica's generator
             gen.cancel()
 
@@ -235,9 +235,9 @@ class MloraIngress:
         if self._info is None:
             self._info = await self.replica.info.remote()
         base, max_len = self._info["model_name"], self._info["max_model_len"]
-        cards = [P.model_card(base, root=self._info["root"], parent=None, created=self.created, max_model_len=max_len)]
+        cards = [protocol.model_card(base, root=self._info["root"], parent=None, created=self.created, max_model_len=max_len)]
         paths = dict(self.config.engine.loras)  # as the single-process server: --lora path, else the name
-        cards += [P.model_card(name, root=paths.get(name, name), parent=base, created=self.created,
+        cards += [protocol.model_card(name, root=paths.get(name, name), parent=base, created=self.created,
                                max_model_len=max_len) for name in self.catalog]
         return {"object": "list", "data": cards}
 

@@ -27,7 +27,7 @@ from prometheus_client import Counter, Gauge
 from ray import serve
 
 from engine.errors import AdapterNotFoundError, MloraError
-from engine.server import protocol as P
+from engine.server import protocol
 from engine.server.app import SSE_HEADERS, Reply, api_error_for, chat_reply, completion_reply, detokenize_reply, \
     new_serving, tokenize_reply
 from engine.server.config import ServerConfig
@@ -49,7 +49,7 @@ def adapter_catalog(config: ServerConfig) -> dict[str, str]:
 def error_head(exc: BaseException, replica: str, retry_after_s: int) -> dict[str, Any]:
     """The replica's answer for an error raised before any byte: status, headers and OpenAI error body."""
     err = api_error_for(exc, retry_after_s)
-    return {"status": err.status, "headers": dict(err.headers), "body": P.error_body(err), "replica": replica}
+    return {"status": err.status, "headers": dict(err.headers), "body": protocol.error_body(err), "replica": replica}
 
 
 class _Registration:
@@ -155,7 +155,7 @@ class MloraReplica:
             return await tokenize_reply(self.serving, body)
         if route == "/detokenize":
             return await detokenize_reply(self.serving, body)
-        raise P.APIError(404, "Not Found")
+        raise protocol.APIError(404, "Not Found")
 
     # -- called by the ingress -----------------------------------------------------------------
     async def complete(self, route: str, body: Any, request_id: str | None = None) -> dict[str, Any]:
@@ -166,9 +166,9 @@ class MloraReplica:
             reply = await self._reply(route, body, request_id)
             if reply.events is not None:  # the ingress saw "stream": false; cannot happen with one parser
                 await reply.aclose()
-                raise P.APIError(500, "internal server error (a stream was requested on the non-streaming path)")
+                raise protocol.APIError(500, "internal server error (a stream was requested on the non-streaming path)")
             return {"status": 200, "headers": {}, "body": reply.body, "replica": self.replica_id}
-        except (P.APIError, MloraError) as exc:
+        except (protocol.APIError, MloraError) as exc:
             return error_head(exc, self.replica_id, self.retry_after_s)
         finally:
             await self._release(name)
@@ -182,7 +182,7 @@ class MloraReplica:
             try:
                 name = await self._acquire()
                 reply = await self._reply(route, body, request_id)
-            except (P.APIError, MloraError) as exc:
+            except (protocol.APIError, MloraError) as exc:
                 yield error_head(exc, self.replica_id, self.retry_after_s)
                 return
             if reply.events is None:  # "stream": true always streams; kept for symmetry with `complete`

@@ -21,7 +21,7 @@ import aiohttp
 import pytest
 
 from engine.errors import ConfigError
-from engine.server import protocol as P
+from engine.server import protocol
 from engine.server.config import ServerConfig
 from engine.server.run import shutdown, start_server
 from tests.server.conftest import running
@@ -228,11 +228,11 @@ def test_non_finite_logprobs_are_written_as_json(tokenizer: Any, arun: Any, valu
 
 
 def test_every_json_writer_refuses_nan() -> None:
-    assert P.safe_logprob(-math.inf) == -9999.0 and P.safe_logprob(math.nan) is None and P.safe_logprob(-1.5) == -1.5
+    assert protocol.safe_logprob(-math.inf) == -9999.0 and protocol.safe_logprob(math.nan) is None and protocol.safe_logprob(-1.5) == -1.5
     with pytest.raises(ValueError):
-        P.dumps({"x": math.nan})
+        protocol.dumps({"x": math.nan})
     with pytest.raises(ValueError):
-        P.sse({"x": math.inf})
+        protocol.sse({"x": math.inf})
 
 
 def test_a_request_whose_adapter_is_unloaded_is_told_so(tokenizer: Any, tmp_path: Any, arun: Any) -> None:
@@ -388,11 +388,11 @@ def test_prompt_logprobs_are_written_as_strict_json(tokenizer: Any) -> None:
     from engine.outputs import Logprob
 
     entries = [None, {65: Logprob(-math.inf, rank=50), 66: Logprob(math.nan, rank=1)}]
-    echoed = P.completion_logprobs(tokenizer, [], 0, ([64, 65], entries))
+    echoed = protocol.completion_logprobs(tokenizer, [], 0, ([64, 65], entries))
     assert echoed["token_logprobs"] == [None, -9999.0] and None in echoed["top_logprobs"][1].values()
-    field = P.prompt_logprobs_json(tokenizer, entries)
+    field = protocol.prompt_logprobs_json(tokenizer, entries)
     assert field[1]["65"]["logprob"] == -9999.0 and field[1]["66"]["logprob"] is None
-    _strict(P.dumps({"logprobs": echoed, "prompt_logprobs": field}))
+    _strict(protocol.dumps({"logprobs": echoed, "prompt_logprobs": field}))
 
 
 @pytest.mark.parametrize("raw", [
