@@ -20,7 +20,9 @@ caching off on both sides (repeats reuse the prompts: a cache would turn them in
 fp32 outputs must be identical token for token (the script exits 1 if not); bf16 agreement is reported.
 
 Threads: both sides use `--threads` compute threads pinned to the CPUs `--cpus` (vLLM through
-VLLM_CPU_OMP_THREADS_BIND, mlora through cpu_threads + sched_setaffinity). Preloads: vLLM gets its
+VLLM_CPU_OMP_THREADS_BIND, mlora through cpu_threads + sched_setaffinity). vLLM's front end and
+EngineCore (scheduling, detokenizing) are other processes and run on any CPU unless `--pin-all`
+puts them on `--cpus` as well (mlora does all of it in its one process). Preloads: vLLM gets its
 documented LD_PRELOAD (tcmalloc + the venv's libiomp5) where the files exist, mlora none, unless
 `--vllm-preload` / `--mlora-preload` say otherwise; the report states what was used.
 """
@@ -123,10 +125,10 @@ def _reply(obj: dict) -> None:
 class Worker:
     """One engine in a subprocess: `run(...)` sends a workload and waits for its timing and tokens."""
 
-    def __init__(self, name: str, python: str, spec: dict, env: dict, log) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, name: str, python: list[str], spec: dict, env: dict, log) -> None:  # type: ignore[no-untyped-def]
         self.name = name
         t = time.perf_counter()
-        self.proc = subprocess.Popen([python, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
+        self.proc = subprocess.Popen([*python, str(Path(__file__).resolve()), "--worker", json.dumps(spec)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                      env=env, text=True, cwd=env.get("PYTHONPATH", str(REPO)))  # fmt: skip
         self.replies: queue.Queue = queue.Queue()
@@ -220,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per side and workload (after one warm-up)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--cpus", default=None, help="CPU list both sides are pinned to (default: the first --threads CPUs)")
+    p.add_argument("--pin-all", action="store_true",
+                   help="run vLLM's whole process tree (front end, EngineCore, worker) on --cpus too, as mlora's one "
+                        "process is; by default only its compute threads are bound there (its documented setup)")  # fmt: skip
     p.add_argument("--vllm-preload", default=None, help="LD_PRELOAD for vLLM (default: tcmalloc + libiomp5 where present; '' = none)")
     p.add_argument("--mlora-preload", default="", help="LD_PRELOAD for mlora (default: none)")
     p.add_argument("--seed", type=int, default=0)
@@ -233,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = make_prompts(args.requests, 32000, args.seed)
     phases = [(False, [w for w in args.workloads if w == "base"]), (True, [w for w in args.workloads if w != "base"])]
     result: dict = {"config": {"requests": args.requests, "tokens": args.tokens, "repeats": args.repeats, "threads": args.threads,
-                               "cpus": cpus, "vllm_preload": vllm_pre, "mlora_preload": mlora_pre, "nproc": os.cpu_count()},
+                               "cpus": cpus, "pin_all": args.pin_all, "vllm_preload": vllm_pre, "mlora_preload": mlora_pre, "nproc": os.cpu_count()},
                     "startup": {}, "runs": {}}  # fmt: skip
     ok = True
     with open(args.log, "a") as log:
@@ -247,8 +252,9 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"[{phase}] starting workers ...", file=sys.stderr, flush=True)
                 workers = {}
                 try:
-                    workers["mlora"] = Worker(f"mlora {phase}", args.mlora_python, dict(spec, side="mlora"), menv, log)
-                    workers["vllm"] = Worker(f"vllm {phase}", args.vllm_python, dict(spec, side="vllm"), venv, log)
+                    workers["mlora"] = Worker(f"mlora {phase}", [args.mlora_python], dict(spec, side="mlora"), menv, log)
+                    vpy = ["taskset", "-c", ",".join(map(str, cpus)), args.vllm_python] if args.pin_all else [args.vllm_python]
+                    workers["vllm"] = Worker(f"vllm {phase}", vpy, dict(spec, side="vllm"), venv, log)
                     for side, w in workers.items():
                         result["startup"][f"{phase}/{side}"] = w.hello
                     for name in names:
@@ -293,7 +299,7 @@ def _print_row(key: str, e: dict) -> None:
 def _print_table(result: dict) -> None:
     c = result["config"]
     print(f"\n{c['requests']} requests x {c['tokens']} tokens, greedy, {c['threads']} thread(s) on CPUs {c['cpus']}, "
-          f"{c['repeats']} interleaved repeats; preload vLLM: {c['vllm_preload'] or 'none'}; mlora: {c['mlora_preload'] or 'none'}")  # fmt: skip
+          f"{c['repeats']} interleaved repeats{' (vLLM all processes pinned too)' if c['pin_all'] else ''}; preload vLLM: {c['vllm_preload'] or 'none'}; mlora: {c['mlora_preload'] or 'none'}")  # fmt: skip
     print(f"{'workload':22} {'mlora tok/s':>12} {'spread':>7} {'vLLM tok/s':>11} {'spread':>7} {'mlora/vLLM':>11} {'range':>12} {'identical':>9}")
     for key, e in result["runs"].items():
         m, v, r = e["tokens_per_s"]["mlora"], e["tokens_per_s"]["vllm"], e["ratio_per_repeat"]
