@@ -73,6 +73,8 @@ def paged_attention(
     """Store k/v for the step's tokens, then attend; returns [T, H, D]."""
     k_cache.index_copy_(0, meta.slot_mapping, k)
     v_cache.index_copy_(0, meta.slot_mapping, v)
+    if meta.decode_gather is not None and meta.decode_start == 0:  # a decode-only step: no output to assemble
+        return _decode(q, k_cache, v_cache, meta, scale)
     out = torch.empty_like(q)
     pb = meta.prefill_batch
     if pb is not None:
@@ -98,11 +100,16 @@ def paged_attention(
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=span.mask, scale=scale, enable_gqa=True)
         out[span.start : span.end] = o.squeeze(0).transpose(0, 1)
     if meta.decode_gather is not None:
-        b, length = meta.decode_gather.shape
-        idx = meta.decode_gather.reshape(-1)
-        kd = k_cache.index_select(0, idx).view(b, length, *k_cache.shape[1:]).transpose(1, 2)  # [B, KVH, L, D]
-        vd = v_cache.index_select(0, idx).view(b, length, *v_cache.shape[1:]).transpose(1, 2)
-        qd = q[meta.decode_start :].unsqueeze(2)  # [B, H, 1, D]
-        o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-        out[meta.decode_start :] = o.squeeze(2)
+        out[meta.decode_start :] = _decode(q[meta.decode_start :], k_cache, v_cache, meta, scale)
     return out
+
+
+def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    """The decode rows' attention, q: [B, H, D] -> [B, H, D]: one padded gather, one masked SDPA."""
+    assert meta.decode_gather is not None
+    b, length = meta.decode_gather.shape
+    idx = meta.decode_gather.reshape(-1)
+    kd = k_cache.index_select(0, idx).view(b, length, *k_cache.shape[1:]).transpose(1, 2)  # [B, KVH, L, D]
+    vd = v_cache.index_select(0, idx).view(b, length, *v_cache.shape[1:]).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)  # [B, H, D]

@@ -191,12 +191,14 @@ class DecoderLayer(nn.Module):
         h = self.input_layernorm(x)
         qkv = self.qkv(h, lora)  # [T, (H + 2 KVH) * D]
         q_len, kv_len = a.num_heads * a.head_dim, a.num_kv_heads * a.head_dim
-        q = qkv[:, :q_len].view(t, a.num_heads, a.head_dim)
-        k = qkv[:, q_len : q_len + kv_len].view(t, a.num_kv_heads, a.head_dim)
         v = qkv[:, q_len + kv_len :].view(t, a.num_kv_heads, a.head_dim)
         if a.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+            q = self.q_norm(qkv[:, :q_len].view(t, a.num_heads, a.head_dim))
+            k = self.k_norm(qkv[:, q_len : q_len + kv_len].view(t, a.num_kv_heads, a.head_dim))
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        else:  # q and k rotated in one call over their H + KVH heads (qkv's leading columns)
+            qk = apply_rope(qkv[:, : q_len + kv_len].view(t, a.num_heads + a.num_kv_heads, a.head_dim), cos, sin)
+            q, k = qk[:, : a.num_heads], qk[:, a.num_heads :]
         o = paged_attention(q, k, v.contiguous(), k_cache, v_cache, meta, self.scale)  # [T, H, D]
         x = x + self.o_proj(o.reshape(t, q_len), lora)
         h = self.post_attention_layernorm(x)

@@ -81,9 +81,17 @@ def rope_cache(cfg: Any, head_dim: int, max_len: int, device: torch.device | str
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, heads, D]; cos/sin: [T, D] (already indexed by position)."""
+    """x: [T, heads, D]; cos/sin: [T, D] (already indexed by position). A new [T, heads, D] tensor.
+
+    Semantics (transformers' rotate-half form, bit for bit): with x = [x1, x2] and the same split of cos/sin,
+        out = x * cos + cat(-x2, x1) * sin = [x1*c1 - x2*s1, x2*c2 + x1*s2]
+    computed in place on x * cos, without building the rotated copy (a + (-b) and a - b round alike).
+    Callers rotate q and k in one call (heads = H + KVH) where they can: half the per-layer ops.
+    """
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half], x[..., half:]
-    rotated = torch.cat((-x2, x1), dim=-1)
     cos, sin = cos[:, None, :].to(x.dtype), sin[:, None, :].to(x.dtype)
-    return x * cos + rotated * sin
+    out = x * cos
+    out[..., :half].sub_(x2 * sin[..., :half])
+    out[..., half:].add_(x1 * sin[..., half:])
+    return out

@@ -36,9 +36,9 @@ def sample(
     `seqs[i]` (the tokens seen so far) is read only for rows with penalties; it is required for those.
     """
     n = logits.shape[0]
-    finite = torch.isfinite(logits).all(dim=-1)  # [N]
     bad: set[int] = set()
-    if not bool(finite.all()):
+    if not _all_finite(logits):
+        finite = torch.isfinite(logits).all(dim=-1)  # [N]
         bad = set(torch.nonzero(~finite).flatten().tolist())
         logits = torch.where(finite[:, None], logits, 0.0)  # harmless stand-in; these rows get None
         params = [p if i not in bad else _GREEDY for i, p in enumerate(params)]
@@ -102,6 +102,14 @@ def sample(
                 top = dict(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist()))
             logprobs[i] = TokenLogprob(token_id=tok, logprob=float(lp[j, tok]), top=top)
     return token_list, logprobs
+
+
+def _all_finite(logits: torch.Tensor) -> bool:
+    """True only if every logit is finite: one summing pass (a NaN or an inf anywhere makes its row's
+    sum non-finite) instead of isfinite's several passes and [N, V] temporaries (batch 32 x 32000 fp32,
+    1 thread: ~1 ms against ~7). A non-finite sum can also be an overflow of finite logits: the caller
+    then checks exactly, so the answer never changes, only its cost."""
+    return bool(torch.isfinite(logits.sum(dim=-1)).all())
 
 
 def penalize(logits: torch.Tensor, params: list[SamplingParams], seqs: list[Sequence]) -> torch.Tensor:
