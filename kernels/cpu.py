@@ -79,7 +79,20 @@ class _RankPlan:
 
     ranks: Sequence[int]  # the table this plan was built from (kept alive so its id is not reused)
     r: int
-    classes: tuple[tuple[int, torch.Tensor, torch.Tensor], ...] = ()
+    classes: tuple[tuple[int, torch.Tensor, slice | torch.Tensor], ...] = ()
+
+
+def _slot_select(slots: list[int], dev: torch.device) -> slice | torch.Tensor:
+    """A slice when the slots are evenly spaced (their weights are then a strided view of the stack, no
+    copy), else an int64 index tensor (index_select copies those slots' rows)."""
+    step = slots[1] - slots[0] if len(slots) > 1 else 1
+    if step > 0 and all(b - a == step for a, b in zip(slots, slots[1:])):
+        return slice(slots[0], slots[-1] + 1, step)
+    return torch.tensor(slots, dtype=torch.int64, device=dev)
+
+
+def _take(stack: torch.Tensor, sel: slice | torch.Tensor) -> torch.Tensor:
+    return stack[sel] if isinstance(sel, slice) else stack.index_select(0, sel)
 
 
 _PLANS: WeakKeyDictionary[LoraBatchMeta, dict[tuple[int, int], _RankPlan]] = WeakKeyDictionary()
@@ -93,14 +106,13 @@ def _plan(meta: LoraBatchMeta, slot_ranks: Sequence[int], R: int) -> _RankPlan:
         return plan
     seg_ranks = [_rank_of(slot_ranks, s, R) for s in meta.distinct_slots]
     r = max(seg_ranks)
-    classes: tuple[tuple[int, torch.Tensor, torch.Tensor], ...] = ()
+    classes: tuple[tuple[int, torch.Tensor, slice | torch.Tensor], ...] = ()
     if len(set(seg_ranks)) > 1 and len(seg_ranks) * r > RANK_CLASS_MIN_WASTE * sum(seg_ranks):
         dev = meta.sorted_rows.device
         by_rank: dict[int, list[int]] = {}
         for g, rg in enumerate(seg_ranks):
             by_rank.setdefault(rg, []).append(g)
-        classes = tuple((rc, torch.tensor(gs, dtype=torch.int64, device=dev),
-                         torch.tensor([meta.distinct_slots[g] for g in gs], dtype=torch.int64, device=dev))
+        classes = tuple((rc, torch.tensor(gs, dtype=torch.int64, device=dev), _slot_select([meta.distinct_slots[g] for g in gs], dev))
                         for rc, gs in sorted(by_rank.items()))
     plan = _RankPlan(slot_ranks, r, classes)
     per_meta[(id(slot_ranks), R)] = plan
@@ -183,7 +195,7 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
         if classes:  # adapters of several ranks: one bmm per rank class, each at its own rank
             hs = x.new_zeros(G, L, r)
             for rc, gs, cs in classes:
-                hs[gs, :, :rc] = _shrink_bmm(xs.index_select(0, gs), lora_a[:, :rc].index_select(0, cs))
+                hs[gs, :, :rc] = _shrink_bmm(xs.index_select(0, gs), _take(lora_a[:, :rc], cs))
         else:
             hs = _shrink_bmm(xs, _per_segment(lora_a[:, :r] if r < R else lora_a, meta))  # [G, L, r]
         hs.mul_(sc)
@@ -255,7 +267,7 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
             hs = h.index_select(0, meta.pad_rows).view(G, L, h.shape[1])  # [G, L, r] padded segments
             ys = view.index_select(0, meta.pad_rows).view(G, L, N)  # [G, L, N] current out rows
             for rc, gs, cs in classes:
-                bt = lora_b.transpose(1, 2)[:, :rc].index_select(0, cs)  # [G_c, rc, N] (rank-major rows)
+                bt = _take(lora_b.transpose(1, 2)[:, :rc], cs)  # [G_c, rc, N] (rank-major rows)
                 ys[gs] = ys.index_select(0, gs).baddbmm_(hs.index_select(0, gs)[:, :, :rc], bt)
             view.index_copy_(0, meta.pad_rows, ys.view(G * L, N))  # padding rewrites its row's own value
             return out

@@ -165,3 +165,15 @@ def test_rows_past_a_slots_rank_are_never_read(slots: list[int], ranks: list[int
     assert_close(got, naive_shrink(x, a, ts, scales), dtype, "shrink")
     res = lora_expand(got, b_bad, ts, out.clone(), meta=meta, backend="cpu", slot_ranks=tuple(ranks))
     assert_close(res, naive_expand(got, b, ts, out.clone(), 0), dtype, "expand")
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize(("ranks", "T"), [([8, 64] * 8, 32), ([8, 64] * 8, 16), ([4, 4, 32] * 5 + [4], 37)])
+def test_rank_classes_of_evenly_spaced_and_scattered_slots(ranks: list[int], T: int, dtype: str) -> None:
+    """`--rank 8,64`-style batches: one bmm per rank class, the class's weights a strided view of the
+    stack (slots 0, 2, 4, ...) or gathered (scattered slots)."""
+    slots = [i % len(ranks) for i in range(T)]
+    meta = LoraBatchMeta.from_token_slots(slots)
+    if dtype == "fp32":
+        assert meta.cpu_path == "bmm"
+    _check(slots, ranks, dtype, rank_scales=True, seed=T)
