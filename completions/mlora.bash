@@ -19,6 +19,7 @@ _mlora() {
                 --model|-m) return 0 ;;
                 --rank|-r) return 0 ;;
                 --max-loras) return 0 ;;
+                --adapters) return 0 ;;
                 --zipf) return 0 ;;
                 --rate) return 0 ;;
                 --num-requests|-n) return 0 ;;
@@ -39,7 +40,7 @@ _mlora() {
                 --light-tenants) return 0 ;;
                 --light-delay) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --no-separate --no-churn --composed --kernels --workload --trace --policy --max-num-seqs --light-requests --light-tenants --light-delay -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --adapters --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --no-separate --no-churn --composed --kernels --workload --trace --policy --max-num-seqs --light-requests --light-tenants --light-delay -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         budget)
             case "$prev" in

@@ -153,8 +153,10 @@ class LoraLinear(nn.Module):
                     a, b, scales = stack
                     # stacks and meta are built consistent per step: skip the per-call argument checks
                     if lora.composed is None or lora.meta.num_lora_rows:  # an all-composed step has no single-slot rows
-                        h = lora_shrink(x, a, lora.token_slots, scales, meta=lora.meta, check=False)  # [T, R]
-                        lora_expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset, check=False)
+                        ranks = getattr(lora.stacks, "slot_ranks", None)  # slots past an adapter's rank are zero: skipped
+                        ranks = ranks(name) if ranks is not None else None
+                        h = lora_shrink(x, a, lora.token_slots, scales, meta=lora.meta, check=False, slot_ranks=ranks)  # [T, R]
+                        lora_expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset, check=False, slot_ranks=ranks)
                     if lora.composed is not None:  # sum_i w_i * s_i * B_i A_i x on the composed rows
                         lora_compose(x, a, b, scales, y, lora.composed, out_offset=offset, check=False)
                     dora = getattr(lora.stacks, "dora", None)

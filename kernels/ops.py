@@ -12,6 +12,8 @@ Strategy (Triton only): "auto" takes `meta.strategy` (see `kernels.meta`), or fo
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from kernels import _triton
@@ -27,7 +29,7 @@ FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor, scales: torch.Tensor, *,
                 meta: LoraBatchMeta | None = None, backend: str = "auto", strategy: str = "auto",
-                check: bool = True) -> torch.Tensor:
+                check: bool = True, slot_ranks: Sequence[int] | None = None) -> torch.Tensor:
     """Per-row LoRA down-projection, each row with its own adapter slot.
 
     Semantics:
@@ -38,10 +40,12 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
     layers (built here when omitted). Raises KernelError (an MloraError) on bad shapes/dtypes/devices.
     `check=False` (the engine's hot path, whose stacks and per-step meta are built consistent) skips
     the argument checks, ~20 us of Python per call, 168 calls per step on a 12-layer model; `meta`
-    is then required.
+    is then required. `slot_ranks` (host ints, one per slot, <= R): slot s's rows past slot_ranks[s] are
+    zero (a lower-rank adapter in wider slots); the "cpu" backend then skips them (same result).
     """
     if check or meta is None:
         _check_shrink(x, lora_a, token_slots, scales)
+        _check_ranks(slot_ranks, *lora_a.shape[:2])
         meta = _meta_for(meta, token_slots, lora_a.shape[0])
     be = _resolve(backend, x.device)
     if x.shape[0] == 0:
@@ -49,13 +53,13 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
     if be == "torch":
         return shrink_reference(x, lora_a, token_slots, scales)
     if be == "cpu":
-        return shrink_cpu(x, lora_a, scales, meta)
+        return shrink_cpu(x, lora_a, scales, meta, slot_ranks)
     return shrink_triton(x, lora_a, scales, meta, _strategy(strategy, meta))
 
 
 def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor, *,
                 meta: LoraBatchMeta | None = None, out_offset: int = 0, backend: str = "auto",
-                strategy: str = "auto", check: bool = True) -> torch.Tensor:
+                strategy: str = "auto", check: bool = True, slot_ranks: Sequence[int] | None = None) -> torch.Tensor:
     """Per-row LoRA up-projection added in place into a column slice of `out`.
 
     Semantics:
@@ -64,18 +68,20 @@ def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor
         out[t, out_offset:out_offset+N] += h[t] @ lora_b[s].T   with s = token_slots[t]; nothing when s == -1
         returns out (the same tensor); accumulated in fp32, rounded once to out.dtype
     `out_offset` serves fused projections: expand q, k, v (or gate, up) into their column ranges
-    of one output. h, lora_b and out share one dtype. `check=False`: as in `lora_shrink`.
+    of one output. h, lora_b and out share one dtype. `check=False`, `slot_ranks` (B's columns past
+    slot_ranks[s] are zero): as in `lora_shrink`.
     """
     be = _resolve(backend, h.device)
     if check or meta is None:
         _check_expand(h, lora_b, token_slots, out, out_offset, rank_major_ok=be != "triton")
+        _check_ranks(slot_ranks, lora_b.shape[0], lora_b.shape[2])
         meta = _meta_for(meta, token_slots, lora_b.shape[0])
     if h.shape[0] == 0:
         return out
     if be == "torch":
         return expand_reference(h, lora_b, token_slots, out, out_offset)
     if be == "cpu":
-        return expand_cpu(h, lora_b, out, meta, out_offset)
+        return expand_cpu(h, lora_b, out, meta, out_offset, slot_ranks)
     return expand_triton(h, lora_b, out, meta, out_offset, _strategy(strategy, meta))
 
 
@@ -160,6 +166,13 @@ def _check_slots(token_slots: torch.Tensor, T: int) -> None:
         raise KernelError(f"token_slots must be an integer tensor, got {token_slots.dtype}")
     if token_slots.shape[0] != T:
         raise KernelError(f"token_slots has {token_slots.shape[0]} rows but the input has {T}")
+
+
+def _check_ranks(slot_ranks: Sequence[int] | None, S: int, R: int) -> None:
+    if slot_ranks is None:
+        return
+    if len(slot_ranks) != S or any(isinstance(r, bool) or not isinstance(r, int) or not 0 <= r <= R for r in slot_ranks):
+        raise KernelError(f"slot_ranks must be {S} ints in [0, {R}] (one per slot), got {tuple(slot_ranks)}")
 
 
 def _check_float(name: str, t: torch.Tensor) -> None:

@@ -49,8 +49,9 @@ class Dtype(str, Enum):
 def bench(
     preset: Annotated[Optional[Preset], typer.Option("--preset", help="Built-in seeded model: tiny (CI), small (~100M params) or llama-1b (Llama-3.2-1B's shape, for GPUs). (default: small; tiny with --quick)", show_default=False)] = None,
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="A local HF model dir (or hub id) instead of --preset; seeded adapters are built for it.", show_default=False)] = None,
-    rank: Annotated[int, typer.Option("--rank", "-r", min=1, help="LoRA rank of the seeded adapters (and of the engine's slots).")] = 16,
-    max_loras: Annotated[Optional[int], typer.Option("--max-loras", min=1, help="Device adapter slots; mixed-N runs N = 2, 4, 8, ... up to this. (default: 16; 4 with --quick)", show_default=False)] = None,
+    rank: Annotated[str, typer.Option("--rank", "-r", metavar="R[,R...]", help="LoRA rank of the seeded adapters (and of the engine's slots); several (e.g. 8,64) are cycled across the adapters (lora-000 the first) in slots of the largest.")] = "16",
+    max_loras: Annotated[Optional[int], typer.Option("--max-loras", min=1, help="Device adapter slots; mixed-N runs N = 2, 4, 8, ... up to this. (default: 16, or the largest --adapters; 4 with --quick)", show_default=False)] = None,
+    adapters: Annotated[Optional[str], typer.Option("--adapters", metavar="N[,N...]", help="Distinct adapters of each mixed workload, e.g. 16,32,64, instead of 2, 4, 8, ... up to --max-loras; --num-requests and --max-loras grow to fit unless given.", show_default=False)] = None,
     zipf: Annotated[Optional[float], typer.Option("--zipf", min=0.0, help="Zipf-popular adapters with this alpha instead of round-robin.", show_default=False)] = None,
     rate: Annotated[Optional[float], typer.Option("--rate", min=0.0, help="Poisson arrivals at this many requests/s (varied output lengths) instead of all at once.", show_default=False)] = None,
     num_requests: Annotated[Optional[int], typer.Option("--num-requests", "-n", min=1, help="Requests per workload. (default: 32; 16 with --quick)", show_default=False)] = None,
@@ -86,6 +87,11 @@ def bench(
     from engine.errors import UsageError
     from mlora_cli._common import console
 
+    ranks = _int_list("--rank", rank)
+    mixed_ns = _int_list("--adapters", adapters) if adapters is not None else ()
+    if len(ranks) > 1 and (kernels or workload is not BenchWorkload.standard or trace is not None):
+        raise UsageError("several --rank values apply to the standard workload only")
+    rank = max(ranks)  # type: ignore[assignment]  # the slot rank from here on
     if kernels:
         _run_kernels(device=device.value, dtype=dtype.value, rank=rank, threads=threads, quick=quick, json_file=json_file)
         return
@@ -119,12 +125,13 @@ def bench(
     defaults = QUICK_DEFAULTS if quick else FULL_DEFAULTS
     if preset is not None and model is not None:
         raise UsageError("give either --preset or --model, not both")
+    most = max(mixed_ns, default=0)
     config = BenchConfig(
         preset=None if model is not None else (preset.value if preset else ("tiny" if quick else "small")),
         model=model,
         rank=rank,
-        max_loras=max_loras or defaults["max_loras"],
-        num_requests=num_requests or defaults["num_requests"],
+        max_loras=max_loras or max(defaults["max_loras"], most),
+        num_requests=num_requests or max(defaults["num_requests"], most),
         max_tokens=max_tokens or defaults["max_tokens"],
         zipf=zipf,
         rate=rate,
@@ -138,6 +145,8 @@ def bench(
         repeat=repeat or defaults["repeat"],
         threads=threads,
         quick=quick,
+        adapters=mixed_ns,
+        ranks=ranks if len(ranks) > 1 else (),
     )
     report = _run_with_progress(config)
 
@@ -154,6 +163,19 @@ def bench(
 
         err_console.print(f"[bold red]bench gate failed:[/] {failure}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
+
+
+def _int_list(flag: str, text: str) -> tuple[int, ...]:
+    """"8,64" -> (8, 64): positive integers, comma-separated (UsageError naming `flag` otherwise)."""
+    from engine.errors import UsageError
+
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        values = ()
+    if not values or min(values) < 1:
+        raise UsageError(f"{flag} must be positive integers separated by commas, got {text!r}")
+    return values
 
 
 def _write_json(report: dict[str, Any], json_file: Optional[Path]) -> None:

@@ -55,6 +55,8 @@ class BenchConfig:
     repeat: int = 1
     threads: int | None = None
     seed: int = 0
+    adapters: tuple[int, ...] = ()
+    ranks: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.model is None):
@@ -67,6 +69,16 @@ class BenchConfig:
         check_positive_ints(self, ("rank", "max_loras", "num_requests", "max_tokens", "prompt_chars", "repeat"))
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise UsageError(f"--threads must be an integer >= 1, got {self.threads!r}")
+        for name, values in (("adapters", self.adapters), ("rank", self.ranks)):
+            if any(not isinstance(v, int) or isinstance(v, bool) or v < 1 for v in values):
+                raise UsageError(f"--{name} must be integers >= 1, got {','.join(map(str, values))}")
+        if self.ranks and max(self.ranks) > self.rank:
+            raise UsageError(f"adapter ranks {','.join(map(str, self.ranks))} exceed the slot rank {self.rank}")
+        if self.adapters and max(self.adapters) > self.max_loras:
+            raise UsageError(f"--adapters {max(self.adapters)} needs as many slots, got --max-loras {self.max_loras}")
+        if self.adapters and max(self.adapters) > self.num_requests:
+            raise UsageError(f"--adapters {max(self.adapters)} needs at least as many requests, "
+                             f"got --num-requests {self.num_requests}")
         if self.zipf is not None and not self.zipf > 0:
             raise UsageError(f"--zipf must be > 0, got {self.zipf}")
         if self.rate is not None and not self.rate > 0:

@@ -4,6 +4,8 @@ The bound: a decode step reads the base linears once (W bytes) plus the A/B weig
 every distinct adapter in the batch (a bytes each), so when decode is memory-bound
     bound(mixed-N / homogeneous) = (W + a) / (W + N*a)
     bound(homogeneous / base)    = W / (W + a)
+With adapters of different ranks (`mlora bench --rank 8,64`), N*a is the sum of the N adapters' own
+bytes at their true ranks (what a rank-aware step reads), a the homogeneous adapter's.
 W and a come from engine.planning.budget (linear_weight_bytes, adapter_slot_bytes), the same
 functions the slot allocator uses. Efficiency = measured ratio / bound.
 `bench_warnings` says when the numbers should not be trusted: an efficiency far above 100% (the
@@ -45,6 +47,14 @@ def bound_mixed_over_homogeneous(w: int, a: int, n: int) -> float:
     return (w + a) / (w + n * a)
 
 
+def bound_mixed_bytes(w: int, a: int, a_total: int) -> float:
+    """Traffic bound of mixed throughput over homogeneous when the mixed batch's distinct adapters
+    hold `a_total` bytes together (their own ranks): (W + a) / (W + a_total)."""
+    if a_total <= 0:
+        raise ValueError(f"a_total must be > 0, got {a_total}")
+    return (w + a) / (w + a_total)
+
+
 def bound_homogeneous_over_base(w: int, a: int) -> float:
     """Traffic bound of single-adapter throughput over base-model throughput: W / (W + a)."""
     return w / (w + a)
@@ -67,12 +77,15 @@ def throughput(r: WorkloadResult | None, metric: str) -> float | None:
     return getattr(r, metric)
 
 
-def compute_ratios(results: list[WorkloadResult], *, w: int, a: int, metric: str) -> dict[str, Any]:
+def compute_ratios(results: list[WorkloadResult], *, w: int, a: int, metric: str,
+                   mixed_bytes: dict[str, int] | None = None) -> dict[str, Any]:
     """ratios, bounds, efficiency, and the per-N mixed table, from the workload results.
 
     `metric` is the throughput the two bounded ratios compare (decode tokens/s offline, since
     the bound is about decode steps; output tokens/s under Poisson arrivals). mlora vs the
     alternatives always compares end-to-end output tokens/s on the largest mixed workload.
+    `mixed_bytes`: per mixed workload name, the bytes of its distinct adapters at their own ranks
+    (adapters of several ranks); None: N * a.
     """
     mlora = {r.name: r for r in results if r.system == "mlora"}
     base, homog = mlora.get("base"), mlora.get("homogeneous")
@@ -81,7 +94,10 @@ def compute_ratios(results: list[WorkloadResult], *, w: int, a: int, metric: str
     per_n = []
     for r in mixed:
         ratio = _ratio(throughput(r, metric), throughput(homog, metric))
-        bound = bound_mixed_over_homogeneous(w, a, r.num_adapters)
+        if mixed_bytes is not None and r.name in mixed_bytes:
+            bound = bound_mixed_bytes(w, a, mixed_bytes[r.name])
+        else:
+            bound = bound_mixed_over_homogeneous(w, a, r.num_adapters)
         per_n.append({"n": r.num_adapters, "workload": r.name, "ratio": ratio, "bound": bound, "efficiency": _eff(ratio, bound)})
 
     def alt(system: str) -> WorkloadResult | None:
@@ -125,15 +141,19 @@ def build_report(
     a: int,
     metric: str,
     notes: list[str],
+    mixed_bytes: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """The whole bench result as one JSON-serialisable dict (the `--json` document)."""
-    ratios = compute_ratios(results, w=w, a=a, metric=metric)
+    ratios = compute_ratios(results, w=w, a=a, metric=metric, mixed_bytes=mixed_bytes)
+    traffic: dict[str, Any] = {"W_bytes": w, "a_bytes": a}
+    if mixed_bytes is not None:
+        traffic["mixed_adapter_bytes"] = dict(mixed_bytes)
     return {
         "schema_version": SCHEMA_VERSION,
         "config": config,
         "machine": machine,
         "model": model,
-        "traffic": {"W_bytes": w, "a_bytes": a},
+        "traffic": traffic,
         "workloads": [r.to_json() for r in results],
         **ratios,
         "notes": notes,
@@ -223,6 +243,8 @@ def render(report: dict[str, Any], console: Any) -> None:
     traffic = report["traffic"]
     console.print(f"[dim]W = {traffic['W_bytes'] / 1e6:.1f} MB base linears per decode step, "
                   f"a = {traffic['a_bytes'] / 1e6:.2f} MB per adapter (engine.planning.budget)[/]")
+    for name, nbytes in traffic.get("mixed_adapter_bytes", {}).items():
+        console.print(f"[dim]{name}: its adapters at their own ranks hold {nbytes / 1e6:.2f} MB[/]")
     for note in report["notes"]:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     for warning in report.get("warnings", ()):

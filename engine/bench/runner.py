@@ -23,7 +23,7 @@ from typing import Any
 from engine.bench.config import BenchConfig
 from engine.bench.report import build_report, metric_label, traffic_bytes
 from engine.bench.stats import RequestTiming, WorkloadResult, combine_sequential, summarize
-from engine.bench.workloads import BenchRequest, Workload, build_workloads
+from engine.bench.workloads import BenchRequest, Workload, adapter_ranks, build_workloads
 from engine.errors import ConfigError
 from engine.sampling_params import SamplingParams
 
@@ -154,6 +154,7 @@ def _workloads(cfg: BenchConfig) -> list[Workload]:
     return build_workloads(
         num_requests=cfg.num_requests, max_tokens=cfg.max_tokens, max_loras=cfg.max_loras,
         prompt_chars=cfg.prompt_chars, zipf=cfg.zipf, rate=cfg.rate, churn=cfg.churn, composed=cfg.composed, seed=cfg.seed,
+        adapters=cfg.adapters,
     )  # fmt: skip
 
 
@@ -202,8 +203,13 @@ def run_bench(cfg: BenchConfig, *, on_step: StepCallback | None = None) -> dict[
     tokenizer = load_tokenizer(model_dir)
     prompt_tokens = max(len(tokenizer(r.prompt).input_ids) for r in workloads[0].requests)
     n_adapters = max(w.num_adapters for w in workloads)
-    adapter_paths = {f"lora-{i:03d}": str(p) for i, p in enumerate(build_adapters(model_dir, rank=cfg.rank, count=n_adapters))}
-    w_bytes, a_bytes = traffic_bytes(hf_config, rank=cfg.rank, dtype=dtype)
+    ranks = adapter_ranks(n_adapters, cfg.ranks, cfg.rank)  # adapter i's rank (all cfg.rank unless --rank 8,64)
+    by_rank = {r: build_adapters(model_dir, rank=r, count=n_adapters) for r in sorted(set(ranks))}
+    adapter_paths = {f"lora-{i:03d}": str(by_rank[r][i]) for i, r in enumerate(ranks)}
+    w_bytes, a_bytes = traffic_bytes(hf_config, rank=ranks[0], dtype=dtype)  # a: the homogeneous adapter (lora-000)
+    a_of = {r: traffic_bytes(hf_config, rank=r, dtype=dtype)[1] for r in set(ranks)}
+    rank_of = dict(zip(adapter_paths, ranks))
+    mixed_bytes = {w.name: sum(a_of[rank_of[n]] for n in w.adapters) for w in workloads if w.kind == "mixed"}
 
     step(plan.steps[1])
     kw = _engine_kwargs(cfg, model_dir, device, dtype, prompt_tokens, cfg.num_requests)
@@ -242,6 +248,7 @@ def run_bench(cfg: BenchConfig, *, on_step: StepCallback | None = None) -> dict[
     return build_report(
         config=cfg.to_json(), machine=machine_info(device, dtype), model=model_info(model_dir, hf_config, cfg),
         results=results, w=w_bytes, a=a_bytes, metric=metric, notes=notes,
+        mixed_bytes=mixed_bytes if cfg.ranks else None,
     )  # fmt: skip
 
 

@@ -129,6 +129,12 @@ def mixed_sizes(max_loras: int, num_requests: int) -> list[int]:
     return sizes
 
 
+def adapter_ranks(num_adapters: int, ranks: tuple[int, ...], rank: int) -> list[int]:
+    """The LoRA rank of adapters 0..num_adapters-1: `ranks` cycled (adapter i has ranks[i % len]), or
+    all `rank` when `ranks` is empty. `--rank 8,64`: lora-000 r8 (the homogeneous one), lora-001 r64, ..."""
+    return [ranks[i % len(ranks)] if ranks else rank for i in range(num_adapters)]
+
+
 def churn_adapters(max_loras: int) -> int:
     """How many adapters the churn workload cycles through: twice the device slots."""
     return 2 * max_loras
@@ -145,8 +151,9 @@ def build_workloads(
     churn: bool = True,
     composed: bool = False,
     seed: int = 0,
+    adapters: tuple[int, ...] = (),
 ) -> list[Workload]:
-    """base, homogeneous, mixed-N for every N in `mixed_sizes`, (optionally) churn, and (optionally) composed-2:
+    """base, homogeneous, mixed-N for every N in `adapters` (default: `mixed_sizes`), (optionally) churn, and (optionally) composed-2:
     every request composes lora-000 and lora-001 (weights 0.7, 0.5), the same batch as mixed-2 (each request
     one of those two adapters), so composed-2 / mixed-2 is the cost of composing at equal slots.
 
@@ -171,7 +178,9 @@ def build_workloads(
         make("base", "base", [None] * num_requests),
         make("homogeneous", "homogeneous", [adapter_name(0)] * num_requests),
     ]
-    for n in mixed_sizes(max_loras, num_requests):
+    for n in adapters or mixed_sizes(max_loras, num_requests):
+        if n > max_loras:
+            raise ConfigError(f"mixed-{n} needs {n} adapter slots, got --max-loras {max_loras}")
         out.append(make(f"mixed-{n}", "mixed", list(assign_adapters(num_requests, n, zipf=zipf, seed=seed))))
     n_churn = min(churn_adapters(max_loras), num_requests)
     if churn and n_churn > max_loras:

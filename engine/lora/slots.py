@@ -24,7 +24,9 @@ leaks. Everything the slots cannot represent is refused with an AdapterError BEF
 
 `get(layer, module)` -> (A [S, R, in], B [S, out, R], scales [S]) or None is what the model's
 linears call (engine.model.LoraStacks); None means no occupied slot targets that pair, so
-the model skips the shrink/expand for it.
+the model skips the shrink/expand for it. `slot_ranks(module)` -> per slot, the rank rows that may
+be non-zero in any layer (0 for an empty slot): the CPU ops skip the rest, so an r8 adapter in
+slots sized for r64 costs r8 (kernels.cpu).
 
 DoRA (served when built with `base_weight=`, which vLLM cannot do): PEFT computes
 `y = g * (W x + s * B A x) + bias` with `g = magnitude / ||W + s * B @ A||_row` (norm per
@@ -135,6 +137,7 @@ class LoraSlots:
         # per module and slot: rank rows that may be non-zero (0 = all zero), so writes only
         # zero what a previous occupant actually dirtied
         self._dirty: dict[str, list[int]] = {m: [0] * max_loras for m in self.modules}
+        self._ranks: dict[str, tuple[int, ...]] = {m: tuple(d) for m, d in self._dirty.items()}  # frozen copy for the ops
         self._pin = self.device.type == "cuda"
         self._base_weight = base_weight
         self.G: dict[str, torch.Tensor] | None = None  # DoRA g: [L, S + 1, out] fp32, ones where unused
@@ -171,6 +174,11 @@ class LoraSlots:
         """(A [S, R, in], B [S, out, R], scales [S]) views for one linear (always, even if all zero)."""
         mi = self._mindex[module]
         return self.A[module][layer], self.B[module][layer], self.scales[layer, mi]
+
+    def slot_ranks(self, module: str) -> tuple[int, ...]:
+        """Per slot, how many leading rank rows of `module`'s A (columns of B) may be non-zero in any
+        layer; the rest are zero. A new tuple whenever a slot changes (the ops cache by identity)."""
+        return self._ranks[module]
 
     def dora(self, layer: int, module: str) -> torch.Tensor | None:
         """DoRA g [S + 1, out] for one linear (see `apply_dora`), or None when no resident DoRA adapter uses it."""
@@ -339,6 +347,7 @@ class LoraSlots:
                     b_dst[layer, :, :r].copy_(b, non_blocking=nb)
                     r_max = max(r_max, r)
                 self._dirty[m][slot] = r_max
+            self._ranks[m] = tuple(self._dirty[m])
         assert p.scales is not None
         self.scales[:, :, slot].copy_(p.scales, non_blocking=nb)
         if self.G is not None:
@@ -364,6 +373,7 @@ class LoraSlots:
             self.A[m][:, slot, :d].zero_()
             self.B[m][:, slot, :, :d].zero_()
             self._dirty[m][slot] = 0
+            self._ranks[m] = tuple(self._dirty[m])
         self.scales[:, :, slot].zero_()
         if self.G is not None:
             for m in self.modules:
