@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import lora_compose, lora_expand, lora_shrink
+from kernels.tuning import small_batch_path
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.errors import ConfigError
@@ -93,27 +94,15 @@ class LoraContext:
     composed: Any = None  # kernels.ComposedRows: rows composing several adapters (their token_slots are -1)
 
 
-# On CPU, batches of SMALL_BATCH_ROWS rows (a decode batch) run as W @ x.T: MKL streams the
-# [out, in] weight from its own layout instead of packing it for x @ W.T. Measured per call on the
-# `small` preset's linears (1 thread, weights not in cache, ms, x @ W.T / W @ x.T): gate_up T=8
-# 2.24 / 1.74, T=16 1.80 / 1.73, T=32 2.41 / 2.38, qkv T=32 0.95 / 0.83, down T=32 0.94 / 0.72; but
-# T=2 0.70 / 1.62 and T=64 3.03 / 4.15, so 1-7 rows and prefill-sized batches keep F.linear.
-# In bf16/fp16 (oneDNN) W @ x.T wins from 2 rows up to 64, and a single row is fastest as a matrix-
-# vector product: the 12 layers of `small`, 1 thread, ms per step (F.linear / W @ x.T / mv): T=1
-# 21.5 / 21.8 / 16.2, T=4 23.0 / 16.8, T=16 23.8 / 18.6, T=48 31.7 / 25.6, T=64 32.4 / 30.3,
-# T=100 37.1 / 38.0. (fp32 T=1: F.linear and mv both 26.1.)
-SMALL_BATCH_ROWS = range(8, 49)
-SMALL_BATCH_ROWS_HALF = range(2, 65)
-
-
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) as a contiguous [T, out]; small CPU batches go through weight @ x.T."""
+    """x @ weight.T (+ bias) as a contiguous [T, out]; on CPU the row count and the CPU pick the matmul
+    (`kernels.tuning.small_batch_path`: decode-sized batches stream W from its own layout as W @ x.T)."""
     if x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    half = x.dtype in (torch.bfloat16, torch.float16)
-    if half and x.shape[0] == 1:
+    path = small_batch_path(x.shape[0], x.dtype in (torch.bfloat16, torch.float16))
+    if path == "mv":
         y = torch.mv(weight, x[0]).unsqueeze(0)  # [1, out]
-    elif x.shape[0] in (SMALL_BATCH_ROWS_HALF if half else SMALL_BATCH_ROWS):
+    elif path == "wxt":
         y = torch.mm(weight, x.t()).t().contiguous()  # [T, out]
     else:
         return F.linear(x, weight, bias)
