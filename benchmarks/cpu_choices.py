@@ -1,6 +1,11 @@
-"""Batch-1 CPU decode under each one-row matmul path: `python -m benchmarks.cpu_choices [--dtype bfloat16]`.
+"""The CPU choices of kernels.tuning, measured: `python -m benchmarks.cpu_choices {decode,linear,lora}`.
 
-Builds one engine on the seeded `--preset` model and decodes `--tokens` greedy tokens for one
+`decode`: batch-1 decode tok/s under each one-row bf16/fp16 matmul path. `linear`: per-step ms of a
+preset's base linears for each row count and matmul form (F.linear / W @ x.T / mv). `lora`: shrink +
+expand us of each CPU LoRA path (kernels.meta) on given segment layouts. The tables of
+benchmarks/README.md come from these. Every mode times the alternatives interleaved in one run.
+
+`decode` builds one engine on the seeded `--preset` model and decodes `--tokens` greedy tokens for one
 request, alternating the one-row bf16/fp16 path of `engine.model.small_batch_linear` between
 "mv" (torch.mv; the choice on AMX CPUs) and "linear" (F.linear; the choice without AMX) round by
 round, so both see the same machine load. Prints tok/s per path (median of `--rounds`), their
@@ -15,6 +20,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 
 from engine.bench.presets import build_preset_model, quiet_transformers
 from engine.llm import LLM
@@ -31,17 +37,7 @@ def _decode_tok_s(llm: LLM, prompt: list[int], tokens: int) -> tuple[float, list
     return tokens / elapsed, list(out[0].outputs[0].token_ids)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", default="small")
-    p.add_argument("--dtype", default="bfloat16", help="bfloat16 | float16 (the one-row path only differs there)")
-    p.add_argument("--tokens", type=int, default=32, help="decode tokens per round")
-    p.add_argument("--rounds", type=int, default=5, help="rounds per path, alternated")
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", default=None)
-    args = p.parse_args(argv)
-    quiet_transformers()
-    torch.set_num_threads(args.threads)
+def decode(args: argparse.Namespace) -> dict:
     llm = LLM(str(build_preset_model(args.preset)), device="cpu", dtype=args.dtype, max_num_seqs=1,
               max_model_len=args.tokens + 32)
     prompt = [1] + [(7 * j) % 200 + 3 for j in range(15)]
@@ -67,6 +63,110 @@ def main(argv: list[str] | None = None) -> dict:
     for k, v in med.items():
         print(f"  {k:6s} {v:6.1f} tok/s  (rounds: {', '.join(f'{r:.1f}' for r in rates[k])})")
     print(f"  linear/mv = {result['linear_over_mv']:.2f}; same tokens: {result['same_tokens']}")
+    return result
+
+
+def _best_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best * 1e3
+
+
+def linear(args: argparse.Namespace) -> dict:
+    """ms per step of one preset's base linears (all layers, lm_head excluded) per row count and form."""
+    from engine.bench.presets import preset_config_dict
+
+    c = preset_config_dict(args.preset)
+    H, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    dt = getattr(torch, args.dtype)
+    shapes = [(3 * H, H), (H, H), (2 * inter, H), (H, inter)] * layers  # qkv, o, gate_up, down per layer
+    ws = [torch.randn(o, i).to(dt) for o, i in shapes]  # distinct weights: streamed from memory, as in a step
+    forms = {"linear": lambda x, w: F.linear(x, w), "wxt": lambda x, w: torch.mm(w, x.t()).t().contiguous(),
+             "mv": lambda x, w: torch.mv(w, x[0]).unsqueeze(0)}  # fmt: skip
+    result: dict = {"preset": args.preset, "dtype": args.dtype, "ms": {}}
+    print(f"preset={args.preset} dtype={args.dtype} threads={args.threads}: ms per step of the base linears")
+    for T in args.rows:
+        xs = {i: torch.randn(T, i).to(dt) for i in {i for _, i in shapes}}
+        row = {}
+        for name, f in forms.items():
+            if name == "mv" and T != 1:
+                continue
+            row[name] = _best_ms(lambda: [f(xs[w.shape[1]], w) for w in ws], args.rounds)
+        result["ms"][T] = row
+        print(f"  T={T:4d}  " + "  ".join(f"{k} {v:6.2f}" for k, v in row.items()))
+    return result
+
+
+def _layout(spec: str, seed: int) -> list[int]:
+    """"16x8" = 16 adapters of 8 contiguous rows; "16x7-9" = lengths drawn from 7..9."""
+    n, _, lens = spec.partition("x")
+    lo, _, hi = lens.partition("-")
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(torch.randint(int(lo), int(hi or lo) + 1, (1,), generator=g)) for _ in range(int(n))]
+    return [s for s, k in enumerate(sizes) for _ in range(k)]
+
+
+def lora(args: argparse.Namespace) -> dict:
+    """us of shrink + expand (hidden -> out, rank R) for each CPU path of kernels.meta on each layout."""
+    from dataclasses import replace
+
+    from kernels import LoraBatchMeta, lora_expand, lora_shrink, tuning
+
+    dt = getattr(torch, args.dtype)
+    K, N, R = args.hidden, args.out, args.rank
+    result: dict = {"dtype": args.dtype, "us": {}}
+    print(f"dtype={args.dtype} threads={args.threads} {K} -> {N} rank {R}: us per shrink + expand")
+    for spec in args.layouts:
+        slots = _layout(spec, 0)
+        S, T = max(slots) + 1, len(slots)
+        a, b = torch.randn(S, R, K).to(dt), torch.randn(S, N, R).to(dt)
+        x, out, sc = torch.randn(T, K).to(dt), torch.zeros(T, N, dtype=dt), torch.ones(S)
+        saved = (tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR)
+        tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR = 1, float("inf")  # build pad_rows for "bmm"
+        try:
+            meta = LoraBatchMeta.from_token_slots(slots)
+        finally:
+            tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR = saved
+        chosen = LoraBatchMeta.from_token_slots(slots).path_for(dt)
+        row = {}
+        for path in ("runs", "segments", "bmm", "dense"):
+            m = replace(meta, cpu_path=path, cpu_path_half=path, dense_fallback="segments")
+            ts = m.token_slots
+
+            def step(m=m, ts=ts) -> None:  # type: ignore[no-untyped-def]
+                h = lora_shrink(x, a, ts, sc, meta=m, check=False)
+                lora_expand(h, b, ts, out, meta=m, check=False)
+
+            if path != "dense" or dt != torch.float32:
+                row[path] = _best_ms(step, args.rounds) * 1e3
+        result["us"][spec] = {"paths": row, "chosen": chosen}
+        print(f"  {spec:10s} T={T:4d} " + "  ".join(f"{k} {v:7.0f}" for k, v in row.items()) + f"   (picks {chosen})")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=("decode", "linear", "lora"))
+    p.add_argument("--preset", default="small")
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16")
+    p.add_argument("--tokens", type=int, default=32, help="decode: tokens per round")
+    p.add_argument("--rounds", type=int, default=5, help="decode: rounds per path, alternated; else repeats")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 100], help="linear: T")
+    p.add_argument("--layouts", nargs="+", default=["16x8", "16x7-9", "16x140-180", "8x12", "4x40", "10x30-38",
+                                                   "8x60-70", "3x100-130", "16x1-3"], help="lora: NxROWS[-MAX]")
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--out", type=int, default=2304)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    quiet_transformers()
+    torch.set_num_threads(args.threads)
+    result = {"decode": decode, "linear": linear, "lora": lora}[args.mode](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
