@@ -22,6 +22,7 @@ from kernels.tuning import small_batch_path
 from engine.attention import AttentionMetadata, paged_attention
 from engine.errors import ConfigError
 from engine.loader import iter_weights, model_arch
+from engine.lora.slots import apply_dora
 from engine.rope import apply_rope, rope_cache
 
 
@@ -134,26 +135,26 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None) -> torch.Tensor:
         y = small_batch_linear(x, self.weight, self.bias)  # [T, out]
-        if lora is not None:
-            offset = 0
-            for name, n in self.parts:
-                stack = lora.stacks.get(self.layer, name)
-                if stack is not None:
-                    a, b, scales = stack
-                    # stacks and meta are built consistent per step: skip the per-call argument checks
-                    if lora.composed is None or lora.meta.num_lora_rows:  # an all-composed step has no single-slot rows
-                        h = lora_shrink(x, a, lora.token_slots, scales, meta=lora.meta, check=False)  # [T, R]
-                        lora_expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset, check=False)
-                    if lora.composed is not None:  # sum_i w_i * s_i * B_i A_i x on the composed rows
-                        lora_compose(x, a, b, scales, y, lora.composed, out_offset=offset, check=False)
-                    dora = getattr(lora.stacks, "dora", None)
-                    g = dora(self.layer, name) if dora is not None else None
-                    if g is not None:  # DoRA: rescale this part's output per token (see engine.lora.slots)
-                        from engine.lora.slots import apply_dora
-
-                        bias = self.bias[offset : offset + n] if self.bias is not None else None
-                        apply_dora(y[:, offset : offset + n], g, lora.token_slots, bias)
-                offset += n
+        if lora is None:
+            return y
+        single = lora.composed is None or lora.meta.num_lora_rows  # an all-composed step has no single-slot rows
+        dora = getattr(lora.stacks, "dora", None)  # slots built without DoRA support have none
+        offset = 0
+        for name, n in self.parts:  # fused q/k/v (gate/up): each part's delta into its column slice of y
+            stack = lora.stacks.get(self.layer, name)
+            if stack is not None:
+                a, b, scales = stack
+                # stacks and meta are built consistent per step: skip the per-call argument checks
+                if single:
+                    h = lora_shrink(x, a, lora.token_slots, scales, meta=lora.meta, check=False)  # [T, R]
+                    lora_expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset, check=False)
+                if lora.composed is not None:  # sum_i w_i * s_i * B_i A_i x on the composed rows
+                    lora_compose(x, a, b, scales, y, lora.composed, out_offset=offset, check=False)
+                g = dora(self.layer, name) if dora is not None else None
+                if g is not None:  # DoRA: rescale this part's output per token (see engine.lora.slots)
+                    bias = self.bias[offset : offset + n] if self.bias is not None else None
+                    apply_dora(y[:, offset : offset + n], g, lora.token_slots, bias)
+            offset += n
         return y
 
 
