@@ -1,13 +1,14 @@
-"""The only place that imports triton, and only when a Triton launch is asked for.
+"""Loads triton, and only when a Triton launch is asked for (with the kernel modules `kernels._shrink_kernels`
+and `kernels._expand_kernels`, which import `triton.language` and are imported only from here on).
 
 Kernels are wrapped per mode: compiled (`JITFunction`) for CUDA tensors, interpreted
 (`InterpretedFunction`, numpy on the host) for CPU tensors. Choosing the wrapper explicitly,
 instead of through `TRITON_INTERPRET` read at `import triton` time, keeps the interpreter usable
 in a process where something else (peft, transformers) already imported triton. Kernels
 therefore avoid triton's `@jit` standard-library helpers (`tl.sum`, `tl.zeros`, `tl.cdiv`), which
-are compiled-mode objects in such a process; they use `tl.full` and
-`tl.reduce(v, axis, tl.standard._sum_combine)` (what `tl.sum` does; the interpreter maps that
-combine function to a numpy sum).
+are compiled-mode objects in such a process; they use `tl.full` and `tl.reduce(v, axis, _SUM)`
+with `_SUM` triton's sum combine function (what `tl.sum` does; the interpreter maps that combine
+function to a numpy sum).
 """
 
 from __future__ import annotations

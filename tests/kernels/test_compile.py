@@ -21,11 +21,9 @@ _DATA = {"x_ptr", "a_ptr", "h_ptr", "b_ptr", "out_ptr"}
 
 
 def _kernel(name: str):  # type: ignore[no-untyped-def]
-    import kernels.expand as ke
-    import kernels.shrink as ks
+    import kernels._expand_kernels as ke
+    import kernels._shrink_kernels as ks
 
-    ks._kernels(False)
-    ke._kernels(False)  # binds triton.language into the kernel modules
     return {"shrink_segment": ks._shrink_segment_kernel, "shrink_gather": ks._shrink_gather_kernel,
             "expand_segment": ke._expand_segment_kernel, "expand_gather": ke._expand_gather_kernel}[name.split(":")[0]]
 
