@@ -28,13 +28,16 @@ from engine.sampling_params import SamplingParams
 from kernels import tuning
 
 
-def _decode_tok_s(llm: LLM, prompt: list[int], tokens: int) -> tuple[float, list[int]]:
-    params = SamplingParams(max_tokens=tokens, temperature=0.0, ignore_eos=True)
-    llm.generate([prompt], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True))  # warm-up
+def _decode_tok_s(llm: LLM, prompt: list[int], tokens: int, tag: str) -> tuple[float, list[int]]:
+    """Decode tokens/s of one request: the prefill step (and its first token) is not timed."""
+    engine = llm.engine
+    engine.add_request(tag, prompt, SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True), None)
+    last: list = []
+    last.extend(engine.step())  # prefill + first token
     t0 = time.perf_counter()
-    out = llm.generate([prompt], params)
-    elapsed = time.perf_counter() - t0
-    return tokens / elapsed, list(out[0].outputs[0].token_ids)
+    while engine.has_unfinished():
+        last = engine.step() or last
+    return tokens / (time.perf_counter() - t0), list(last[0].outputs[0].token_ids)
 
 
 def decode(args: argparse.Namespace) -> dict:
@@ -49,7 +52,7 @@ def decode(args: argparse.Namespace) -> dict:
         for _ in range(args.rounds):
             for name, pick in paths.items():
                 tuning.half_one_row_mv = pick
-                rate, toks = _decode_tok_s(llm, prompt, args.tokens)
+                rate, toks = _decode_tok_s(llm, prompt, args.tokens, f"{name}-{len(rates[name])}")
                 rates[name].append(rate)
                 outputs[name] = toks
     finally:

@@ -1,8 +1,12 @@
 """The Triton SGMV/BGMV shrink kernels (semantics: kernels/shrink.py). Imported only on the first Triton launch.
 
 Plain functions, wrapped per mode by `kernels._triton.jit` (compiled for CUDA tensors, interpreted for
-CPU tensors); see kernels/_triton.py for why they use `tl.full` and `tl.reduce(..., _SUM)` rather than
-triton's `@jit` standard-library helpers (`tl.zeros`, `tl.sum`).
+CPU tensors); see kernels/_triton.py for why they use `tl.full` and `tl.reduce` rather than triton's
+`@jit` standard-library helpers (`tl.zeros`, `tl.sum`). `tl.reduce(v, axis, tl.standard._sum_combine)` is
+what `tl.sum` does: the interpreter runs that combine function as one numpy sum (any other combine
+function element by element), and triton exports no public name for it; it is spelled as an attribute
+path in the kernel body because the JIT's dependency hash skips module attributes but rejects an
+interpreted global (TRITON_INTERPRET=1 makes triton's own @jit functions interpreted).
 """
 # ruff: noqa: N803 - Triton's constexpr parameters are upper case by convention
 
@@ -10,10 +14,6 @@ from __future__ import annotations
 
 import triton.language as tl
 
-# The combine function tl.sum reduces with. tl.sum itself is a compiled-mode @jit object the interpreter
-# cannot call (kernels/_triton.py); tl.reduce with this function is what tl.sum does, and the interpreter
-# runs it as one numpy sum. Triton exports no public name for it: this is the one private reference.
-_SUM = tl.standard._sum_combine
 
 
 def _shrink_segment_kernel(
@@ -92,7 +92,7 @@ def _shrink_gather_kernel(
         k_mask = (offs_k < k_hi) & live_k
         xv = tl.load(x_ptr + t * sx_t + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
         at = tl.load(a_base + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BR, BK]
-        acc += tl.reduce(at.to(tl.float32) * xv[None, :], 1, _SUM)
+        acc += tl.reduce(at.to(tl.float32) * xv[None, :], 1, tl.standard._sum_combine)  # = tl.sum (see the module docstring)
     if SCALE_PER_RANK:
         acc = acc * tl.load(scale_ptr + slot * ssc_s + offs_r * ssc_r, mask=r_mask, other=0.0).to(tl.float32)
     else:

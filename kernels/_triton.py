@@ -6,9 +6,9 @@ Kernels are wrapped per mode: compiled (`JITFunction`) for CUDA tensors, interpr
 instead of through `TRITON_INTERPRET` read at `import triton` time, keeps the interpreter usable
 in a process where something else (peft, transformers) already imported triton. Kernels
 therefore avoid triton's `@jit` standard-library helpers (`tl.sum`, `tl.zeros`, `tl.cdiv`), which
-are compiled-mode objects in such a process; they use `tl.full` and `tl.reduce(v, axis, _SUM)`
-with `_SUM` triton's sum combine function (what `tl.sum` does; the interpreter maps that combine
-function to a numpy sum).
+are compiled-mode objects in such a process; they use `tl.full` and
+`tl.reduce(v, axis, tl.standard._sum_combine)` (what `tl.sum` does; the interpreter maps that
+combine function to a numpy sum; see kernels/_shrink_kernels.py).
 """
 
 from __future__ import annotations
