@@ -3,7 +3,7 @@
 All of a step's tokens are flattened to x: [T, hidden], so every linear layer is ONE matmul
 for the whole batch (prefill and decode rows together, every adapter together). q/k/v and
 gate/up are fused column-wise; each fused part keeps its HF module name so a LoRA context can
-add per-token adapter deltas into its column slice (`kernels.lora_shrink` / `lora_expand`).
+add per-token adapter deltas into its column slice (`kernels.lora_shrink_slices` / `lora_expand_slices`: one call per fused projection).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import lora_compose, lora_expand, lora_shrink
+from kernels import lora_compose, lora_expand_slices, lora_shrink_slices
 from kernels.tuning import small_batch_path
 
 from engine.attention import AttentionMetadata, paged_attention
@@ -137,24 +137,29 @@ class LoraLinear(nn.Module):
         y = small_batch_linear(x, self.weight, self.bias)  # [T, out]
         if lora is None:
             return y
-        single = lora.composed is None or lora.meta.num_lora_rows  # an all-composed step has no single-slot rows
-        dora = getattr(lora.stacks, "dora", None)  # slots built without DoRA support have none
-        offset = 0
-        for name, n in self.parts:  # fused q/k/v (gate/up): each part's delta into its column slice of y
+        # the parts (q/k/v, gate/up) an occupied slot targets: (column offset, width, name, (A, B, scales))
+        parts, offset = [], 0
+        for name, n in self.parts:
             stack = lora.stacks.get(self.layer, name)
             if stack is not None:
-                a, b, scales = stack
-                # stacks and meta are built consistent per step: skip the per-call argument checks
-                if single:
-                    h = lora_shrink(x, a, lora.token_slots, scales, meta=lora.meta, check=False)  # [T, R]
-                    lora_expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset, check=False)
-                if lora.composed is not None:  # sum_i w_i * s_i * B_i A_i x on the composed rows
-                    lora_compose(x, a, b, scales, y, lora.composed, out_offset=offset, check=False)
-                g = dora(self.layer, name) if dora is not None else None
-                if g is not None:  # DoRA: rescale this part's output per token (see engine.lora.slots)
-                    bias = self.bias[offset : offset + n] if self.bias is not None else None
-                    apply_dora(y[:, offset : offset + n], g, lora.token_slots, bias)
+                parts.append((offset, n, name, stack))
             offset += n
+        if not parts:
+            return y
+        ts, meta = lora.token_slots, lora.meta
+        # stacks and meta are built consistent per step: skip the per-call argument checks
+        if lora.composed is None or meta.num_lora_rows:  # an all-composed step has no single-slot rows
+            hs = lora_shrink_slices(x, [(a, sc) for _, _, _, (a, _, sc) in parts], ts, meta=meta, check=False)
+            lora_expand_slices(hs, [(b, off) for off, _, _, (_, b, _) in parts], ts, y, meta=meta, check=False)
+        if lora.composed is not None:  # sum_i w_i * s_i * B_i A_i x on the composed rows
+            for off, _, _, (a, b, sc) in parts:
+                lora_compose(x, a, b, sc, y, lora.composed, out_offset=off, check=False)
+        dora = getattr(lora.stacks, "dora", None)  # slots built without DoRA support have none
+        for off, n, name, _ in parts if dora is not None else ():
+            g = dora(self.layer, name)
+            if g is not None:  # DoRA: rescale this part's output per token (see engine.lora.slots)
+                bias = self.bias[off : off + n] if self.bias is not None else None
+                apply_dora(y[:, off : off + n], g, ts, bias)
         return y
 
 
