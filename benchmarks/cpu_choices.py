@@ -5,6 +5,10 @@ preset's base linears for each row count and matmul form (F.linear / W @ x.T / m
 expand us of each CPU LoRA path (kernels.meta) on given segment layouts. The tables of
 benchmarks/README.md come from these. Every mode times the alternatives interleaved in one run.
 
+Times are CPU time of this process (`time.process_time`; the compute runs on the calling thread with
+`--threads 1`), so time slices lost to other jobs on a shared machine do not count; memory-bandwidth
+contention still does. Wall time is reported beside it for `decode`.
+
 `decode` builds one engine on the seeded `--preset` model and decodes `--tokens` greedy tokens for one
 request, alternating the one-row bf16/fp16 path of `engine.model.small_batch_linear` between
 "mv" (torch.mv; the choice on AMX CPUs) and "linear" (F.linear; the choice without AMX) round by
@@ -28,16 +32,17 @@ from engine.sampling_params import SamplingParams
 from kernels import tuning
 
 
-def _decode_tok_s(llm: LLM, prompt: list[int], tokens: int, tag: str) -> tuple[float, list[int]]:
-    """Decode tokens/s of one request: the prefill step (and its first token) is not timed."""
+def _decode_tok_s(llm: LLM, prompt: list[int], tokens: int, tag: str) -> tuple[float, float, list[int]]:
+    """Decode tokens/s (CPU time, wall) of one request: the prefill step (and its first token) is not timed."""
     engine = llm.engine
     engine.add_request(tag, prompt, SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True), None)
     last: list = []
     last.extend(engine.step())  # prefill + first token
-    t0 = time.perf_counter()
+    c0, t0 = time.process_time(), time.perf_counter()
     while engine.has_unfinished():
         last = engine.step() or last
-    return tokens / (time.perf_counter() - t0), list(last[0].outputs[0].token_ids)
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    return tokens / cpu, tokens / wall, list(last[0].outputs[0].token_ids)
 
 
 def decode(args: argparse.Namespace) -> dict:
@@ -47,24 +52,27 @@ def decode(args: argparse.Namespace) -> dict:
     chosen = tuning.half_one_row_mv
     paths = {"mv": lambda: True, "linear": lambda: False}
     rates: dict[str, list[float]] = {k: [] for k in paths}
+    walls: dict[str, list[float]] = {k: [] for k in paths}
     outputs: dict[str, list[int]] = {}
     try:
         for _ in range(args.rounds):
             for name, pick in paths.items():
                 tuning.half_one_row_mv = pick
-                rate, toks = _decode_tok_s(llm, prompt, args.tokens, f"{name}-{len(rates[name])}")
+                rate, wall_rate, toks = _decode_tok_s(llm, prompt, args.tokens, f"{name}-{len(rates[name])}")
                 rates[name].append(rate)
+                walls[name].append(wall_rate)
                 outputs[name] = toks
     finally:
         tuning.half_one_row_mv = chosen
     med = {k: statistics.median(v) for k, v in rates.items()}
     picked = "mv" if chosen() else "linear"
     result = {"preset": args.preset, "dtype": args.dtype, "threads": args.threads, "amx": tuning.cpu_has_amx(),
-              "picked": picked, "tok_s": med, "rounds": rates, "linear_over_mv": med["linear"] / med["mv"],
+              "picked": picked, "tok_s": med, "rounds": rates, "wall_rounds": walls, "linear_over_mv": med["linear"] / med["mv"],
               "same_tokens": outputs["mv"] == outputs["linear"]}  # fmt: skip
     print(f"preset={args.preset} dtype={args.dtype} threads={args.threads} amx={result['amx']} picks={picked}")
     for k, v in med.items():
-        print(f"  {k:6s} {v:6.1f} tok/s  (rounds: {', '.join(f'{r:.1f}' for r in rates[k])})")
+        print(f"  {k:6s} {v:6.1f} tok/s of CPU time (rounds: {', '.join(f'{r:.1f}' for r in rates[k])}; "
+              f"wall: {', '.join(f'{r:.1f}' for r in walls[k])})")
     print(f"  linear/mv = {result['linear_over_mv']:.2f}; same tokens: {result['same_tokens']}")
     return result
 
@@ -73,9 +81,9 @@ def _best_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
     fn()
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.process_time()
         fn()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.process_time() - t0)
     return best * 1e3
 
 
