@@ -67,7 +67,8 @@ def decode(args: argparse.Namespace) -> dict:
     med = {k: statistics.median(v) for k, v in rates.items()}
     picked = "mv" if chosen() else "linear"
     result = {"preset": args.preset, "dtype": args.dtype, "threads": args.threads, "amx": tuning.cpu_has_amx(),
-              "picked": picked, "tok_s": med, "rounds": rates, "wall_rounds": walls, "linear_over_mv": med["linear"] / med["mv"],
+              "picked": picked, "tok_s": med, "rounds": rates, "wall_rounds": walls,
+              "linear_over_mv": med["linear"] / med["mv"],
               "same_tokens": outputs["mv"] == outputs["linear"]}  # fmt: skip
     print(f"preset={args.preset} dtype={args.dtype} threads={args.threads} amx={result['amx']} picks={picked}")
     for k, v in med.items():
@@ -97,7 +98,7 @@ def linear(args: argparse.Namespace) -> dict:
     shapes = [(3 * H, H), (H, H), (2 * inter, H), (H, inter)] * layers  # qkv, o, gate_up, down per layer
     ws = [torch.randn(o, i).to(dt) for o, i in shapes]  # distinct weights: streamed from memory, as in a step
     forms = {"linear": lambda x, w: F.linear(x, w), "wxt": lambda x, w: torch.mm(w, x.t()).t().contiguous(),
-             "mv": lambda x, w: torch.mv(w, x[0]).unsqueeze(0)}  # fmt: skip
+             "mv": lambda x, w: torch.mv(w, x[0]).unsqueeze(0)}
     result: dict = {"preset": args.preset, "dtype": args.dtype, "ms": {}}
     print(f"preset={args.preset} dtype={args.dtype} threads={args.threads}: ms per step of the base linears")
     for T in args.rows:

@@ -3,7 +3,8 @@
 All of a step's tokens are flattened to x: [T, hidden], so every linear layer is ONE matmul
 for the whole batch (prefill and decode rows together, every adapter together). q/k/v and
 gate/up are fused column-wise; each fused part keeps its HF module name so a LoRA context can
-add per-token adapter deltas into its column slice (`kernels.lora_shrink_slices` / `lora_expand_slices`: one call per fused projection).
+add per-token adapter deltas into its column slice (`kernels.lora_shrink_slices` /
+`lora_expand_slices`: one call per fused projection).
 """
 
 from __future__ import annotations

@@ -75,7 +75,7 @@ def _expand_gather_kernel(
         k_mask = (offs_k < R) & live_k
         hv = tl.load(h_ptr + t * sh_t + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
         bt = tl.load(b_base + offs_k[None, :], mask=n_mask[:, None] & k_mask[None, :], other=0.0)  # [BN, BK]
-        acc += tl.reduce(bt.to(tl.float32) * hv[None, :], 1, tl.standard._sum_combine)  # = tl.sum (see the module docstring)
+        acc += tl.reduce(bt.to(tl.float32) * hv[None, :], 1, tl.standard._sum_combine)  # = tl.sum
     o_ptrs = out_ptr + t * so_t + out_offset + offs_n
     cur = tl.load(o_ptrs, mask=n_mask, other=0.0).to(tl.float32)
     tl.store(o_ptrs, (cur + acc).to(out_ptr.dtype.element_ty), mask=n_mask)

@@ -92,7 +92,7 @@ def _shrink_gather_kernel(
         k_mask = (offs_k < k_hi) & live_k
         xv = tl.load(x_ptr + t * sx_t + offs_k, mask=k_mask, other=0.0).to(tl.float32)  # [BK]
         at = tl.load(a_base + offs_k[None, :], mask=r_mask[:, None] & k_mask[None, :], other=0.0)  # [BR, BK]
-        acc += tl.reduce(at.to(tl.float32) * xv[None, :], 1, tl.standard._sum_combine)  # = tl.sum (see the module docstring)
+        acc += tl.reduce(at.to(tl.float32) * xv[None, :], 1, tl.standard._sum_combine)  # = tl.sum
     if SCALE_PER_RANK:
         acc = acc * tl.load(scale_ptr + slot * ssc_s + offs_r * ssc_r, mask=r_mask, other=0.0).to(tl.float32)
     else:
