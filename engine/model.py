@@ -3,7 +3,8 @@
 All of a step's tokens are flattened to x: [T, hidden], so every linear layer is ONE matmul
 for the whole batch (prefill and decode rows together, every adapter together). q/k/v and
 gate/up are fused column-wise; each fused part keeps its HF module name so a LoRA context can
-add per-token adapter deltas into its column slice (`kernels.lora_shrink` / `lora_expand`).
+add per-token adapter deltas into its column slice (`kernels.lora_shrink_slices` /
+`lora_expand_slices`: one call per fused projection).
 """
 
 from __future__ import annotations
@@ -16,11 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kernels import lora_compose, lora_expand, lora_shrink
+from kernels import lora_compose, lora_expand_slices, lora_shrink_slices
+from kernels.tuning import small_batch_path
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.errors import ConfigError
 from engine.loader import iter_weights, model_arch
+from engine.lora.slots import apply_dora
 from engine.rope import apply_rope, rope_cache
 
 
@@ -93,27 +96,15 @@ class LoraContext:
     composed: Any = None  # kernels.ComposedRows: rows composing several adapters (their token_slots are -1)
 
 
-# On CPU, batches of SMALL_BATCH_ROWS rows (a decode batch) run as W @ x.T: MKL streams the
-# [out, in] weight from its own layout instead of packing it for x @ W.T. Measured per call on the
-# `small` preset's linears (1 thread, weights not in cache, ms, x @ W.T / W @ x.T): gate_up T=8
-# 2.24 / 1.74, T=16 1.80 / 1.73, T=32 2.41 / 2.38, qkv T=32 0.95 / 0.83, down T=32 0.94 / 0.72; but
-# T=2 0.70 / 1.62 and T=64 3.03 / 4.15, so 1-7 rows and prefill-sized batches keep F.linear.
-# In bf16/fp16 (oneDNN) W @ x.T wins from 2 rows up to 64, and a single row is fastest as a matrix-
-# vector product: the 12 layers of `small`, 1 thread, ms per step (F.linear / W @ x.T / mv): T=1
-# 21.5 / 21.8 / 16.2, T=4 23.0 / 16.8, T=16 23.8 / 18.6, T=48 31.7 / 25.6, T=64 32.4 / 30.3,
-# T=100 37.1 / 38.0. (fp32 T=1: F.linear and mv both 26.1.)
-SMALL_BATCH_ROWS = range(8, 49)
-SMALL_BATCH_ROWS_HALF = range(2, 65)
-
-
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T (+ bias) as a contiguous [T, out]; small CPU batches go through weight @ x.T."""
+    """x @ weight.T (+ bias) as a contiguous [T, out]; on CPU the row count and the CPU pick the matmul
+    (`kernels.tuning.small_batch_path`: decode-sized batches stream W from its own layout as W @ x.T)."""
     if x.device.type != "cpu":
         return F.linear(x, weight, bias)
-    half = x.dtype in (torch.bfloat16, torch.float16)
-    if half and x.shape[0] == 1:
+    path = small_batch_path(x.shape[0], x.dtype in (torch.bfloat16, torch.float16))
+    if path == "mv":
         y = torch.mv(weight, x[0]).unsqueeze(0)  # [1, out]
-    elif x.shape[0] in (SMALL_BATCH_ROWS_HALF if half else SMALL_BATCH_ROWS):
+    elif path == "wxt":
         y = torch.mm(weight, x.t()).t().contiguous()  # [T, out]
     else:
         return F.linear(x, weight, bias)
@@ -145,28 +136,35 @@ class LoraLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraContext | None) -> torch.Tensor:
         y = small_batch_linear(x, self.weight, self.bias)  # [T, out]
-        if lora is not None:
-            offset = 0
-            for name, n in self.parts:
-                stack = lora.stacks.get(self.layer, name)
-                if stack is not None:
-                    a, b, scales = stack
-                    # stacks and meta are built consistent per step: skip the per-call argument checks
-                    if lora.composed is None or lora.meta.num_lora_rows:  # an all-composed step has no single-slot rows
-                        ranks = getattr(lora.stacks, "slot_ranks", None)  # slots past an adapter's rank are zero: skipped
-                        ranks = ranks(name) if ranks is not None else None
-                        h = lora_shrink(x, a, lora.token_slots, scales, meta=lora.meta, check=False, slot_ranks=ranks)  # [T, R]
-                        lora_expand(h, b, lora.token_slots, y, meta=lora.meta, out_offset=offset, check=False, slot_ranks=ranks)
-                    if lora.composed is not None:  # sum_i w_i * s_i * B_i A_i x on the composed rows
-                        lora_compose(x, a, b, scales, y, lora.composed, out_offset=offset, check=False)
-                    dora = getattr(lora.stacks, "dora", None)
-                    g = dora(self.layer, name) if dora is not None else None
-                    if g is not None:  # DoRA: rescale this part's output per token (see engine.lora.slots)
-                        from engine.lora.slots import apply_dora
-
-                        bias = self.bias[offset : offset + n] if self.bias is not None else None
-                        apply_dora(y[:, offset : offset + n], g, lora.token_slots, bias)
-                offset += n
+        if lora is None:
+            return y
+        # the parts (q/k/v, gate/up) an occupied slot targets: (column offset, width, name, (A, B, scales))
+        parts, offset = [], 0
+        for name, n in self.parts:
+            stack = lora.stacks.get(self.layer, name)
+            if stack is not None:
+                parts.append((offset, n, name, stack))
+            offset += n
+        if not parts:
+            return y
+        ts, meta = lora.token_slots, lora.meta
+        # stacks and meta are built consistent per step: skip the per-call argument checks
+        if lora.composed is None or meta.num_lora_rows:  # an all-composed step has no single-slot rows
+            slot_ranks = getattr(lora.stacks, "slot_ranks", None)  # slots past an adapter's rank are zero: skipped
+            ranks = [slot_ranks(name) for _, _, name, _ in parts] if slot_ranks is not None else None
+            hs = lora_shrink_slices(x, [(a, sc) for _, _, _, (a, _, sc) in parts], ts, meta=meta, check=False,
+                                    slot_ranks=ranks)
+            lora_expand_slices(hs, [(b, off) for off, _, _, (_, b, _) in parts], ts, y, meta=meta, check=False,
+                               slot_ranks=ranks)
+        if lora.composed is not None:  # sum_i w_i * s_i * B_i A_i x on the composed rows
+            for off, _, _, (a, b, sc) in parts:
+                lora_compose(x, a, b, sc, y, lora.composed, out_offset=off, check=False)
+        dora = getattr(lora.stacks, "dora", None)  # slots built without DoRA support have none
+        for off, n, name, _ in parts if dora is not None else ():
+            g = dora(self.layer, name)
+            if g is not None:  # DoRA: rescale this part's output per token (see engine.lora.slots)
+                bias = self.bias[off : off + n] if self.bias is not None else None
+                apply_dora(y[:, off : off + n], g, ts, bias)
         return y
 
 

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from kernels import ComposedRows, LoraBatchMeta
+from kernels import ComposedRows, LoraBatchMeta, LoraMetaBuffers
+from kernels.tuning import cpu_auto_dtype
 
 from engine.attention import AttentionMetadata, PrefillBatch, PrefillSpan
 from engine.planning.budget import ModelDims, kv_bytes_per_token, total_slot_bytes
@@ -55,11 +56,11 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
-    """'auto' = float32 on CPU (fast and exact there), the checkpoint's dtype on CUDA."""
+    """'auto' = on CPU the faster dtype for this CPU (`kernels.tuning.cpu_auto_dtype`), the checkpoint's dtype on CUDA."""
     if dtype != "auto":
         return _TORCH_DTYPES[dtype]
     if device.type == "cpu":
-        return torch.float32
+        return cpu_auto_dtype()
     raw = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "bfloat16")
     return _TORCH_DTYPES.get(raw.replace("torch.", ""), torch.bfloat16)
 
@@ -137,6 +138,7 @@ class ModelRunner:
             torch.set_num_threads(config.cpu_threads)
         self.device = resolve_device(config.device)
         self.dtype = resolve_dtype(config.dtype, hf_config, self.device)
+        self.lora_meta = LoraMetaBuffers(self.device, config.max_num_batched_tokens)  # step LoRA layout, reused
         self.args = ModelArgs.from_hf_config(hf_config)
         self.dims = ModelDims.from_hf_config(hf_config)
         previous = torch.get_default_dtype()
@@ -267,7 +269,7 @@ class ModelRunner:
         if stacks is not None and slots is not None and (any(s >= 0 for s in slots) or composed_rows):
             # once per step; prefill chunks and decode rows get separate CPU layouts (kernels.meta "split")
             split = meta.decode_start if prefills and decode_rows else None
-            lmeta = LoraBatchMeta.from_token_slots(token_slots, device=dev, split=split)
+            lmeta = self.lora_meta.build(token_slots, split=split)
             # composed rows: one virtual row per component (kernels.ComposedRows); None keeps single-adapter steps as they were
             comp = ComposedRows.from_pairs(composed_rows, device=dev) if composed_rows else None
             lora = LoraContext(token_slots=lmeta.token_slots, meta=lmeta, stacks=stacks, composed=comp)  # [T] int32 on dev

@@ -9,7 +9,8 @@ The engine imports only this package's public names, never triton itself: `impor
 works without triton, which is imported on the first Triton launch.
 """
 
-from kernels.meta import ComposedRows, KernelError, LoraBatchMeta
-from kernels.ops import BACKENDS, lora_compose, lora_expand, lora_shrink
+from kernels.meta import ComposedRows, KernelError, LoraBatchMeta, LoraMetaBuffers
+from kernels.ops import BACKENDS, lora_compose, lora_expand, lora_expand_slices, lora_shrink, lora_shrink_slices
 
-__all__ = ["BACKENDS", "ComposedRows", "KernelError", "LoraBatchMeta", "lora_compose", "lora_expand", "lora_shrink"]
+__all__ = ["BACKENDS", "ComposedRows", "KernelError", "LoraBatchMeta", "LoraMetaBuffers", "lora_compose", "lora_expand",
+           "lora_expand_slices", "lora_shrink", "lora_shrink_slices"]

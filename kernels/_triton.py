@@ -1,4 +1,5 @@
-"""The only place that imports triton, and only when a Triton launch is asked for.
+"""Loads triton, and only when a Triton launch is asked for (with the kernel modules `kernels._shrink_kernels`
+and `kernels._expand_kernels`, which import `triton.language` and are imported only from here on).
 
 Kernels are wrapped per mode: compiled (`JITFunction`) for CUDA tensors, interpreted
 (`InterpretedFunction`, numpy on the host) for CPU tensors. Choosing the wrapper explicitly,
@@ -7,7 +8,7 @@ in a process where something else (peft, transformers) already imported triton. 
 therefore avoid triton's `@jit` standard-library helpers (`tl.sum`, `tl.zeros`, `tl.cdiv`), which
 are compiled-mode objects in such a process; they use `tl.full` and
 `tl.reduce(v, axis, tl.standard._sum_combine)` (what `tl.sum` does; the interpreter maps that
-combine function to a numpy sum).
+combine function to a numpy sum; see kernels/_shrink_kernels.py).
 """
 
 from __future__ import annotations

@@ -85,6 +85,54 @@ def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor
     return expand_triton(h, lora_b, out, meta, out_offset, _strategy(strategy, meta))
 
 
+def lora_shrink_slices(x: torch.Tensor, slices: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                       token_slots: torch.Tensor, *, meta: LoraBatchMeta | None = None, backend: str = "auto",
+                       strategy: str = "auto", check: bool = True,
+                       slot_ranks: Sequence[Sequence[int] | None] | None = None) -> list[torch.Tensor]:
+    """The shrinks of a fused projection's slices (q/k/v, gate/up) in one call, as vLLM's `nslices`.
+
+    Semantics:
+        slices: [(lora_a_i [S, R_i, K], scales_i [S] or [S, R_i])] for i < nslices
+        returns [h_i] with h_i = lora_shrink(x, lora_a_i, token_slots, scales_i)   # h_i: [T, R_i]
+    The step layout (`meta`), backend and strategy are resolved once for all slices; each backend
+    then runs one shrink per slice (the slices' stacks are separate tensors: one fused launch would
+    need them laid out as one [S, sum R_i, K] stack or a pointer table). `slot_ranks[i]`: slice i's
+    per-slot true ranks (see `lora_shrink`), or None.
+    """
+    if check or meta is None:
+        for a, sc in slices:
+            _check_shrink(x, a, token_slots, sc)
+        meta = _meta_for(meta, token_slots, min((a.shape[0] for a, _ in slices), default=0))
+    ranks = slot_ranks if slot_ranks is not None else [None] * len(slices)
+    return [lora_shrink(x, a, token_slots, sc, meta=meta, backend=backend, strategy=strategy, check=False,
+                        slot_ranks=r) for (a, sc), r in zip(slices, ranks)]
+
+
+def lora_expand_slices(hs: Sequence[torch.Tensor], slices: Sequence[tuple[torch.Tensor, int]],
+                       token_slots: torch.Tensor, out: torch.Tensor, *, meta: LoraBatchMeta | None = None,
+                       backend: str = "auto", strategy: str = "auto", check: bool = True,
+                       slot_ranks: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:
+    """The expands of a fused projection's slices into their column ranges of one output, in one call.
+
+    Semantics:
+        hs: [h_i [T, R_i]], slices: [(lora_b_i [S, N_i, R_i], out_offset_i)] for i < nslices
+        for every i: out[:, off_i:off_i + N_i] += h_i @ lora_b_i[s].T per row (as `lora_expand`)
+        returns out (the same tensor)
+    """
+    if len(hs) != len(slices):
+        raise KernelError(f"{len(hs)} shrink outputs for {len(slices)} expand slices")
+    if check or meta is None:
+        rank_major_ok = _resolve(backend, out.device) != "triton"
+        for h, (b, off) in zip(hs, slices):
+            _check_expand(h, b, token_slots, out, off, rank_major_ok=rank_major_ok)
+        meta = _meta_for(meta, token_slots, min((b.shape[0] for b, _ in slices), default=0))
+    ranks = slot_ranks if slot_ranks is not None else [None] * len(slices)
+    for h, (b, off), r in zip(hs, slices, ranks):
+        lora_expand(h, b, token_slots, out, meta=meta, out_offset=off, backend=backend, strategy=strategy,
+                    check=False, slot_ranks=r)
+    return out
+
+
 def lora_compose(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scales: torch.Tensor,
                  out: torch.Tensor, composed: ComposedRows, *, out_offset: int = 0, backend: str = "auto",
                  strategy: str = "auto", check: bool = True) -> torch.Tensor:

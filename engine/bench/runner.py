@@ -39,7 +39,9 @@ def resolve_device_dtype(device: str, dtype: str) -> tuple[str, str]:
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("--device cuda requested but CUDA is not available", hint="use --device cpu")
     if dtype == "auto":
-        dtype = "float32" if device == "cpu" else "bfloat16"
+        from kernels.tuning import cpu_auto_dtype
+
+        dtype = str(cpu_auto_dtype()).removeprefix("torch.") if device == "cpu" else "bfloat16"
     return device, dtype
 
 

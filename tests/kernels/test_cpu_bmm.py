@@ -7,7 +7,7 @@ import itertools
 import pytest
 import torch
 
-import kernels.meta as kmeta
+from kernels import tuning
 from kernels import LoraBatchMeta, lora_expand, lora_shrink
 from tests.kernels.cases import Case, assert_close, expand_inputs, naive_expand, naive_shrink, shrink_inputs
 
@@ -19,11 +19,11 @@ GRID = [Case(dt, 16, size, T, pop, neg, padded=False, variant=variant)
 @pytest.fixture
 def force_bmm(monkeypatch: pytest.MonkeyPatch) -> None:
     """Every layout with a slot != -1 and more than one slot takes the padded bmm path."""
-    monkeypatch.setattr(kmeta, "CPU_BMM_MIN_SEGMENTS", 2)
-    monkeypatch.setattr(kmeta, "CPU_BMM_MAX_MEAN_ROWS", 1 << 30)
-    monkeypatch.setattr(kmeta, "CPU_BMM_MAX_MEAN_ROWS_HALF", 1 << 30)
-    monkeypatch.setattr(kmeta, "CPU_DENSE_MAX_MEAN_ROWS_HALF", 0)
-    monkeypatch.setattr(kmeta, "CPU_BMM_MAX_PAD_FACTOR", float("inf"))
+    monkeypatch.setattr(tuning, "CPU_BMM_MIN_SEGMENTS", 2)
+    monkeypatch.setattr(tuning, "CPU_BMM_MAX_MEAN_ROWS", 1 << 30)
+    monkeypatch.setattr(tuning, "CPU_BMM_MAX_MEAN_ROWS_HALF", 1 << 30)
+    monkeypatch.setattr(tuning, "CPU_DENSE_MAX_MEAN_ROWS_HALF", 0)
+    monkeypatch.setattr(tuning, "CPU_BMM_MAX_PAD_FACTOR", float("inf"))
 
 
 def _op_inputs(slots: list[int], *, R: int, K: int, N: int, S: int, extra_cols: int, seed: int,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import LoraBatchMeta, lora_expand, lora_shrink
+from kernels import KernelError, LoraBatchMeta, lora_expand, lora_expand_slices, lora_shrink, lora_shrink_slices
 from tests.kernels.cases import assert_close
 from tests.kernels.conftest import needs_triton
 
@@ -39,3 +39,38 @@ def test_fused_qkv_equals_three_separate_lora_linears(backend: str) -> None:
         lora_expand(h_cat[:, i * R:(i + 1) * R], b[i], slots, out, meta=meta, out_offset=sum(sizes[:i]),
                     backend=backend)
     assert_close(out, torch.cat(expected, dim=1), "fp32", f"fused qkv ({backend})")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton)])
+def test_slices_ops_equal_one_op_per_slice(backend: str, dtype: torch.dtype) -> None:
+    """lora_shrink_slices / lora_expand_slices (one call for q, k, v) give exactly the per-slice ops' result."""
+    gen = torch.Generator().manual_seed(5)
+    T, K, S, ranks, sizes = 11, 64, 4, (8, 4, 4), (48, 16, 16)
+    slots = torch.tensor([3, 0, -1, 1, 3, 3, 0, -1, 1, 2, 2], dtype=torch.int32)
+    meta = LoraBatchMeta.from_token_slots(slots)
+    x = torch.randn(T, K, generator=gen).to(dtype)
+    a = [(torch.randn(S, r, K, generator=gen) / K ** 0.5).to(dtype) for r in ranks]
+    b = [(torch.randn(S, n, r, generator=gen) / r ** 0.5).to(dtype) for n, r in zip(sizes, ranks)]
+    sc = [torch.rand(S, generator=gen) + 0.5 for _ in sizes]
+    offs = [sum(sizes[:i]) for i in range(len(sizes))]
+    base = torch.randn(T, sum(sizes), generator=gen).to(dtype)
+
+    ref_out = base.clone()
+    ref_h = [lora_shrink(x, a[i], slots, sc[i], meta=meta, backend=backend) for i in range(3)]
+    for i in range(3):
+        lora_expand(ref_h[i], b[i], slots, ref_out, meta=meta, out_offset=offs[i], backend=backend)
+
+    hs = lora_shrink_slices(x, list(zip(a, sc)), slots, meta=meta, backend=backend)
+    out = lora_expand_slices(hs, list(zip(b, offs)), slots, base.clone(), meta=meta, backend=backend)
+    assert all(torch.equal(h, r) for h, r in zip(hs, ref_h))
+    assert torch.equal(out, ref_out)
+
+
+def test_slices_ops_check_their_arguments() -> None:
+    slots = torch.tensor([0, 1], dtype=torch.int32)
+    x, a, sc = torch.randn(2, 8), torch.randn(2, 4, 8), torch.ones(2)
+    with pytest.raises(KernelError, match="features"):
+        lora_shrink_slices(x, [(a, sc), (torch.randn(2, 4, 9), sc)], slots)
+    with pytest.raises(KernelError, match="shrink outputs"):
+        lora_expand_slices([torch.randn(2, 4)], [], slots, torch.zeros(2, 8))

@@ -1,0 +1,189 @@
+"""The CPU choices of kernels.tuning, measured: `python -m benchmarks.cpu_choices {decode,linear,lora}`.
+
+`decode`: batch-1 decode tok/s under each one-row bf16/fp16 matmul path. `linear`: per-step ms of a
+preset's base linears for each row count and matmul form (F.linear / W @ x.T / mv). `lora`: shrink +
+expand us of each CPU LoRA path (kernels.meta) on given segment layouts. The tables of
+benchmarks/README.md come from these. Every mode times the alternatives interleaved in one run.
+
+Times are CPU time of this process (`time.process_time`; the compute runs on the calling thread with
+`--threads 1`), so time slices lost to other jobs on a shared machine do not count; memory-bandwidth
+contention still does. Wall time is reported beside it for `decode`.
+
+`decode` builds one engine on the seeded `--preset` model and decodes `--tokens` greedy tokens for one
+request, alternating the one-row bf16/fp16 path of `engine.model.small_batch_linear` between
+"mv" (torch.mv; the choice on AMX CPUs) and "linear" (F.linear; the choice without AMX) round by
+round, so both see the same machine load. Prints tok/s per path (median of `--rounds`), their
+ratio, what `kernels.tuning` picks on this CPU, and checks both paths give the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from engine.bench.presets import build_preset_model, quiet_transformers
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+from kernels import tuning
+
+
+def _decode_tok_s(llm: LLM, prompt: list[int], tokens: int, tag: str) -> tuple[float, float, list[int]]:
+    """Decode tokens/s (CPU time, wall) of one request: the prefill step (and its first token) is not timed."""
+    engine = llm.engine
+    engine.add_request(tag, prompt, SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True), None)
+    last: list = []
+    last.extend(engine.step())  # prefill + first token
+    c0, t0 = time.process_time(), time.perf_counter()
+    while engine.has_unfinished():
+        last = engine.step() or last
+    cpu, wall = time.process_time() - c0, time.perf_counter() - t0
+    return tokens / cpu, tokens / wall, list(last[0].outputs[0].token_ids)
+
+
+def decode(args: argparse.Namespace) -> dict:
+    llm = LLM(str(build_preset_model(args.preset)), device="cpu", dtype=args.dtype, max_num_seqs=1,
+              max_model_len=args.tokens + 32)
+    prompt = [1] + [(7 * j) % 200 + 3 for j in range(15)]
+    chosen = tuning.half_one_row_mv
+    paths = {"mv": lambda: True, "linear": lambda: False}
+    rates: dict[str, list[float]] = {k: [] for k in paths}
+    walls: dict[str, list[float]] = {k: [] for k in paths}
+    outputs: dict[str, list[int]] = {}
+    try:
+        for _ in range(args.rounds):
+            for name, pick in paths.items():
+                tuning.half_one_row_mv = pick
+                rate, wall_rate, toks = _decode_tok_s(llm, prompt, args.tokens, f"{name}-{len(rates[name])}")
+                rates[name].append(rate)
+                walls[name].append(wall_rate)
+                outputs[name] = toks
+    finally:
+        tuning.half_one_row_mv = chosen
+    med = {k: statistics.median(v) for k, v in rates.items()}
+    picked = "mv" if chosen() else "linear"
+    result = {"preset": args.preset, "dtype": args.dtype, "threads": args.threads, "amx": tuning.cpu_has_amx(),
+              "picked": picked, "tok_s": med, "rounds": rates, "wall_rounds": walls,
+              "linear_over_mv": med["linear"] / med["mv"],
+              "same_tokens": outputs["mv"] == outputs["linear"]}  # fmt: skip
+    print(f"preset={args.preset} dtype={args.dtype} threads={args.threads} amx={result['amx']} picks={picked}")
+    for k, v in med.items():
+        print(f"  {k:6s} {v:6.1f} tok/s of CPU time (rounds: {', '.join(f'{r:.1f}' for r in rates[k])}; "
+              f"wall: {', '.join(f'{r:.1f}' for r in walls[k])})")
+    print(f"  linear/mv = {result['linear_over_mv']:.2f}; same tokens: {result['same_tokens']}")
+    return result
+
+
+def _best_ms(fn, repeats: int) -> float:  # type: ignore[no-untyped-def]
+    fn()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.process_time()
+        fn()
+        best = min(best, time.process_time() - t0)
+    return best * 1e3
+
+
+def linear(args: argparse.Namespace) -> dict:
+    """ms per step of one preset's base linears (all layers, lm_head excluded) per row count and form."""
+    from engine.bench.presets import preset_config_dict
+
+    c = preset_config_dict(args.preset)
+    H, inter, layers = c["hidden_size"], c["intermediate_size"], c["num_hidden_layers"]
+    dt = getattr(torch, args.dtype)
+    shapes = [(3 * H, H), (H, H), (2 * inter, H), (H, inter)] * layers  # qkv, o, gate_up, down per layer
+    ws = [torch.randn(o, i).to(dt) for o, i in shapes]  # distinct weights: streamed from memory, as in a step
+    forms = {"linear": lambda x, w: F.linear(x, w), "wxt": lambda x, w: torch.mm(w, x.t()).t().contiguous(),
+             "mv": lambda x, w: torch.mv(w, x[0]).unsqueeze(0)}
+    result: dict = {"preset": args.preset, "dtype": args.dtype, "ms": {}}
+    print(f"preset={args.preset} dtype={args.dtype} threads={args.threads}: ms per step of the base linears")
+    for T in args.rows:
+        xs = {i: torch.randn(T, i).to(dt) for i in {i for _, i in shapes}}
+        row = {}
+        for name, f in forms.items():
+            if name == "mv" and T != 1:
+                continue
+            row[name] = _best_ms(lambda: [f(xs[w.shape[1]], w) for w in ws], args.rounds)
+        result["ms"][T] = row
+        print(f"  T={T:4d}  " + "  ".join(f"{k} {v:6.2f}" for k, v in row.items()))
+    return result
+
+
+def _layout(spec: str, seed: int) -> list[int]:
+    """"16x8" = 16 adapters of 8 contiguous rows; "16x7-9" = lengths drawn from 7..9."""
+    n, _, lens = spec.partition("x")
+    lo, _, hi = lens.partition("-")
+    g = torch.Generator().manual_seed(seed)
+    sizes = [int(torch.randint(int(lo), int(hi or lo) + 1, (1,), generator=g)) for _ in range(int(n))]
+    return [s for s, k in enumerate(sizes) for _ in range(k)]
+
+
+def lora(args: argparse.Namespace) -> dict:
+    """us of shrink + expand (hidden -> out, rank R) for each CPU path of kernels.meta on each layout."""
+    from dataclasses import replace
+
+    from kernels import LoraBatchMeta, lora_expand, lora_shrink, tuning
+
+    dt = getattr(torch, args.dtype)
+    K, N, R = args.hidden, args.out, args.rank
+    result: dict = {"dtype": args.dtype, "us": {}}
+    print(f"dtype={args.dtype} threads={args.threads} {K} -> {N} rank {R}: us per shrink + expand")
+    for spec in args.layouts:
+        slots = _layout(spec, 0)
+        S, T = max(slots) + 1, len(slots)
+        a, b = torch.randn(S, R, K).to(dt), torch.randn(S, N, R).to(dt)
+        x, out, sc = torch.randn(T, K).to(dt), torch.zeros(T, N, dtype=dt), torch.ones(S)
+        saved = (tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR)
+        tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR = 1, float("inf")  # build pad_rows for "bmm"
+        try:
+            meta = LoraBatchMeta.from_token_slots(slots)
+        finally:
+            tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR = saved
+        chosen = LoraBatchMeta.from_token_slots(slots).path_for(dt)
+        row = {}
+        for path in ("runs", "segments", "bmm", "dense"):
+            m = replace(meta, cpu_path=path, cpu_path_half=path, dense_fallback="segments")
+            ts = m.token_slots
+
+            def step(m=m, ts=ts) -> None:  # type: ignore[no-untyped-def]
+                h = lora_shrink(x, a, ts, sc, meta=m, check=False)
+                lora_expand(h, b, ts, out, meta=m, check=False)
+
+            if path != "dense" or dt != torch.float32:
+                row[path] = _best_ms(step, args.rounds) * 1e3
+        result["us"][spec] = {"paths": row, "chosen": chosen}
+        print(f"  {spec:10s} T={T:4d} " + "  ".join(f"{k} {v:7.0f}" for k, v in row.items()) + f"   (picks {chosen})")
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("mode", choices=("decode", "linear", "lora"))
+    p.add_argument("--preset", default="small")
+    p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16")
+    p.add_argument("--tokens", type=int, default=32, help="decode: tokens per round")
+    p.add_argument("--rounds", type=int, default=5, help="decode: rounds per path, alternated; else repeats")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 100], help="linear: T")
+    p.add_argument("--layouts", nargs="+", default=["16x8", "16x7-9", "16x140-180", "8x12", "4x40", "10x30-38",
+                                                   "8x60-70", "3x100-130", "16x1-3"], help="lora: NxROWS[-MAX]")
+    p.add_argument("--hidden", type=int, default=768)
+    p.add_argument("--out", type=int, default=2304)
+    p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    quiet_transformers()
+    torch.set_num_threads(args.threads)
+    result = {"decode": decode, "linear": linear, "lora": lora}[args.mode](args)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    main()

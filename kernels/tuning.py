@@ -1,0 +1,92 @@
+"""CPU tuning: every machine-dependent constant and choice of the CPU paths, one line of reason each.
+
+The measurements behind these numbers are in `benchmarks/README.md`, with the commands that
+reproduce them on another machine. What depends on the CPU's instruction set (bf16 matrix units:
+AMX or not) is decided here from a probe, `cpu_has_amx()`, not from constants tuned on one machine.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+# ----------------------------------------------------------------------------- what the CPU has
+_CPUINFO = Path("/proc/cpuinfo")
+
+
+@functools.cache
+def cpu_has_amx() -> bool:
+    """True when the CPU has AMX bf16 tiles (Sapphire Rapids and later), where bf16 GEMMs beat fp32.
+
+    Read from the kernel's cpuinfo flags (`amx_bf16`), else from torch's own probe; False when neither says.
+    """
+    try:
+        for line in _CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
+            if line.startswith("flags"):
+                return "amx_bf16" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.3; not on every build
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:  # noqa: BLE001 - a probe that fails means "not known to have AMX"
+        return False
+
+
+def cpu_auto_dtype() -> torch.dtype:
+    """The weights dtype `auto` picks on CPU: the faster of fp32 and bf16 for this CPU.
+
+    With AMX, bf16 GEMMs run on the tile units (about 2x fp32's throughput, half the bytes);
+    without it (AVX-512 bf16 or less) a bf16 GEMM peaks at about half an fp32 one (94 vs 179
+    GFLOP/s on the 2-core EPYC of benchmarks/README.md), so fp32 is both faster and exact there.
+    """
+    return torch.bfloat16 if cpu_has_amx() else torch.float32
+
+
+# ----------------------------------------------------------------------------- base linears (engine.model)
+# fp32 batches of these many rows (a decode batch) run as W @ x.T: MKL streams the [out, in] weight
+# in its own layout instead of packing it for x @ W.T; 1-7 rows and prefill-sized batches lose.
+SMALL_BATCH_ROWS = range(8, 49)
+# bf16/fp16 (oneDNN): W @ x.T wins from 2 rows up to 64.
+SMALL_BATCH_ROWS_HALF = range(2, 65)
+
+
+def half_one_row_mv() -> bool:
+    """A single bf16/fp16 row as torch.mv (matrix-vector)? Only with AMX: there mv streams the weights
+    fastest (16.2 vs 21.5 ms per `small` step); without AMX mv streams them at ~4.5 GB/s against ~8.4 for
+    F.linear (bf16 batch-1 decode 16.6 -> 29.9 tok/s by using F.linear)."""
+    return cpu_has_amx()
+
+
+def small_batch_path(rows: int, half: bool) -> str:
+    """How `engine.model.small_batch_linear` runs x @ W.T for `rows` rows on CPU:
+    "mv" (torch.mv of the one row), "wxt" (W @ x.T, then transposed) or "linear" (F.linear)."""
+    if half:
+        if rows == 1:
+            return "mv" if half_one_row_mv() else "linear"
+        return "wxt" if rows in SMALL_BATCH_ROWS_HALF else "linear"
+    return "wxt" if rows in SMALL_BATCH_ROWS else "linear"
+
+
+# ----------------------------------------------------------------------------- LoRA layout (kernels.meta)
+# Mean rows per adapter segment at or below which "gather" (BGMV) beats "segment" (SGMV) (Triton).
+GATHER_MAX_ROWS_PER_SEGMENT = 2
+# Loop over row runs (zero-copy slices) up to this many runs per distinct slot; past it one gather +
+# one scatter of the rows is cheaper than many tiny matmuls.
+CPU_MAX_RUNS_PER_SLOT = 2
+# "bmm" (one padded batched matmul over the segments) from this many segments on: below it the
+# per-matmul overhead it saves is small.
+CPU_BMM_MIN_SEGMENTS = 3
+# fp32: "bmm" while segments average at most this many rows; longer ones amortise the per-matmul
+# overhead and the padded row copies cost more than they save.
+CPU_BMM_MAX_MEAN_ROWS = 4
+# bf16/fp16: a 16-bit CPU matmul costs ~2x an fp32 one in fixed (oneDNN dispatch) overhead, so "bmm"
+# pays up to this many rows per segment.
+CPU_BMM_MAX_MEAN_ROWS_HALF = 32
+# "bmm" only while the padded rows (segments x longest segment) stay within this factor of the real rows.
+CPU_BMM_MAX_PAD_FACTOR = 1.5
+# bf16/fp16 unequal segments up to this many rows on average take "dense" (one matmul over slots lo..hi);
+# past it the span x useful FLOPs cost more than the per-segment overhead saved.
+CPU_DENSE_MAX_MEAN_ROWS_HALF = 128
