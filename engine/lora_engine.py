@@ -44,6 +44,7 @@ class LoraEngine:
             max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras,
             loader=self.slots.load,
+            inspector=self.slots.inspect,  # registration reads config + header only; tensors at first use
             slot_writer=self.slots.set_slot,
             slot_clearer=self.slots.reset_slot,
         )
