@@ -1,0 +1,92 @@
+"""Registry at scale (issue 19): register 1,000 PEFT adapters, then serve requests across all of them.
+
+    python -m benchmarks.registry_scale [--adapters 1000] [--few 16] [--requests 1000] [--repeat 3]
+
+Builds (once, cached under $MLORA_BENCH_CACHE) the `tiny` preset model and N seeded PEFT adapters
+written by PEFT's save_pretrained (engine.bench.presets), then in one process:
+  1. registration: `LLM.add_adapter` for every adapter, timed (config + safetensors header only);
+  2. requests: the same R requests (same prompts, greedy, --max-tokens) spread round-robin over
+     `--few` names and over all N names, interleaved (few, many, few, many, ...) --repeat times.
+     Pass 1 over the N names includes every adapter's first full load (read, hash, value checks);
+     later passes re-read from disk (the CPU tier holds --max-cpu-loras) and check the digest only.
+Prints one JSON object: registration seconds, per-pass seconds, medians and the many/few ratio
+(pass 1 and later passes), plus the adapter cache counters. Timings are wall clock on whatever
+else the machine is running: compare the ratios from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--adapters", type=int, default=1000)
+    ap.add_argument("--few", type=int, default=16)
+    ap.add_argument("--requests", type=int, default=1000, help="requests per pass (round-robin over the names)")
+    ap.add_argument("--max-tokens", type=int, default=8)
+    ap.add_argument("--max-loras", type=int, default=16)
+    ap.add_argument("--max-cpu-loras", type=int, default=None, help="default: the engine's (2 x --max-loras)")
+    ap.add_argument("--rank", type=int, default=8)
+    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args()
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from engine import LLM, SamplingParams
+    from engine.bench.presets import build_adapters, build_preset_model
+
+    model = build_preset_model(args.preset)
+    paths = build_adapters(model, rank=args.rank, count=args.adapters)
+    names = [f"a{i:04d}" for i in range(args.adapters)]
+
+    llm = LLM(str(model), enable_lora=True, max_loras=args.max_loras, max_lora_rank=max(16, args.rank),
+              max_cpu_loras=args.max_cpu_loras, dtype="float32", device="cpu")
+    t0 = time.perf_counter()
+    for name, path in zip(names, paths):
+        llm.add_adapter(name, str(path))
+    register_s = time.perf_counter() - t0
+
+    prompts = [f"request {i}: the quick brown fox" for i in range(args.requests)]
+    params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    few = [names[i % args.few] for i in range(args.requests)]
+    many = [names[i % args.adapters] for i in range(args.requests)]
+    llm.generate(prompts[:4], params, adapters=few[:4])  # warm-up (allocations, first kernels)
+
+    def timed(adapters: list[str]) -> float:
+        t = time.perf_counter()
+        out = llm.generate(prompts, params, adapters=adapters)
+        assert len(out) == len(prompts) and all(o.outputs[0].token_ids for o in out)
+        return time.perf_counter() - t
+
+    runs: dict[str, list[float]] = {"few": [], "many": []}
+    for _ in range(args.repeat):
+        runs["few"].append(timed(few))
+        runs["many"].append(timed(many))
+    later = {k: v[1:] or v for k, v in runs.items()}
+    st = llm.engine.lora.cache.stats()
+    report = {
+        "adapters": args.adapters, "few": args.few, "requests": args.requests, "max_tokens": args.max_tokens,
+        "max_loras": args.max_loras, "max_cpu_loras": llm.engine.lora.cache.max_cpu_loras, "rank": args.rank,
+        "preset": args.preset, "threads": args.threads, "cpus": os.cpu_count(),
+        "register_s": round(register_s, 3), "register_ms_per_adapter": round(1e3 * register_s / args.adapters, 3),
+        "passes_s": {k: [round(x, 3) for x in v] for k, v in runs.items()},
+        "first_pass_many_over_few": round(runs["many"][0] / runs["few"][0], 3),
+        "later_passes_median_s": {k: round(statistics.median(v), 3) for k, v in later.items()},
+        "later_many_over_few": round(statistics.median(later["many"]) / statistics.median(later["few"]), 3),
+        "cache": {"disk_loads": st.disk_loads, "device_loads": st.device_loads, "cpu_evictions": st.cpu_evictions,
+                  "load_failures": st.load_failures,
+                  "disk_load_ms_median": round(1e3 * statistics.median(st.disk_load_seconds), 3) if st.disk_load_seconds else None},
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
