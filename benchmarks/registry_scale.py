@@ -9,6 +9,8 @@ written by PEFT's save_pretrained (engine.bench.presets), then in one process:
      `--few` names and over all N names, interleaved (few, many, few, many, ...) --repeat times.
      Pass 1 over the N names includes every adapter's first full load (read, hash, value checks);
      later passes re-read from disk (the CPU tier holds --max-cpu-loras) and check the digest only.
+By default at most --max-loras requests run at once in both (--max-num-seqs), so the two runs
+batch alike and the difference is what the registry costs (first loads, re-reads, slot writes).
 Prints one JSON object: registration seconds, per-pass seconds, medians and the many/few ratio
 (pass 1 and later passes), plus the adapter cache counters. Timings are wall clock on whatever
 else the machine is running: compare the ratios from one run.
@@ -31,6 +33,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=8)
     ap.add_argument("--max-loras", type=int, default=16)
     ap.add_argument("--max-cpu-loras", type=int, default=None, help="default: the engine's (2 x --max-loras)")
+    ap.add_argument("--max-num-seqs", type=int, default=None,
+                    help="default: --max-loras, so both runs batch alike and the difference is the registry's "
+                         "(0: the engine's default; with one adapter per request a batch then still holds at "
+                         "most --max-loras distinct adapters, the slot-bound churn of issue 19)")
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--repeat", type=int, default=3)
@@ -47,8 +53,9 @@ def main() -> None:
     paths = build_adapters(model, rank=args.rank, count=args.adapters)
     names = [f"a{i:04d}" for i in range(args.adapters)]
 
+    seqs = args.max_loras if args.max_num_seqs is None else args.max_num_seqs
     llm = LLM(str(model), enable_lora=True, max_loras=args.max_loras, max_lora_rank=max(16, args.rank),
-              max_cpu_loras=args.max_cpu_loras, dtype="float32", device="cpu")
+              max_cpu_loras=args.max_cpu_loras, dtype="float32", device="cpu", **({"max_num_seqs": seqs} if seqs else {}))
     t0 = time.perf_counter()
     for name, path in zip(names, paths):
         llm.add_adapter(name, str(path))
@@ -74,7 +81,7 @@ def main() -> None:
     st = llm.engine.lora.cache.stats()
     report = {
         "adapters": args.adapters, "few": args.few, "requests": args.requests, "max_tokens": args.max_tokens,
-        "max_loras": args.max_loras, "max_cpu_loras": llm.engine.lora.cache.max_cpu_loras, "rank": args.rank,
+        "max_loras": args.max_loras, "max_num_seqs": llm.config.max_num_seqs, "max_cpu_loras": llm.engine.lora.cache.max_cpu_loras, "rank": args.rank,
         "preset": args.preset, "threads": args.threads, "cpus": os.cpu_count(),
         "register_s": round(register_s, 3), "register_ms_per_adapter": round(1e3 * register_s / args.adapters, 3),
         "passes_s": {k: [round(x, 3) for x in v] for k, v in runs.items()},

@@ -221,12 +221,15 @@ class LoraSlots:
 
         adapter = load_adapter(path, name=name)
         check_same(name, known, adapter.fingerprint)
-        verified = getattr(known, "digest", None) is not None  # == adapter's digest, checked above
-        self.check(adapter, dtype=None if verified else self.dtype)  # values checked in the slot dtype
+        if getattr(known, "digest", None) is not None:  # the very bytes that passed every check before
+            return self.prepare(adapter, checked=True, finite=True)
+        self.check(adapter, dtype=self.dtype)  # values checked in the slot dtype
         return self.prepare(adapter, checked=True)  # copies into the slot dtype
 
-    def prepare(self, adapter: Any, *, checked: bool = False) -> PreparedAdapter:
-        """Check `adapter` (unless `checked`) and lay it out for `set_slot` (run off the critical path: load/prefetch)."""
+    def prepare(self, adapter: Any, *, checked: bool = False, finite: bool = False) -> PreparedAdapter:
+        """Check `adapter` (unless `checked`) and lay it out for `set_slot` (run off the critical path:
+        load/prefetch); `finite`: these bytes are known to stay finite in the slot dtype (a re-read
+        whose digest matches the first load's)."""
         if isinstance(adapter, PreparedAdapter):
             return adapter
         if not checked:
@@ -258,7 +261,8 @@ class LoraSlots:
         for key, w in adapter.modules.items():
             if getattr(w, "magnitude", None) is not None:
                 out.dora[key] = self._dora_g(key, w)
-        self._check_finite(out, name)  # a slot never holds NaN/Inf: other tenants' rows share its matmuls
+        if not finite:
+            self._check_finite(out, name)  # a slot never holds NaN/Inf: other tenants' rows share its matmuls
         if self._pin:
             out.scales = out.scales.pin_memory()
         return out
