@@ -54,10 +54,12 @@ class LoraEngine:
         self._failed: list[tuple[Sequence, str]] = []
 
     # -- registry ----------------------------------------------------------------------------
-    def add_adapter(self, name: str, path: str, *, root: str | None = None) -> None:
+    def add_adapter(self, name: str, path: str, *, root: str | None = None, eager: bool = True) -> None:
         """Validate + load into the CPU tier; raises AdapterError and changes nothing if bad.
-        `root`: every file actually read must resolve inside this (resolved) directory."""
-        self.cache.register(name, path, root=root)
+        `root`: every file actually read must resolve inside this (resolved) directory.
+        `eager=False` (bulk registration at startup): config + safetensors header only; the tensors
+        are read, value-checked and hashed at first use (see AdapterCache.register)."""
+        self.cache.register(name, path, root=root, eager=eager)
 
     def remove_adapter(self, name: str) -> None:
         self.cache.remove(name)

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from engine.adapters.config import AdapterConfig, parse_adapter_config
 from engine.adapters.files import CONFIG_NAME, WeightsFile, decode_json, find_weights_file, read_small_file, resolve_adapter_dir
 from engine.adapters.keys import LoraKey, parse_lora_key
-from engine.adapters.servable import ModuleShape, config_reasons, servable_problems
+from engine.adapters.limits import all_finite, module_value_issue
+from engine.adapters.servable import ModuleShape, Problem, SlotTarget, config_reasons, servable_problems
 from engine.errors import AdapterError
 
 
@@ -267,15 +270,34 @@ def load_adapter(path_or_hub_id: str | Path, *, name: str | None = None) -> Lora
 
 
 def check_servable(
-    adapter: LoraAdapter, *, allow_dora: bool = False, check_values: bool = True, dtype: torch.dtype = torch.bfloat16
+    adapter: LoraAdapter | Any, *, allow_dora: bool = False, check_values: bool = True, dtype: torch.dtype = torch.bfloat16,
+    target: SlotTarget | None = None,
 ) -> None:
-    """Raise AdapterError naming every feature of `adapter` that a slot cannot serve
-    (`engine.adapters.servable.servable_problems` decides; this only raises).
+    """Raise AdapterError naming every reason the engine cannot serve `adapter`: the one function that
+    refuses (registration, first load, `LoraSlots.check`); the rules are `servable_problems` (config,
+    names, shapes, dtypes, and with `target` the fit to those slots) and `engine.adapters.limits` (values).
 
-    With `check_values`, also refuses NaN/Inf values, values that overflow when cast to the
-    serving `dtype`, and a scaling or LoRA gain beyond the limits of `engine.adapters.limits`
-    (one cheap pass over the weights), so a broken or hostile adapter never reaches a slot.
+    With `check_values` (needs the tensors: a LoraAdapter, not a header-only manifest), also refuses
+    NaN/Inf values, values that overflow when cast to the serving `dtype`, and a scaling or LoRA gain
+    beyond the limits of `engine.adapters.limits` (one cheap pass over the weights), so a broken or
+    hostile adapter never reaches a slot.
     """
-    problems = servable_problems(adapter, allow_dora=allow_dora, dtype=dtype if check_values else None)
+    problems = servable_problems(adapter, allow_dora=allow_dora, target=target)
+    if check_values and all(t.is_floating_point() for m in adapter.modules.values() for t in m.tensors()):
+        problems += value_problems(adapter.modules, dtype)  # (integer tensors: refused above, by dtype)
     if problems:
-        raise AdapterError(f"adapter {adapter.name!r} cannot be served: " + "; ".join(p.message for p in problems))
+        raise AdapterError(f"adapter {adapter.name!r} cannot be served: " + "; ".join(p.message for p in problems),
+                           hint=next((p.hint for p in problems if p.hint), None))
+
+
+def value_problems(modules: Mapping[tuple[int, str], Any], dtype: Any) -> list[Problem]:
+    """NaN/Inf, overflow in `dtype`, scaling and gain beyond `engine.adapters.limits` (first offender)."""
+    bad = [f"layer {layer} {mod}" for (layer, mod), m in modules.items() if not all(all_finite(t) for t in m.tensors())]
+    if bad:
+        return [Problem(f"NaN/Inf values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")]
+    for (layer, mod), m in modules.items():
+        issue = module_value_issue(m.lora_a, m.lora_b, m.scaling, dtype)
+        if issue:  # the first one says enough; the others are usually the same
+            return [Problem(f"layer {layer} {mod}: {issue}")]
+    return []
+

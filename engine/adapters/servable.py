@@ -1,18 +1,20 @@
-"""Is this adapter servable: the one owner of that decision (`servable_problems`), and why not.
+"""Is this adapter servable: the rules, and why not (`servable_problems`).
 
 A slot holds, per decoder layer and module, one A [r, in], one B [out, r] and one scaling.
 Anything else an adapter carries (full replacement weights, embedding LoRA, biases, DoRA
 magnitudes, a base model that training rewrote) would be silently dropped or applied wrongly,
 so it is flagged here with the reason and what to do instead.
 
-`servable_problems` decides in three levels, each usable without the next:
+`servable_problems` decides everything that needs no tensor values, in two levels:
   * config and tensor names (`servability_issues`, also the `servable` check of `mlora validate`);
-  * shapes, dtypes and ranks against the slots that will hold it (`SlotTarget`): what
-    registration checks from the safetensors header alone (`engine.adapters.manifest`);
-  * values (finite after the cast to the serving dtype, magnitude bounds of
-    `engine.adapters.limits`): needs the tensors, so it runs at the first full load.
-`check_servable` (the library), `LoraSlots.check` (the slots) and the server's runtime-load
-pre-check (`engine.adapters.validate.validation_failures`, via `mlora validate`'s checks) all call it and only format or raise what it says.
+  * shapes, dtypes and ranks, and with a `SlotTarget` the fit to the slots that will hold it:
+    what registration checks from the safetensors header alone (`engine.adapters.manifest`).
+The values (finite after the cast to the serving dtype, magnitude bounds) are
+`engine.adapters.limits`' rule and need the tensors, so they run at the first full load.
+`engine.adapters.check_servable` is the one function that refuses: it asks both and raises;
+`LoraSlots.check`, the engine's loads and registration call it. The server's runtime-load
+pre-check (`engine.adapters.validate.validation_failures`) reports the same rules as
+`mlora validate`'s named checks.
 """
 
 from __future__ import annotations
@@ -196,14 +198,13 @@ class Problem:
     hint: str | None = None
 
 
-def servable_problems(adapter: Any, *, allow_dora: bool, target: SlotTarget | None = None,
-                      dtype: Any = None) -> list[Problem]:
-    """Every reason the engine cannot serve `adapter` (empty list: it can). The one owner of this decision.
+def servable_problems(adapter: Any, *, allow_dora: bool, target: SlotTarget | None = None) -> list[Problem]:
+    """Every reason the engine cannot serve `adapter` that needs no tensor values (empty list: none).
 
     `adapter`: a `LoraAdapter` or an `AdapterManifest` (anything with `config`, `all_keys` and
     `module_shapes()`). `target`: also check it fits these slots (modules, layers, rank, shapes).
-    `dtype` (a torch dtype): also check the values in that serving dtype; needs the tensors
-    (`adapter.modules`), so only for a loaded adapter.
+    The values (finite, magnitude) are `engine.adapters.limits`' decision; `check_servable` adds
+    them for a loaded adapter and is the one function that refuses.
     """
     config = adapter.config
     shapes: dict[tuple[int, str], ModuleShape] = adapter.module_shapes()
@@ -223,8 +224,6 @@ def servable_problems(adapter: Any, *, allow_dora: bool, target: SlotTarget | No
         out.append(Problem(f"LoRA tensors of dtype {', '.join('torch.' + d for d in ints)} (quantised adapters must be dequantised first)"))
     if target is not None:
         out += _slot_problems(shapes, target)
-    if dtype is not None and not ints:
-        out += _value_problems(adapter.modules, dtype)
     return out
 
 
@@ -245,18 +244,3 @@ def _slot_problems(shapes: Mapping[tuple[int, str], ModuleShape], target: SlotTa
                             f"but the base model needs A [r, {in_f}] and B [{out_f}, r]",
                             "the adapter was trained for a different base model")]
     return []
-
-
-def _value_problems(modules: Mapping[tuple[int, str], Any], dtype: Any) -> list[Problem]:
-    """NaN/Inf, overflow in `dtype`, scaling and gain beyond `engine.adapters.limits` (first offender)."""
-    from engine.adapters.limits import all_finite, module_value_issue
-
-    bad = [f"layer {layer} {mod}" for (layer, mod), m in modules.items() if not all(all_finite(t) for t in m.tensors())]
-    if bad:
-        return [Problem(f"NaN/Inf values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")]
-    for (layer, mod), m in modules.items():
-        issue = module_value_issue(m.lora_a, m.lora_b, m.scaling, dtype)
-        if issue:  # the first one says enough; the others are usually the same
-            return [Problem(f"layer {layer} {mod}: {issue}")]
-    return []
-

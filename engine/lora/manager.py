@@ -185,14 +185,16 @@ class AdapterCache:
         self._stats = CacheStats()
 
     # ------------------------------------------------------------------ registry
-    def register(self, name: str, path: str, *, root: str | None = None) -> None:
+    def register(self, name: str, path: str, *, root: str | None = None, eager: bool = True) -> None:
         """Validate and load `path` as adapter `name`; replace an existing `name` (see module doc).
 
         With `root` (an already resolved directory), every file the loader actually read (its
         adapter's `fingerprint.files`) must lie inside it: a path checked by the caller and then
         swapped for a symlink before the load is caught here.
-        With an inspector, only the config and header are read (no disk load is counted); the
-        tensors are read, validated and hashed at the first `acquire`/`prefetch`.
+        With an inspector and `eager=False` (bulk registration at startup), only the config and
+        header are read (no disk load is counted); the tensors are read, validated and hashed at the
+        first `acquire`/`prefetch`. `eager` (one adapter added at runtime): the full load follows the
+        header check at once, so a bad value is refused here, and it must find what the header showed.
         Raises the loader's error (AdapterError) and changes nothing when the adapter is bad.
         """
         path = str(path)
@@ -201,6 +203,10 @@ class AdapterCache:
             adapter = (self._inspector or self._loader)(name, path)
             if root is not None:
                 _check_confined(name, adapter, root)
+            if eager and getattr(adapter, "header_only", False):
+                known = adapter.fingerprint
+                adapter = self._loader(name, path, known)
+                check_same(name, known, getattr(adapter, "fingerprint", None))  # also the files: still confined
         except Exception:
             with self._lock:
                 self._stats.load_failures += 1

@@ -43,7 +43,7 @@ from typing import Any
 
 import torch
 
-from engine.adapters.servable import DORA_UNSUPPORTED, SlotTarget, servable_problems  # noqa: F401 (DORA_UNSUPPORTED: re-exported)
+from engine.adapters.servable import DORA_UNSUPPORTED, SlotTarget  # noqa: F401 (DORA_UNSUPPORTED: re-exported)
 from engine.budget import LORA_MODULES, ModelDims, lora_module_shape, normalize_dtype, slot_stack_shapes
 from engine.errors import AdapterError, ConfigError
 
@@ -188,14 +188,13 @@ class LoraSlots:
         return SlotTarget(self.dims.layers, {m: lora_module_shape(self.dims, m) for m in self.modules},
                           self.max_rank, self.dora_enabled)
 
-    def check(self, adapter: Any, *, dtype: torch.dtype | None = None) -> None:
+    def check(self, adapter: Any, *, values: bool = False) -> None:
         """Raise AdapterError if `adapter` (a LoraAdapter, or an AdapterManifest from its header) cannot
-        be held by these slots; with `dtype`, its values are checked too. `servable_problems` decides."""
-        problems = servable_problems(adapter, allow_dora=self.dora_enabled, target=self.target, dtype=dtype)
-        if problems:
-            name = getattr(adapter, "name", None) or "adapter"
-            raise AdapterError(f"adapter {name!r} cannot be served: " + "; ".join(p.message for p in problems),
-                               hint=next((p.hint for p in problems if p.hint), None))
+        be held by these slots; with `values`, its values are checked too, in the slot dtype
+        (`engine.adapters.check_servable` decides)."""
+        from engine.adapters import check_servable
+
+        check_servable(adapter, allow_dora=self.dora_enabled, check_values=values, dtype=self.dtype, target=self.target)
 
     def inspect(self, name: str, path: str) -> Any:
         """Registration: config + safetensors header only, checked for these slots (an AdapterManifest;
@@ -223,7 +222,7 @@ class LoraSlots:
         check_same(name, known, adapter.fingerprint)
         if getattr(known, "digest", None) is not None:  # the very bytes that passed every check before
             return self.prepare(adapter, checked=True, finite=True)
-        self.check(adapter, dtype=self.dtype)  # values checked in the slot dtype
+        self.check(adapter, values=True)  # values checked in the slot dtype
         return self.prepare(adapter, checked=True)  # copies into the slot dtype
 
     def prepare(self, adapter: Any, *, checked: bool = False, finite: bool = False) -> PreparedAdapter:

@@ -59,24 +59,21 @@ def _halve_values(data: bytes) -> bytes:
 
 def test_registration_reads_no_tensor_data_and_a_corrupt_one_fails_alone_at_first_use(
         tmp_path: Path, demo_adapters, monkeypatch) -> None:
-    """Registering reads no tensor bytes (a file whose data is all NaN but whose header is valid
-    registers); its first use is refused with the reason, and the other tenants in the same batch
-    are unaffected."""
+    """Registering at startup (`loras=`, as `mlora serve --lora`) reads no tensor bytes: a file whose
+    data is all NaN but whose header is valid registers; its first use is refused with the reason,
+    and the other tenants in the same batch are unaffected."""
     from engine import LLM
     from engine.adapters.files import WeightsFile
 
     bad = _copy(demo_adapters["upper"], tmp_path / "bad")
     _rewrite_data(bad, lambda d: b"\xff" * len(d))  # every float is NaN
-    llm = LLM(max_loras=2, max_cpu_loras=2)
-    core = llm.engine
-    loads_before = core.lora.cache.stats().disk_loads
+    loras = [(f"copy{i}", str(_copy(demo_adapters["reverse"], tmp_path / f"copy{i}"))) for i in range(20)]
     reads: list[str] = []
     real_pread = WeightsFile._pread
     monkeypatch.setattr(WeightsFile, "_pread", lambda self, *a: (reads.append(str(self.path)), real_pread(self, *a))[1])
-    for i in range(20):
-        llm.add_adapter(f"copy{i}", str(_copy(demo_adapters["reverse"], tmp_path / f"copy{i}")))
-    llm.add_adapter("bad", str(bad))
-    assert reads == [] and core.lora.cache.stats().disk_loads == loads_before
+    llm = LLM(max_loras=2, max_cpu_loras=2, loras=(*loras, ("bad", str(bad))))
+    core = llm.engine
+    assert reads == [] and core.lora.cache.stats().disk_loads == 0
     assert "bad" in llm.list_adapters() and "copy19" in llm.list_adapters()
     monkeypatch.undo()
 
@@ -86,6 +83,20 @@ def test_registration_reads_no_tensor_data_and_a_corrupt_one_fails_alone_at_firs
     assert "'bad'" in c.stop_reason and "NaN/Inf values" in c.stop_reason
     assert outs["d"].text == "dlrow olleh" and outs["e"].text == "hello world"
     assert core.block_manager.num_free_blocks == core.block_manager.num_blocks
+
+
+def test_one_adapter_added_at_runtime_is_fully_checked_at_once(tmp_path: Path, demo_adapters) -> None:
+    """`add_adapter` (Python API, HTTP load, --lora-dir) reads the values before it returns: a bad
+    one is refused with the reason and nothing changes."""
+    from engine import LLM
+    from engine.errors import AdapterError
+
+    bad = _copy(demo_adapters["upper"], tmp_path / "bad")
+    _rewrite_data(bad, lambda d: b"\xff" * len(d))
+    llm = LLM(max_loras=1)
+    with pytest.raises(AdapterError, match="'bad' cannot be served: NaN/Inf values"):
+        llm.add_adapter("bad", str(bad))
+    assert "bad" not in llm.list_adapters()
 
 
 def test_header_level_problems_are_still_refused_at_registration(tmp_path: Path, demo_adapters) -> None:
@@ -100,7 +111,7 @@ def test_header_level_problems_are_still_refused_at_registration(tmp_path: Path,
     cfg = json.loads((odd / "adapter_config.json").read_text())
     (odd / "adapter_config.json").write_text(json.dumps({**cfg, "r": cfg["r"] * 2}))
     with pytest.raises(AdapterError, match="do not have rank"):
-        llm.add_adapter("odd", str(odd))
+        llm.engine.lora.add_adapter("odd", str(odd), eager=False)
     big = _copy(demo_adapters["reverse"], tmp_path / "big")  # rank 16
     small = LoraSlots(llm.engine.runner.dims, max_loras=1, max_rank=8)
     with pytest.raises(AdapterError, match="rank 16 of layer 0 .* exceeds max_lora_rank 8"):
@@ -113,8 +124,7 @@ def test_config_changed_between_registration_and_first_load_is_refused(tmp_path:
     from engine import LLM
 
     mine = _copy(demo_adapters["upper"], tmp_path / "mine")
-    llm = LLM(max_loras=1, max_cpu_loras=1)
-    llm.add_adapter("mine", str(mine))
+    llm = LLM(max_loras=1, max_cpu_loras=1, loras=(("mine", str(mine)),))  # header-only registration
     cfg = json.loads((mine / "adapter_config.json").read_text())
     cfg["lora_alpha"] = cfg["lora_alpha"] * 2
     (mine / "adapter_config.json").write_text(json.dumps(cfg))
@@ -131,9 +141,9 @@ def test_values_rewritten_after_the_first_load_are_refused_on_reread(tmp_path: P
     from engine import LLM
 
     mine = _copy(demo_adapters["upper"], tmp_path / "mine")
-    llm = LLM(max_loras=1, max_cpu_loras=1)
-    llm.add_adapter("mine", str(mine))
+    llm = LLM(max_loras=1, max_cpu_loras=1, loras=(("mine", str(mine)),))
     core = llm.engine
+    assert core.lora.cache.digest_of(core.lora.cache.version_of("mine")) is None  # registered from the header
     assert _run(core, [("a", "hello world", "mine")])["a"].text == "HELLO WORLD"  # first load: hashed
     digest = core.lora.cache.digest_of(core.lora.cache.version_of("mine"))
     assert digest is not None
@@ -150,9 +160,8 @@ def test_unchanged_adapter_is_reread_after_eviction_and_served(tmp_path: Path, d
     give the same answers on every pass."""
     from engine import LLM
 
-    llm = LLM(max_loras=1, max_cpu_loras=1)
-    for i in range(4):
-        llm.add_adapter(f"u{i}", str(_copy(demo_adapters["upper"], tmp_path / f"u{i}")))
+    llm = LLM(max_loras=1, max_cpu_loras=1,
+              loras=tuple((f"u{i}", str(_copy(demo_adapters["upper"], tmp_path / f"u{i}"))) for i in range(4)))
     core = llm.engine
     for rnd in range(2):
         outs = _run(core, [(f"{rnd}-{i}", "hello world", f"u{i}") for i in range(4)])
