@@ -222,13 +222,13 @@ class LoraSlots:
         check_same(name, known, adapter.fingerprint)
         if getattr(known, "digest", None) is not None:  # the very bytes that passed every check before
             return self.prepare(adapter, checked=True, finite=True)
-        self.check(adapter, values=True)  # values checked in the slot dtype
-        return self.prepare(adapter, checked=True)  # copies into the slot dtype
+        self.check(adapter, values=True)  # values checked in the slot dtype: what `prepare` casts to
+        return self.prepare(adapter, checked=True, finite=True)  # copies into the slot dtype
 
     def prepare(self, adapter: Any, *, checked: bool = False, finite: bool = False) -> PreparedAdapter:
         """Check `adapter` (unless `checked`) and lay it out for `set_slot` (run off the critical path:
-        load/prefetch); `finite`: these bytes are known to stay finite in the slot dtype (a re-read
-        whose digest matches the first load's)."""
+        load/prefetch); `finite`: the weights are known to stay finite in the slot dtype (checked by
+        `check(values=True)`, or a re-read whose digest matches that first load's)."""
         if isinstance(adapter, PreparedAdapter):
             return adapter
         if not checked:
@@ -260,7 +260,7 @@ class LoraSlots:
         for key, w in adapter.modules.items():
             if getattr(w, "magnitude", None) is not None:
                 out.dora[key] = self._dora_g(key, w)
-        if not finite:
+        if not finite or out.dora:  # DoRA's g comes from the base weights: never checked before
             self._check_finite(out, name)  # a slot never holds NaN/Inf: other tenants' rows share its matmuls
         if self._pin:
             out.scales = out.scales.pin_memory()
