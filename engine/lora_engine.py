@@ -44,6 +44,7 @@ class LoraEngine:
             max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras,
             loader=self.slots.load,
+            inspector=self.slots.inspect,  # registration reads config + header only; tensors at first use
             slot_writer=self.slots.set_slot,
             slot_clearer=self.slots.reset_slot,
         )
@@ -53,10 +54,12 @@ class LoraEngine:
         self._failed: list[tuple[Sequence, str]] = []
 
     # -- registry ----------------------------------------------------------------------------
-    def add_adapter(self, name: str, path: str, *, root: str | None = None) -> None:
+    def add_adapter(self, name: str, path: str, *, root: str | None = None, eager: bool = True) -> None:
         """Validate + load into the CPU tier; raises AdapterError and changes nothing if bad.
-        `root`: every file actually read must resolve inside this (resolved) directory."""
-        self.cache.register(name, path, root=root)
+        `root`: every file actually read must resolve inside this (resolved) directory.
+        `eager=False` (bulk registration at startup): config + safetensors header only; the tensors
+        are read, value-checked and hashed at first use (see AdapterCache.register)."""
+        self.cache.register(name, path, root=root, eager=eager)
 
     def remove_adapter(self, name: str) -> None:
         self.cache.remove(name)

@@ -56,6 +56,13 @@ class TensorMeta:
     nbytes: int
     offset: int = 0  # absolute byte offset of the data in a safetensors file (0 for .bin)
 
+    @property
+    def itemsize(self) -> int:
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        return self.nbytes // numel if numel else 1
+
 
 def _stat_regular(path: Path, what: str) -> os.stat_result:
     """stat() a path that must be a regular file; AdapterError otherwise (missing, loop, FIFO, dir)."""
@@ -203,13 +210,14 @@ def read_safetensors_header(path: Path, fd: int | None = None) -> dict[str, Tens
     if fd is None:
         fd = open_regular(path, path.name)
     try:
-        return _parse_safetensors_header(path, fd)
+        return _parse_safetensors_header(path, fd)[0]
     finally:
         if own:
             os.close(fd)
 
 
-def _parse_safetensors_header(path: Path, fd: int) -> dict[str, TensorMeta]:
+def _parse_safetensors_header(path: Path, fd: int) -> tuple[dict[str, TensorMeta], bytes, int]:
+    """(tensor metadata, the raw bytes before the data: length prefix + header JSON, file size)."""
     size = os.fstat(fd).st_size
     name = path.name
     try:
@@ -269,7 +277,7 @@ def _parse_safetensors_header(path: Path, fd: int) -> dict[str, TensorMeta]:
         pos = end
     if pos != data_len:
         raise AdapterError(f"{name}: {data_len - pos} stray bytes after the last tensor (corrupt or concatenated file)")
-    return out
+    return out, prefix + raw, size
 
 
 def load_bin_state_dict(path: Path, fd: int | None = None) -> dict[str, Any]:
@@ -320,8 +328,11 @@ class WeightsFile:
         fd = open_regular(path, path.name)  # one open: header, data and real_path see one file
         try:
             self.real_path = real_path(fd, path)
+            self.head = b""  # safetensors: the bytes before the data (length prefix + header JSON)
+            self.size = 0  # safetensors: the file size the header was checked against
             if path.name.endswith(".safetensors") or path.name == SAFETENSORS_NAME:
-                self.meta: dict[str, TensorMeta] = read_safetensors_header(path, fd)
+                self.meta: dict[str, TensorMeta]
+                self.meta, self.head, self.size = _parse_safetensors_header(path, fd)
                 self._sd = None
                 self._fd, fd = fd, -1  # kept for get(); closed by close() / garbage collection
             else:
@@ -343,24 +354,49 @@ class WeightsFile:
     def get(self, key: str) -> "torch.Tensor":
         if self._sd is not None:
             return self._sd[key].clone()  # own memory, not the .bin's map
+        m = self.meta[key]
+        buf = bytearray(m.nbytes)
+        self._pread(buf, m.offset, f"tensor {key!r}")
+        return self.tensor(key, buf, m.offset)
+
+    @property
+    def is_safetensors(self) -> bool:
+        return self._sd is None
+
+    def read_data(self) -> bytearray:
+        """Every tensor's bytes (safetensors: the whole data buffer after the header) in ONE read,
+        into memory the caller owns; slice it with `tensor(key, data, self.data_start)`."""
+        assert self._sd is None, "read_data is for safetensors files"
+        buf = bytearray(self.size - len(self.head))
+        self._pread(buf, len(self.head), "the tensor data")
+        return buf
+
+    @property
+    def data_start(self) -> int:
+        return len(self.head)
+
+    def tensor(self, key: str, buf: bytearray, start: int) -> "torch.Tensor":
+        """Tensor `key` as a view of `buf`, which holds the file's bytes from offset `start` on."""
         import torch
 
         m = self.meta[key]
-        assert self._fd is not None, "WeightsFile was closed"
-        buf = bytearray(m.nbytes)
-        view, got = memoryview(buf), 0
-        try:
-            while got < m.nbytes:
-                n = os.preadv(self._fd, [view[got : got + (1 << 30)]], m.offset + got)
-                if n <= 0:
-                    raise AdapterError(f"{self.path.name}: tensor {key!r} cannot be read: the file shrank while being read")
-                got += n
-        except OSError as exc:
-            raise AdapterError(f"{self.path.name}: tensor {key!r} cannot be read: {exc.strerror or exc}") from None
         dtype = getattr(torch, m.dtype)
         if not m.nbytes:
             return torch.empty(m.shape, dtype=dtype)
-        return torch.frombuffer(buf, dtype=dtype).reshape(m.shape)
+        return torch.frombuffer(buf, dtype=dtype, count=m.nbytes // m.itemsize, offset=m.offset - start).reshape(m.shape)
+
+    def _pread(self, buf: bytearray, offset: int, what: str) -> None:
+        """Fill `buf` from the checked descriptor at `offset`; a short read is an AdapterError."""
+        assert self._fd is not None, "WeightsFile was closed"
+        view, got, total = memoryview(buf), 0, len(buf)
+        try:
+            while got < total:
+                n = os.preadv(self._fd, [view[got : got + (1 << 30)]], offset + got)
+                if n <= 0:
+                    raise AdapterError(f"{self.path.name}: {what} cannot be read: the file shrank while being read")
+                got += n
+        except OSError as exc:
+            raise AdapterError(f"{self.path.name}: {what} cannot be read: {exc.strerror or exc}") from None
 
     def close(self) -> None:
         if self._fd is not None:

@@ -12,6 +12,7 @@ files may carry the adapter name (`lora_A.default.weight`) or lack the `base_mod
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -50,7 +51,22 @@ def decoder_module(module_path: str) -> tuple[int, str] | None:
 
 
 def parse_lora_key(key: str) -> LoraKey | None:
-    """Parse a LoRA tensor key; None when the key is not a LoRA tensor (see `classify_other_key`)."""
+    """Parse a LoRA tensor key; None when the key is not a LoRA tensor (see `classify_other_key`).
+
+    Memoised for ordinary-length keys: every adapter of a model repeats the same few hundred names,
+    and registering or re-reading 1,000 adapters would otherwise parse each one 1,000 times."""
+    return _parse_cached(key) if len(key) <= _CACHED_KEY_CHARS else _parse(key)
+
+
+_CACHED_KEY_CHARS = 256  # longer (hand-made or hostile) names are parsed every time, never kept
+
+
+@functools.lru_cache(maxsize=16384)
+def _parse_cached(key: str) -> LoraKey | None:
+    return _parse(key)
+
+
+def _parse(key: str) -> LoraKey | None:
     parts = strip_prefix(key).split(".")
     idx = next((i for i in range(len(parts) - 1, 0, -1) if parts[i] in LORA_PARTS), None)
     if idx is None:

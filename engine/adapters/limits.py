@@ -32,7 +32,7 @@ MAX_LORA_SCALING = 1e4  # |alpha / r| (or alpha / sqrt(r)): see the module docst
 def all_finite(t: torch.Tensor) -> bool:
     """No NaN/Inf in `t`. Fast screen first: any NaN/Inf makes the fp32 sum non-finite, so a finite
     sum proves the tensor finite; only a non-finite (or overflowing) sum pays the elementwise check."""
-    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+    return math.isfinite(float(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())  # float(): no 0-d isfinite op
 
 
 def lora_gain(lora_a: torch.Tensor, lora_b: torch.Tensor, scaling: float) -> float:

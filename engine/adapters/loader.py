@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import hashlib
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,7 +19,7 @@ from engine.adapters.config import AdapterConfig, parse_adapter_config
 from engine.adapters.files import CONFIG_NAME, WeightsFile, decode_json, find_weights_file, read_small_file, resolve_adapter_dir
 from engine.adapters.keys import LoraKey, parse_lora_key
 from engine.adapters.limits import all_finite, module_value_issue
-from engine.adapters.servable import DORA_WARNING, servability_issues
+from engine.adapters.servable import ModuleShape, Problem, SlotTarget, config_reasons, servable_problems
 from engine.errors import AdapterError
 
 
@@ -56,16 +58,33 @@ class LoraModuleWeights:
 class AdapterFingerprint:
     """What an adapter was registered with, so a later re-read can prove it is the same adapter.
 
-    `digest` is the sha256 of the adapter_config.json bytes and of every tensor *as loaded*
-    (name, dtype, shape, raw bytes, in name order) - the bytes that are validated and served,
-    not a separate read of the file. `files` are the resolved real paths of the two files read.
+    `digest` is the sha256 of the adapter_config.json bytes and of the weights *as loaded* - the
+    bytes that are validated and served, hashed from the one read that loads them, not from a
+    separate read of the file (safetensors: the whole file, header and data; a legacy .bin: every
+    tensor's name, dtype, shape and bytes in name order). None when only the header was read
+    (registration, `engine.adapters.manifest`): the digest is taken at the first full load.
+    `facts` is the sha256 of what registration reads: the config bytes, the safetensors header
+    bytes and the file size (every tensor's name, dtype, shape and place).
+    `files` are the resolved real paths of the two files read.
     """
 
-    digest: str
+    digest: str | None
     files: tuple[str, ...]
+    facts: str | None = None
+
+
+def header_facts(config_bytes: bytes, head: bytes, size: int) -> str:
+    """`AdapterFingerprint.facts`: sha256 of the config bytes, the safetensors header bytes and the file size."""
+    h = hashlib.sha256()
+    for part in (config_bytes, head):
+        h.update(len(part).to_bytes(8, "little"))
+        h.update(part)
+    h.update(size.to_bytes(8, "little"))
+    return h.hexdigest()
 
 
 def _digest(config_bytes: bytes, tensors: dict[str, torch.Tensor]) -> str:
+    """The legacy .bin digest: config bytes, then every tensor (name, dtype, shape, bytes) in name order."""
     h = hashlib.sha256()
     h.update(len(config_bytes).to_bytes(8, "little"))
     h.update(config_bytes)
@@ -126,13 +145,13 @@ class LoraAdapter:
     def layers(self) -> list[int]:
         return sorted({layer for layer, _ in self.modules})
 
+    def module_shapes(self) -> dict[tuple[int, str], ModuleShape]:
+        """Per (layer, module): what the servability rules need to know without the values."""
+        return {key: ModuleShape.of(m) for key, m in self.modules.items()}
+
     def unservable_reasons(self, *, allow_dora: bool = False) -> list[str]:
-        """Why the engine cannot serve this adapter in a slot (empty list: it can)."""
-        return [
-            msg
-            for status, msg in servability_issues(self.config, self.all_keys)
-            if status == "fail" or (msg == DORA_WARNING and not allow_dora)
-        ]
+        """Why the engine cannot serve this adapter in a slot (empty list: it can): config and tensor names only."""
+        return config_reasons(self.config, self.all_keys, allow_dora=allow_dora)
 
 
 def _group(keys: list[str]) -> dict[str, dict[str, LoraKey]]:
@@ -163,78 +182,122 @@ def check_module_shapes(config: AdapterConfig, path: str, shapes: dict[str, tupl
     return None
 
 
-def load_adapter(path_or_hub_id: str | Path, *, name: str | None = None) -> LoraAdapter:
-    """Read a PEFT LoRA adapter (directory or hub id) into a LoraAdapter; AdapterError if it is unreadable.
-
-    Each LoRA tensor is read once (pread from the descriptor that was checked, see WeightsFile)
-    into memory it owns, never a view of a memory map: a file rewritten in place later cannot
-    change loaded (validated, hashed) weights, a file truncated in place cannot SIGBUS the
-    server. Legacy adapter_model.bin only via torch.load(weights_only=True). Servability is not enforced here:
-    call `check_servable` (the engine does, at registration).
-    """
-    adapter_dir = resolve_adapter_dir(path_or_hub_id)
+def read_config(adapter_dir: Path) -> tuple[AdapterConfig, bytes, str]:
+    """(parsed config, its bytes, its real path): adapter_config.json read once, parsed and checked for r > 0."""
     config_path = adapter_dir / CONFIG_NAME
     config_bytes, config_real = read_small_file(config_path, CONFIG_NAME)  # one read: parsed and hashed
     config = parse_adapter_config(decode_json(config_bytes, config_path, CONFIG_NAME))
     if config.r <= 0 or any(v <= 0 for v in config.rank_pattern.values()):
         raise AdapterError(f"{adapter_dir}: r must be > 0 (r={config.r}, rank_pattern={config.rank_pattern})")
-    wfile = find_weights_file(adapter_dir)
-    tensors = WeightsFile(wfile)
-    keys = list(tensors.keys())
-    modules: dict[tuple[int, str], LoraModuleWeights] = {}
-    loaded: dict[str, torch.Tensor] = {}
-    for path, roles in _group(keys).items():
-        shapes = {role: tuple(tensors.shape(lk.key)) for role, lk in roles.items()}
-        problem = check_module_shapes(config, path, shapes)
+    return config, config_bytes, config_real
+
+
+def module_keys(config: AdapterConfig, wf: WeightsFile) -> dict[tuple[int, str], dict[str, LoraKey]]:
+    """(layer, module) -> role -> key of the decoder-linear LoRA tensors, from names and shapes only;
+    AdapterError if the file holds no tensors, shapes disagree with each other or the config's rank,
+    or one (layer, module) appears twice."""
+    name = wf.path.name
+    out: dict[tuple[int, str], dict[str, LoraKey]] = {}
+    for path, roles in _group(wf.keys()).items():
+        problem = check_module_shapes(config, path, {role: tuple(wf.shape(lk.key)) for role, lk in roles.items()})
         if problem:
-            raise AdapterError(f"{wfile.name}: {problem}")
+            raise AdapterError(f"{name}: {problem}")
         lk = roles["A"]
-        opt = {role: tensors.get(roles[role].key) for role in ("magnitude", "bias") if role in roles}
-        mod = LoraModuleWeights(
-            lora_a=tensors.get(lk.key), lora_b=tensors.get(roles["B"].key), scaling=config.scaling_for(path),
-            module_path=path, **opt,
-        )
-        loaded[lk.key], loaded[roles["B"].key] = mod.lora_a, mod.lora_b
-        loaded.update({roles[role].key: t for role, t in opt.items()})
-        if (lk.layer, lk.module) in modules:
-            raise AdapterError(f"{wfile.name}: two LoRA entries for layer {lk.layer} {lk.module}")
-        modules[(lk.layer, lk.module)] = mod
-    if not keys:
-        raise AdapterError(f"{wfile.name} holds no tensors")
-    loaded.update({f"\0key:{k}": torch.empty(0) for k in keys})  # every name in the file counts too
+        assert lk.layer is not None and lk.module is not None
+        if (lk.layer, lk.module) in out:
+            raise AdapterError(f"{name}: two LoRA entries for layer {lk.layer} {lk.module}")
+        out[(lk.layer, lk.module)] = roles
+    if not wf.keys():
+        raise AdapterError(f"{name} holds no tensors")
+    return dict(sorted(out.items()))
+
+
+def load_adapter(path_or_hub_id: str | Path, *, name: str | None = None) -> LoraAdapter:
+    """Read a PEFT LoRA adapter (directory or hub id) into a LoraAdapter; AdapterError if it is unreadable.
+
+    A safetensors file's tensor data is read ONCE (pread from the descriptor that was checked, see
+    WeightsFile) into memory the adapter owns, never a view of a memory map, and hashed from that
+    same buffer: a file rewritten in place later cannot change loaded (validated, hashed) weights,
+    a file truncated in place cannot SIGBUS the server. Legacy adapter_model.bin only via
+    torch.load(weights_only=True). Servability is not enforced here: call `check_servable` (the
+    engine does, at the first load).
+    """
+    adapter_dir = resolve_adapter_dir(path_or_hub_id)
+    config, config_bytes, config_real = read_config(adapter_dir)
+    wfile = find_weights_file(adapter_dir)
+    wf = WeightsFile(wfile)
+    try:
+        layout = module_keys(config, wf)
+        if wf.is_safetensors:
+            data = wf.read_data()
+            h = hashlib.sha256()
+            h.update(len(config_bytes).to_bytes(8, "little"))
+            h.update(config_bytes)
+            h.update(wf.head)
+            h.update(data)
+            start = wf.data_start
+
+            def get(key: str) -> torch.Tensor:
+                return wf.tensor(key, data, start)
+        else:
+            get = wf.get
+        modules: dict[tuple[int, str], LoraModuleWeights] = {}
+        for key, roles in layout.items():
+            path = roles["A"].module_path
+            opt = {role: get(roles[role].key) for role in ("magnitude", "bias") if role in roles}
+            modules[key] = LoraModuleWeights(
+                lora_a=get(roles["A"].key), lora_b=get(roles["B"].key), scaling=config.scaling_for(path),
+                module_path=path, **opt,
+            )
+        keys = wf.keys()
+        if wf.is_safetensors:
+            digest, facts = h.hexdigest(), header_facts(config_bytes, wf.head, wf.size)
+        else:
+            loaded = {roles[role].key: t for (key, roles), m in zip(layout.items(), modules.values())
+                      for role, t in (("A", m.lora_a), ("B", m.lora_b), ("magnitude", m.magnitude), ("bias", m.bias))
+                      if t is not None}
+            loaded.update({f"\0key:{k}": torch.empty(0) for k in keys})  # every name in the file counts too
+            digest = _digest(config_bytes, loaded)
+            facts = header_facts(config_bytes, repr(sorted((k, m.dtype, m.shape) for k, m in wf.meta.items())).encode(), 0)
+        real = wf.real_path
+    finally:
+        wf.close()
     return LoraAdapter(
-        name=name or adapter_dir.name, path=adapter_dir, config=config, modules=dict(sorted(modules.items())),
+        name=name or adapter_dir.name, path=adapter_dir, config=config, modules=modules,
         weights_file=wfile, all_keys=tuple(keys),
-        fingerprint=AdapterFingerprint(_digest(config_bytes, loaded), (config_real, tensors.real_path)),
+        fingerprint=AdapterFingerprint(digest, (config_real, real), facts),
     )
 
 
 def check_servable(
-    adapter: LoraAdapter, *, allow_dora: bool = False, check_values: bool = True, dtype: torch.dtype = torch.bfloat16
+    adapter: LoraAdapter | Any, *, allow_dora: bool = False, check_values: bool = True, dtype: torch.dtype = torch.bfloat16,
+    target: SlotTarget | None = None,
 ) -> None:
-    """Raise AdapterError naming every feature of `adapter` that a slot cannot serve.
+    """Raise AdapterError naming every reason the engine cannot serve `adapter`: the one function that
+    refuses (registration, first load, `LoraSlots.check`); the rules are `servable_problems` (config,
+    names, shapes, dtypes, and with `target` the fit to those slots) and `engine.adapters.limits` (values).
 
-    With `check_values`, also refuses non-float (quantised) LoRA tensors, NaN/Inf values, values
-    that overflow when cast to the serving `dtype`, and a scaling or LoRA gain beyond the limits of
-    `engine.adapters.limits` (one cheap pass over the weights), so a broken or hostile adapter never
-    reaches a slot.
+    With `check_values` (needs the tensors: a LoraAdapter, not a header-only manifest), also refuses
+    NaN/Inf values, values that overflow when cast to the serving `dtype`, and a scaling or LoRA gain
+    beyond the limits of `engine.adapters.limits` (one cheap pass over the weights), so a broken or
+    hostile adapter never reaches a slot.
     """
-    reasons = adapter.unservable_reasons(allow_dora=allow_dora)
-    if not adapter.modules:
-        reasons.insert(0, "it has no LoRA on any decoder q/k/v/o/gate/up/down linear")
-    if check_values:
-        ints = sorted({str(t.dtype) for m in adapter.modules.values() for t in m.tensors() if not t.is_floating_point()})
-        if ints:
-            reasons.append(f"LoRA tensors of dtype {', '.join(ints)} (quantised adapters must be dequantised first)")
-        else:
-            bad = [f"layer {layer} {mod}" for (layer, mod), m in adapter.modules.items() if not all(all_finite(t) for t in m.tensors())]
-            if bad:
-                reasons.append(f"NaN/Inf values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")
-            else:
-                for (layer, mod), m in adapter.modules.items():
-                    issue = module_value_issue(m.lora_a, m.lora_b, m.scaling, dtype)
-                    if issue:  # the first one says enough; the others are usually the same
-                        reasons.append(f"layer {layer} {mod}: {issue}")
-                        break
-    if reasons:
-        raise AdapterError(f"adapter {adapter.name!r} cannot be served: " + "; ".join(reasons))
+    problems = servable_problems(adapter, allow_dora=allow_dora, target=target)
+    if check_values and all(t.is_floating_point() for m in adapter.modules.values() for t in m.tensors()):
+        problems += value_problems(adapter.modules, dtype)  # (integer tensors: refused above, by dtype)
+    if problems:
+        raise AdapterError(f"adapter {adapter.name!r} cannot be served: " + "; ".join(p.message for p in problems),
+                           hint=next((p.hint for p in problems if p.hint), None))
+
+
+def value_problems(modules: Mapping[tuple[int, str], Any], dtype: Any) -> list[Problem]:
+    """NaN/Inf, overflow in `dtype`, scaling and gain beyond `engine.adapters.limits` (first offender)."""
+    bad = [f"layer {layer} {mod}" for (layer, mod), m in modules.items() if not all(all_finite(t) for t in m.tensors())]
+    if bad:
+        return [Problem(f"NaN/Inf values in {', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}")]
+    for (layer, mod), m in modules.items():
+        issue = module_value_issue(m.lora_a, m.lora_b, m.scaling, dtype)
+        if issue:  # the first one says enough; the others are usually the same
+            return [Problem(f"layer {layer} {mod}: {issue}")]
+    return []
+

@@ -1,14 +1,27 @@
-"""What the engine cannot serve, and why: decided from the config and the tensor names alone.
+"""Is this adapter servable: the rules, and why not (`servable_problems`).
 
 A slot holds, per decoder layer and module, one A [r, in], one B [out, r] and one scaling.
 Anything else an adapter carries (full replacement weights, embedding LoRA, biases, DoRA
 magnitudes, a base model that training rewrote) would be silently dropped or applied wrongly,
 so it is flagged here with the reason and what to do instead.
+
+`servable_problems` decides everything that needs no tensor values, in two levels:
+  * config and tensor names (`servability_issues`, also the `servable` check of `mlora validate`);
+  * shapes, dtypes and ranks, and with a `SlotTarget` the fit to the slots that will hold it:
+    what registration checks from the safetensors header alone (`engine.adapters.manifest`).
+The values (finite after the cast to the serving dtype, magnitude bounds) are
+`engine.adapters.limits`' rule and need the tensors, so they run at the first full load.
+`engine.adapters.check_servable` is the one function that refuses: it asks both and raises;
+`LoraSlots.check`, the engine's loads and registration call it. The server's runtime-load
+pre-check (`engine.adapters.validate.validation_failures`) reports the same rules as
+`mlora validate`'s named checks.
 """
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from engine.adapters.config import BASE_CHANGING_INITS, PLAIN_INITS, SERVABLE_MODULES, AdapterConfig
 from engine.adapters.keys import classify_other_key, parse_lora_key
@@ -134,3 +147,100 @@ def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple
         issues.append(("warn", "fan_in_fan_out=true is meant for GPT-2-style Conv1D bases; Llama-family linears are nn.Linear, "
                                "for which PEFT (and mlora) ignore it"))
     return issues
+
+
+# Slots built without the base weights cannot serve DoRA: its norm needs W0.
+DORA_UNSUPPORTED = "DoRA adapters need the base weights, and these LoRA slots were built without them"
+_SERVE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def config_reasons(config: AdapterConfig, keys: Iterable[str], *, allow_dora: bool) -> list[str]:
+    """The failing `servability_issues` (and DoRA when it is not allowed), as messages."""
+    return [msg for status, msg in servability_issues(config, keys)
+            if status == "fail" or (msg == DORA_WARNING and not allow_dora)]
+
+
+@dataclass(frozen=True)
+class ModuleShape:
+    """One LoRA'd linear as the rules see it without its values (from the header or from tensors)."""
+
+    rank: int
+    in_features: int
+    out_features: int
+    dtypes: tuple[str, ...]  # torch dtype names of A, B (and magnitude, bias), e.g. ("float32", "float32")
+    has_magnitude: bool = False
+    has_bias: bool = False
+
+    @staticmethod
+    def of(m: Any) -> "ModuleShape":
+        """From a `LoraModuleWeights` (duck-typed: anything with lora_a/lora_b/magnitude/bias tensors)."""
+        ts = [t for t in (m.lora_a, m.lora_b, getattr(m, "magnitude", None), getattr(m, "bias", None)) if t is not None]
+        return ModuleShape(int(m.lora_a.shape[0]), int(m.lora_a.shape[1]), int(m.lora_b.shape[0]),
+                           tuple(str(t.dtype).removeprefix("torch.") for t in ts),
+                           getattr(m, "magnitude", None) is not None, getattr(m, "bias", None) is not None)
+
+
+@dataclass(frozen=True)
+class SlotTarget:
+    """What the engine's LoRA slots can hold (built by `LoraSlots`)."""
+
+    layers: int
+    module_shapes: Mapping[str, tuple[int, int]]  # module -> (in_features, out_features) of the base linear
+    max_rank: int
+    dora: bool  # built with the base weights (DoRA's norm needs them)
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One reason an adapter cannot be served, with what to do about it."""
+
+    message: str
+    hint: str | None = None
+
+
+def servable_problems(adapter: Any, *, allow_dora: bool, target: SlotTarget | None = None) -> list[Problem]:
+    """Every reason the engine cannot serve `adapter` that needs no tensor values (empty list: none).
+
+    `adapter`: a `LoraAdapter` or an `AdapterManifest` (anything with `config`, `all_keys` and
+    `module_shapes()`). `target`: also check it fits these slots (modules, layers, rank, shapes).
+    The values (finite, magnitude) are `engine.adapters.limits`' decision; `check_servable` adds
+    them for a loaded adapter and is the one function that refuses.
+    """
+    config = adapter.config
+    shapes: dict[tuple[int, str], ModuleShape] = adapter.module_shapes()
+    out: list[Problem] = []
+    merge = "merge it into the base with `mlora merge`"
+    is_dora = bool(config.use_dora) or any(s.has_magnitude for s in shapes.values())
+    if target is not None:
+        allow_dora = allow_dora and target.dora
+        if is_dora and not target.dora:
+            out.append(Problem(DORA_UNSUPPORTED, merge))
+    out += [Problem(m) for m in config_reasons(config, adapter.all_keys, allow_dora=allow_dora)
+            if not (target is not None and is_dora and not target.dora and m == DORA_WARNING)]
+    if not shapes:
+        out.insert(0 if target is None else len(out), Problem("it has no LoRA on any decoder q/k/v/o/gate/up/down linear"))
+    ints = sorted({d for s in shapes.values() for d in s.dtypes if d not in _SERVE_DTYPES})
+    if ints:
+        out.append(Problem(f"LoRA tensors of dtype {', '.join('torch.' + d for d in ints)} (quantised adapters must be dequantised first)"))
+    if target is not None:
+        out += _slot_problems(shapes, target)
+    return out
+
+
+def _slot_problems(shapes: Mapping[tuple[int, str], ModuleShape], target: SlotTarget) -> list[Problem]:
+    """The first way a module does not fit the slots (the others are usually the same)."""
+    for (layer, module), s in shapes.items():
+        if module not in target.module_shapes:
+            what = "embedding LoRA" if module in ("embed_tokens", "lm_head") else f"LoRA on {module!r}"
+            return [Problem(f"{what} is not served (slots hold {', '.join(target.module_shapes)})")]
+        if not 0 <= layer < target.layers:
+            return [Problem(f"layer {layer} does not exist (the base model has {target.layers})")]
+        if s.rank > target.max_rank:
+            return [Problem(f"rank {s.rank} of layer {layer} {module} exceeds max_lora_rank {target.max_rank}",
+                            "restart with a larger --max-lora-rank")]
+        in_f, out_f = target.module_shapes[module]
+        if (s.in_features, s.out_features) != (in_f, out_f):
+            return [Problem(f"layer {layer} {module} has A {(s.rank, s.in_features)} and B {(s.out_features, s.rank)}, "
+                            f"but the base model needs A [r, {in_f}] and B [{out_f}, r]",
+                            "the adapter was trained for a different base model")]
+    return []

@@ -400,3 +400,10 @@ def _check_base(report: ValidationReport, config: AdapterConfig | None, wf: Weig
         else:
             report.add("base_name", "warn", f"adapter was trained on {named!r}, validating against {dims.name!r}: "
                                             "shapes can match while weights differ; make sure this is the intended base")
+
+
+def validation_failures(path: str, *, base: str | None, max_lora_rank: int | None, dtype: str = "bfloat16") -> list[str]:
+    """Why a runtime load of `path` is refused, as `name: message` per failed `mlora validate` check
+    (empty: servable). The full check, values included, for the server's 400 answer."""
+    report = validate_adapter(path, base=base, max_lora_rank=max_lora_rank, dtype=dtype)
+    return [f"{c.name}: {c.message}" for c in report.checks if c.status == "fail"]

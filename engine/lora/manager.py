@@ -6,6 +6,10 @@ milliseconds with fakes:
 
     loader(name, path) -> adapter      disk -> CPU: read, validate, check servability.
                                        Raises an `MloraError` (AdapterError) for a bad adapter.
+    inspector(name, path) -> manifest  optional: registration from config + header only (no
+                                       tensor data; `manifest.header_only`, nothing enters the
+                                       CPU tier). With it, loads call `loader(name, path, known)`,
+                                       `known` the fingerprint recorded so far (see below).
     slot_writer(slot, adapter) -> None CPU -> device: copy weights into slot `slot`
                                        (e.g. `LoraSlots.set_slot`).
     slot_clearer(slot) -> None         optional: called when a slot is freed without a
@@ -31,7 +35,9 @@ Rules (after vLLM's adapter manager):
     (content digest + the real paths of the files read); a re-read from disk (after eviction
     from the CPU tier) must reproduce it exactly, else the version is marked broken
     (AdapterChangedError for every later acquire of it, until the name is registered again)
-    and the changed weights are never served.
+    and the changed weights are never served. A header-level fingerprint (digest None: the
+    inspector's) must be matched by the first load's `facts` and files; that load's full
+    fingerprint is then kept and rules every later re-read.
   * `acquire` returns None (the request waits) when the adapter is not resident and every
     slot is pinned.
 
@@ -69,6 +75,29 @@ def _inside(path: str, root: str) -> bool:
     """Pure string check (no I/O): `path` is `root` or below it (both already resolved)."""
     root = root.rstrip("/") or "/"
     return path == root or path.startswith(root if root.endswith("/") else root + "/")
+
+
+def check_same(name: str, registered: Any, got: Any) -> None:
+    """AdapterChangedError unless `got` (a fresh read's fingerprint) is the adapter `registered`:
+    the same real files and, for a header-level `registered` (digest None), the same config and
+    header `facts`, else the same content digest. No-op when nothing was registered."""
+    if registered is None or got == registered:
+        return
+    old_files, new_files = getattr(registered, "files", None), getattr(got, "files", None)
+    if old_files is not None and new_files != old_files:
+        detail = f"its files now resolve to {', '.join(map(str, new_files or ()))}, not {', '.join(map(str, old_files))}"
+    elif getattr(registered, "digest", "") is None:  # registered from the header: facts must hold
+        if getattr(got, "facts", None) == registered.facts:
+            return
+        detail = "its config or safetensors header differ from what was registered"
+    else:
+        detail = "its contents differ"
+    err = AdapterChangedError(  # the message reaches clients: no server paths in it (they go to the log)
+        f"adapter {name!r} changed on disk since it was registered; it is not served until it is loaded again",
+        hint="adapter files must not change after registration; load a new version under the same name to replace it",
+    )
+    err.detail = detail
+    raise err
 
 
 def _check_confined(name: str, adapter: Any, root: str) -> None:
@@ -131,6 +160,7 @@ class AdapterCache:
         loader: Loader,
         slot_writer: SlotWriter,
         slot_clearer: SlotClearer | None = None,
+        inspector: Loader | None = None,
     ) -> None:
         max_cpu_loras = max_loras if max_cpu_loras is None else max_cpu_loras
         if max_loras < 1:
@@ -140,6 +170,7 @@ class AdapterCache:
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
         self._loader = loader
+        self._inspector = inspector
         self._writer = slot_writer
         self._clearer = slot_clearer
         self._lock = threading.RLock()
@@ -154,28 +185,38 @@ class AdapterCache:
         self._stats = CacheStats()
 
     # ------------------------------------------------------------------ registry
-    def register(self, name: str, path: str, *, root: str | None = None) -> None:
+    def register(self, name: str, path: str, *, root: str | None = None, eager: bool = True) -> None:
         """Validate and load `path` as adapter `name`; replace an existing `name` (see module doc).
 
         With `root` (an already resolved directory), every file the loader actually read (its
         adapter's `fingerprint.files`) must lie inside it: a path checked by the caller and then
         swapped for a symlink before the load is caught here.
+        With an inspector and `eager=False` (bulk registration at startup), only the config and
+        header are read (no disk load is counted); the tensors are read, validated and hashed at the
+        first `acquire`/`prefetch`. `eager` (one adapter added at runtime): the full load follows the
+        header check at once, so a bad value is refused here, and it must find what the header showed.
         Raises the loader's error (AdapterError) and changes nothing when the adapter is bad.
         """
         path = str(path)
         t0 = time.perf_counter()
         try:
-            adapter = self._loader(name, path)
+            adapter = (self._inspector or self._loader)(name, path)
             if root is not None:
                 _check_confined(name, adapter, root)
+            if eager and getattr(adapter, "header_only", False):
+                known = adapter.fingerprint
+                adapter = self._loader(name, path, known)
+                check_same(name, known, getattr(adapter, "fingerprint", None))  # also the files: still confined
         except Exception:
             with self._lock:
                 self._stats.load_failures += 1
             raise
         dt = time.perf_counter() - t0
+        header_only = bool(getattr(adapter, "header_only", False))
         with self._lock:
-            self._stats.disk_loads += 1
-            self._stats.disk_load_seconds.append(dt)
+            if not header_only:
+                self._stats.disk_loads += 1
+                self._stats.disk_load_seconds.append(dt)
             old = self._current.get(name)
             ver = _Version(name, path, vid=self._next_vid, fingerprint=getattr(adapter, "fingerprint", None),
                            dora=bool(getattr(adapter, "dora", None)))
@@ -184,7 +225,8 @@ class AdapterCache:
             self._versions[ver.vid] = ver
             if old is not None:
                 self._retire(old)
-            self._cpu_insert(ver, adapter)
+            if not header_only:
+                self._cpu_insert(ver, adapter)
 
     def remove(self, name: str) -> None:
         """Unregister `name`; running requests that hold it finish on its slot."""
@@ -503,8 +545,11 @@ class AdapterCache:
         """Disk -> CPU for `ver` in this thread; resolves `fut` for anyone waiting on it."""
         t0 = time.perf_counter()
         try:
-            adapter = self._loader(ver.name, ver.path)
-            self._check_same(ver, adapter)
+            with self._lock:
+                known = ver.fingerprint
+            adapter = self._loader(ver.name, ver.path) if self._inspector is None else self._loader(ver.name, ver.path, known)
+            got = getattr(adapter, "fingerprint", None)
+            check_same(ver.name, known, got)
         except BaseException as e:
             with self._lock:
                 self._inflight.pop(ver, None)
@@ -519,29 +564,12 @@ class AdapterCache:
             self._inflight.pop(ver, None)
             self._stats.disk_loads += 1
             self._stats.disk_load_seconds.append(dt)
+            if getattr(ver.fingerprint, "digest", "") is None:  # first full load: its digest rules from now on
+                ver.fingerprint = got
             if ver.vid in self._versions and ver.adapter is None:
                 self._cpu_insert(ver, adapter)
         fut.set_result(adapter)
         return adapter
-
-    @staticmethod
-    def _check_same(ver: _Version, adapter: Any) -> None:
-        """A re-read must give the registered files and bytes (AdapterChangedError otherwise)."""
-        if ver.fingerprint is None:
-            return
-        got = getattr(adapter, "fingerprint", None)
-        if got == ver.fingerprint:
-            return
-        detail = "its contents differ"
-        old_files, new_files = getattr(ver.fingerprint, "files", None), getattr(got, "files", None)
-        if old_files is not None and new_files != old_files:
-            detail = f"its files now resolve to {', '.join(map(str, new_files or ()))}, not {', '.join(map(str, old_files))}"
-        err = AdapterChangedError(  # the message reaches clients: no server paths in it (they go to the log)
-            f"adapter {ver.name!r} changed on disk since it was registered; it is not served until it is loaded again",
-            hint="adapter files must not change after registration; load a new version under the same name to replace it",
-        )
-        err.detail = detail
-        raise err
 
     def _run_load_quiet(self, ver: _Version, fut: Future) -> None:
         try:

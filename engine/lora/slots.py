@@ -45,11 +45,9 @@ from typing import Any
 
 import torch
 
+from engine.adapters.servable import DORA_UNSUPPORTED, SlotTarget  # noqa: F401 (DORA_UNSUPPORTED: re-exported)
 from engine.planning.budget import LORA_MODULES, ModelDims, lora_module_shape, normalize_dtype, slot_stack_shapes
 from engine.errors import AdapterError, ConfigError
-
-# Slots built without the base weights (`base_weight=None`) cannot serve DoRA: its norm needs W0.
-DORA_UNSUPPORTED = "DoRA adapters need the base weights, and these LoRA slots were built without them"
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -192,68 +190,57 @@ class LoraSlots:
         return self._occupant[slot]
 
     # ------------------------------------------------------------------ checks and layout
-    def check(self, adapter: Any) -> None:
-        """Raise AdapterError if `adapter` (engine.adapters.LoraAdapter) cannot be held by these slots."""
-        name = getattr(adapter, "name", None) or "adapter"
-        cfg = getattr(adapter, "config", None)
-        mods = adapter.modules
-        is_dora = getattr(cfg, "use_dora", False) or any(getattr(w, "magnitude", None) is not None for w in mods.values())
-        if is_dora and self.G is None:
-            raise AdapterError(f"adapter {name!r}: {DORA_UNSUPPORTED}", hint="merge it into the base with `mlora merge`")
-        if is_dora and any(getattr(w, "magnitude", None) is None for w in mods.values()):
-            raise AdapterError(f"adapter {name!r}: use_dora is set but some modules have no lora_magnitude_vector")
-        if getattr(cfg, "lora_bias", False) or any(getattr(w, "bias", None) is not None for w in mods.values()):
-            raise AdapterError(f"adapter {name!r}: LoRA biases (lora_bias=true) are not supported by the slot engine")
-        if getattr(cfg, "modules_to_save", None):
-            raise AdapterError(
-                f"adapter {name!r}: modules_to_save ({', '.join(cfg.modules_to_save)}) replaces whole base modules; "
-                "the slot engine serves LoRA deltas only",
-                hint="merge it into the base with `mlora merge`",
-            )
-        reasons = getattr(adapter, "unservable_reasons", None)  # the adapter library's own verdict:
-        if reasons is not None:  # embedding LoRA, modules_to_save, base-rewriting inits, variants
-            found = [r for r in reasons(allow_dora=self.dora_enabled) if r]
-            if found:
-                raise AdapterError(f"adapter {name!r} cannot be served: " + "; ".join(found))
-        if not mods:
-            raise AdapterError(f"adapter {name!r} has no LoRA weights for this model")
-        for (layer, module), w in mods.items():
-            if module not in self._mindex:
-                what = "embedding LoRA" if module in ("embed_tokens", "lm_head") else f"LoRA on {module!r}"
-                raise AdapterError(
-                    f"adapter {name!r}: {what} is not served (slots hold {', '.join(self.modules)})"
-                )
-            if not 0 <= layer < self.dims.layers:
-                raise AdapterError(f"adapter {name!r}: layer {layer} does not exist (the base model has {self.dims.layers})")
-            r = int(w.lora_a.shape[0])
-            if r > self.max_rank:
-                raise AdapterError(
-                    f"adapter {name!r}: rank {r} of layer {layer} {module} exceeds max_lora_rank {self.max_rank}",
-                    hint="restart with a larger --max-lora-rank",
-                )
-            in_f, out_f = lora_module_shape(self.dims, module)
-            if tuple(w.lora_a.shape) != (r, in_f) or tuple(w.lora_b.shape) != (out_f, r):
-                raise AdapterError(
-                    f"adapter {name!r}: layer {layer} {module} has A {tuple(w.lora_a.shape)} and B "
-                    f"{tuple(w.lora_b.shape)}, but the base model needs A [r, {in_f}] and B [{out_f}, r]",
-                    hint="the adapter was trained for a different base model",
-                )
+    @property
+    def target(self) -> SlotTarget:
+        """What these slots can hold, for `engine.adapters.servable.servable_problems`."""
+        return SlotTarget(self.dims.layers, {m: lora_module_shape(self.dims, m) for m in self.modules},
+                          self.max_rank, self.dora_enabled)
 
-    def load(self, name: str, path: str) -> PreparedAdapter:
-        """Disk -> CPU tier: read, validate and check `path` for these slots; the loader for
-        `AdapterCache(loader=slots.load, slot_writer=slots.set_slot, slot_clearer=slots.reset_slot)`.
-        Raises AdapterError for anything unreadable or unservable."""
-        from engine.adapters import check_servable, load_adapter
+    def check(self, adapter: Any, *, values: bool = False) -> None:
+        """Raise AdapterError if `adapter` (a LoraAdapter, or an AdapterManifest from its header) cannot
+        be held by these slots; with `values`, its values are checked too, in the slot dtype
+        (`engine.adapters.check_servable` decides)."""
+        from engine.adapters import check_servable
+
+        check_servable(adapter, allow_dora=self.dora_enabled, check_values=values, dtype=self.dtype, target=self.target)
+
+    def inspect(self, name: str, path: str) -> Any:
+        """Registration: config + safetensors header only, checked for these slots (an AdapterManifest;
+        nothing of the tensors is read). A legacy .bin has no header to read alone: it is loaded in full."""
+        from engine.adapters.manifest import read_manifest
+
+        manifest = read_manifest(path, name=name)
+        if manifest is None:
+            return self.load(name, path)
+        self.check(manifest)
+        return manifest
+
+    def load(self, name: str, path: str, known: Any = None) -> PreparedAdapter:
+        """Disk -> CPU tier: read (one read, hashed while loaded), validate and check `path` for these
+        slots; the loader for `AdapterCache(loader=slots.load, inspector=slots.inspect, ...)`.
+
+        `known`: the fingerprint recorded so far. It must match what is read (AdapterChangedError
+        otherwise, before any value is looked at); when it carries a content digest, the bytes are
+        the ones already fully validated, so the value checks are not repeated. Raises AdapterError
+        for anything unreadable or unservable."""
+        from engine.adapters import load_adapter
+        from engine.lora.manager import check_same
 
         adapter = load_adapter(path, name=name)
-        check_servable(adapter, allow_dora=self.dora_enabled, dtype=self.dtype)  # values checked in the slot dtype
-        return self.prepare(adapter)  # checks shapes/ranks, copies out of the memory-mapped file
+        check_same(name, known, adapter.fingerprint)
+        if getattr(known, "digest", None) is not None:  # the very bytes that passed every check before
+            return self.prepare(adapter, checked=True, finite=True)
+        self.check(adapter, values=True)  # values checked in the slot dtype: what `prepare` casts to
+        return self.prepare(adapter, checked=True, finite=True)  # copies into the slot dtype
 
-    def prepare(self, adapter: Any) -> PreparedAdapter:
-        """Check `adapter` and lay it out for `set_slot` (run off the critical path: load/prefetch)."""
+    def prepare(self, adapter: Any, *, checked: bool = False, finite: bool = False) -> PreparedAdapter:
+        """Check `adapter` (unless `checked`) and lay it out for `set_slot` (run off the critical path:
+        load/prefetch); `finite`: the weights are known to stay finite in the slot dtype (checked by
+        `check(values=True)`, or a re-read whose digest matches that first load's)."""
         if isinstance(adapter, PreparedAdapter):
             return adapter
-        self.check(adapter)
+        if not checked:
+            self.check(adapter)
         L = self.dims.layers
         name = getattr(adapter, "name", None) or "adapter"
         out = PreparedAdapter(name=name, scales=torch.zeros(L, len(self.modules), dtype=torch.float32),
@@ -281,7 +268,8 @@ class LoraSlots:
         for key, w in adapter.modules.items():
             if getattr(w, "magnitude", None) is not None:
                 out.dora[key] = self._dora_g(key, w)
-        self._check_finite(out, name)  # a slot never holds NaN/Inf: other tenants' rows share its matmuls
+        if not finite or out.dora:  # DoRA's g comes from the base weights: never checked before
+            self._check_finite(out, name)  # a slot never holds NaN/Inf: other tenants' rows share its matmuls
         if self._pin:
             out.scales = out.scales.pin_memory()
         return out

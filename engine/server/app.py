@@ -650,12 +650,9 @@ async def version(request: web.Request) -> web.Response:
 
 def _validation_failures(path: str, config: ServerConfig) -> list[str]:
     """Reasons the validate library gives for refusing the adapter at `path` (empty = servable)."""
-    try:
-        from engine.adapters import validate_adapter
-    except ImportError:  # the engine validates again at registration in any case
-        return []
-    report = validate_adapter(path, base=config.engine.model, max_lora_rank=config.engine.max_lora_rank)
-    return [f"{c.name}: {c.message}" for c in report.checks if c.status == "fail"]
+    from engine.adapters.validate import validation_failures
+
+    return validation_failures(path, base=config.engine.model, max_lora_rank=config.engine.max_lora_rank)
 
 
 def _lora_name(body: Any, engine: Any, *, new: bool) -> str:

@@ -149,7 +149,7 @@ def test_unservable_adapters_are_refused_before_any_write(env: dict, tmp_path: P
     dora = build_peft_adapter(env["base"], tmp_path / "dora", r=4, use_dora=True, target_modules=["v_proj"])
     _raises_and_keeps_slot(slots, load_adapter(dora), re.escape(DORA_UNSUPPORTED))
     bias = build_peft_adapter(env["base"], tmp_path / "bias", r=4, lora_bias=True, target_modules=["o_proj"])
-    _raises_and_keeps_slot(slots, load_adapter(bias), "LoRA biases")
+    _raises_and_keeps_slot(slots, load_adapter(bias), "lora_bias: LoRA B carries a bias vector")
     other = build_tiny_model(tmp_path / "other", "llama", hidden_size=32, intermediate_size=48)
     foreign = build_peft_adapter(other, tmp_path / "foreign", r=4, target_modules=["up_proj"])
     _raises_and_keeps_slot(slots, load_adapter(foreign), r"base model needs A \[r, 64\] and B \[128, r\]")
