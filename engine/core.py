@@ -34,7 +34,7 @@ from engine.sequence import Sequence
 from engine.stats import EngineStats  # re-exported: `from engine.core import EngineStats` keeps working
 
 if TYPE_CHECKING:
-    from engine.lora_engine import LoraEngine  # imported at run time only when LoRA is on (it brings torch)
+    from engine.lora.engine import LoraEngine  # imported at run time only when LoRA is on (it brings torch)
 
 log = logging.getLogger("mlora.engine")
 
@@ -70,7 +70,7 @@ class EngineCore:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.lora: LoraEngine | None = None
         if config.enable_lora:
-            from engine.lora_engine import LoraEngine
+            from engine.lora.engine import LoraEngine
 
             self.lora = LoraEngine(config, self.runner)
         self.scheduler = Scheduler(
