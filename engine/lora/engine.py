@@ -2,21 +2,28 @@
 
 - `LoraSlots` (engine.lora.slots) holds the device stacks the model reads; `AdapterCache`
   (engine.lora.manager) decides which adapter lives in which slot (LRU tiers, pins).
-- Each request with an adapter pins it from admission (`acquire`) to finish or preemption
-  (`release`), so an adapter in use is never evicted. The scheduler calls these hooks.
-- A request is bound to the adapter *version* it was first admitted with (`seq.adapter_version`)
-  until it finishes: after a preemption it re-acquires that version, so a replacement (or an
+- The scheduler only asks `can_acquire` (could this request's adapters get slots next to what this
+  step already claims; no I/O). After `schedule()` the engine calls `activate`, vLLM's LRU worker
+  adapter manager: for each adapter the step needs, if it is not in a slot, load it (disk -> CPU ->
+  slot, evicting the least recently used adapter no request holds) and pin it. A request holds its
+  pins (`seq.lora_pins`) from its first step until it finishes or is preempted, so an adapter in use
+  is never evicted; a request whose adapter fails to load ends there.
+- A request is bound to the adapter *version* current at its first admission (`bind`, which fixes
+  its prefix-cache identity before its KV blocks are hashed; `seq.adapter_version`) until it finishes: after a preemption it re-acquires that version, so a replacement (or an
   unload) of the name never changes the weights of an answer already under way. A request that
   never started gets the name's current version, or a clear "was unloaded" error.
-- Per step the runner receives one slot index per scheduled sequence (-1 = base model),
-  never an adapter name.
+- Per step the runner receives a `LoraStep` (one lora_slot per scheduled sequence, -1 = base model),
+  never an adapter name, or None when no scheduled sequence uses an adapter.
 - After each step, adapters that waiting requests need are prefetched disk -> CPU in the
   background, so a cold adapter's first token waits only for the CPU -> slot copy.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from engine.config import EngineConfig
 from engine.errors import AdapterNotFoundError, ConfigError, MloraError
@@ -26,11 +33,25 @@ from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.stats import EngineStats
 
+if TYPE_CHECKING:
+    from engine.runner import ModelRunner
+
+log = logging.getLogger("mlora.engine")
+
+
+@dataclass
+class LoraStep:
+    """All the runner learns of one step's adapters (None instead when no scheduled sequence uses one)."""
+
+    lora_slots: list[int]  # per scheduled item: its adapter's row in the stacks (-1 = base model, or composed)
+    compose: dict[int, tuple[tuple[int, float], ...]] | None  # item index -> (lora_slot, weight) pairs, if composed
+    stacks: LoraSlots
+
 
 class LoraEngine:
     """Adapter registry + slots for one EngineCore."""
 
-    def __init__(self, config: EngineConfig, runner: Any) -> None:
+    def __init__(self, config: EngineConfig, runner: ModelRunner) -> None:
         dtype = runner.dtype if config.lora_dtype == "auto" else config.lora_dtype
         self.slots = LoraSlots(
             runner.dims,
@@ -48,9 +69,6 @@ class LoraEngine:
             slot_clearer=self.slots.reset_slot,
         )
         self.max_loras = config.max_loras
-        self._held: dict[int, tuple[str, int]] = {}  # id(seq) -> (adapter, slot) while pinned
-        self._held_composed: dict[int, list[tuple[str, int]]] = {}  # id(seq) -> [(component, slot), ...] while pinned
-        self._failed: list[tuple[Sequence, str]] = []
 
     # -- registry ----------------------------------------------------------------------------
     def add_adapter(self, name: str, path: str, *, root: str | None = None) -> None:
@@ -71,61 +89,77 @@ class LoraEngine:
     def resident(self) -> list[str]:
         return self.cache.resident()
 
-    # -- scheduler hooks ---------------------------------------------------------------------
-    def acquire(self, seq: Sequence) -> bool:
-        """Pin `seq`'s adapter in a slot (loading it if needed); False = no slot free now."""
-        if seq.components:
-            return self._acquire_composed(seq)
-        if seq.adapter is None:
-            return True
-        try:
-            slot = self.cache.acquire(seq.adapter, version=seq.adapter_version)
-        except (AdapterVersionGoneError, AdapterChangedError) as e:
-            self._fail(seq, e.message)
-            return False
-        except AdapterNotFoundError:  # unloaded while this request waited for its first step
-            self._fail(seq, f"adapter {seq.adapter!r} was unloaded before this request started")
-            return False
-        except MloraError as e:  # e.g. the files went bad after registration: fail this request only
-            self._fail(seq, f"adapter {seq.adapter!r} could not be loaded: {e}")
-            return False
-        if slot is None:
-            return False
-        if seq.adapter_version is None:
-            seq.adapter_version = self.cache.bind(slot)
-            seq.adapter_digest = self.cache.digest_of(seq.adapter_version)  # the prefix-cache key (block_manager)
-        self._held[id(seq)] = (seq.adapter, slot)
-        return True
+    # -- admission (the scheduler's question) and activation (before the forward) --------------
+    @staticmethod
+    def _keys(seq: Sequence) -> list[tuple[str, int | None]]:
+        """(adapter, bound version or None = current) for every adapter `seq` needs in a slot."""
+        names = seq.adapter_names
+        versions = seq.component_versions if seq.components else [seq.adapter_version]
+        return list(zip(names, versions or [None] * len(names)))
 
-    def _acquire_composed(self, seq: Sequence) -> bool:
-        """Pin every component (each bound to its own version, as a single adapter is); all or none."""
-        held: list[tuple[str, int]] = []
-        versions = seq.component_versions or [None] * len(seq.components)
+    def can_acquire(self, seq: Sequence, admitted: list[Sequence]) -> bool:
+        """Could `seq`'s adapters get slots once this step's earlier admissions (`admitted`) hold theirs?
+        No I/O and no side effects: the scheduler asks this; `activate` does the loading."""
+        claimed = [key for s in admitted for key in self._keys(s)]
+        keys = self._keys(seq)
+        return all(self.cache.can_acquire(n, v, claimed=claimed + keys[:i]) for i, (n, v) in enumerate(keys))
+
+    def bind(self, seq: Sequence) -> None:
+        """At a request's first admission (the scheduler calls this before it allocates KV blocks): tie it
+        to the current versions of its adapters, whose id and content digest are its prefix-cache
+        identity (block_manager.block_identity). Bookkeeping only: nothing is loaded or pinned. A name
+        that cannot be bound (unloaded, changed files) stays unbound; `activate` then ends the request."""
+        if seq.components and seq.component_versions is None:
+            versions = [self.cache.bind_current(name) for name, _ in seq.components]
+            if None in versions:  # all or none
+                for version in versions:
+                    if version is not None:
+                        self.cache.unbind(version)
+                return
+            seq.component_versions = [v for v in versions if v is not None]
+            seq.component_digests = [self.cache.digest_of(v) for v in seq.component_versions]
+        elif not seq.components and seq.adapter is not None and seq.adapter_version is None:
+            seq.adapter_version = self.cache.bind_current(seq.adapter)
+            if seq.adapter_version is not None:
+                seq.adapter_digest = self.cache.digest_of(seq.adapter_version)
+
+    def activate(self, seqs: Iterable[Sequence]) -> list[tuple[Sequence, str]]:
+        """Pin the adapters of this step's sequences that hold none yet (just admitted, or resumed after
+        a preemption), in admission order: `AdapterCache.acquire` loads one that is not in a slot
+        (validated first, then the least recently used unpinned adapter is evicted). Returns the
+        sequences whose adapters could not be loaded, with why; they hold nothing."""
+        failed = []
+        for seq in seqs:
+            if seq.adapter_names and not seq.lora_pins:
+                error = self._pin(seq)
+                if error is not None:
+                    failed.append((seq, error))
+        return failed
+
+    def _pin(self, seq: Sequence) -> str | None:
+        """Pin every adapter of `seq` (all or none), on the versions it was bound to at admission."""
+        pins: list[tuple[str, int]] = []
+        keys = self._keys(seq)
         try:
-            for (name, _), version in zip(seq.components, versions):
+            for name, version in keys:
                 try:
                     slot = self.cache.acquire(name, version=version)
                 except (AdapterVersionGoneError, AdapterChangedError) as e:
-                    self._fail(seq, e.message)
-                    return False
-                except AdapterNotFoundError:
-                    self._fail(seq, f"adapter {name!r} was unloaded before this request started")
-                    return False
-                except MloraError as e:
-                    self._fail(seq, f"adapter {name!r} could not be loaded: {e}")
-                    return False
-                if slot is None:
-                    return False
-                held.append((name, slot))
+                    return e.message
+                except AdapterNotFoundError:  # unloaded while this request waited for its first step
+                    return f"adapter {name!r} was unloaded before this request started"
+                except MloraError as e:  # e.g. the files went bad after registration: fail this request only
+                    return f"adapter {name!r} could not be loaded: {e}"
+                if slot is None:  # can_acquire said a slot could be had: a broken invariant, not a user error
+                    log.error("request %s: no LoRA slot for adapter %r after admission", seq.request_id, name)
+                    return f"no LoRA slot was free for adapter {name!r}"
+                pins.append((name, slot))
         finally:
-            if len(held) < len(seq.components):  # not all pinned: give back what was
-                for name, slot in held:
+            if len(pins) < len(keys):  # not all pinned: give back what was
+                for name, slot in pins:
                     self.cache.release(name, slot)
-        if seq.component_versions is None:
-            seq.component_versions = [self.cache.bind(slot) for _, slot in held]
-            seq.component_digests = [self.cache.digest_of(v) for v in seq.component_versions]  # prefix-cache key
-        self._held_composed[id(seq)] = held
-        return True
+        seq.lora_pins = pins
+        return None
 
     def composition_check(self, components: tuple[tuple[str, float], ...]) -> None:
         """Refuse what cannot be composed: unknown names (AdapterNotFoundError, 404), DoRA components
@@ -142,23 +176,14 @@ class LoraEngine:
                                   "output row by its norm, so weighted deltas do not add up linearly",
                                   hint="serve it alone, or merge offline with mlora merge")
 
-    def _fail(self, seq: Sequence, message: str) -> None:
-        if all(s is not seq for s, _ in self._failed):
-            self._failed.append((seq, message))
-
-    def take_failed(self) -> list[tuple[Sequence, str]]:
-        """Requests whose adapter failed to load during the last schedule()."""
-        out, self._failed = self._failed, []
-        return out
-
     def release(self, seq: Sequence) -> None:
-        held = self._held.pop(id(seq), None)
-        if held is not None:
-            self.cache.release(held[0], held[1])
-        for name, slot in self._held_composed.pop(id(seq), ()):
+        """Unpin `seq`'s adapters (it finished or was preempted); a second call does nothing."""
+        pins, seq.lora_pins = seq.lora_pins, []
+        for name, slot in pins:
             self.cache.release(name, slot)
 
-    def on_finish(self, seq: Sequence) -> None:
+    def finish(self, seq: Sequence) -> None:
+        """`seq` finished: unpin and unbind its adapter versions (a retired version may then go)."""
         self.release(seq)
         if seq.adapter_version is not None:
             self.cache.unbind(seq.adapter_version)
@@ -168,22 +193,16 @@ class LoraEngine:
         seq.component_versions = None
 
     # -- per step ----------------------------------------------------------------------------
-    def step_inputs(self, out: SchedulerOutput) -> tuple[list[int] | None, LoraSlots | None]:
-        """Slot index per scheduled item (-1 = base or composed); (None, None) for an all-base step."""
-        slots = [self._held[id(it.seq)][1] if it.seq.adapter is not None and not it.seq.components else -1
-                 for it in out.scheduled]
-        if all(s < 0 for s in slots) and not any(it.seq.components for it in out.scheduled):
-            return None, None
-        return slots, self.slots
-
-    def step_compose(self, out: SchedulerOutput) -> dict[int, tuple[tuple[int, float], ...]] | None:
-        """Scheduled item index -> its (lora_slot, weight) pairs, for composed requests; None when there are none."""
-        comp = {}
-        for i, it in enumerate(out.scheduled):
-            if it.seq.components:
-                held = self._held_composed[id(it.seq)]
-                comp[i] = tuple((slot, w) for (_, slot), (_, w) in zip(held, it.seq.components))
-        return comp or None
+    def step_inputs(self, out: SchedulerOutput) -> LoraStep | None:
+        """The one place that decides "no adapter in this step" (None); else each scheduled item's
+        lora_slot (-1 = base model, or composed: its (lora_slot, weight) pairs are in `compose`)."""
+        seqs = [it.seq for it in out.scheduled]
+        lora_slots = [s.lora_pins[0][1] if s.lora_pins and not s.components else -1 for s in seqs]
+        compose = {i: tuple((slot, w) for (_, slot), (_, w) in zip(s.lora_pins, s.components))
+                   for i, s in enumerate(seqs) if s.components}  # fmt: skip
+        if not compose and all(slot < 0 for slot in lora_slots):
+            return None
+        return LoraStep(lora_slots=lora_slots, compose=compose or None, stacks=self.slots)
 
     def after_step(self, scheduler: Scheduler) -> None:
         """Prefetch (disk -> CPU, background) the adapters that waiting requests need."""
