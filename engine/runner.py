@@ -172,7 +172,7 @@ class ModelRunner:
         self.num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
         self.block_size = config.block_size
         self.model.init_rope(hf_config, self.max_model_len)
-        a = self.args
+        args = self.args
         # kv_cache: [layers, K/V, num_blocks * block_size + 1, kv_heads, head_dim]. The last kv_slot
         # (`zero_kv_slot`) belongs to no block, is never written and stays zero: every padded or
         # not-yet-written position of a gather reads it, so no arithmetic ever touches K/V another
@@ -180,7 +180,7 @@ class ModelRunner:
         # under a mask).
         self.zero_kv_slot = self.num_blocks * self.block_size
         self.kv_cache = torch.zeros(
-            a.num_layers, 2, self.zero_kv_slot + 1, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
+            args.num_layers, 2, self.zero_kv_slot + 1, args.num_kv_heads, args.head_dim, dtype=self.dtype, device=self.device
         )
         self._alloc_step_buffers(4 * config.max_num_batched_tokens)  # ids, positions, kv_slots, sample rows
         self._seed_source = torch.Generator().manual_seed(config.seed)
@@ -348,17 +348,18 @@ class ModelRunner:
             seq.prompt_logprobs.append(entry)
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int], slot: int = -1, stacks: LoraStacks | None = None) -> torch.Tensor:
+    def score(self, token_ids: list[int], lora_slot: int = -1, stacks: LoraStacks | None = None) -> torch.Tensor:
         """fp32 logits [T, V] of every position of one prompt (a scratch KV, not the pool).
 
-        For tests and scoring; `slot` >= 0 applies that LoRA slot to every token.
+        For tests and scoring; `lora_slot` >= 0 applies that adapter row to every token.
         """
-        t, a, dev = len(token_ids), self.args, self.device
-        scratch = torch.zeros(a.num_layers, 2, t, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=dev)
-        meta = AttentionMetadata(slot_mapping=torch.arange(t, device=dev), prefills=[PrefillSpan(0, t, 0)], decode_start=t)
+        t, args, dev = len(token_ids), self.args, self.device
+        scratch = torch.zeros(args.num_layers, 2, t, args.num_kv_heads, args.head_dim, dtype=self.dtype, device=dev)
+        kv_slots = torch.arange(t, device=dev)  # a scratch KV of exactly this prompt
+        meta = AttentionMetadata(slot_mapping=kv_slots, prefills=[PrefillSpan(0, t, 0)], decode_start=t)
         lora = None
-        if stacks is not None and slot >= 0:
-            ts = torch.full((t,), slot, dtype=torch.int32, device=dev)
+        if stacks is not None and lora_slot >= 0:
+            ts = torch.full((t,), lora_slot, dtype=torch.int32, device=dev)
             lora = LoraContext(token_slots=ts, meta=LoraBatchMeta.from_token_slots(ts), stacks=stacks)
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         with sdpa_backends(dev):

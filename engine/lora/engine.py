@@ -143,21 +143,24 @@ class LoraEngine:
         try:
             for name, version in keys:
                 try:
-                    slot = self.cache.acquire(name, version=version)
+                    lora_slot = self.cache.acquire(name, version=version)
                 except (AdapterVersionGoneError, AdapterChangedError) as e:
                     return e.message
                 except AdapterNotFoundError:  # unloaded while this request waited for its first step
                     return f"adapter {name!r} was unloaded before this request started"
                 except MloraError as e:  # e.g. the files went bad after registration: fail this request only
                     return f"adapter {name!r} could not be loaded: {e}"
-                if slot is None:  # can_acquire said a slot could be had: a broken invariant, not a user error
+                if version is None and lora_slot is not None:  # unbound: it could not be bound at admission
+                    self.cache.release(name, lora_slot)  # (re-registered since: its blocks carry no version)
+                    return f"adapter {name!r} was unloaded before this request started"
+                if lora_slot is None:  # can_acquire said a slot could be had: a broken invariant, not a user error
                     log.error("request %s: no LoRA slot for adapter %r after admission", seq.request_id, name)
                     return f"no LoRA slot was free for adapter {name!r}"
-                pins.append((name, slot))
+                pins.append((name, lora_slot))
         finally:
             if len(pins) < len(keys):  # not all pinned: give back what was
-                for name, slot in pins:
-                    self.cache.release(name, slot)
+                for name, lora_slot in pins:
+                    self.cache.release(name, lora_slot)
         seq.lora_pins = pins
         return None
 
@@ -179,8 +182,8 @@ class LoraEngine:
     def release(self, seq: Sequence) -> None:
         """Unpin `seq`'s adapters (it finished or was preempted); a second call does nothing."""
         pins, seq.lora_pins = seq.lora_pins, []
-        for name, slot in pins:
-            self.cache.release(name, slot)
+        for name, lora_slot in pins:
+            self.cache.release(name, lora_slot)
 
     def finish(self, seq: Sequence) -> None:
         """`seq` finished: unpin and unbind its adapter versions (a retired version may then go)."""
@@ -198,9 +201,9 @@ class LoraEngine:
         lora_slot (-1 = base model, or composed: its (lora_slot, weight) pairs are in `compose`)."""
         seqs = [it.seq for it in out.scheduled]
         lora_slots = [s.lora_pins[0][1] if s.lora_pins and not s.components else -1 for s in seqs]
-        compose = {i: tuple((slot, w) for (_, slot), (_, w) in zip(s.lora_pins, s.components))
+        compose = {i: tuple((lora_slot, w) for (_, lora_slot), (_, w) in zip(s.lora_pins, s.components))
                    for i, s in enumerate(seqs) if s.components}  # fmt: skip
-        if not compose and all(slot < 0 for slot in lora_slots):
+        if not compose and all(lora_slot < 0 for lora_slot in lora_slots):
             return None
         return LoraStep(lora_slots=lora_slots, compose=compose or None, stacks=self.slots)
 

@@ -21,7 +21,8 @@ Rules (after vLLM's adapter manager):
     that already hold it keep its slot until they `release`; new `acquire`s get the new
     version (its own slot). A retired version's slot is freed at its last release. So a
     replacement takes effect "once in-flight requests finish" without stalling new ones.
-  * Versions, not names, are what a request runs on. `bind(slot)` ties a request to the
+  * Versions, not names, are what a request runs on. `bind_current(name)` (at admission, no I/O)
+    or `bind(slot)` ties a request to the
     version it was admitted with (a version id) until `unbind`; a preempted request re-acquires
     `acquire(name, version=vid)` and gets those same weights, even if the name was replaced or
     removed meanwhile. A bound retired version keeps its CPU copy (not evicted: its files may
