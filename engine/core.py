@@ -1,9 +1,12 @@
 """EngineCore: the synchronous engine — requests in, incremental RequestOutputs out, one step at a time.
 
-One step is nano-vllm's three lines plus bookkeeping:
-    out = scheduler.schedule(resident)          # which sequences, how many tokens each
-    tokens = runner.run(out, slots, stacks)     # tensors live only in the runner
-    scheduler.postprocess(out, tokens)          # append tokens, finish, free blocks
+One step is nano-vllm's three lines plus adapter activation (vLLM's worker):
+    out = scheduler.schedule(resident)          # which sequences, how many tokens each (no torch, no I/O)
+    failed = self._activate(out)                # load + pin the step's adapters; failed loads leave `out`
+    result = self._run(out)                     # tensors live only in the runner
+    self._postprocess(out, result, failed)      # append tokens; every way a request ends is decided here
+A finished request leaves through `_finish` only, which releases its KV blocks, adapter pins and
+sampling generator exactly once (abort between steps leaves through it too).
 LLM (offline) and AsyncLLM (server) both drive this class; it is not thread-safe by itself
 (AsyncLLM applies adds/aborts between steps).
 
@@ -28,14 +31,16 @@ from engine.detokenizer import IncrementalDetokenizer
 from engine.errors import ConfigError, EngineDeadError
 from engine.input_processor import InputProcessor, resolve_components
 from engine.loader import demo_adapters, load_hf_config, load_tokenizer, resolve_model_path
-from engine.outputs import RequestOutput
+from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler, SchedulerOutput
 from engine.sequence import Sequence
 from engine.stats import EngineStats  # re-exported: `from engine.core import EngineStats` keeps working
 
 if TYPE_CHECKING:
-    from engine.lora_engine import LoraEngine  # imported at run time only when LoRA is on (it brings torch)
+    from engine.lora.engine import LoraEngine  # imported at run time only when LoRA is on (it brings torch)
+
+StepResult = tuple[list[int | None], list[TokenLogprob | None]] | Exception  # the runner's tokens, or why it failed
 
 log = logging.getLogger("mlora.engine")
 
@@ -71,7 +76,7 @@ class EngineCore:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.lora: LoraEngine | None = None
         if config.enable_lora:
-            from engine.lora_engine import LoraEngine
+            from engine.lora.engine import LoraEngine
 
             self.lora = LoraEngine(config, self.runner)
         self.scheduler = Scheduler(
@@ -79,8 +84,8 @@ class EngineCore:
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
             max_loras=config.max_loras if self.lora is not None else None,
-            acquire=self.lora.acquire if self.lora is not None else None,
-            release=self.lora.release if self.lora is not None else None,
+            can_acquire=self.lora.can_acquire if self.lora is not None else None,
+            bind=self.lora.bind if self.lora is not None else None,
             policy=config.scheduling_policy,
             weights=dict(config.lora_weights),
             prompt_weight=config.fair_prompt_weight,
@@ -217,11 +222,12 @@ class EngineCore:
         return out
 
     def abort(self, request_id: str) -> RequestOutput | None:
-        """Abort a request (waiting or running); its blocks are freed now. None if unknown/finished."""
+        """Abort a request (waiting or running); its blocks are freed now. None if unknown/finished
+        (so a second abort does nothing)."""
         req = self._requests.get(request_id)
         if req is None:
             return None
-        self.scheduler.abort(request_id)
+        req.seq.finish_reason = "abort"
         return self._finish(req)
 
     def has_unfinished(self) -> bool:
@@ -230,40 +236,60 @@ class EngineCore:
     # -- the step ----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Run one engine step; returns an output for every request that advanced or finished."""
-        lora = self.lora
-        resident = lora.resident() if lora is not None else ()
-        out = self.scheduler.schedule(resident)
-        failed = []
-        if lora is not None:  # adapters that could not be loaded any more (files changed on disk)
-            for seq, message in lora.take_failed():
-                log.warning("request %s: %s", seq.request_id, message)
-                seq.finish_reason, seq.stop_reason = "abort", message
-                self.scheduler.finish(seq)
-                failed.append(self._finish(self._requests[seq.request_id]))
-        if out.is_empty:
-            return failed
+        out = self.scheduler.schedule(self.lora.resident() if self.lora is not None else ())
+        failed = self._activate(out)
+        result = self._run(out) if not out.is_empty else None
+        return self._postprocess(out, result, failed)
+
+    def _activate(self, out: SchedulerOutput) -> list[tuple[Sequence, str]]:
+        """Before the forward: unpin the adapters of preempted requests, then load and pin the adapters of
+        the step's requests that hold none yet. Those whose adapter could not be loaded (files changed
+        on disk, version gone) leave `out.scheduled`; returned with why, for `_postprocess` to end."""
+        if self.lora is None:
+            return []
+        for seq in out.preempted:
+            self.lora.release(seq)
+        failed = self.lora.activate(it.seq for it in out.scheduled)
+        if failed:
+            gone = {id(seq) for seq, _ in failed}
+            out.scheduled = [it for it in out.scheduled if id(it.seq) not in gone]
+        return failed
+
+    def _run(self, out: SchedulerOutput) -> StepResult:
+        """The forward and sampling of the scheduled tokens; an exception is returned, not raised (it
+        ends this step's requests, not the engine)."""
         now = time.monotonic()
         for item in out.scheduled:
             if item.seq.metrics.first_scheduled_time is None:
                 item.seq.metrics.first_scheduled_time = now
         try:
-            slots, stacks = lora.step_inputs(out) if lora is not None else (None, None)
-            compose = lora.step_compose(out) if lora is not None else None
-            tokens, logprobs = (self.runner.run(out, slots, stacks, compose) if compose
-                                else self.runner.run(out, slots, stacks))
+            return self.runner.run(out, self.lora.step_inputs(out) if self.lora is not None else None)
         except Exception as exc:  # noqa: BLE001 - ends this step's requests, not the engine
-            return failed + self._fail_step(out, exc)
+            return exc
+
+    def _postprocess(self, out: SchedulerOutput, result: StepResult | None,
+                     failed: list[tuple[Sequence, str]]) -> list[RequestOutput]:  # fmt: skip
+        """The one place a request ends, for every reason: its adapter failed to load, the step failed,
+        its logits were non-finite, a stop token or its length (`Scheduler.postprocess`), a stop string."""
+        outputs = []
+        for seq, message in failed:  # adapters that could not be loaded any more (files changed on disk)
+            log.warning("request %s: %s", seq.request_id, message)
+            seq.finish_reason, seq.stop_reason = "abort", message
+            self.block_manager.uncache(seq)  # its blocks were hashed at admission but will never be filled
+            outputs.append(self._finish(self._requests[seq.request_id]))
+        if isinstance(result, Exception):
+            return outputs + self._fail_step(out, result)
+        if result is None:
+            return outputs
         self._failed_steps = 0
-        for item, tok in zip(out.scheduled, tokens):
+        tokens, logprobs = result
+        for item, tok, lp in zip(out.scheduled, tokens, logprobs):
             if item.sample and tok is None:  # the runner found this row's logits non-finite
-                failed.append(self._fail_nonfinite(item.seq))
-        for item, lp in zip(out.scheduled, logprobs):
-            if lp is not None and item.seq.logprobs is not None:
+                outputs.append(self._fail_nonfinite(item.seq))
+            elif lp is not None and item.seq.logprobs is not None:
                 item.seq.logprobs.append(lp)
-        touched = self.scheduler.postprocess(out, tokens)
         now = time.monotonic()
-        outputs = failed
-        for seq in touched:
+        for seq in self.scheduler.postprocess(out, tokens):  # appends tokens; stop tokens and length end here
             req = self._requests[seq.request_id]
             seq.metrics.first_token_time = seq.metrics.first_token_time or now
             seq.metrics.last_token_time = now
@@ -271,18 +297,14 @@ class EngineCore:
                 stop = req.detok.add(seq.token_ids[-1])
                 if stop is not None:
                     seq.finish_reason, seq.stop_reason = "stop", stop
-                    if not seq.is_finished:
-                        self.scheduler.finish(seq)
-            outputs.append(self._finish(req) if seq.is_finished else self._output(req))
-        if lora is not None:
-            lora.after_step(self.scheduler)
+            outputs.append(self._finish(req) if seq.finish_reason is not None else self._output(req))
+        if self.lora is not None:
+            self.lora.after_step(self.scheduler)
         return outputs
 
     def _fail(self, seq: Sequence, error: str) -> RequestOutput:
         """End one request with an engine-side error (finish_reason "abort", `error` = why)."""
         seq.finish_reason, seq.stop_reason, seq.error = "abort", error, error
-        if not seq.is_finished:
-            self.scheduler.finish(seq)
         return self._finish(self._requests[seq.request_id])
 
     def _fail_nonfinite(self, seq: Sequence) -> RequestOutput:
@@ -331,14 +353,18 @@ class EngineCore:
         return out
 
     def _finish(self, req: _Request) -> RequestOutput:
+        """The one exit of a request (its finish_reason set), taken once (it leaves `_requests`): its
+        seat and KV blocks (a no-op when `Scheduler.postprocess` already freed them), its adapter pins
+        and versions, and its sampling generator are released here."""
         seq = req.seq
         seq.metrics.finished_time = time.monotonic()
         self._requests.pop(seq.request_id, None)
+        self.scheduler.finish(seq)
         self.runner.release(seq)
+        if self.lora is not None:
+            self.lora.finish(seq)
         if not isinstance(seq.stop_reason, str):
             req.detok.flush()
-        if self.lora is not None:
-            self.lora.on_finish(seq)
         return self._output(req)
 
     # -- metrics -----------------------------------------------------------------------------

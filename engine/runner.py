@@ -1,11 +1,12 @@
 """The single tensor boundary: turns a scheduled step (Python lists) into tensors, runs the model,
 samples, and returns plain token ids.
 
-Per step it builds, once: the flat token/position/slot tensors, the attention metadata (one
-decode gather index + mask reused by every layer), the LoRA context (token_slots + the kernels'
-LoraBatchMeta), and the rows whose logits are needed (the last token of each sampling sequence).
-Token layout of a step: [multi-token chunks (prefills)..., single-token rows (decodes)...], each
-group ordered by LoRA slot.
+Per step it builds, once: the flat token id / position / kv_slot tensors and the rows whose logits
+are needed (the last token of each sampling sequence), all four filled into one buffer allocated at
+the largest step and copied once (pinned and non-blocking on CUDA); the attention metadata (one
+decode gather index + mask reused by every layer); and the LoRA context (token_lora_slots + the
+kernels' LoraBatchMeta). Token layout of a step: [multi-token chunks (prefills)...,
+single-token rows (decodes)...], each group ordered by lora_slot.
 """
 
 from __future__ import annotations
@@ -13,9 +14,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -30,8 +31,11 @@ from engine.errors import ConfigError
 from engine.model import LlamaModel, LoraContext, LoraStacks, ModelArgs
 from engine.outputs import Logprob, TokenLogprob
 from engine.sampler import sample
-from engine.scheduler import SchedulerOutput
+from engine.scheduler import ScheduledSeq, SchedulerOutput
 from engine.sequence import Sequence
+
+if TYPE_CHECKING:
+    from engine.lora.engine import LoraStep
 
 _TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CAP_BYTES = 2 << 30  # default KV pool cap on CPU when no size is given
@@ -129,6 +133,22 @@ def plan_kv(config: EngineConfig, dims: ModelDims, args: ModelArgs, dtype: torch
     return KVPlan(num_blocks=blocks, max_model_len=want_len)
 
 
+@dataclass
+class _StepLayout:
+    """One step as flat lists, in the runner's row order (see `ModelRunner._layout`)."""
+
+    ids: list[int] = field(default_factory=list)  # [T] token ids
+    positions: list[int] = field(default_factory=list)  # [T]
+    kv_slots: list[int] = field(default_factory=list)  # [T] KV-cache position each token's K/V is written to
+    token_lora_slots: list[int] = field(default_factory=list)  # [T] adapter row per token (-1 = base), LoRA steps only
+    composed_rows: list[tuple[int, tuple[tuple[int, float], ...]]] = field(default_factory=list)  # (row, pairs)
+    prefills: list[PrefillSpan] = field(default_factory=list)
+    decode_seqs: list[Sequence] = field(default_factory=list)  # one row each, after the prefills
+    sample_rows: list[int] = field(default_factory=list)  # row of each sampling item's last token
+    sample_items: list[int] = field(default_factory=list)  # its index in `out.scheduled`
+    prompt_lp: list[tuple[Sequence, int, int]] = field(default_factory=list)  # (seq, first row, rows) to score
+
+
 class ModelRunner:
     """Owns the model weights, the KV pool and the per-request samplers' generators."""
 
@@ -154,7 +174,7 @@ class ModelRunner:
         self.num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
         self.block_size = config.block_size
         self.model.init_rope(hf_config, self.max_model_len)
-        a = self.args
+        args = self.args
         # kv_cache: [layers, K/V, num_blocks * block_size + 1, kv_heads, head_dim]. The last kv_slot
         # (`zero_kv_slot`) belongs to no block, is never written and stays zero: every padded or
         # not-yet-written position of a gather reads it, so no arithmetic ever touches K/V another
@@ -162,9 +182,9 @@ class ModelRunner:
         # under a mask).
         self.zero_kv_slot = self.num_blocks * self.block_size
         self.kv_cache = torch.zeros(
-            a.num_layers, 2, self.zero_kv_slot + 1, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=self.device
+            args.num_layers, 2, self.zero_kv_slot + 1, args.num_kv_heads, args.head_dim, dtype=self.dtype, device=self.device
         )
-        self._generators: dict[int, torch.Generator] = {}
+        self._alloc_step_buffers(4 * config.max_num_batched_tokens)  # ids, positions, kv_slots, sample rows
         self._seed_source = torch.Generator().manual_seed(config.seed)
 
     def base_weight(self, layer: int, module: str) -> torch.Tensor:
@@ -176,18 +196,17 @@ class ModelRunner:
 
     # -- per-request state ---------------------------------------------------------------------
     def generator(self, seq: Sequence) -> torch.Generator:
-        g = self._generators.get(id(seq))
-        if g is None:
+        """`seq`'s sampling generator, seeded at its first sampled token (kept across preemptions)."""
+        if seq.generator is None:
             seed = seq.params.seed
             if seed is None:
                 seed = int(torch.randint(0, 2**62, (1,), generator=self._seed_source))
-            g = torch.Generator(device=self.device).manual_seed(seed)
-            self._generators[id(seq)] = g
-        return g
+            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
+        return seq.generator
 
     def release(self, seq: Sequence) -> None:
         """Forget a finished/aborted sequence's generator."""
-        self._generators.pop(id(seq), None)
+        seq.generator = None
 
     @torch.inference_mode()
     def scrub(self, block_table: list[int]) -> None:
@@ -201,96 +220,118 @@ class ModelRunner:
     # -- one step --------------------------------------------------------------------------------
     @torch.inference_mode()
     def run(
-        self,
-        out: SchedulerOutput,
-        slots: list[int] | None = None,
-        stacks: LoraStacks | None = None,
-        compose: dict[int, tuple[tuple[int, float], ...]] | None = None,
+        self, out: SchedulerOutput, lora: LoraStep | None = None
     ) -> tuple[list[int | None], list[TokenLogprob | None]]:
-        """Forward the scheduled tokens; `slots[i]` is scheduled item i's LoRA slot (-1 = base).
-        `compose[i]`: item i's (lora_slot, weight) pairs when it composes adapters (its slot is then -1).
+        """Forward the scheduled tokens; `lora` holds each scheduled item's lora_slot (-1 = base) and
+        composed items' (lora_slot, weight) pairs; None = no adapter in this step (decided by the LoRA
+        engine, not here).
 
         Returns (token or None, logprob or None) per scheduled item, in `out.scheduled` order; a
         sampling item gets None when its logits were non-finite (the engine ends that request).
         """
         items = out.scheduled
-        # prefills first, then decodes; inside each group rows of one adapter slot are contiguous,
-        # so the LoRA ops run one matmul per adapter on zero-copy row slices
-        key = (lambda i: slots[i]) if slots is not None else (lambda i: 0)
+        step = self._layout(items, lora)
+        input_ids, positions, kv_slots, sample_rows = self._upload(step)
+        meta = self._attention_meta(step, kv_slots)
+        ctx = self._lora_context(step, lora, meta) if lora is not None else None
+        with sdpa_backends(self.device):
+            hidden = self.model(input_ids, positions, meta, self.kv_cache, ctx)  # [T, hidden]
+        for seq, row, count in step.prompt_lp:  # in slices: [rows, V] fp32 logits stay small for long prompts
+            for r in range(row, row + count, PROMPT_LOGPROBS_ROWS):
+                self._prompt_logprobs(seq, hidden[r : min(r + PROMPT_LOGPROBS_ROWS, row + count)])
+        tokens: list[int | None] = [None] * len(items)
+        logprobs: list[TokenLogprob | None] = [None] * len(items)
+        if step.sample_items:
+            logits = self.model.logits(hidden.index_select(0, sample_rows))  # [N, V] fp32
+            seqs = [items[i].seq for i in step.sample_items]
+            gens = [None if s.params.greedy else self.generator(s) for s in seqs]
+            toks, lps = sample(logits, [s.params for s in seqs], gens, seqs)
+            for i, tok, lp in zip(step.sample_items, toks, lps):
+                tokens[i], logprobs[i] = tok, lp
+        return tokens, logprobs
+
+    def _layout(self, items: list[ScheduledSeq], lora: LoraStep | None) -> _StepLayout:
+        """The step as flat Python lists, rows re-ordered from the scheduler's order: prefill chunks
+        first, then decodes, because attention takes the step as [prefill spans..., decode rows...]
+        (one padded gather for every decode row from `decode_start`); inside each group rows of one
+        lora_slot are contiguous, so the LoRA ops run one matmul per adapter on zero-copy row slices.
+        Results go back in the scheduler's order (`sample_items` maps rows to items)."""
+        key = (lambda i: lora.lora_slots[i]) if lora is not None else (lambda i: 0)
         order = sorted((i for i, it in enumerate(items) if it.num_tokens > 1), key=key)
         order += sorted((i for i, it in enumerate(items) if it.num_tokens == 1), key=key)
-        bs = self.block_size
-        ids: list[int] = []
-        pos: list[int] = []
-        slot_map: list[int] = []
-        token_slots: list[int] = []
-        composed_rows: list[tuple[int, tuple[tuple[int, float], ...]]] = []  # (token row, pairs)
-        prefills: list[PrefillSpan] = []
-        decode_rows: list[int] = []
-        sample_rows: list[int] = []  # token index of each sampling item's last token
-        sample_items: list[int] = []
-        prompt_lp: list[tuple[Sequence, int, int]] = []  # (seq, first token row, rows) of prompt positions to score
+        step, bs = _StepLayout(), self.block_size
         for i in order:
             it = items[i]
             seq, n, start = it.seq, it.num_tokens, it.seq.num_computed_tokens
-            t0 = len(ids)
-            ids.extend(seq.token_ids[start : start + n])
-            pos.extend(range(start, start + n))
+            t0 = len(step.ids)
+            step.ids.extend(seq.token_ids[start : start + n])
+            step.positions.extend(range(start, start + n))
             bt = seq.block_table
-            slot_map.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
-            if slots is not None:
-                token_slots.extend([slots[i]] * n)
-            if compose and i in compose:
-                composed_rows.extend((t, compose[i]) for t in range(t0, t0 + n))
+            step.kv_slots.extend(bt[p // bs] * bs + p % bs for p in range(start, start + n))
+            if lora is not None:
+                step.token_lora_slots.extend([lora.lora_slots[i]] * n)
+                if lora.compose and i in lora.compose:
+                    step.composed_rows.extend((t, lora.compose[i]) for t in range(t0, t0 + n))
             if n > 1:
-                prefills.append(self._prefill_span(seq, t0, n, start))
+                step.prefills.append(self._prefill_span(seq, t0, n, start))
             else:
-                decode_rows.append(i)
+                step.decode_seqs.append(seq)
             if it.sample:
-                sample_rows.append(len(ids) - 1)
-                sample_items.append(i)
+                step.sample_rows.append(len(step.ids) - 1)
+                step.sample_items.append(i)
             if seq.prompt_logprobs is not None:
                 # positions p in this chunk whose next token is a prompt token not yet scored
                 # (after a preemption the prompt is recomputed but scored only once)
                 first = max(start, len(seq.prompt_logprobs) - 1)
                 last = min(start + n, seq.num_prompt_tokens - 1)
                 if last > first:
-                    prompt_lp.append((seq, t0 + first - start, last - first))
-        dev = self.device
-        meta = AttentionMetadata(slot_mapping=torch.tensor(slot_map, dtype=torch.long, device=dev), prefills=prefills)
-        fresh = [p for p in prefills if p.ctx_start == 0]
+                    step.prompt_lp.append((seq, t0 + first - start, last - first))
+        return step
+
+    def _alloc_step_buffers(self, size: int) -> None:
+        """The int64 step inputs, allocated once at the largest step: a host buffer (pinned on CUDA) filled
+        from the lists, and on CUDA a device buffer it is copied to with one non-blocking copy."""
+        cuda = self.device.type == "cuda"
+        self._host = torch.empty(size, dtype=torch.long, pin_memory=cuda)
+        self._host_np = self._host.numpy()  # fills from a Python list ~3x faster than torch.tensor(list)
+        self._dev = torch.empty(size, dtype=torch.long, device=self.device) if cuda else self._host
+        self._copied: torch.cuda.Event | None = None  # the last copy out of `_host` (reused only once it is done)
+
+    def _upload(self, step: _StepLayout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """input_ids [T], positions [T], kv_slots [T] and sample rows [N] on the device: views of one buffer."""
+        t, n = len(step.ids), len(step.sample_rows)
+        size = 3 * t + n
+        if size > self._host.numel():  # larger than max_num_batched_tokens (score() paths, tests): grow once
+            self._alloc_step_buffers(size)
+        if self._copied is not None:
+            self._copied.synchronize()  # the previous step's copy may still read the pinned buffer
+        self._host_np[:size] = step.ids + step.positions + step.kv_slots + step.sample_rows
+        flat = self._dev[:size]
+        if self._dev is not self._host:
+            flat.copy_(self._host[:size], non_blocking=True)
+            self._copied = torch.cuda.Event()
+            self._copied.record()
+        return flat[:t], flat[t : 2 * t], flat[2 * t : 3 * t], flat[3 * t :]
+
+    def _attention_meta(self, step: _StepLayout, kv_slots: torch.Tensor) -> AttentionMetadata:
+        """Prefill spans (fresh prompts padded into one batch) and one padded gather for all decode rows."""
+        meta = AttentionMetadata(slot_mapping=kv_slots, prefills=step.prefills)
+        fresh = [p for p in step.prefills if p.ctx_start == 0]
         if len(fresh) >= 2:  # one padded SDPA for all fresh prompts instead of one call each
             meta.prefill_batch = self._prefill_batch(fresh)
-            meta.prefills = [p for p in prefills if p.ctx_start > 0]
-        if decode_rows:
-            meta.decode_start = len(ids) - len(decode_rows)
-            self._decode_meta(meta, [items[i].seq for i in decode_rows])
-        lora = None
-        if stacks is not None and slots is not None and (any(s >= 0 for s in slots) or composed_rows):
-            # once per step; prefill chunks and decode rows get separate CPU layouts (kernels.meta "split")
-            split = meta.decode_start if prefills and decode_rows else None
-            lmeta = self.lora_meta.build(token_slots, split=split)
-            # composed rows: one virtual row per component (kernels.ComposedRows); None keeps single-adapter steps as they were
-            comp = ComposedRows.from_pairs(composed_rows, device=dev) if composed_rows else None
-            lora = LoraContext(token_slots=lmeta.token_slots, meta=lmeta, stacks=stacks, composed=comp)  # [T] int32 on dev
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        positions = torch.tensor(pos, dtype=torch.long, device=dev)
-        with sdpa_backends(dev):
-            hidden = self.model(input_ids, positions, meta, self.kv_cache, lora)  # [T, hidden]
-        for seq, row, count in prompt_lp:  # in slices: [rows, V] fp32 logits stay small for long prompts
-            for r in range(row, row + count, PROMPT_LOGPROBS_ROWS):
-                self._prompt_logprobs(seq, hidden[r : min(r + PROMPT_LOGPROBS_ROWS, row + count)])
-        tokens: list[int | None] = [None] * len(items)
-        logprobs: list[TokenLogprob | None] = [None] * len(items)
-        if sample_rows:
-            rows = torch.tensor(sample_rows, dtype=torch.long, device=dev)
-            logits = self.model.logits(hidden.index_select(0, rows))  # [N, V] fp32
-            seqs = [items[i].seq for i in sample_items]
-            gens = [None if s.params.greedy else self.generator(s) for s in seqs]
-            toks, lps = sample(logits, [s.params for s in seqs], gens, seqs)
-            for i, tok, lp in zip(sample_items, toks, lps):
-                tokens[i], logprobs[i] = tok, lp
-        return tokens, logprobs
+            meta.prefills = [p for p in step.prefills if p.ctx_start > 0]
+        if step.decode_seqs:
+            meta.decode_start = len(step.ids) - len(step.decode_seqs)
+            self._decode_meta(meta, step.decode_seqs)
+        return meta
+
+    def _lora_context(self, step: _StepLayout, lora: LoraStep, meta: AttentionMetadata) -> LoraContext:
+        """Once per step; prefill chunks and decode rows get separate CPU layouts (kernels.meta "split")."""
+        split = meta.decode_start if step.prefills and step.decode_seqs else None
+        lmeta = self.lora_meta.build(step.token_lora_slots, split=split)
+        # composed rows: one virtual row per component (kernels.ComposedRows); None keeps single-adapter steps as they were
+        comp = ComposedRows.from_pairs(step.composed_rows, device=self.device) if step.composed_rows else None
+        return LoraContext(token_slots=lmeta.token_slots, meta=lmeta, stacks=lora.stacks, composed=comp)  # [T] int32
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Append to seq.prompt_logprobs the entries of the next len(hidden) prompt tokens (vLLM's format)."""
@@ -309,17 +350,18 @@ class ModelRunner:
             seq.prompt_logprobs.append(entry)
 
     @torch.inference_mode()
-    def score(self, token_ids: list[int], slot: int = -1, stacks: LoraStacks | None = None) -> torch.Tensor:
+    def score(self, token_ids: list[int], lora_slot: int = -1, stacks: LoraStacks | None = None) -> torch.Tensor:
         """fp32 logits [T, V] of every position of one prompt (a scratch KV, not the pool).
 
-        For tests and scoring; `slot` >= 0 applies that LoRA slot to every token.
+        For tests and scoring; `lora_slot` >= 0 applies that adapter row to every token.
         """
-        t, a, dev = len(token_ids), self.args, self.device
-        scratch = torch.zeros(a.num_layers, 2, t, a.num_kv_heads, a.head_dim, dtype=self.dtype, device=dev)
-        meta = AttentionMetadata(slot_mapping=torch.arange(t, device=dev), prefills=[PrefillSpan(0, t, 0)], decode_start=t)
+        t, args, dev = len(token_ids), self.args, self.device
+        scratch = torch.zeros(args.num_layers, 2, t, args.num_kv_heads, args.head_dim, dtype=self.dtype, device=dev)
+        kv_slots = torch.arange(t, device=dev)  # a scratch KV of exactly this prompt
+        meta = AttentionMetadata(slot_mapping=kv_slots, prefills=[PrefillSpan(0, t, 0)], decode_start=t)
         lora = None
-        if stacks is not None and slot >= 0:
-            ts = torch.full((t,), slot, dtype=torch.int32, device=dev)
+        if stacks is not None and lora_slot >= 0:
+            ts = torch.full((t,), lora_slot, dtype=torch.int32, device=dev)
             lora = LoraContext(token_slots=ts, meta=LoraBatchMeta.from_token_slots(ts), stacks=stacks)
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         with sdpa_backends(dev):

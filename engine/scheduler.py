@@ -1,7 +1,9 @@
 """Continuous batching with chunked prefill, preemption by recompute and adapter-aware admission.
 
-Pure Python (no torch), so its policies test in milliseconds. One step:
-`out = scheduler.schedule(resident)` -> the runner computes `out.scheduled` -> `scheduler.postprocess(out, tokens)`.
+Pure Python (no torch) and no I/O, so its policies test in milliseconds. One step:
+`out = scheduler.schedule(resident)` -> the engine activates the step's adapters and the runner computes
+`out.scheduled` -> `scheduler.postprocess(out, tokens)`. The scheduler never loads or pins an adapter: it
+only asks `can_acquire` whether a slot could be had (engine.lora.engine) and caps distinct adapters.
 
 Policy, in order:
 1. Running sequences first, decodes before unfinished prefills (so a long prompt never stalls
@@ -87,16 +89,19 @@ class Scheduler:
         max_num_batched_tokens: int,
         max_loras: int | None = None,
         aging_steps: int = 16,
-        acquire: Callable[[Sequence], bool] | None = None,
-        release: Callable[[Sequence], None] | None = None,
+        can_acquire: Callable[[Sequence, list[Sequence]], bool] | None = None,
+        bind: Callable[[Sequence], None] | None = None,
         policy: str = "fair",
         weights: Mapping[str, float] | None = None,
         prompt_weight: float = 1.0,
         output_weight: float = 2.0,
         max_seqs_per_tenant: int | None = None,
     ) -> None:
-        """`acquire(seq)` is asked before admitting a sequence (pin its adapter's slot; False = not
-        now) and `release(seq)` is called when it leaves the running set (finish, abort, preemption).
+        """`can_acquire(seq, admitted)` is asked before admitting a sequence with an adapter: could its
+        adapters get LoRA slots next to those of `admitted` (this step's earlier admissions)? A question
+        only (no loading, no pinning; the engine does both after `schedule()`); None = always.
+        `bind(seq)` is told of an admission before its KV blocks are allocated, so that the adapter
+        versions a request runs on (part of its prefix-cache identity) are fixed first: bookkeeping, no I/O.
         `weights`: tenant -> share weight (default 1.0); the policies are in the module docstring."""
         if policy not in POLICIES:
             raise ValueError(f"scheduling policy must be one of {', '.join(POLICIES)}, got {policy!r}")
@@ -120,15 +125,14 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.step_no = 0
-        self._enqueued_at: dict[int, int] = {}  # id(seq) -> step it (re)entered the queue
         self.num_preemptions = 0
-        self._acquire = acquire
-        self._release = release
+        self._can_acquire = can_acquire
+        self._bind = bind
 
     # -- queue management -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
         seq.status = SeqStatus.WAITING
-        self._enqueued_at[id(seq)] = self.step_no
+        seq.enqueued_step = self.step_no
         self.waiting.append(seq)
         self._forget.discard(seq.tenant)  # asked for again: served again, its accounting stays
         self._activate(seq.tenant)
@@ -170,16 +174,16 @@ class Scheduler:
         return None
 
     def finish(self, seq: Sequence) -> None:
-        """Mark finished (finish_reason already set) and release its blocks and seat."""
+        """Mark finished (finish_reason already set) and release its blocks and seat, once: finishing a
+        finished sequence does nothing (the engine releases the rest: adapter pins, generator)."""
+        if seq.is_finished:
+            return
         if seq in self.running:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
             self._deactivate(seq.tenant)
         self.bm.free(seq)
-        self._enqueued_at.pop(id(seq), None)
-        if seq.status is SeqStatus.RUNNING and self._release is not None:
-            self._release(seq)
         seq.status = SeqStatus.FINISHED
         if self._forget:
             self._maybe_forget(seq.tenant)
@@ -230,12 +234,13 @@ class Scheduler:
         if cap is not None:
             for s in self.running:
                 per_tenant[s.tenant] = per_tenant.get(s.tenant, 0) + 1
+        admitted: list[Sequence] = []  # this step's admissions with adapters (their slots are claimed)
         for seq in self._order(resident):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if cap is not None and per_tenant.get(seq.tenant, 0) >= cap:
                 continue
-            aged = self.step_no - self._enqueued_at.get(id(seq), self.step_no) >= self.aging_steps
+            aged = self._aged(seq)
             new = [n for n in seq.adapter_names if n not in active]
             if new and self.max_loras is not None and len(active) + len(new) > self.max_loras:
                 if aged:
@@ -244,14 +249,17 @@ class Scheduler:
             n = min(seq.num_pending_tokens, budget)
             if not self.bm.can_allocate(seq, n):
                 break
-            if self._acquire is not None and not self._acquire(seq):
+            if seq.adapter_names and self._can_acquire is not None and not self._can_acquire(seq, admitted):
                 if aged:
-                    break
+                    break  # as above: no slot for it now, so hold the queue until one frees
                 continue
+            if seq.adapter_names:
+                admitted.append(seq)
+                if self._bind is not None:
+                    self._bind(seq)
             n = self.bm.allocate_admitted(seq, n)  # starts at its cached prefix, if any
             self.waiting.remove(seq)
             self._deactivate(seq.tenant)
-            self._enqueued_at.pop(id(seq), None)
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             active.update(seq.adapter_names)
@@ -302,11 +310,15 @@ class Scheduler:
             return list(self.waiting)
 
         def key(seq: Sequence) -> tuple[int, int, int]:
-            aged = self.step_no - self._enqueued_at.get(id(seq), self.step_no) >= self.aging_steps
+            aged = self._aged(seq)
             warm = seq.adapter is None or seq.adapter in resident
             return (0 if aged else 1, 0 if warm else 1, seq.seq_no)
 
         return sorted(self.waiting, key=key)
+
+    def _aged(self, seq: Sequence) -> bool:
+        """Whether waiting `seq` has waited `aging_steps` steps (a preempted one counts as aged)."""
+        return self.step_no - seq.enqueued_step >= self.aging_steps
 
     def _standing(self, seq: Sequence) -> float:
         """How far back the policy puts a running `seq`: its tenant's counter (`fair`), its priority
@@ -352,14 +364,13 @@ class Scheduler:
         self._last_left = tenant
 
     def _preempt(self, seq: Sequence) -> None:
+        """Back to the front of the queue, blocks freed (the engine unpins its adapter: `out.preempted`)."""
         self.bm.free(seq)
-        if self._release is not None:
-            self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.num_preemptions += 1
-        self._enqueued_at[id(seq)] = self.step_no - self.aging_steps  # preempted work counts as aged
+        seq.enqueued_step = self.step_no - self.aging_steps  # preempted work counts as aged
         self.waiting.appendleft(seq)
         self._activate(seq.tenant)
 

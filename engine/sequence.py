@@ -6,9 +6,13 @@ import enum
 import itertools
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from engine.outputs import Logprob, RequestMetrics, TokenLogprob
 from engine.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import torch  # annotations only: this module imports no torch
 
 
 class SeqStatus(enum.Enum):
@@ -60,6 +64,10 @@ class Sequence:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None
     bad_words_token_ids: list[list[int]] = field(default_factory=list)  # params.bad_words, tokenized (engine)
     num_preemptions: int = 0
+    # engine state that lives as long as the request (set and cleared by its one owner, released once):
+    enqueued_step: int = 0  # scheduler step at which it (re)entered the waiting queue (aging)
+    lora_pins: list[tuple[str, int]] = field(default_factory=list)  # (adapter, lora_slot) pinned for it (lora.engine)
+    generator: torch.Generator | None = None  # its sampling generator, seeded once (runner)
     seq_no: int = field(default_factory=lambda: next(_counter))  # admission order for tie-breaks
     metrics: RequestMetrics = field(default_factory=lambda: RequestMetrics(arrival_time=time.monotonic()))
 

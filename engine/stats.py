@@ -1,6 +1,6 @@
 """EngineStats: point-in-time engine counters.
 
-A module of its own so that `EngineCore` (engine.core) and the LoRA layer (engine.lora_engine), which both fill
+A module of its own so that `EngineCore` (engine.core) and the LoRA layer (engine.lora.engine), which both fill
 it, can import it without importing each other.
 """
 

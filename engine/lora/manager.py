@@ -25,7 +25,8 @@ Rules (after vLLM's adapter manager):
     that already hold it keep its slot until they `release`; new `acquire`s get the new
     version (its own slot). A retired version's slot is freed at its last release. So a
     replacement takes effect "once in-flight requests finish" without stalling new ones.
-  * Versions, not names, are what a request runs on. `bind(slot)` ties a request to the
+  * Versions, not names, are what a request runs on. `bind_current(name)` (at admission, no I/O)
+    or `bind(slot)` ties a request to the
     version it was admitted with (a version id) until `unbind`; a preempted request re-acquires
     `acquire(name, version=vid)` and gets those same weights, even if the name was replaced or
     removed meanwhile. A bound retired version keeps its CPU copy (not evicted: its files may
@@ -328,6 +329,17 @@ class AdapterCache:
             ver.bindings += 1
             return ver.vid
 
+    def bind_current(self, name: str) -> int | None:
+        """Bind one request that has not run yet to the current version of `name` (at its admission,
+        before anything is loaded: no I/O); returns its version id, or None when `acquire(name)` would
+        raise (unknown name, changed files), so the request ends when it is activated."""
+        with self._lock:
+            ver = self._current.get(name)
+            if ver is None or ver.broken is not None:
+                return None
+            ver.bindings += 1
+            return ver.vid
+
     def unbind(self, version: int) -> None:
         """The request bound to `version` finished: a retired version may now be dropped."""
         with self._lock:
@@ -394,11 +406,34 @@ class AdapterCache:
             ver = self._current.get(name)
             return None if ver is None else ver.slot
 
-    def can_acquire(self, name: str) -> bool:
-        """Whether `acquire(name)` would get a slot now (no side effects)."""
+    def can_acquire(self, name: str, version: int | None = None, *, claimed: Iterable[tuple[str, int | None]] = ()) -> bool:
+        """Whether `acquire(name, version)` would not wait for a slot, once the `claimed` (name, version)
+        pairs (what this step's earlier admissions will acquire first) hold theirs. No side effects, no I/O.
+
+        True too when `acquire` would raise (unknown name, gone version, changed files): the request is
+        then ended where it is activated, with that error, instead of waiting for a slot forever.
+        Every acquired version ends pinned in its own slot, so the acquires succeed in any order iff
+        the versions not pinned yet fit in the slots not pinned now."""
         with self._lock:
-            ver = self._current.get(name)
-            return ver is not None and (ver.slot is not None or self._pick_slot() is not None)
+            ver = self._lookup(name, version)
+            if ver is None:
+                return True
+            if ver.slot is not None and not claimed:
+                return True
+            need = {ver}
+            for n, v in claimed:
+                other = self._lookup(n, v)
+                if other is not None:
+                    need.add(other)
+            unpinned = sum(1 for v in self._slots if v is None or v.pins == 0)
+            return sum(1 for v in need if v.slot is None or v.pins == 0) <= unpinned
+
+    def _lookup(self, name: str, version: int | None) -> _Version | None:
+        """The version `acquire(name, version)` would pin; None when it would raise instead."""
+        ver = self._current.get(name) if version is None else self._versions.get(version)
+        if ver is None or ver.name != name or ver.broken is not None:
+            return None
+        return ver
 
     def free_slots(self) -> int:
         """Slots that are empty or hold an unpinned adapter (i.e. could be taken now)."""

@@ -118,21 +118,20 @@ def test_churn_counters_match_lru_simulation(tiny_models: dict[str, Path], adapt
     llm = LLM(str(base), max_loras=2, max_cpu_loras=3, max_lora_rank=16, max_num_seqs=4,
               loras=tuple((n, str(p)) for n, p in pool.items()))  # fmt: skip
     trace: list[tuple[str, str]] = []
-    lora = llm.engine.lora
-    acquire, release = lora.acquire, lora.release
+    cache = llm.engine.lora.cache
+    acquire, release = cache.acquire, cache.release
 
-    def traced_acquire(seq):  # record the access trace the cache sees (successful pins only)
-        ok = acquire(seq)
-        if ok and seq.adapter is not None:
-            trace.append(("acquire", seq.adapter))
-        return ok
+    def traced_acquire(name, version=None):  # record the access trace the cache sees (successful pins only)
+        slot = acquire(name, version=version)
+        if slot is not None:
+            trace.append(("acquire", name))
+        return slot
 
-    def traced_release(seq):
-        if id(seq) in lora._held:
-            trace.append(("release", seq.adapter))
-        release(seq)
+    def traced_release(name, slot=None):
+        trace.append(("release", name))
+        release(name, slot)
 
-    llm.engine.scheduler._acquire, llm.engine.scheduler._release = traced_acquire, traced_release
+    cache.acquire, cache.release = traced_acquire, traced_release
     names = list(pool)
     order = [names[(i * 7 + i // 6) % 6] for i in range(60)]  # interleaved, every adapter 10 times
     prompts = [[1, 3 + i % 200, 9, 4 + i % 50] for i in range(60)]
