@@ -90,3 +90,15 @@ CPU_BMM_MAX_PAD_FACTOR = 1.5
 # bf16/fp16 unequal segments up to this many rows on average take "dense" (one matmul over slots lo..hi);
 # past it the span x useful FLOPs cost more than the per-segment overhead saved.
 CPU_DENSE_MAX_MEAN_ROWS_HALF = 128
+
+
+# ----------------------------------------------------------------------------- LoRA ops (kernels.cpu)
+# Above this many bytes a whole-batch row gather spills L2, and per-segment gathers (each chunk used while
+# still in cache) win.
+CHUNK_BYTES = 512 << 10
+# "dense" does span x the useful FLOPs (one matmul over slots lo..hi), so only while span * R stays small
+# next to the base layer's width.
+DENSE_MAX_COLS = 256
+# "bmm" over adapters of several ranks: one batched matmul per rank class (instead of all at the step's
+# largest rank) once padding to the largest rank would read this many times the real rows.
+RANK_CLASS_MIN_WASTE = 1.25
