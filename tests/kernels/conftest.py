@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from kernels import tuning
 from tests.kernels.cases import Case, full_grid, pairwise_grid
 
 HAS_TRITON = True
@@ -37,3 +38,13 @@ def torch_params(*, slow: bool = False) -> list:
     """Cases for the torch paths (reference and fast CPU path), bf16 included (no interpreter)."""
     cases: list[Case] = full_grid(("fp32", "fp16", "bf16")) if slow else pairwise_grid(("fp32", "fp16", "bf16"))
     return [pytest.param(c, id=c.id, marks=[pytest.mark.slow] if slow else []) for c in cases]
+
+
+@pytest.fixture
+def force_bmm(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every layout with a slot != -1 and more than one slot takes the padded bmm path."""
+    monkeypatch.setattr(tuning, "CPU_BMM_MIN_SEGMENTS", 2)
+    monkeypatch.setattr(tuning, "CPU_BMM_MAX_MEAN_ROWS", 1 << 30)
+    monkeypatch.setattr(tuning, "CPU_BMM_MAX_MEAN_ROWS_HALF", 1 << 30)
+    monkeypatch.setattr(tuning, "CPU_DENSE_MAX_MEAN_ROWS_HALF", 0)
+    monkeypatch.setattr(tuning, "CPU_BMM_MAX_PAD_FACTOR", float("inf"))

@@ -7,23 +7,12 @@ import itertools
 import pytest
 import torch
 
-from kernels import tuning
 from kernels import LoraBatchMeta, lora_expand, lora_shrink
 from tests.kernels.cases import Case, assert_close, expand_inputs, naive_expand, naive_shrink, shrink_inputs
 
 GRID = [Case(dt, 16, size, T, pop, neg, padded=False, variant=variant)
         for dt, size, T, pop, neg, variant in itertools.product(
             ("fp32", "bf16"), (257,), (1, 3, 7, 133), ("distinct", "uniform", "zipf"), (False, True), (False, True))]
-
-
-@pytest.fixture
-def force_bmm(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Every layout with a slot != -1 and more than one slot takes the padded bmm path."""
-    monkeypatch.setattr(tuning, "CPU_BMM_MIN_SEGMENTS", 2)
-    monkeypatch.setattr(tuning, "CPU_BMM_MAX_MEAN_ROWS", 1 << 30)
-    monkeypatch.setattr(tuning, "CPU_BMM_MAX_MEAN_ROWS_HALF", 1 << 30)
-    monkeypatch.setattr(tuning, "CPU_DENSE_MAX_MEAN_ROWS_HALF", 0)
-    monkeypatch.setattr(tuning, "CPU_BMM_MAX_PAD_FACTOR", float("inf"))
 
 
 def _op_inputs(slots: list[int], *, R: int, K: int, N: int, S: int, extra_cols: int, seed: int,

@@ -8,7 +8,6 @@ import itertools
 import pytest
 import torch
 
-import kernels.tuning as tuning
 from kernels import LoraBatchMeta, lora_expand, lora_shrink
 from kernels.cpu import step_rank
 from kernels.meta import KernelError
@@ -101,15 +100,6 @@ def test_every_layout_at_each_slots_own_rank(slots: list[int], dtype: str) -> No
     split = 20 if len(slots) == 28 else None
     _check(slots, ranks, dtype, split=split, rank_scales=True)
     _check(slots, ranks, dtype, split=split, rank_major=False)
-
-
-@pytest.fixture
-def force_bmm(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(tuning, "CPU_BMM_MIN_SEGMENTS", 2)
-    monkeypatch.setattr(tuning, "CPU_BMM_MAX_MEAN_ROWS", 1 << 30)
-    monkeypatch.setattr(tuning, "CPU_BMM_MAX_MEAN_ROWS_HALF", 1 << 30)
-    monkeypatch.setattr(tuning, "CPU_DENSE_MAX_MEAN_ROWS_HALF", 0)
-    monkeypatch.setattr(tuning, "CPU_BMM_MAX_PAD_FACTOR", float("inf"))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
