@@ -1,9 +1,10 @@
 """AsyncLLM: the engine behind the server. One asyncio task drives the step loop on one engine thread.
 
 - The engine thread (a one-worker executor, `mlora-engine`) is the only thread that calls into
-  `EngineCore`, its scheduler and its LoRA engine: each loop turn it applies the inbox (adds, aborts,
-  fair-share weights) and runs one `EngineCore.step()`, so the event loop keeps serving HTTP while the
-  model computes. Rarer calls (compositions, closing) are queued on the same thread and awaited.
+  `EngineCore`, its scheduler and its LoRA engine: each loop turn it applies the inbox (adds and aborts)
+  and runs one `EngineCore.step()`, so the event loop keeps serving HTTP while the model computes.
+  Rarer calls (fair-share weights, forgetting an unloaded tenant, compositions, closing) are queued on
+  the same thread and awaited, so they have taken effect when the HTTP reply goes out.
 - The event loop talks to the core only through that inbox. What a request's validation needs from
   the core is immutable (the tokenizer, vocabulary size, context length): `core.processor`, an
   `InputProcessor`, runs in a worker thread and the engine thread gets an input that is already valid.
@@ -218,15 +219,14 @@ class AsyncLLM:
         if weight is not None:
             weight = positive_number(weight, f"the weight of {name!r}")
         await asyncio.to_thread(registry.register, name, str(path), root=root)
-        if weight is not None:
-            self._inbox.put(("weight", (name, weight)))
-            self._poke()
+        if weight is not None:  # applied on the engine thread before this returns
+            await self._on_engine_thread(self.core.scheduler.set_weight, name, weight)
 
     async def remove_adapter(self, name: str) -> None:
-        """Unregister `name`; its default tenant's fair-share accounting goes too (between steps)."""
+        """Unregister `name`; its default tenant's fair-share accounting goes too, on the engine thread
+        before this returns (so /metrics never shows the unloaded tenant afterwards)."""
         self._adapter_registry().remove(name)
-        self._inbox.put(("forget", name))
-        self._poke()
+        await self._on_engine_thread(self.core.scheduler.forget_tenant, name)
 
     def list_adapters(self) -> list[str]:
         return [] if self._registry is None else self._registry.names()
@@ -299,10 +299,6 @@ class AsyncLLM:
                                             tenant=tenant, adapters=adapters)
                 except Exception as e:  # e.g. the adapter was removed meanwhile: the client's 4xx
                     turn.deliveries.append((rid, e))
-            elif kind == "weight":
-                self.core.scheduler.set_weight(*arg)
-            elif kind == "forget":
-                self.core.scheduler.forget_tenant(arg)
             else:
                 out = self.core.abort(arg)
                 if out is not None:
