@@ -22,6 +22,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels import ComposedRows, LoraBatchMeta, LoraMetaBuffers
+from kernels.dtypes import TORCH_DTYPES
 from kernels.tuning import cpu_auto_dtype
 
 from engine.attention import AttentionMetadata, PrefillBatch, PrefillSpan
@@ -37,7 +38,6 @@ from engine.sequence import Sequence
 if TYPE_CHECKING:
     from engine.lora.engine import LoraStep
 
-_TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_KV_CAP_BYTES = 2 << 30  # default KV pool cap on CPU when no size is given
 PROMPT_LOGPROBS_ROWS = 512  # prompt positions scored at once: [512, V] fp32 logits (~300 MB at V = 152k)
 # SDPA backends on CUDA: not cuDNN, torch's first pick for masked attention on Hopper, which builds an
@@ -62,11 +62,11 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, hf_config: Any, device: torch.device) -> torch.dtype:
     """'auto' = on CPU the faster dtype for this CPU (`kernels.tuning.cpu_auto_dtype`), the checkpoint's dtype on CUDA."""
     if dtype != "auto":
-        return _TORCH_DTYPES[dtype]
+        return TORCH_DTYPES[dtype]
     if device.type == "cpu":
         return cpu_auto_dtype()
     raw = str(getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None) or "bfloat16")
-    return _TORCH_DTYPES.get(raw.replace("torch.", ""), torch.bfloat16)
+    return TORCH_DTYPES.get(raw.replace("torch.", ""), torch.bfloat16)
 
 
 def _slot_reserve(config: EngineConfig, dims: ModelDims, dtype: torch.dtype) -> int:

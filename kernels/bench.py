@@ -23,10 +23,10 @@ from typing import Any
 
 import torch
 
+from kernels.dtypes import TORCH_DTYPES
 from kernels.meta import LoraBatchMeta
 from kernels.ops import lora_expand, lora_shrink
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def _loop_shrink(x: torch.Tensor, a: torch.Tensor, slots: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -160,7 +160,7 @@ def run_kernel_bench(*, device: str = "auto", hidden_sizes: Sequence[int] | None
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
     cuda = dev.type == "cuda"
-    dt = _DTYPES[dtype or ("bfloat16" if cuda else "float32")]
+    dt = TORCH_DTYPES[dtype or ("bfloat16" if cuda else "float32")]
     if threads:
         torch.set_num_threads(threads)
     hidden_sizes = hidden_sizes or ((768, 2048, 4096) if cuda else (768, 4096))

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from kernels import _triton
+from kernels.dtypes import TORCH_DTYPES
 from kernels.cpu import expand_cpu, shrink_cpu
 from kernels.expand import expand_reference, expand_triton
 from kernels.meta import ComposedRows, KernelError, LoraBatchMeta
@@ -24,7 +25,7 @@ from kernels.shrink import shrink_reference, shrink_triton
 
 BACKENDS = ("auto", "triton", "torch", "cpu")
 STRATEGIES = ("auto", "segment", "gather")
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+FLOAT_DTYPES = tuple(TORCH_DTYPES.values())
 
 
 def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor, scales: torch.Tensor, *,

@@ -151,7 +151,8 @@ def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple
 
 # Slots built without the base weights cannot serve DoRA: its norm needs W0.
 DORA_UNSUPPORTED = "DoRA adapters need the base weights, and these LoRA slots were built without them"
-_SERVE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+# Tensor dtypes an adapter file may hold (cast to the engine's lora dtype at load); anything else (int8, ...) is refused.
+SERVE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
 def config_reasons(config: AdapterConfig, keys: Iterable[str], *, allow_dora: bool) -> list[str]:
@@ -219,7 +220,7 @@ def servable_problems(adapter: Any, *, allow_dora: bool, target: SlotTarget | No
             if not (target is not None and is_dora and not target.dora and m == DORA_WARNING)]
     if not shapes:
         out.insert(0 if target is None else len(out), Problem("it has no LoRA on any decoder q/k/v/o/gate/up/down linear"))
-    ints = sorted({d for s in shapes.values() for d in s.dtypes if d not in _SERVE_DTYPES})
+    ints = sorted({d for s in shapes.values() for d in s.dtypes if d not in SERVE_DTYPES})
     if ints:
         out.append(Problem(f"LoRA tensors of dtype {', '.join('torch.' + d for d in ints)} (quantised adapters must be dequantised first)"))
     if target is not None:

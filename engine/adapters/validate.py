@@ -19,7 +19,7 @@ from engine.adapters.files import WeightsFile, find_weights_file, read_adapter_c
 from engine.adapters.keys import parse_lora_key
 from engine.adapters.limits import MAX_LORA_GAIN, all_finite, lora_gain, module_value_issue
 from engine.adapters.loader import check_module_shapes
-from engine.adapters.servable import servability_issues
+from engine.adapters.servable import SERVE_DTYPES, servability_issues
 from engine.errors import AdapterError, MloraError
 
 STATUSES = ("pass", "warn", "fail")
@@ -29,9 +29,6 @@ CHECK_ORDER = (
     "config", "required_fields", "rank", "max_rank", "weights_file", "lora_pairs", "shapes", "dtype", "finite",
     "magnitude", "target_modules", "servable", "base_config", "base_modules", "base_dims", "base_layers", "base_name", "internal",
 )
-SERVE_DTYPES = ("float32", "float16", "bfloat16")
-
-
 @dataclass(frozen=True)
 class Check:
     """One named check: status is "pass", "warn" or "fail"; message says what to do about it."""
@@ -220,7 +217,7 @@ def _check_dtype(report: ValidationReport, wf: WeightsFile, lora_paths: dict[str
     dtypes = sorted({wf.meta[k].dtype for k in keys})
     if not dtypes:
         return
-    bad = [d for d in dtypes if d not in SERVE_DTYPES + ("float64",)]
+    bad = [d for d in dtypes if d not in SERVE_DTYPES]
     if bad:
         report.add("dtype", "fail", f"LoRA tensors are {', '.join(bad)}: only float32/float16/bfloat16 adapters are served "
                                     "(quantised adapters must be dequantised first)")

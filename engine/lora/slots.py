@@ -48,13 +48,12 @@ import torch
 from engine.adapters.servable import DORA_UNSUPPORTED, SlotTarget  # noqa: F401 (DORA_UNSUPPORTED: re-exported)
 from engine.planning.budget import LORA_MODULES, ModelDims, lora_module_shape, normalize_dtype, slot_stack_shapes
 from engine.errors import AdapterError, ConfigError
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from kernels.dtypes import TORCH_DTYPES
 
 
 def torch_dtype(dtype: object) -> torch.dtype:
     """A torch dtype from a name/alias ("bf16", "float16") or a torch.dtype."""
-    return dtype if isinstance(dtype, torch.dtype) else _DTYPES[normalize_dtype(dtype)]
+    return dtype if isinstance(dtype, torch.dtype) else TORCH_DTYPES[normalize_dtype(dtype)]
 
 
 @dataclass
