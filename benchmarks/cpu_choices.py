@@ -28,6 +28,7 @@ import torch.nn.functional as F
 
 from engine.bench.presets import build_preset_model, quiet_transformers
 from engine.llm import LLM
+from engine.model import packed_linear, prepack_weight
 from engine.sampling_params import SamplingParams
 from kernels import tuning
 
@@ -99,6 +100,10 @@ def linear(args: argparse.Namespace) -> dict:
     ws = [torch.randn(o, i).to(dt) for o, i in shapes]  # distinct weights: streamed from memory, as in a step
     forms = {"linear": lambda x, w: F.linear(x, w), "wxt": lambda x, w: torch.mm(w, x.t()).t().contiguous(),
              "mv": lambda x, w: torch.mv(w, x[0]).unsqueeze(0)}
+    packed = {}  # id(w) -> the oneDNN-prepacked copy (engine.model.prepack_cpu_linears packs like this)
+    if tuning.mkldnn_prepack_available(dt):
+        packed = {id(w): prepack_weight(w) for w in ws}
+        forms["packed"] = lambda x, w: packed_linear(x, packed[id(w)], None)
     result: dict = {"preset": args.preset, "dtype": args.dtype, "ms": {}}
     print(f"preset={args.preset} dtype={args.dtype} threads={args.threads}: ms per step of the base linears")
     for T in args.rows:

@@ -8,6 +8,8 @@ AMX or not) is decided here from a probe, `cpu_has_amx()`, not from constants tu
 from __future__ import annotations
 
 import functools
+import os
+import platform
 from pathlib import Path
 
 import torch
@@ -68,6 +70,27 @@ def small_batch_path(rows: int, half: bool) -> str:
             return "mv" if half_one_row_mv() else "linear"
         return "wxt" if rows in SMALL_BATCH_ROWS_HALF else "linear"
     return "wxt" if rows in SMALL_BATCH_ROWS else "linear"
+
+
+# oneDNN-prepacked base weights (engine.model.prepack_cpu_linears): packed once at load into oneDNN's
+# blocked layout, so no matmul re-packs (or streams unpacked) the weight per call.
+PREPACK_ENV = "MLORA_CPU_PREPACK"  # "auto" (default) | "1" (on wherever torch can) | "0" (off)
+# The row count oneDNN tunes the packed layout for (a decode batch); any row count still runs.
+PREPACK_BATCH_HINT = 32
+
+
+def mkldnn_prepack_available(dtype: torch.dtype) -> bool:
+    """Can torch run a linear on an oneDNN-prepacked weight of this dtype here (x86 CPU with mkldnn)?"""
+    return (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+            and dtype in (torch.float32, torch.bfloat16))
+
+
+def cpu_prepack(dtype: torch.dtype) -> bool:
+    """Pack the CPU base linears + lm_head for oneDNN at load? `auto`: yes wherever it is available: ...."""
+    mode = os.environ.get(PREPACK_ENV, "auto").strip().lower()
+    if mode in ("0", "off", "false", "no"):
+        return False
+    return mkldnn_prepack_available(dtype)
 
 
 # ----------------------------------------------------------------------------- LoRA layout (kernels.meta)
