@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import lora_compose, lora_expand_slices, lora_shrink_slices
-from kernels.tuning import PREPACK_BATCH_HINT, cpu_prepack, mkldnn_prepack_available, small_batch_path
+from kernels.tuning import PREPACK_BATCH_HINT, cpu_prepack, small_batch_path
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.errors import ConfigError
@@ -273,25 +273,27 @@ class LlamaModel(nn.Module):
         return attr, offset
 
     @torch.no_grad()
-    def prepack_cpu_linears(self, enabled: bool | None = None) -> bool:
-        """After the weights loaded: reorder every base linear's W (and an untied lm_head) once into
+    def prepack_cpu_linears(self) -> int:
+        """After the weights loaded: reorder each base linear's W (and an untied lm_head) once into
         oneDNN's blocked layout, replacing the plain tensor (no second copy is kept), so each step's
-        matmuls run on packed weights (`small_batch_linear`). `enabled` None = `kernels.tuning.cpu_prepack`
-        (CPU, torch with mkldnn on x86, fp32/bf16, `MLORA_CPU_PREPACK` not 0). The embedding table (and a
-        lm_head tied to it) stays plain: the embedding lookup reads it. Whoever needs a plain base W
-        (DoRA's norm at adapter load) reads `plain_weight(lin.weight)`, a temporary copy. True if packed."""
-        dtype, device = self.embed_tokens.dtype, self.embed_tokens.device
-        if device.type != "cpu" or not mkldnn_prepack_available(dtype):
-            return False
-        if not (cpu_prepack(dtype) if enabled is None else enabled):
-            return False
-        linears = [getattr(layer, n) for layer in self.layers for n in ("qkv", "o_proj", "gate_up", "down_proj")]
-        for lin in linears:
-            if not lin.weight.is_mkldnn:
-                lin.weight = nn.Parameter(prepack_weight(lin.weight), requires_grad=False)
-        if self.lm_head is not None and not self.lm_head.is_mkldnn:
-            self.lm_head = nn.Parameter(prepack_weight(self.lm_head), requires_grad=False)
-        return True
+        matmuls run on packed weights (`small_batch_linear`). Which weights: `kernels.tuning.cpu_prepack`
+        (CPU, torch with mkldnn on x86, fp32/bf16, big enough; `MLORA_CPU_PREPACK=0` turns it off). The
+        embedding table (and a lm_head tied to it) stays plain: the embedding lookup reads it. Whoever
+        needs a plain base W (DoRA's norm at adapter load) reads `plain_weight(W)`, a temporary copy.
+        Returns how many weights were packed."""
+        if self.embed_tokens.device.type != "cpu":
+            return 0
+        owners: list[tuple[nn.Module, str]] = [(getattr(layer, n), "weight") for layer in self.layers
+                                               for n in ("qkv", "o_proj", "gate_up", "down_proj")]
+        if self.lm_head is not None:
+            owners.append((self, "lm_head"))
+        packed = 0
+        for owner, attr in owners:
+            w = getattr(owner, attr)
+            if not w.is_mkldnn and cpu_prepack(w.dtype, w.numel()):
+                setattr(owner, attr, nn.Parameter(prepack_weight(w), requires_grad=False))
+                packed += 1
+        return packed
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> fp32 logits [N, vocab]."""
