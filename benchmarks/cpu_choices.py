@@ -9,11 +9,13 @@ Times are CPU time of this process (`time.process_time`; the compute runs on the
 `--threads 1`), so time slices lost to other jobs on a shared machine do not count; memory-bandwidth
 contention still does. Wall time is reported beside it for `decode`.
 
-`decode` builds one engine on the seeded `--preset` model and decodes `--tokens` greedy tokens for one
-request, alternating the one-row bf16/fp16 path of `engine.model.small_batch_linear` between
-"mv" (torch.mv; the choice on AMX CPUs) and "linear" (F.linear; the choice without AMX) round by
-round, so both see the same machine load. Prints tok/s per path (median of `--rounds`), their
-ratio, what `kernels.tuning` picks on this CPU, and checks both paths give the same tokens.
+`decode` builds one engine on the seeded `--preset` model (weights plain) and decodes `--tokens` greedy
+tokens for `--batch` requests, alternating round by round (after one warm-up round) the base-linear
+path: for one bf16/fp16 row "mv" (torch.mv; the old choice) and "linear" (F.linear), else "plain" (the
+small-batch choice of kernels.tuning), and "packed" (a oneDNN-prepacked copy of every weight
+`LlamaModel.prepack_cpu_linears` would pack swapped in), so all see the same machine load. Prints
+tok/s per path (median of `--rounds`), their ratios, what kernels.tuning picks on this CPU, and checks
+every path gives the same tokens. `linear` has a "packed" form too.
 """
 
 from __future__ import annotations
