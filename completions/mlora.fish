@@ -17,7 +17,7 @@ complete -c mlora -n '__fish_seen_subcommand_from bench' -l rate -x -d 'Poisson 
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l num-requests -s n -x -d 'Requests per workload. (default: 32; 16 with --quick)'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l max-tokens -x -d 'Output tokens per request (EOS ignored). (default: 32; 12 with --quick)'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l device -x -a 'auto cpu cuda' -d 'Where mlora and the alternatives run.'
-complete -c mlora -n '__fish_seen_subcommand_from bench' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'Weights dtype (auto: float32 on CPU, bfloat16 on CUDA).'
+complete -c mlora -n '__fish_seen_subcommand_from bench' -l dtype -x -a 'auto float32 bfloat16 float16' -d 'Weights dtype (auto: on CPU bfloat16 with AMX, else float32; bfloat16 on CUDA).'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l peft-dtype -x -a 'auto float32 bfloat16 float16' -d 'dtype of the transformers + PEFT alternative (default: --dtype), e.g. float32 where transformers is slower in bf16.'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l json -r -F -d 'Write every number to this JSON file (stable `ratios` and `bounds` keys).'
 complete -c mlora -n '__fish_seen_subcommand_from bench' -l plot -r -F -d 'Write throughput vs distinct adapters to this PNG (needs matplotlib).'

@@ -11,30 +11,21 @@ the step's `LoraBatchMeta`:
   one copy of the G adapters), instead of G tiny matmuls whose per-call overhead dominated; expand
   gathers the out rows, `baddbmm_` (one rounding, like `addmm_`) and copies them back. Padding
   repeats a segment's first row, so its duplicate write is the same value to the same row.
-  hidden 768, T=32 rows over 16 adapters, 1 thread: shrink 275 -> 90 us, expand 260 -> 116 us.
 - few row runs (rows of an adapter contiguous, e.g. prefill or a sorted decode batch): one
   matmul per run on zero-copy row slices.
 - bf16/fp16 short segments of unequal length (`"dense"`): one matmul against the stack's slots
   lo..hi stacked as [span * R, K] (shrink; each row then keeps its own R columns) or
   [span * R, N] (expand, needs B stored rank-major as engine.lora.slots does on CPU; rows are
   scattered into their own R columns of a zeroed [T, span * R]) - the 16-bit per-matmul
-  overhead is paid once; bounded by DENSE_MAX_COLS since it does span times the useful FLOPs.
+  overhead is paid once; bounded by tuning.DENSE_MAX_COLS since it does span times the useful FLOPs.
 - prefill chunks followed by decode rows (`"split"`): each part runs its own path above on
   zero-copy row slices.
 - otherwise (interleaved decode rows): gather the rows once in slot order (`index_select`),
   one matmul per adapter segment on contiguous slices, scatter back once (`index_copy_` /
-  `index_add_`); when that gathered block would exceed ~L2 (`CHUNK_BYTES`), gather and scatter
+  `index_add_`); when that gathered block would exceed ~L2 (`tuning.CHUNK_BYTES`), gather and scatter
   per segment instead, so each chunk is consumed while still in cache.
-Measured (`python -m benchmarks.kernels --device cpu --threads 1`, 1 busy core, fp32, rank 16,
-interleaved decode rows over N adapters, weights streamed from memory; us per call,
-chosen / per-adapter mask loop / per-row weight gather + bmm):
-    hidden 768,  T=16, N=1:   shrink 17 / 37 / 140     expand 18 / 41 / 149
-    hidden 768,  T=64, N=16:  shrink 173 / 344 / 716   expand 200 / 417 / 728
-    hidden 4096, T=64, N=1:   shrink 88 / 225 / 5312   expand 73 / 387 / 5555
-    hidden 4096, T=64, N=4:   shrink 226 / 330 / 7689  expand 267 / 491 / 9988
-    hidden 4096, T=64, N=16:  shrink 529 / 857 / 8272  expand 762 / 1673 / 11589
-Whole-batch vs per-segment row gather (the CHUNK_BYTES switch), same setup:
-    hidden 768,  T=64, N=16: shrink 192 / 224;  hidden 4096, T=64, N=4: shrink 244 / 189
+The per-call measurements behind these choices are in benchmarks/README.md ("CPU LoRA op vs
+alternatives"), with the command that reproduces them; the thresholds live in kernels.tuning.
 Rank-aware (`slot_ranks`, slot s holds rank slot_ranks[s] <= R in its first rows, zeros after them, as
 engine.lora.slots keeps them): every path reads only the rows that can be non-zero: the per-slot paths
 ("single", "runs", "segments") slice each slot to its own rank, "bmm" to the largest rank among the
@@ -42,8 +33,8 @@ step's slots, so an r8 adapter in slots sized for r64 costs r8, and an r8 + r64 
 two r64. The skipped rows are exact zeros (zero A rows give h = 0), so results are unchanged; h's
 columns past the step's rank are zero. "dense" keeps the full R (its [span * R, K] view needs it).
 fp32 "bmm" with one row per segment (decode over as many adapters as rows) runs the shrink as
-A @ x.T (a batched matrix-vector product streaming A in its own layout): hidden 768, rank 16, 1 thread,
-us: 32 adapters 123 -> 57, 64 adapters 246 -> 135; with 2+ rows per segment x @ A.T stays faster.
+A @ x.T (a batched matrix-vector product streaming A in its own layout);
+with 2+ rows per segment x @ A.T stays faster.
 Matmuls run in the input dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32); results match
 the fp32 reference within the per-dtype tolerances of the tests. Works on any device.
 """
@@ -57,19 +48,7 @@ from weakref import WeakKeyDictionary
 import torch
 
 from kernels.meta import LoraBatchMeta
-
-# Above this many bytes, a whole-batch row gather spills L2 and per-segment gathers win (see above).
-CHUNK_BYTES = 512 << 10
-# "dense" (meta): shrink/expand of many short 16-bit segments as ONE matmul against the stack's slots
-# lo..hi (expand needs B stored rank-major, B[s].T contiguous, as engine.lora.slots does on CPU; the
-# rows' h are scattered into their own R columns of a zeroed [T, span * R]). It does span times the
-# useful FLOPs, so only while span * R stays small next to the base layer's width.
-DENSE_MAX_COLS = 256
-
-
-# "bmm" over adapters of several ranks: one batched matmul per rank class (instead of all at the step's
-# largest rank) when padding everything to the largest rank would read this many times the real rows.
-RANK_CLASS_MIN_WASTE = 1.25
+from kernels import tuning
 
 
 @dataclass(frozen=True, eq=False)
@@ -107,7 +86,7 @@ def _plan(meta: LoraBatchMeta, slot_ranks: Sequence[int], R: int) -> _RankPlan:
     seg_ranks = [_rank_of(slot_ranks, s, R) for s in meta.distinct_slots]
     r = max(seg_ranks)
     classes: tuple[tuple[int, torch.Tensor, slice | torch.Tensor], ...] = ()
-    if len(set(seg_ranks)) > 1 and len(seg_ranks) * r > RANK_CLASS_MIN_WASTE * sum(seg_ranks):
+    if len(set(seg_ranks)) > 1 and len(seg_ranks) * r > tuning.RANK_CLASS_MIN_WASTE * sum(seg_ranks):
         dev = meta.sorted_rows.device
         by_rank: dict[int, list[int]] = {}
         for g, rg in enumerate(seg_ranks):
@@ -156,7 +135,7 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
     `slot_ranks[s]`: rows of slot s that may be non-zero (the rest are zero and skipped)."""
     T, R = x.shape[0], lora_a.shape[1]
     path = meta.path_for(x.dtype)
-    if path == "dense" and _dense_span(meta) * R > DENSE_MAX_COLS:
+    if path == "dense" and _dense_span(meta) * R > tuning.DENSE_MAX_COLS:
         path = meta.dense_fallback
     r = R if path == "dense" else step_rank(meta, slot_ranks, R)  # columns of h this step can fill
     if meta.single_slot is not None:
@@ -217,7 +196,7 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
                     h[a:b, :rs] = torch.mm(x[a:b], lora_a[s, :rs].T).mul_(scales[s] if scales.dim() == 1 else scales[s, :rs])
         return h
     hs = h.new_zeros(meta.num_lora_rows, r) if slot_ranks is not None else h.new_empty(meta.num_lora_rows, r)  # [T_lora, r] in slot order
-    per_chunk = meta.num_lora_rows * x.shape[1] * x.element_size() > CHUNK_BYTES
+    per_chunk = meta.num_lora_rows * x.shape[1] * x.element_size() > tuning.CHUNK_BYTES
     xs = None if per_chunk else x.index_select(0, meta.sorted_rows)  # [T_lora, K] rows in slot order
     for a, b, s in meta.segments:  # per chunk: gather each segment's rows while the last one is still in cache
         rows = x.index_select(0, meta.sorted_rows[a:b]) if xs is None else xs[a:b]
@@ -239,7 +218,7 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
     N, R = lora_b.shape[1], lora_b.shape[2]
     view = out[:, out_offset:out_offset + N]  # [T, N], strided when out has other slices
     path = meta.path_for(h.dtype)
-    if path == "dense" and (lora_b.stride(1) != 1 or _dense_span(meta) * R > DENSE_MAX_COLS):
+    if path == "dense" and (lora_b.stride(1) != 1 or _dense_span(meta) * R > tuning.DENSE_MAX_COLS):
         path = meta.dense_fallback  # the dense layout needs rank-major B ([span * R, N] a view) and few columns
     r = R if path == "dense" else step_rank(meta, slot_ranks, R)
     if r < R:  # columns past the step's rank multiply zero columns of B: skip them
@@ -286,7 +265,7 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
                 rs = min(r, _rank_of(slot_ranks, s, r))
                 view[a:b].addmm_(h[a:b, :rs], lora_b[s, :, :rs].T)
         return out
-    if meta.num_lora_rows * N * out.element_size() > CHUNK_BYTES:
+    if meta.num_lora_rows * N * out.element_size() > tuning.CHUNK_BYTES:
         for a, b, s in meta.segments:
             rows, rs = meta.sorted_rows[a:b], min(r, _rank_of(slot_ranks, s, r))
             view.index_add_(0, rows, torch.mm(h.index_select(0, rows)[:, :rs], lora_b[s, :, :rs].T))

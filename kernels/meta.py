@@ -33,7 +33,7 @@ per step so each of the ~7 x num_layers op calls only dispatches; the thresholds
   the highest slot in the batch: a view, no copy) as [(hi-lo+1) * R, K] (shrink; each row keeps its
   own R columns) or [(hi-lo+1) * R, N] (expand; rows scattered into their own R columns of a zeroed
   [T, (hi-lo+1) * R]). (hi-lo+1) times the useful FLOPs, so `kernels.cpu` takes it only while
-  (hi-lo+1) * R <= DENSE_MAX_COLS, else `dense_fallback`.
+  (hi-lo+1) * R <= tuning.DENSE_MAX_COLS, else `dense_fallback`.
 - "split": a step of prefill chunks followed by decode rows (`split=` the first decode row) is two
   layouts: long prefill runs and many short decode segments. Each part gets its own path
   (`parts`, zero-copy row slices), so the decode rows still take one bmm when a prompt joins the

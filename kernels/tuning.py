@@ -23,7 +23,11 @@ def cpu_has_amx() -> bool:
     """True when the CPU has AMX bf16 tiles (Sapphire Rapids and later), where bf16 GEMMs beat fp32.
 
     Read from the kernel's cpuinfo flags (`amx_bf16`), else from torch's own probe; False when neither says.
+    `MLORA_CPU_AMX=0|1` overrides the probe (the test suite pins it, so `auto` means fp32 on every machine).
     """
+    forced = os.environ.get("MLORA_CPU_AMX", "").strip()
+    if forced in ("0", "1"):
+        return forced == "1"
     try:
         for line in _CPUINFO.read_text(encoding="utf-8", errors="replace").splitlines():
             if line.startswith("flags"):
@@ -121,3 +125,15 @@ CPU_BMM_MAX_PAD_FACTOR = 1.5
 # bf16/fp16 unequal segments up to this many rows on average take "dense" (one matmul over slots lo..hi);
 # past it the span x useful FLOPs cost more than the per-segment overhead saved.
 CPU_DENSE_MAX_MEAN_ROWS_HALF = 128
+
+
+# ----------------------------------------------------------------------------- LoRA ops (kernels.cpu)
+# Above this many bytes a whole-batch row gather spills L2, and per-segment gathers (each chunk used while
+# still in cache) win.
+CHUNK_BYTES = 512 << 10
+# "dense" does span x the useful FLOPs (one matmul over slots lo..hi), so only while span * R stays small
+# next to the base layer's width.
+DENSE_MAX_COLS = 256
+# "bmm" over adapters of several ranks: one batched matmul per rank class (instead of all at the step's
+# largest rank) once padding to the largest rank would read this many times the real rows.
+RANK_CLASS_MIN_WASTE = 1.25

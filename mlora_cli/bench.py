@@ -57,7 +57,7 @@ def bench(
     num_requests: Annotated[Optional[int], typer.Option("--num-requests", "-n", min=1, help="Requests per workload. (default: 32; 16 with --quick)", show_default=False)] = None,
     max_tokens: Annotated[Optional[int], typer.Option("--max-tokens", min=1, help="Output tokens per request (EOS ignored). (default: 32; 12 with --quick)", show_default=False)] = None,
     device: Annotated[Device, typer.Option("--device", help="Where mlora and the alternatives run.")] = Device.auto,
-    dtype: Annotated[Dtype, typer.Option("--dtype", help="Weights dtype (auto: float32 on CPU, bfloat16 on CUDA).")] = Dtype.auto,
+    dtype: Annotated[Dtype, typer.Option("--dtype", help="Weights dtype (auto: on CPU bfloat16 with AMX, else float32; bfloat16 on CUDA).")] = Dtype.auto,
     peft_dtype: Annotated[Optional[Dtype], typer.Option("--peft-dtype", help="dtype of the transformers + PEFT alternative (default: --dtype), e.g. float32 where transformers is slower in bf16.", show_default=False)] = None,
     json_file: Annotated[Optional[Path], typer.Option("--json", help="Write every number to this JSON file (stable `ratios` and `bounds` keys).", show_default=False)] = None,
     plot_file: Annotated[Optional[Path], typer.Option("--plot", help="Write throughput vs distinct adapters to this PNG (needs matplotlib).", show_default=False)] = None,

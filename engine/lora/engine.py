@@ -109,8 +109,8 @@ class LoraEngine:
 
     def bind(self, seq: Sequence) -> None:
         """At a request's first admission (the scheduler calls this before it allocates KV blocks): tie it
-        to the current versions of its adapters, whose id and content digest are its prefix-cache
-        identity (block_manager.block_identity). Bookkeeping only: nothing is loaded or pinned. A name
+        to the current versions of its adapters, whose id and cache key (content digest, or header facts
+        for a header-level registration) are its prefix-cache identity (block_manager.block_identity). Bookkeeping only: nothing is loaded or pinned. A name
         that cannot be bound (unloaded, changed files) stays unbound; `activate` then ends the request."""
         if seq.components and seq.component_versions is None:
             versions = [self.cache.bind_current(name) for name, _ in seq.components]
@@ -120,11 +120,11 @@ class LoraEngine:
                         self.cache.unbind(version)
                 return
             seq.component_versions = [v for v in versions if v is not None]
-            seq.component_digests = [self.cache.digest_of(v) for v in seq.component_versions]
+            seq.component_digests = [self.cache.cache_key_of(v) for v in seq.component_versions]
         elif not seq.components and seq.adapter is not None and seq.adapter_version is None:
             seq.adapter_version = self.cache.bind_current(seq.adapter)
             if seq.adapter_version is not None:
-                seq.adapter_digest = self.cache.digest_of(seq.adapter_version)
+                seq.adapter_digest = self.cache.cache_key_of(seq.adapter_version)
 
     def activate(self, seqs: Iterable[Sequence]) -> list[tuple[Sequence, str]]:
         """Pin the adapters of this step's sequences that hold none yet (just admitted, or resumed after

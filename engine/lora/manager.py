@@ -148,6 +148,10 @@ class _Version:
     retired: bool = False
     broken: str | None = None  # why a re-read was refused; acquire raises AdapterChangedError
     dora: bool = False  # the loader's adapter had DoRA magnitudes (it cannot be composed with others)
+    # What this version's prefix-cache key carries besides its id, fixed at registration: the content digest,
+    # or for a header-level registration the sha256 of its config + header facts (the digest is learnt only at
+    # the first load; a key that changed then would stop the version's earlier blocks from ever hitting).
+    cache_key: str | None = None
 
 
 class AdapterCache:
@@ -219,8 +223,9 @@ class AdapterCache:
                 self._stats.disk_loads += 1
                 self._stats.disk_load_seconds.append(dt)
             old = self._current.get(name)
-            ver = _Version(name, path, vid=self._next_vid, fingerprint=getattr(adapter, "fingerprint", None),
-                           dora=bool(getattr(adapter, "dora", None)))
+            fp = getattr(adapter, "fingerprint", None)
+            ver = _Version(name, path, vid=self._next_vid, fingerprint=fp, dora=bool(getattr(adapter, "dora", None)),
+                           cache_key=getattr(fp, "digest", None) or getattr(fp, "facts", None))
             self._next_vid += 1
             self._current[name] = ver
             self._versions[ver.vid] = ver
@@ -355,6 +360,12 @@ class AdapterCache:
         with self._lock:
             ver = self._versions.get(version)
             return getattr(ver.fingerprint, "digest", None) if ver is not None else None
+
+    def cache_key_of(self, version: int) -> str | None:
+        """A live version's prefix-cache key part (`_Version.cache_key`: stable for the version's life)."""
+        with self._lock:
+            ver = self._versions.get(version)
+            return ver.cache_key if ver is not None else None
 
     def version_of(self, name: str) -> int:
         """The current version id of `name` (AdapterNotFoundError if not registered)."""

@@ -27,6 +27,7 @@ def test_probe_reads_the_cpuinfo_flags(tmp_path, monkeypatch, flags, amx):
     info = tmp_path / "cpuinfo"
     info.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n")
     monkeypatch.setattr(tuning, "_CPUINFO", info)
+    monkeypatch.delenv("MLORA_CPU_AMX", raising=False)  # tests/conftest.py pins it; here the flags decide
     tuning.cpu_has_amx.cache_clear()
     try:
         assert tuning.cpu_has_amx() is amx
@@ -66,3 +67,14 @@ def test_small_batch_linear_matches_f_linear(cpu, amx, dtype, rows):
     torch.testing.assert_close(y.double(), ref, rtol=tol, atol=tol * 8)
     if tuning.small_batch_path(rows, dtype != torch.float32) == "linear":
         assert torch.equal(y, F.linear(x, w, b))  # the F.linear path is F.linear, bit for bit
+
+
+@pytest.mark.parametrize("value, amx", [("1", True), ("0", False)])
+def test_the_environment_overrides_the_probe(monkeypatch, value, amx):
+    monkeypatch.setenv("MLORA_CPU_AMX", value)
+    tuning.cpu_has_amx.cache_clear()
+    try:
+        assert tuning.cpu_has_amx() is amx
+        assert tuning.cpu_auto_dtype() == (torch.bfloat16 if amx else torch.float32)
+    finally:
+        tuning.cpu_has_amx.cache_clear()
