@@ -9,17 +9,20 @@ Times are CPU time of this process (`time.process_time`; the compute runs on the
 `--threads 1`), so time slices lost to other jobs on a shared machine do not count; memory-bandwidth
 contention still does. Wall time is reported beside it for `decode`.
 
-`decode` builds one engine on the seeded `--preset` model and decodes `--tokens` greedy tokens for one
-request, alternating the one-row bf16/fp16 path of `engine.model.small_batch_linear` between
-"mv" (torch.mv; the choice on AMX CPUs) and "linear" (F.linear; the choice without AMX) round by
-round, so both see the same machine load. Prints tok/s per path (median of `--rounds`), their
-ratio, what `kernels.tuning` picks on this CPU, and checks both paths give the same tokens.
+`decode` builds one engine on the seeded `--preset` model (weights plain) and decodes `--tokens` greedy
+tokens for `--batch` requests, alternating round by round (after one warm-up round) the base-linear
+path: for one bf16/fp16 row "mv" (torch.mv; the old choice) and "linear" (F.linear), else "plain" (the
+small-batch choice of kernels.tuning), and "packed" (a oneDNN-prepacked copy of every weight
+`LlamaModel.prepack_cpu_linears` would pack swapped in), so all see the same machine load. Prints
+tok/s per path (median of `--rounds`), their ratios, what kernels.tuning picks on this CPU, and checks
+every path gives the same tokens. `linear` has a "packed" form too.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 
@@ -28,53 +31,100 @@ import torch.nn.functional as F
 
 from engine.bench.presets import build_preset_model, quiet_transformers
 from engine.llm import LLM
+from engine.model import packed_linear, prepack_weight
 from engine.sampling_params import SamplingParams
 from kernels import tuning
 
 
-def _decode_tok_s(llm: LLM, prompt: list[int], tokens: int, tag: str) -> tuple[float, float, list[int]]:
-    """Decode tokens/s (CPU time, wall) of one request: the prefill step (and its first token) is not timed."""
+def _decode_tok_s(llm: LLM, prompt: list[int], tokens: int, batch: int, tag: str) -> tuple[float, float, list[list[int]]]:
+    """Decode tokens/s (CPU time, wall) of `batch` requests decoded together: the prefill step (and
+    the first tokens) is not timed."""
     engine = llm.engine
-    engine.add_request(tag, prompt, SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True), None)
-    last: list = []
-    last.extend(engine.step())  # prefill + first token
+    for b in range(batch):
+        p = prompt[:1] + [(t + 13 * b) % 200 + 3 for t in prompt[1:]]  # distinct prompts of one length
+        engine.add_request(f"{tag}-{b}", p, SamplingParams(max_tokens=tokens + 1, temperature=0.0, ignore_eos=True), None)
+    done: dict[str, list[int]] = {}
+    engine.step()  # the prefill of every request (prompts fit max_num_batched_tokens) and first tokens
     c0, t0 = time.process_time(), time.perf_counter()
     while engine.has_unfinished():
-        last = engine.step() or last
+        for o in engine.step():
+            if o.finished:
+                done[o.request_id] = list(o.outputs[0].token_ids)
     cpu, wall = time.process_time() - c0, time.perf_counter() - t0
-    return tokens / cpu, tokens / wall, list(last[0].outputs[0].token_ids)
+    return batch * tokens / cpu, batch * tokens / wall, [done[f"{tag}-{b}"] for b in range(batch)]
+
+
+def _base_linears(model) -> list[tuple[object, str]]:  # type: ignore[no-untyped-def]
+    """(owner, attribute) of every weight `LlamaModel.prepack_cpu_linears` packs."""
+    owners = [(getattr(layer, n), "weight") for layer in model.layers for n in ("qkv", "o_proj", "gate_up", "down_proj")]
+    return owners + ([(model, "lm_head")] if model.lm_head is not None else [])
 
 
 def decode(args: argparse.Namespace) -> dict:
-    llm = LLM(str(build_preset_model(args.preset)), device="cpu", dtype=args.dtype, max_num_seqs=1,
-              max_model_len=args.tokens + 32)
+    """Decode tok/s per base-linear path, alternated round by round on one engine: "mv" / "linear" (one
+    bf16/fp16 row as torch.mv or F.linear, plain weights; batch 1 only), "plain" (plain weights, the
+    small-batch choice of kernels.tuning; other batches) and "packed" (oneDNN-prepacked weights, what
+    `LlamaModel.prepack_cpu_linears` does). The engine is built unpacked; a packed copy of each weight is
+    swapped in for the "packed" rounds (so this process holds both; the engine never does)."""
+    saved_env = os.environ.get(tuning.PREPACK_ENV)
+    os.environ[tuning.PREPACK_ENV] = "0"
+    try:
+        llm = LLM(str(build_preset_model(args.preset)), device="cpu", dtype=args.dtype, max_num_seqs=args.batch,
+                  max_model_len=args.tokens + 32, enable_lora=False)
+    finally:
+        if saved_env is None:
+            os.environ.pop(tuning.PREPACK_ENV, None)
+        else:
+            os.environ[tuning.PREPACK_ENV] = saved_env
+    model = llm.engine.runner.model
+    owners = _base_linears(model)
+    plain = [getattr(o, a) for o, a in owners]
+    dt = plain[0].dtype
+    can_pack = tuning.mkldnn_prepack_available(dt)
+    packed = [torch.nn.Parameter(prepack_weight(w), requires_grad=False) for w in plain] if can_pack else []
     prompt = [1] + [(7 * j) % 200 + 3 for j in range(15)]
     chosen = tuning.half_one_row_mv
-    paths = {"mv": lambda: True, "linear": lambda: False}
+    half = dt in (torch.bfloat16, torch.float16)
+    paths = {"mv": (plain, lambda: True), "linear": (plain, lambda: False)} if half and args.batch == 1 \
+        else {"plain": (plain, chosen)}
+    if can_pack:
+        paths["packed"] = (packed, chosen)
     rates: dict[str, list[float]] = {k: [] for k in paths}
     walls: dict[str, list[float]] = {k: [] for k in paths}
-    outputs: dict[str, list[int]] = {}
+    outputs: dict[str, list[list[int]]] = {}
     try:
-        for _ in range(args.rounds):
-            for name, pick in paths.items():
+        for r in range(-1, args.rounds):  # round -1: warm-up (oneDNN builds its kernels on first use), not kept
+            for name, (weights, pick) in paths.items():
                 tuning.half_one_row_mv = pick
-                rate, wall_rate, toks = _decode_tok_s(llm, prompt, args.tokens, f"{name}-{len(rates[name])}")
+                for (o, a), w in zip(owners, weights):
+                    setattr(o, a, w)
+                rate, wall_rate, toks = _decode_tok_s(llm, prompt, args.tokens if r >= 0 else 2, args.batch, f"{name}-{r}")
+                if r < 0:
+                    continue
                 rates[name].append(rate)
                 walls[name].append(wall_rate)
                 outputs[name] = toks
     finally:
         tuning.half_one_row_mv = chosen
+        for (o, a), w in zip(owners, plain):
+            setattr(o, a, w)
     med = {k: statistics.median(v) for k, v in rates.items()}
-    picked = "mv" if chosen() else "linear"
-    result = {"preset": args.preset, "dtype": args.dtype, "threads": args.threads, "amx": tuning.cpu_has_amx(),
-              "picked": picked, "tok_s": med, "rounds": rates, "wall_rounds": walls,
-              "linear_over_mv": med["linear"] / med["mv"],
-              "same_tokens": outputs["mv"] == outputs["linear"]}  # fmt: skip
-    print(f"preset={args.preset} dtype={args.dtype} threads={args.threads} amx={result['amx']} picks={picked}")
+    picked = "packed" if tuning.cpu_prepack(dt, plain[0].numel()) else ("mv" if chosen() else "linear") if half and args.batch == 1 else "plain"
+    first = next(iter(outputs.values()))
+    result = {"preset": args.preset, "dtype": args.dtype, "batch": args.batch, "threads": args.threads,
+              "amx": tuning.cpu_has_amx(), "picked": picked, "tok_s": med, "rounds": rates, "wall_rounds": walls,
+              "ratios": {f"{a}/{b}": med[a] / med[b] for a in med for b in med if a != b},
+              "same_tokens": all(v == first for v in outputs.values())}  # fmt: skip
+    print(f"preset={args.preset} dtype={args.dtype} batch={args.batch} threads={args.threads} amx={result['amx']} "
+          f"picks={picked}")
     for k, v in med.items():
-        print(f"  {k:6s} {v:6.1f} tok/s of CPU time (rounds: {', '.join(f'{r:.1f}' for r in rates[k])}; "
+        print(f"  {k:6s} {v:7.1f} tok/s of CPU time (rounds: {', '.join(f'{r:.1f}' for r in rates[k])}; "
               f"wall: {', '.join(f'{r:.1f}' for r in walls[k])})")
-    print(f"  linear/mv = {result['linear_over_mv']:.2f}; same tokens: {result['same_tokens']}")
+    if "packed" in med:
+        print("  " + "; ".join(f"packed/{k} = {med['packed'] / v:.2f}" for k, v in med.items() if k != "packed")
+              + f"; same tokens: {result['same_tokens']}")
+    else:
+        print(f"  same tokens: {result['same_tokens']}")
     return result
 
 
@@ -99,6 +149,10 @@ def linear(args: argparse.Namespace) -> dict:
     ws = [torch.randn(o, i).to(dt) for o, i in shapes]  # distinct weights: streamed from memory, as in a step
     forms = {"linear": lambda x, w: F.linear(x, w), "wxt": lambda x, w: torch.mm(w, x.t()).t().contiguous(),
              "mv": lambda x, w: torch.mv(w, x[0]).unsqueeze(0)}
+    packed = {}  # id(w) -> the oneDNN-prepacked copy (engine.model.prepack_cpu_linears packs like this)
+    if tuning.mkldnn_prepack_available(dt):
+        packed = {id(w): prepack_weight(w) for w in ws}
+        forms["packed"] = lambda x, w: packed_linear(x, packed[id(w)], None)
     result: dict = {"preset": args.preset, "dtype": args.dtype, "ms": {}}
     print(f"preset={args.preset} dtype={args.dtype} threads={args.threads}: ms per step of the base linears")
     for T in args.rows:
@@ -166,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--preset", default="small")
     p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16")
     p.add_argument("--tokens", type=int, default=32, help="decode: tokens per round")
+    p.add_argument("--batch", type=int, default=1, help="decode: requests decoded together")
     p.add_argument("--rounds", type=int, default=5, help="decode: rounds per path, alternated; else repeats")
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 100], help="linear: T")
     p.add_argument("--layouts", nargs="+", default=["16x8", "16x7-9", "16x140-180", "8x12", "4x40", "10x30-38",

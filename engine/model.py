@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kernels import lora_compose, lora_expand_slices, lora_shrink_slices
-from kernels.tuning import small_batch_path
+from kernels.tuning import PREPACK_BATCH_HINT, cpu_prepack, small_batch_path
 
 from engine.attention import AttentionMetadata, paged_attention
 from engine.errors import ConfigError
@@ -96,9 +96,28 @@ class LoraContext:
     composed: Any = None  # kernels.ComposedRows: rows composing several adapters (their token_slots are -1)
 
 
+def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W [out, in] reordered once into oneDNN's blocked layout (an mkldnn tensor of the same shape,
+    dtype and byte size) for `packed_linear`; `.to_dense()` gives W back exactly."""
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PREPACK_BATCH_HINT)
+
+
+def packed_linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ W.T (+ bias) as a contiguous [T, out] on a `prepack_weight` W (oneDNN, any row count)."""
+    return torch.ops.mkldnn._linear_pointwise(x.contiguous(), packed, bias, "none", [], "")
+
+
+def plain_weight(weight: torch.Tensor) -> torch.Tensor:
+    """W [out, in] in the plain layout: a packed weight is unpacked into a temporary copy."""
+    return weight.to_dense() if weight.is_mkldnn else weight
+
+
 def small_batch_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) as a contiguous [T, out]; on CPU the row count and the CPU pick the matmul
-    (`kernels.tuning.small_batch_path`: decode-sized batches stream W from its own layout as W @ x.T)."""
+    (`kernels.tuning.small_batch_path`: decode-sized batches stream W from its own layout as W @ x.T),
+    unless the weight was prepacked for oneDNN at load (`prepack_cpu_linears`): then oneDNN runs it."""
+    if weight.is_mkldnn:
+        return packed_linear(x, weight, bias)
     if x.device.type != "cpu":
         return F.linear(x, weight, bias)
     path = small_batch_path(x.shape[0], x.dtype in (torch.bfloat16, torch.float16))
@@ -252,6 +271,29 @@ class LlamaModel(nn.Module):
         """(fused linear attribute, column offset) of an HF module name."""
         attr, offset, _ = self.fused_slices()[module]
         return attr, offset
+
+    @torch.no_grad()
+    def prepack_cpu_linears(self) -> int:
+        """After the weights loaded: reorder each base linear's W (and an untied lm_head) once into
+        oneDNN's blocked layout, replacing the plain tensor (no second copy is kept), so each step's
+        matmuls run on packed weights (`small_batch_linear`). Which weights: `kernels.tuning.cpu_prepack`
+        (CPU, torch with mkldnn on x86, fp32/bf16, big enough; `MLORA_CPU_PREPACK=0` turns it off). The
+        embedding table (and a lm_head tied to it) stays plain: the embedding lookup reads it. Whoever
+        needs a plain base W (DoRA's norm at adapter load) reads `plain_weight(W)`, a temporary copy.
+        Returns how many weights were packed."""
+        if self.embed_tokens.device.type != "cpu":
+            return 0
+        owners: list[tuple[nn.Module, str]] = [(getattr(layer, n), "weight") for layer in self.layers
+                                               for n in ("qkv", "o_proj", "gate_up", "down_proj")]
+        if self.lm_head is not None:
+            owners.append((self, "lm_head"))
+        packed = 0
+        for owner, attr in owners:
+            w = getattr(owner, attr)
+            if not w.is_mkldnn and cpu_prepack(w.dtype, w.numel()):
+                setattr(owner, attr, nn.Parameter(prepack_weight(w), requires_grad=False))
+                packed += 1
+        return packed
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """[N, hidden] -> fp32 logits [N, vocab]."""

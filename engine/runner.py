@@ -29,7 +29,7 @@ from engine.attention import AttentionMetadata, PrefillBatch, PrefillSpan
 from engine.planning.budget import ModelDims, kv_bytes_per_token, total_slot_bytes
 from engine.config import EngineConfig
 from engine.errors import ConfigError
-from engine.model import LlamaModel, LoraContext, LoraStacks, ModelArgs
+from engine.model import LlamaModel, LoraContext, LoraStacks, ModelArgs, plain_weight
 from engine.outputs import Logprob, TokenLogprob
 from engine.sampler import sample
 from engine.scheduler import ScheduledSeq, SchedulerOutput
@@ -169,6 +169,7 @@ class ModelRunner:
         finally:
             torch.set_default_dtype(previous)
         model.load_weights(model_path)
+        model.prepack_cpu_linears()  # CPU: base linears + lm_head in oneDNN's packed layout (kernels.tuning)
         self.model = model.eval()
         plan = plan_kv(config, self.dims, self.args, self.dtype, self.device)
         self.num_blocks, self.max_model_len = plan.num_blocks, plan.max_model_len
@@ -192,7 +193,7 @@ class ModelRunner:
         lin_name, offset = self.model.module_slice(module)
         lin = getattr(self.model.layers[layer], lin_name)
         n = dict(lin.parts)[module]
-        return lin.weight[offset : offset + n]
+        return plain_weight(lin.weight)[offset : offset + n]  # a packed W: unpacked into a temporary copy
 
     # -- per-request state ---------------------------------------------------------------------
     def generator(self, seq: Sequence) -> torch.Generator:

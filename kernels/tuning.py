@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
+import platform
 from pathlib import Path
 
 import torch
@@ -73,6 +74,35 @@ def small_batch_path(rows: int, half: bool) -> str:
             return "mv" if half_one_row_mv() else "linear"
         return "wxt" if rows in SMALL_BATCH_ROWS_HALF else "linear"
     return "wxt" if rows in SMALL_BATCH_ROWS else "linear"
+
+
+# oneDNN-prepacked base weights (engine.model.prepack_cpu_linears): packed once at load into oneDNN's
+# blocked layout, so no matmul re-packs (or streams unpacked) the weight per call.
+PREPACK_ENV = "MLORA_CPU_PREPACK"  # "auto" (default) | "1" (every weight, whatever its size) | "0" (off)
+# The row count oneDNN tunes the packed layout for (a decode batch); any row count still runs.
+PREPACK_BATCH_HINT = 32
+# auto packs weights of at least this many elements (512 x 512): a packed matmul has ~14 us of fixed
+# per-call cost on top of F.linear's ~4 us, which only weights of this size amortise. `small` (hidden 768):
+# packed wins at every row count 1..256, fp32 1.06-1.9x, bf16 1.1-1.5x (benchmarks/cpu_choices.py linear);
+# `tiny` (hidden 64): packed decode is 0.75x.
+PREPACK_MIN_NUMEL = 512 * 512
+
+
+def mkldnn_prepack_available(dtype: torch.dtype) -> bool:
+    """Can torch run a linear on an oneDNN-prepacked weight of this dtype here (x86 CPU with mkldnn)?
+    fp16 is left out: without AMX-FP16 oneDNN has no fast fp16 GEMM."""
+    return (torch.backends.mkldnn.is_available() and platform.machine().lower() in ("x86_64", "amd64")
+            and dtype in (torch.float32, torch.bfloat16))
+
+
+def cpu_prepack(dtype: torch.dtype, numel: int) -> bool:
+    """Pack a CPU base linear's W (numel elements) for oneDNN at load? auto: wherever torch can and the
+    weight is big enough to amortise the packed call's fixed cost; with or without AMX (oneDNN picks
+    the CPU's kernels: on the non-AMX EPYC it beats both torch.mv and F.linear for one bf16 row)."""
+    mode = os.environ.get(PREPACK_ENV, "auto").strip().lower()
+    if mode in ("0", "off", "false", "no") or not mkldnn_prepack_available(dtype):
+        return False
+    return mode in ("1", "on", "true", "yes") or numel >= PREPACK_MIN_NUMEL
 
 
 # ----------------------------------------------------------------------------- LoRA layout (kernels.meta)
