@@ -5,39 +5,14 @@ re-read after that. Real demo engine, adapters copied to tmp_path and tampered w
 from __future__ import annotations
 
 import json
-import shutil
 import struct
 from pathlib import Path
 
 import pytest
 
-GREEDY = dict(max_tokens=40, temperature=0.0)
+from tests.lora.test_isolation import _copy, _run, demo_adapters  # noqa: F401 (demo_adapters: a fixture)
+
 WEIGHTS = "adapter_model.safetensors"
-
-
-@pytest.fixture(scope="module")
-def demo_adapters() -> dict[str, Path]:
-    from engine.demo import DEMO_ADAPTERS
-
-    return dict(DEMO_ADAPTERS)
-
-
-def _copy(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def _run(core, reqs: list[tuple[str, str, str | None]]) -> dict[str, object]:
-    from engine import SamplingParams
-
-    for rid, prompt, adapter in reqs:
-        core.add_request(rid, prompt, SamplingParams(**GREEDY), adapter)
-    out = {}
-    while core.has_unfinished():
-        for o in core.step():
-            if o.finished:
-                out[o.request_id] = o
-    return out
 
 
 def _rewrite_data(path: Path, fn) -> None:
