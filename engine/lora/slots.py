@@ -33,7 +33,7 @@ DoRA (served when built with `base_weight=`, which vLLM cannot do): PEFT compute
 output row, a constant at inference). `g` is precomputed per (layer, module, slot) at load
 time and kept in `G[module] [layers, max_loras + 1, out]` fp32 (row `max_loras` is all ones,
 so indexing with token slot -1 selects 1 = untouched). The model adds the LoRA delta as usual,
-then calls `apply_dora(y_part, dora(layer, module), token_slots, bias_part)`; `dora()` is None
+then calls `apply_dora(y_part, dora(layer, module), token_lora_slots, bias_part)`; `dora()` is None
 while no DoRA adapter is resident, so plain-LoRA batches pay nothing.
 """
 
@@ -79,17 +79,17 @@ BaseWeight = Callable[[int, str], torch.Tensor]  # (layer, module) -> the base l
 
 @torch.no_grad()
 def apply_dora(
-    y: torch.Tensor, g: torch.Tensor, token_slots: torch.Tensor, bias: torch.Tensor | None = None
+    y: torch.Tensor, g: torch.Tensor, token_lora_slots: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """DoRA's output rescale, in place, after the LoRA delta was added into `y`.
 
-    Semantics (per token t with slot s = token_slots[t]; s == -1 selects g's ones row):
+    Semantics (per token t with slot s = token_lora_slots[t]; s == -1 selects g's ones row):
         y[t] = g[s] * (y[t] - bias) + bias        # = g * (W x + s B A x) + bias
 
     y: [T, out] (a column slice of the fused output is fine), g: [S + 1, out] fp32 from
-    `LoraSlots.dora`, token_slots: [T] int, bias: [out] or None.
+    `LoraSlots.dora`, token_lora_slots: [T] int, bias: [out] or None.
     """
-    gt = g[token_slots.long()].to(y.dtype)  # [T, out]
+    gt = g[token_lora_slots.long()].to(y.dtype)  # [T, out]
     if bias is None:
         y.mul_(gt)
     else:
