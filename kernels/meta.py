@@ -104,16 +104,6 @@ class LoraBatchMeta:
     def num_lora_rows(self) -> int:
         return self.num_tokens - self.num_no_lora
 
-    @property
-    def grouped(self) -> bool:
-        """Rows are already grouped: every slot (and -1) occupies one contiguous run of rows."""
-        return len(self.runs) == len(self.distinct_slots) + (1 if self.num_no_lora else 0)
-
-    def rows_of(self, g: int) -> torch.Tensor:
-        """Row indices of segment g (slot `segments[g][2]`): a view into sorted_rows, no copy."""
-        a, b, _ = self.segments[g]
-        return self.sorted_rows[a:b]
-
     @classmethod
     def from_token_lora_slots(
         cls, token_lora_slots: torch.Tensor | Sequence[int], *, device: torch.device | str | None = None,

@@ -81,10 +81,11 @@ def test_meta_layout() -> None:
     assert meta.sorted_slots.tolist() == [0, 0, 2, 2, 2]
     assert meta.segments == ((0, 2, 0), (2, 5, 2))
     assert (meta.seg_starts.tolist(), meta.seg_lens.tolist(), meta.seg_slots.tolist()) == ([0, 2], [2, 3], [0, 2])
-    assert meta.runs[:3] == ((0, 1, 2), (1, 2, 0), (2, 3, -1)) and meta.max_seg_len == 3
-    assert meta.single_slot is None and meta.strategy == "segment" and not meta.grouped
-    assert meta.rows_of(1).tolist() == [0, 3, 5]
-    assert LoraBatchMeta.from_token_lora_slots([1, 1, -1, 0, 0]).grouped
+    assert meta.runs == ((0, 1, 2), (1, 2, 0), (2, 3, -1), (3, 4, 2), (4, 5, 0), (5, 6, 2)) and meta.max_seg_len == 3
+    assert meta.single_slot is None and meta.strategy == "segment"
+    a, b, slot = meta.segments[1]
+    assert slot == 2 and meta.sorted_rows[a:b].tolist() == [0, 3, 5]
+    assert LoraBatchMeta.from_token_lora_slots([1, 1, -1, 0, 0]).runs == ((0, 2, 1), (2, 3, -1), (3, 5, 0))  # grouped
     assert LoraBatchMeta.from_token_lora_slots([5, 5]).single_slot == 5
     assert LoraBatchMeta.from_token_lora_slots([5, -1]).single_slot is None
     assert LoraBatchMeta.from_token_lora_slots(torch.tensor([1, 0])).token_lora_slots.dtype == torch.int32

@@ -122,4 +122,5 @@ def test_dora_slot_reuse_and_disabled_dora(env: dict) -> None:
     cache = AdapterCache(max_loras=1, loader=slots.load, slot_writer=slots.set_slot)
     cache.register("dora", str(env["dora"]))  # accepted (validated with allow_dora) when DoRA is enabled
     s = cache.acquire("dora")
-    assert s == 0 and slots.occupant(0) == "dora" and slots.dora(1, "down_proj") is not None
+    assert s == 0 and slots.dora(1, "down_proj") is not None  # the DoRA adapter's g, where the plain one left ones
+    assert slots.dora(0, "q_proj") is not None and slots.dora(0, "k_proj") is None
