@@ -194,14 +194,14 @@ def lora(args: argparse.Namespace) -> dict:
         saved = (tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR)
         tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR = 1, float("inf")  # build pad_rows for "bmm"
         try:
-            meta = LoraBatchMeta.from_token_slots(slots)
+            meta = LoraBatchMeta.from_token_lora_slots(slots)
         finally:
             tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR = saved
-        chosen = LoraBatchMeta.from_token_slots(slots).path_for(dt)
+        chosen = LoraBatchMeta.from_token_lora_slots(slots).path_for(dt)
         row = {}
         for path in ("runs", "segments", "bmm", "dense"):
             m = replace(meta, cpu_path=path, cpu_path_half=path, dense_fallback="segments")
-            ts = m.token_slots
+            ts = m.token_lora_slots
 
             def step(m=m, ts=ts) -> None:  # type: ignore[no-untyped-def]
                 h = lora_shrink(x, a, ts, sc, meta=m, check=False)

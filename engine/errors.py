@@ -31,6 +31,17 @@ class ConfigError(MloraError):
     """A bad configuration value (model config, engine config, CLI flags)."""
 
 
+class TokenIdError(ConfigError):
+    """A token id outside the model's vocabulary, in the prompt or a sampling parameter (HTTP 400).
+
+    `param` names the request field that holds it ("prompt", "logit_bias", "allowed_token_ids"),
+    which the server reports as the OpenAI error's `param`."""
+
+    def __init__(self, message: str, *, param: str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.param = param
+
+
 class UsageError(ConfigError):
     """A bad option value, caught before any work starts: a CLI usage error (exit 2, like click's own)."""
 

@@ -11,12 +11,12 @@ token ids (logit_bias, allowed_token_ids). Whether an adapter is known is the en
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from engine.config import EngineConfig, check_priority
-from engine.errors import ConfigError, PromptTooLongError
+from engine.errors import ConfigError, PromptTooLongError, TokenIdError
 from engine.sampling_params import SamplingParams
 
 Composition = tuple[tuple[str, float], ...]
@@ -39,7 +39,7 @@ class InputProcessor:
             text: str | None = prompt
         else:
             ids, text = [int(t) for t in prompt], None
-            self._check_ids("prompt", ids)
+            self.check_prompt_ids(ids)
         if not ids:
             raise ConfigError("the prompt is empty")
         if len(ids) >= self.max_model_len:
@@ -48,6 +48,13 @@ class InputProcessor:
                 "(including at least one generated token)"
             )
         return text, ids
+
+    def check_prompt_ids(self, ids: Sequence[int]) -> None:
+        """Every prompt token id indexes the model's embedding: [0, vocab_size), the MODEL's vocabulary,
+        which may be larger than the tokenizer's (vLLM accepts those ids too). TokenIdError (HTTP 400,
+        param "prompt") names the first id outside. `tokenize` calls it; the server also calls it for every
+        prompt of a batch completion before submitting any, so one bad prompt starts nothing."""
+        self._check_ids("prompt", ids)
 
     def check_params(self, params: SamplingParams, priority: int = 0) -> None:
         """The request's sampling token ids are in the vocabulary; `priority` means something here."""
@@ -68,7 +75,8 @@ class InputProcessor:
     def _check_ids(self, what: str, ids: Any) -> None:
         outside = [t for t in ids if not 0 <= t < self.vocab_size]
         if outside:
-            raise ConfigError(f"{what} token id {outside[0]} is outside the vocabulary (size {self.vocab_size})")
+            raise TokenIdError(f"{what} token id {outside[0]} is out of range [0, {self.vocab_size}) "
+                               "(the model's vocabulary)", param=what)
 
 
 def resolve_components(adapter: str | None, adapters: Any, compositions: Mapping[str, Composition],

@@ -90,10 +90,10 @@ class LoraStacks(Protocol):
 class LoraContext:
     """A step's LoRA inputs: which slot each token uses (-1 = base) and the stacks to read."""
 
-    token_slots: torch.Tensor  # [T] int
+    token_lora_slots: torch.Tensor  # [T] int
     meta: Any  # kernels.LoraBatchMeta built once per step
     stacks: LoraStacks
-    composed: Any = None  # kernels.ComposedRows: rows composing several adapters (their token_slots are -1)
+    composed: Any = None  # kernels.ComposedRows: rows composing several adapters (their token_lora_slots are -1)
 
 
 def prepack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -166,7 +166,7 @@ class LoraLinear(nn.Module):
             offset += n
         if not parts:
             return y
-        ts, meta = lora.token_slots, lora.meta
+        ts, meta = lora.token_lora_slots, lora.meta
         # stacks and meta are built consistent per step: skip the per-call argument checks
         if lora.composed is None or meta.num_lora_rows:  # an all-composed step has no single-slot rows
             slot_ranks = getattr(lora.stacks, "slot_ranks", None)  # slots past an adapter's rank are zero: skipped

@@ -332,7 +332,7 @@ class ModelRunner:
         lmeta = self.lora_meta.build(step.token_lora_slots, split=split)
         # composed rows: one virtual row per component (kernels.ComposedRows); None keeps single-adapter steps as they were
         comp = ComposedRows.from_pairs(step.composed_rows, device=self.device) if step.composed_rows else None
-        return LoraContext(token_slots=lmeta.token_slots, meta=lmeta, stacks=lora.stacks, composed=comp)  # [T] int32
+        return LoraContext(token_lora_slots=lmeta.token_lora_slots, meta=lmeta, stacks=lora.stacks, composed=comp)  # [T] int32
 
     def _prompt_logprobs(self, seq: Sequence, hidden: torch.Tensor) -> None:
         """Append to seq.prompt_logprobs the entries of the next len(hidden) prompt tokens (vLLM's format)."""
@@ -363,7 +363,7 @@ class ModelRunner:
         lora = None
         if stacks is not None and lora_slot >= 0:
             ts = torch.full((t,), lora_slot, dtype=torch.int32, device=dev)
-            lora = LoraContext(token_slots=ts, meta=LoraBatchMeta.from_token_slots(ts), stacks=stacks)
+            lora = LoraContext(token_lora_slots=ts, meta=LoraBatchMeta.from_token_lora_slots(ts), stacks=stacks)
         ids = torch.tensor(token_ids, dtype=torch.long, device=dev)
         with sdpa_backends(dev):
             hidden = self.model(ids, torch.arange(t, device=dev), meta, scratch, lora)

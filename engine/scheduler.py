@@ -67,7 +67,6 @@ class ScheduledSeq:
 class SchedulerOutput:
     scheduled: list[ScheduledSeq] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
-    adapters: set[str] = field(default_factory=set)  # distinct adapters in this step
 
     @property
     def num_tokens(self) -> int:
@@ -225,7 +224,6 @@ class Scheduler:
         active = {n for s in self.running for n in s.adapter_names}  # a composed request counts each component
         if not out.preempted:
             budget = self._admit(out, budget, active, frozenset(resident))
-        out.adapters = {n for s in out.scheduled for n in s.seq.adapter_names}
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int, active: set[str], resident: frozenset[str]) -> int:

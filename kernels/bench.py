@@ -187,7 +187,7 @@ def run_kernel_bench(*, device: str = "auto", hidden_sizes: Sequence[int] | None
                     continue
                 slot_list = decode_slots(T, N)
                 slots = torch.tensor(slot_list, dtype=torch.int32, device=dev)
-                meta = LoraBatchMeta.from_token_slots(slot_list, device=dev)
+                meta = LoraBatchMeta.from_token_lora_slots(slot_list, device=dev)
                 x = torch.randn(T, hidden, generator=gen, device=dev).to(dt)
                 h = lora_shrink(x, a_all[0], slots, scales, meta=meta)
                 out = torch.zeros(T, hidden, dtype=dt, device=dev)

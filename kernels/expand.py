@@ -1,9 +1,9 @@
 """LoRA expand: out[:, off:off+N] += h @ B[slot].T per row. Triton SGMV/BGMV kernels and the torch reference.
 
 Semantics (T rows, S slots, R = max rank, N = out features of this slice):
-    h: [T, R], lora_b: [S, N, R], token_slots: [T] int (-1 = no adapter), out: [T, >= off + N]
+    h: [T, R], lora_b: [S, N, R], token_lora_slots: [T] int (-1 = no adapter), out: [T, >= off + N]
     for t in range(T):
-        s = token_slots[t]
+        s = token_lora_slots[t]
         if s != -1:
             out[t, off:off+N] += h[t] @ lora_b[s].T       # fp32 accumulation, one rounding to out.dtype
     out is updated in place and returned; rows with s == -1 and columns outside [off, off+N) are untouched.
@@ -22,12 +22,12 @@ from kernels import _triton
 from kernels.meta import LoraBatchMeta
 from kernels.shrink import triton_cdiv
 
-def expand_reference(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor,
+def expand_reference(h: torch.Tensor, lora_b: torch.Tensor, token_lora_slots: torch.Tensor, out: torch.Tensor,
                      out_offset: int = 0) -> torch.Tensor:
     """The obviously-right version of the semantics above (fp32, one matmul per distinct slot)."""
     N = lora_b.shape[1]
     view = out[:, out_offset:out_offset + N]  # [T, N]
-    slots = token_slots.to(torch.long)
+    slots = token_lora_slots.to(torch.long)
     for s in torch.unique(slots).tolist():
         if s < 0:
             continue
@@ -58,7 +58,7 @@ def expand_triton(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta
     common = (N, R, h.stride(0), lora_b.stride(0), lora_b.stride(1), out.stride(0), out_offset)
     if strategy == "gather":
         block_n = max(16, (65536 if interpret else 4096) // block_k)
-        gather_kernel[(T, triton_cdiv(N, block_n))](h, lora_b, out, meta.token_slots, *common,
+        gather_kernel[(T, triton_cdiv(N, block_n))](h, lora_b, out, meta.token_lora_slots, *common,
                                                    BLOCK_N=block_n, BLOCK_K=block_k)
         return out
     if interpret:  # big blocks: numpy vectorises them, the per-program Python cost dominates

@@ -1,6 +1,6 @@
 """Per-step batch layout for the LoRA ops, built once per engine step and shared by every layer.
 
-Every LoRA layer of a decoder sees the same `token_slots` in one step, so everything that
+Every LoRA layer of a decoder sees the same `token_lora_slots` in one step, so everything that
 depends only on the slots (sort order, segments, distinct slots, index tensors) is computed
 here once instead of in each of the ~7 x num_layers op calls. On an accelerator the index
 tensors are written into buffers allocated once (`LoraMetaBuffers`, pinned host staging) and
@@ -60,13 +60,13 @@ class KernelError(MloraError):
 
 @dataclass(frozen=True, eq=False)
 class LoraBatchMeta:
-    """Layout of one step's `token_slots`: what each op needs to launch without recomputing it.
+    """Layout of one step's `token_lora_slots`: what each op needs to launch without recomputing it.
 
     T = rows, G = segments = distinct slots != -1, T_lora = rows with a slot != -1. Each field's
-    comment walks one example, token_slots = [1, -1, 0, 1] (T = 4, G = 2, T_lora = 3):
+    comment walks one example, token_lora_slots = [1, -1, 0, 1] (T = 4, G = 2, T_lora = 3):
     """
 
-    token_slots: torch.Tensor  # [T] int32 on device, the slot of each row (-1 = base model): [1, -1, 0, 1]
+    token_lora_slots: torch.Tensor  # [T] int32 on device, the slot of each row (-1 = base model): [1, -1, 0, 1]
     num_tokens: int  # T: 4
     num_no_lora: int  # rows with slot -1 (shrink gives 0, expand leaves them alone): 1
     min_slot: int  # host int for the range check against S (no device sync per op): -1
@@ -104,19 +104,9 @@ class LoraBatchMeta:
     def num_lora_rows(self) -> int:
         return self.num_tokens - self.num_no_lora
 
-    @property
-    def grouped(self) -> bool:
-        """Rows are already grouped: every slot (and -1) occupies one contiguous run of rows."""
-        return len(self.runs) == len(self.distinct_slots) + (1 if self.num_no_lora else 0)
-
-    def rows_of(self, g: int) -> torch.Tensor:
-        """Row indices of segment g (slot `segments[g][2]`): a view into sorted_rows, no copy."""
-        a, b, _ = self.segments[g]
-        return self.sorted_rows[a:b]
-
     @classmethod
-    def from_token_slots(
-        cls, token_slots: torch.Tensor | Sequence[int], *, device: torch.device | str | None = None,
+    def from_token_lora_slots(
+        cls, token_lora_slots: torch.Tensor | Sequence[int], *, device: torch.device | str | None = None,
         split: int | None = None, buffers: LoraMetaBuffers | None = None,
     ) -> LoraBatchMeta:
         """Build the layout from the per-row slots (a tensor or a host list; a list avoids a sync).
@@ -127,7 +117,7 @@ class LoraBatchMeta:
         `buffers`: write the device tensors into these preallocated buffers (valid until their next
         fill) instead of allocating them; `LoraMetaBuffers.build` passes itself here.
         """
-        host, dev = _host_slots(token_slots, device)
+        host, dev = _host_slots(token_lora_slots, device)
         meta = cls._build(host, dev, buffers)
         T = int(host.numel())
         if split is not None and 0 < split < T and meta.cpu_path not in ("none", "single"):
@@ -151,7 +141,7 @@ class LoraBatchMeta:
                        pad_rows=none, pad_slots=none)
         min_slot, max_slot = int(host.min()), int(host.max())
         if min_slot < -1:
-            raise KernelError(f"token_slots must be >= -1 (-1 = no adapter), got {min_slot}")
+            raise KernelError(f"token_lora_slots must be >= -1 (-1 = no adapter), got {min_slot}")
         runs = _spans(*torch.unique_consecutive(host, return_counts=True))
         sg = _Segments.of(host)
         pad = _padded_layout(sg, T)
@@ -161,9 +151,9 @@ class LoraBatchMeta:
         dense_cols = sg.sorted_slots - (vals[0] if G else 0)
         placed = _place(dev, buffers, int32=(host, seg_pack),
                         int64=(sg.order, sg.sorted_slots, pad[2], sg.seg_vals, dense_cols))
-        (token_slots, seg_pack), (sorted_rows, sorted_slots, pad_rows, pad_slots, dense_cols) = placed
+        (token_lora_slots, seg_pack), (sorted_rows, sorted_slots, pad_rows, pad_slots, dense_cols) = placed
         return cls(
-            token_slots=token_slots,
+            token_lora_slots=token_lora_slots,
             num_tokens=T,
             num_no_lora=sg.num_no_lora,
             min_slot=min_slot,
@@ -192,19 +182,19 @@ class LoraBatchMeta:
 
 
 # ----------------------------------------------------------------------------- layout helpers (host side)
-def _host_slots(token_slots: torch.Tensor | Sequence[int],
+def _host_slots(token_lora_slots: torch.Tensor | Sequence[int],
                 device: torch.device | str | None) -> tuple[torch.Tensor, torch.device]:
     """Check the per-row slots; return them as a host [T] int64 tensor and the target device."""
-    if isinstance(token_slots, torch.Tensor):
-        if token_slots.dim() != 1:
-            raise KernelError(f"token_slots must be 1-D [T], got shape {tuple(token_slots.shape)}")
-        if token_slots.dtype.is_floating_point or token_slots.dtype.is_complex or token_slots.dtype == torch.bool:
-            raise KernelError(f"token_slots must be an integer tensor, got {token_slots.dtype}")
-        dev = torch.device(device) if device is not None else token_slots.device
-        return token_slots.detach().to("cpu", torch.int64), dev
-    values = list(token_slots)
+    if isinstance(token_lora_slots, torch.Tensor):
+        if token_lora_slots.dim() != 1:
+            raise KernelError(f"token_lora_slots must be 1-D [T], got shape {tuple(token_lora_slots.shape)}")
+        if token_lora_slots.dtype.is_floating_point or token_lora_slots.dtype.is_complex or token_lora_slots.dtype == torch.bool:
+            raise KernelError(f"token_lora_slots must be an integer tensor, got {token_lora_slots.dtype}")
+        dev = torch.device(device) if device is not None else token_lora_slots.device
+        return token_lora_slots.detach().to("cpu", torch.int64), dev
+    values = list(token_lora_slots)
     if any(isinstance(v, bool) or not isinstance(v, int) for v in values):
-        raise KernelError("token_slots must be a sequence of ints")
+        raise KernelError("token_lora_slots must be a sequence of ints")
     dev = torch.device(device) if device is not None else torch.device("cpu")
     return torch.tensor(values, dtype=torch.int64), dev
 
@@ -295,8 +285,8 @@ def _place(dev: torch.device, buffers: LoraMetaBuffers | None, *, int32: tuple[t
 class LoraMetaBuffers:
     """Device buffers for a step's LoraBatchMeta, allocated once and refilled every step (vLLM's LoRAKernelMeta).
 
-    `build(token_slots)` returns the step's LoraBatchMeta whose index tensors are views of two device
-    buffers (int32: token_slots + the three [G] segment arrays; int64: sorted_rows, sorted_slots,
+    `build(token_lora_slots)` returns the step's LoraBatchMeta whose index tensors are views of two device
+    buffers (int32: token_lora_slots + the three [G] segment arrays; int64: sorted_rows, sorted_slots,
     pad_rows, pad_slots, dense_cols), filled from pinned host staging with one non-blocking copy each.
     The views stay valid until the next `build`: one step's metadata at a time, as the engine uses it.
     Sized for `max_tokens` rows up front (grown, once, if a step ever needs more). On CPU (`stage`
@@ -322,9 +312,9 @@ class LoraMetaBuffers:
         self._dev64 = torch.empty(n64, dtype=torch.int64, device=self.device)
         self._cap = (n32, n64)
 
-    def build(self, token_slots: torch.Tensor | Sequence[int], *, split: int | None = None) -> LoraBatchMeta:
-        """This step's layout (see LoraBatchMeta.from_token_slots), its index tensors in these buffers."""
-        return LoraBatchMeta.from_token_slots(token_slots, device=self.device, split=split,
+    def build(self, token_lora_slots: torch.Tensor | Sequence[int], *, split: int | None = None) -> LoraBatchMeta:
+        """This step's layout (see LoraBatchMeta.from_token_lora_slots), its index tensors in these buffers."""
+        return LoraBatchMeta.from_token_lora_slots(token_lora_slots, device=self.device, split=split,
                                               buffers=self if self.stage else None)
 
     def fill(self, int32: tuple[torch.Tensor, ...],
@@ -363,7 +353,7 @@ class ComposedRows:
     Example: rows 0 and 2 compose [(1, 0.7), (3, 0.5)] and [(3, 1.0), (0, 0.2), (2, 0.4)]:
         rows    = [2, 0, 2, 0, 2]          (the real row of each virtual row, int64 on device)
         weights = [0.2, 0.7, 0.4, 0.5, 1.0] (fp32 on device)
-        meta    = LoraBatchMeta.from_token_slots([0, 1, 2, 3, 3])
+        meta    = LoraBatchMeta.from_token_lora_slots([0, 1, 2, 3, 3])
     """
 
     rows: torch.Tensor
@@ -391,4 +381,4 @@ class ComposedRows:
         dev = torch.device(device) if device is not None else torch.device("cpu")
         return cls(torch.tensor(rows, dtype=torch.int64, device=dev),
                    torch.tensor(weights, dtype=torch.float32, device=dev),
-                   LoraBatchMeta.from_token_slots(slots, device=dev))
+                   LoraBatchMeta.from_token_lora_slots(slots, device=dev))

@@ -28,16 +28,16 @@ STRATEGIES = ("auto", "segment", "gather")
 FLOAT_DTYPES = tuple(TORCH_DTYPES.values())
 
 
-def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor, scales: torch.Tensor, *,
+def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_lora_slots: torch.Tensor, scales: torch.Tensor, *,
                 meta: LoraBatchMeta | None = None, backend: str = "auto", strategy: str = "auto",
                 check: bool = True, slot_ranks: Sequence[int] | None = None) -> torch.Tensor:
     """Per-row LoRA down-projection, each row with its own adapter slot.
 
     Semantics:
-        x: [T, K], lora_a: [S, R, K], token_slots: [T] int in [-1, S), scales: [S] or [S, R] float
-        h[t] = scales[s] * (x[t] @ lora_a[s].T)   with s = token_slots[t];   h[t] = 0 when s == -1
+        x: [T, K], lora_a: [S, R, K], token_lora_slots: [T] int in [-1, S), scales: [S] or [S, R] float
+        h[t] = scales[s] * (x[t] @ lora_a[s].T)   with s = token_lora_slots[t];   h[t] = 0 when s == -1
         returns h: [T, R] in x.dtype (accumulated in fp32)
-    `meta` is `LoraBatchMeta.from_token_slots(token_slots)`, built once per step and shared by all
+    `meta` is `LoraBatchMeta.from_token_lora_slots(token_lora_slots)`, built once per step and shared by all
     layers (built here when omitted). Raises KernelError (an MloraError) on bad shapes/dtypes/devices.
     `check=False` (the engine's hot path, whose stacks and per-step meta are built consistent) skips
     the argument checks, ~20 us of Python per call, 168 calls per step on a 12-layer model; `meta`
@@ -45,28 +45,28 @@ def lora_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor
     zero (a lower-rank adapter in wider slots); the "cpu" backend then skips them (same result).
     """
     if check or meta is None:
-        _check_shrink(x, lora_a, token_slots, scales)
+        _check_shrink(x, lora_a, token_lora_slots, scales)
         _check_ranks(slot_ranks, *lora_a.shape[:2])
-        meta = _meta_for(meta, token_slots, lora_a.shape[0])
+        meta = _meta_for(meta, token_lora_slots, lora_a.shape[0])
     be = _resolve(backend, x.device)
     if x.shape[0] == 0:
         return torch.empty(0, lora_a.shape[1], dtype=x.dtype, device=x.device)
     if be == "torch":
-        return shrink_reference(x, lora_a, token_slots, scales)
+        return shrink_reference(x, lora_a, token_lora_slots, scales)
     if be == "cpu":
         return shrink_cpu(x, lora_a, scales, meta, slot_ranks)
     return shrink_triton(x, lora_a, scales, meta, _strategy(strategy, meta))
 
 
-def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor, *,
+def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, token_lora_slots: torch.Tensor, out: torch.Tensor, *,
                 meta: LoraBatchMeta | None = None, out_offset: int = 0, backend: str = "auto",
                 strategy: str = "auto", check: bool = True, slot_ranks: Sequence[int] | None = None) -> torch.Tensor:
     """Per-row LoRA up-projection added in place into a column slice of `out`.
 
     Semantics:
         h: [T, R], lora_b: [S, N, R] (on the torch/cpu backends also a rank-major view, i.e.
-        `Bt.transpose(1, 2)` of a contiguous [S, R, N]), token_slots: [T] int in [-1, S), out: [T, >= out_offset + N]
-        out[t, out_offset:out_offset+N] += h[t] @ lora_b[s].T   with s = token_slots[t]; nothing when s == -1
+        `Bt.transpose(1, 2)` of a contiguous [S, R, N]), token_lora_slots: [T] int in [-1, S), out: [T, >= out_offset + N]
+        out[t, out_offset:out_offset+N] += h[t] @ lora_b[s].T   with s = token_lora_slots[t]; nothing when s == -1
         returns out (the same tensor); accumulated in fp32, rounded once to out.dtype
     `out_offset` serves fused projections: expand q, k, v (or gate, up) into their column ranges
     of one output. h, lora_b and out share one dtype. `check=False`, `slot_ranks` (B's columns past
@@ -74,27 +74,27 @@ def lora_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor
     """
     be = _resolve(backend, h.device)
     if check or meta is None:
-        _check_expand(h, lora_b, token_slots, out, out_offset, rank_major_ok=be != "triton")
+        _check_expand(h, lora_b, token_lora_slots, out, out_offset, rank_major_ok=be != "triton")
         _check_ranks(slot_ranks, lora_b.shape[0], lora_b.shape[2])
-        meta = _meta_for(meta, token_slots, lora_b.shape[0])
+        meta = _meta_for(meta, token_lora_slots, lora_b.shape[0])
     if h.shape[0] == 0:
         return out
     if be == "torch":
-        return expand_reference(h, lora_b, token_slots, out, out_offset)
+        return expand_reference(h, lora_b, token_lora_slots, out, out_offset)
     if be == "cpu":
         return expand_cpu(h, lora_b, out, meta, out_offset, slot_ranks)
     return expand_triton(h, lora_b, out, meta, out_offset, _strategy(strategy, meta))
 
 
 def lora_shrink_slices(x: torch.Tensor, slices: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                       token_slots: torch.Tensor, *, meta: LoraBatchMeta | None = None, backend: str = "auto",
+                       token_lora_slots: torch.Tensor, *, meta: LoraBatchMeta | None = None, backend: str = "auto",
                        strategy: str = "auto", check: bool = True,
                        slot_ranks: Sequence[Sequence[int] | None] | None = None) -> list[torch.Tensor]:
     """The shrinks of a fused projection's slices (q/k/v, gate/up) in one call, as vLLM's `nslices`.
 
     Semantics:
         slices: [(lora_a_i [S, R_i, K], scales_i [S] or [S, R_i])] for i < nslices
-        returns [h_i] with h_i = lora_shrink(x, lora_a_i, token_slots, scales_i)   # h_i: [T, R_i]
+        returns [h_i] with h_i = lora_shrink(x, lora_a_i, token_lora_slots, scales_i)   # h_i: [T, R_i]
     The step layout (`meta`), backend and strategy are resolved once for all slices; each backend
     then runs one shrink per slice (the slices' stacks are separate tensors: one fused launch would
     need them laid out as one [S, sum R_i, K] stack or a pointer table). `slot_ranks[i]`: slice i's
@@ -102,15 +102,15 @@ def lora_shrink_slices(x: torch.Tensor, slices: Sequence[tuple[torch.Tensor, tor
     """
     if check or meta is None:
         for a, sc in slices:
-            _check_shrink(x, a, token_slots, sc)
-        meta = _meta_for(meta, token_slots, min((a.shape[0] for a, _ in slices), default=0))
+            _check_shrink(x, a, token_lora_slots, sc)
+        meta = _meta_for(meta, token_lora_slots, min((a.shape[0] for a, _ in slices), default=0))
     ranks = slot_ranks if slot_ranks is not None else [None] * len(slices)
-    return [lora_shrink(x, a, token_slots, sc, meta=meta, backend=backend, strategy=strategy, check=False,
+    return [lora_shrink(x, a, token_lora_slots, sc, meta=meta, backend=backend, strategy=strategy, check=False,
                         slot_ranks=r) for (a, sc), r in zip(slices, ranks)]
 
 
 def lora_expand_slices(hs: Sequence[torch.Tensor], slices: Sequence[tuple[torch.Tensor, int]],
-                       token_slots: torch.Tensor, out: torch.Tensor, *, meta: LoraBatchMeta | None = None,
+                       token_lora_slots: torch.Tensor, out: torch.Tensor, *, meta: LoraBatchMeta | None = None,
                        backend: str = "auto", strategy: str = "auto", check: bool = True,
                        slot_ranks: Sequence[Sequence[int] | None] | None = None) -> torch.Tensor:
     """The expands of a fused projection's slices into their column ranges of one output, in one call.
@@ -125,11 +125,11 @@ def lora_expand_slices(hs: Sequence[torch.Tensor], slices: Sequence[tuple[torch.
     if check or meta is None:
         rank_major_ok = _resolve(backend, out.device) != "triton"
         for h, (b, off) in zip(hs, slices):
-            _check_expand(h, b, token_slots, out, off, rank_major_ok=rank_major_ok)
-        meta = _meta_for(meta, token_slots, min((b.shape[0] for b, _ in slices), default=0))
+            _check_expand(h, b, token_lora_slots, out, off, rank_major_ok=rank_major_ok)
+        meta = _meta_for(meta, token_lora_slots, min((b.shape[0] for b, _ in slices), default=0))
     ranks = slot_ranks if slot_ranks is not None else [None] * len(slices)
     for h, (b, off), r in zip(hs, slices, ranks):
-        lora_expand(h, b, token_slots, out, meta=meta, out_offset=off, backend=backend, strategy=strategy,
+        lora_expand(h, b, token_lora_slots, out, meta=meta, out_offset=off, backend=backend, strategy=strategy,
                     check=False, slot_ranks=r)
     return out
 
@@ -158,10 +158,10 @@ def lora_compose(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, sc
         return out
     N = lora_b.shape[1]
     xv = x.index_select(0, composed.rows)  # [V, K]
-    h = lora_shrink(xv, lora_a, m.token_slots, scales, meta=m, backend=backend, strategy=strategy, check=check)
+    h = lora_shrink(xv, lora_a, m.token_lora_slots, scales, meta=m, backend=backend, strategy=strategy, check=check)
     h.mul_(composed.weights.to(h.dtype).unsqueeze(1))  # [V, R]: w_v * scales[s_v] * A x
     buf = torch.zeros(m.num_tokens, N, dtype=out.dtype, device=out.device)  # [V, N]
-    lora_expand(h, lora_b, m.token_slots, buf, meta=m, backend=backend, strategy=strategy, check=check)
+    lora_expand(h, lora_b, m.token_lora_slots, buf, meta=m, backend=backend, strategy=strategy, check=check)
     out[:, out_offset:out_offset + N].index_add_(0, composed.rows, buf)
     return out
 
@@ -183,13 +183,13 @@ def _strategy(strategy: str, meta: LoraBatchMeta) -> str:
     return meta.strategy if strategy == "auto" else strategy
 
 
-def _meta_for(meta: LoraBatchMeta | None, token_slots: torch.Tensor, num_slots: int) -> LoraBatchMeta:
+def _meta_for(meta: LoraBatchMeta | None, token_lora_slots: torch.Tensor, num_slots: int) -> LoraBatchMeta:
     if meta is None:
-        meta = LoraBatchMeta.from_token_slots(token_slots)
-    elif meta.num_tokens != token_slots.shape[0]:
-        raise KernelError(f"meta was built for {meta.num_tokens} rows but token_slots has {token_slots.shape[0]}")
+        meta = LoraBatchMeta.from_token_lora_slots(token_lora_slots)
+    elif meta.num_tokens != token_lora_slots.shape[0]:
+        raise KernelError(f"meta was built for {meta.num_tokens} rows but token_lora_slots has {token_lora_slots.shape[0]}")
     if meta.max_slot >= num_slots:
-        raise KernelError(f"token_slots must be in [-1, {num_slots}) for a stack of {num_slots} slots, "
+        raise KernelError(f"token_lora_slots must be in [-1, {num_slots}) for a stack of {num_slots} slots, "
                           f"got slot {meta.max_slot}")
     return meta
 
@@ -209,12 +209,12 @@ def _check_common(name: str, t: torch.Tensor, dim: int) -> None:
                           f"got strides {tuple(t.stride())}")
 
 
-def _check_slots(token_slots: torch.Tensor, T: int) -> None:
-    _check_common("token_slots", token_slots, 1)
-    if token_slots.dtype.is_floating_point or token_slots.dtype.is_complex or token_slots.dtype == torch.bool:
-        raise KernelError(f"token_slots must be an integer tensor, got {token_slots.dtype}")
-    if token_slots.shape[0] != T:
-        raise KernelError(f"token_slots has {token_slots.shape[0]} rows but the input has {T}")
+def _check_slots(token_lora_slots: torch.Tensor, T: int) -> None:
+    _check_common("token_lora_slots", token_lora_slots, 1)
+    if token_lora_slots.dtype.is_floating_point or token_lora_slots.dtype.is_complex or token_lora_slots.dtype == torch.bool:
+        raise KernelError(f"token_lora_slots must be an integer tensor, got {token_lora_slots.dtype}")
+    if token_lora_slots.shape[0] != T:
+        raise KernelError(f"token_lora_slots has {token_lora_slots.shape[0]} rows but the input has {T}")
 
 
 def _check_ranks(slot_ranks: Sequence[int] | None, S: int, R: int) -> None:
@@ -236,13 +236,13 @@ def _check_devices(**tensors: torch.Tensor) -> None:
         raise KernelError(f"all tensors must be on one device, got {where}")
 
 
-def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor, scales: torch.Tensor) -> None:
+def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_lora_slots: torch.Tensor, scales: torch.Tensor) -> None:
     _check_common("x", x, 2)
     _check_common("lora_a", lora_a, 3)
-    _check_slots(token_slots, x.shape[0])
+    _check_slots(token_lora_slots, x.shape[0])
     if not isinstance(scales, torch.Tensor) or scales.dim() not in (1, 2):
         raise KernelError("scales must be a tensor of shape [S] or [S, R]")
-    _check_devices(x=x, lora_a=lora_a, token_slots=token_slots, scales=scales)
+    _check_devices(x=x, lora_a=lora_a, token_lora_slots=token_lora_slots, scales=scales)
     _check_float("x", x)
     _check_float("scales", scales)
     if lora_a.dtype != x.dtype:
@@ -254,7 +254,7 @@ def _check_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tens
         raise KernelError(f"scales shape {_shape(scales)} must be [{S}] or [{S}, {R}] for lora_a {_shape(lora_a)}")
 
 
-def _check_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor,
+def _check_expand(h: torch.Tensor, lora_b: torch.Tensor, token_lora_slots: torch.Tensor, out: torch.Tensor,
                   out_offset: int, *, rank_major_ok: bool = False) -> None:
     _check_common("h", h, 2)
     # the torch backends also take a rank-major B (lora_b.transpose(1, 2) contiguous, as the
@@ -262,8 +262,8 @@ def _check_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tens
     rank_major = rank_major_ok and lora_b.dim() == 3 and lora_b.stride(1) == 1 and lora_b.transpose(1, 2).is_contiguous()
     _check_common("lora_b", lora_b if not rank_major else lora_b.transpose(1, 2), 3)
     _check_common("out", out, 2)
-    _check_slots(token_slots, h.shape[0])
-    _check_devices(h=h, lora_b=lora_b, token_slots=token_slots, out=out)
+    _check_slots(token_lora_slots, h.shape[0])
+    _check_devices(h=h, lora_b=lora_b, token_lora_slots=token_lora_slots, out=out)
     _check_float("h", h)
     if lora_b.dtype != h.dtype or out.dtype != h.dtype:
         raise KernelError(f"h ({h.dtype}), lora_b ({lora_b.dtype}) and out ({out.dtype}) must share one dtype")

@@ -1,9 +1,9 @@
 """LoRA shrink: h = scale * x @ A[slot].T per row. Triton SGMV/BGMV kernels and the torch reference.
 
 Semantics (T rows, S slots, R = max rank, K = in features):
-    x: [T, K], lora_a: [S, R, K], token_slots: [T] int (-1 = no adapter), scales: [S] or [S, R]
+    x: [T, K], lora_a: [S, R, K], token_lora_slots: [T] int (-1 = no adapter), scales: [S] or [S, R]
     for t in range(T):
-        s = token_slots[t]
+        s = token_lora_slots[t]
         h[t] = 0                                          if s == -1
         h[t] = scales[s] * (x[t] @ lora_a[s].T)           otherwise   # fp32 accumulation
     h: [T, R] in x.dtype
@@ -22,12 +22,12 @@ import torch
 from kernels import _triton
 from kernels.meta import LoraBatchMeta
 
-def shrink_reference(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor,
+def shrink_reference(x: torch.Tensor, lora_a: torch.Tensor, token_lora_slots: torch.Tensor,
                      scales: torch.Tensor) -> torch.Tensor:
     """The obviously-right version of the semantics above (fp32, one matmul per distinct slot)."""
     T, R = x.shape[0], lora_a.shape[1]
     h = torch.zeros(T, R, dtype=torch.float32, device=x.device)  # h: [T, R]
-    slots = token_slots.to(torch.long)
+    slots = token_lora_slots.to(torch.long)
     for s in torch.unique(slots).tolist():
         if s < 0:
             continue
@@ -102,7 +102,7 @@ def shrink_triton(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, m
     common = (K, R, x.stride(0), lora_a.stride(0), lora_a.stride(1), h.stride(0), scales.stride(0), ssc_r,
               r_blocks, k_per_split)
     if strategy == "gather":
-        gather_kernel[(T, r_blocks * split)](x, lora_a, scales, h, meta.token_slots, *common, BLOCK_R=block_r,
+        gather_kernel[(T, r_blocks * split)](x, lora_a, scales, h, meta.token_lora_slots, *common, BLOCK_R=block_r,
                                              BLOCK_K=block_k, SCALE_PER_RANK=per_rank, SPLIT_K=split)
     else:
         grid = (len(meta.segments), m_blocks, r_blocks * split)

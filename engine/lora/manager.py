@@ -446,23 +446,24 @@ class AdapterCache:
             return None
         return ver
 
-    def free_slots(self) -> int:
-        """Slots that are empty or hold an unpinned adapter (i.e. could be taken now)."""
-        with self._lock:
-            return sum(1 for v in self._slots if v is None or v.pins == 0)
-
     def resident(self) -> list[str]:
         """Names whose current version is in a slot, least recently used first."""
         with self._lock:
             return [v.name for v in self._device]
 
     def cpu_resident(self) -> list[str]:
-        """Names whose current version is in the CPU tier, least recently used first."""
+        """Names whose current version is in the CPU tier, least recently used first.
+
+        (test/inspection accessor: the engine never asks; tests check the CPU tier's LRU order and what
+        registering or unloading left in it, which the stats counters cannot tell apart.)"""
         with self._lock:
             return [v.name for v in self._cpu]
 
     def pins(self) -> dict[str, int]:
-        """Running requests per adapter name (all versions)."""
+        """Running requests per adapter name (all versions).
+
+        (test/inspection accessor: the engine never asks; tests check that every pin is released exactly
+        once, which no public counter shows: the scheduler's running counts come from the requests.)"""
         with self._lock:
             out: dict[str, int] = {}
             for v in self._slots:

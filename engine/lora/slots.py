@@ -33,7 +33,7 @@ DoRA (served when built with `base_weight=`, which vLLM cannot do): PEFT compute
 output row, a constant at inference). `g` is precomputed per (layer, module, slot) at load
 time and kept in `G[module] [layers, max_loras + 1, out]` fp32 (row `max_loras` is all ones,
 so indexing with token slot -1 selects 1 = untouched). The model adds the LoRA delta as usual,
-then calls `apply_dora(y_part, dora(layer, module), token_slots, bias_part)`; `dora()` is None
+then calls `apply_dora(y_part, dora(layer, module), token_lora_slots, bias_part)`; `dora()` is None
 while no DoRA adapter is resident, so plain-LoRA batches pay nothing.
 """
 
@@ -79,17 +79,17 @@ BaseWeight = Callable[[int, str], torch.Tensor]  # (layer, module) -> the base l
 
 @torch.no_grad()
 def apply_dora(
-    y: torch.Tensor, g: torch.Tensor, token_slots: torch.Tensor, bias: torch.Tensor | None = None
+    y: torch.Tensor, g: torch.Tensor, token_lora_slots: torch.Tensor, bias: torch.Tensor | None = None
 ) -> torch.Tensor:
     """DoRA's output rescale, in place, after the LoRA delta was added into `y`.
 
-    Semantics (per token t with slot s = token_slots[t]; s == -1 selects g's ones row):
+    Semantics (per token t with slot s = token_lora_slots[t]; s == -1 selects g's ones row):
         y[t] = g[s] * (y[t] - bias) + bias        # = g * (W x + s B A x) + bias
 
     y: [T, out] (a column slice of the fused output is fine), g: [S + 1, out] fp32 from
-    `LoraSlots.dora`, token_slots: [T] int, bias: [out] or None.
+    `LoraSlots.dora`, token_lora_slots: [T] int, bias: [out] or None.
     """
-    gt = g[token_slots.long()].to(y.dtype)  # [T, out]
+    gt = g[token_lora_slots.long()].to(y.dtype)  # [T, out]
     if bias is None:
         y.mul_(gt)
     else:
@@ -130,7 +130,6 @@ class LoraSlots:
         self.scales = torch.zeros(L, len(self.modules), max_loras, dtype=torch.float32, device=self.device)
         # which slots have weights for (layer, module index): lets get() return None for idle pairs
         self._users: list[list[set[int]]] = [[set() for _ in self.modules] for _ in range(L)]
-        self._occupant: list[str | None] = [None] * max_loras
         # per module and slot: rank rows that may be non-zero (0 = all zero), so writes only
         # zero what a previous occupant actually dirtied
         self._dirty: dict[str, list[int]] = {m: [0] * max_loras for m in self.modules}
@@ -168,7 +167,10 @@ class LoraSlots:
         return self.A[module][layer], self.B[module][layer], self.scales[layer, mi]
 
     def stacks_for(self, layer: int, module: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(A [S, R, in], B [S, out, R], scales [S]) views for one linear (always, even if all zero)."""
+        """(A [S, R, in], B [S, out, R], scales [S]) views for one linear (always, even if all zero).
+
+        (test/inspection accessor: the model reads `get`, which hides idle pairs; tests check that those
+        stay zero and that lower ranks are zero-padded, without knowing how scales are laid out.)"""
         mi = self._mindex[module]
         return self.A[module][layer], self.B[module][layer], self.scales[layer, mi]
 
@@ -183,10 +185,6 @@ class LoraSlots:
         if self.G is None or mi is None or not self._dora_users[layer][mi]:
             return None
         return self.G[module][layer]
-
-    def occupant(self, slot: int) -> str | None:
-        """Name of the adapter last written into `slot` (None after reset)."""
-        return self._occupant[slot]
 
     # ------------------------------------------------------------------ checks and layout
     @property
@@ -349,7 +347,6 @@ class LoraSlots:
                         users[layer][mi].add(slot)
                     else:
                         users[layer][mi].discard(slot)
-        self._occupant[slot] = p.name
 
     @torch.no_grad()
     def reset_slot(self, slot: int) -> None:
@@ -369,7 +366,6 @@ class LoraSlots:
             for per_layer in table:
                 for users in per_layer:
                     users.discard(slot)
-        self._occupant[slot] = None
 
     def _check_slot(self, slot: int) -> None:
         if not 0 <= slot < self.max_loras:

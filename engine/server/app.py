@@ -28,7 +28,7 @@ from aiohttp import web
 
 from engine.config import positive_number
 from engine.errors import (AdapterError, AdapterNotFoundError, ConfigError, EngineStoppedError, MloraError,
-                           PromptTooLongError, QueueFullError)
+                           PromptTooLongError, QueueFullError, TokenIdError)
 from engine.server import protocol
 from engine.server.config import ServerConfig
 from engine.server.generation import Choices, open_choices
@@ -92,6 +92,8 @@ def api_error_for(exc: BaseException, retry_after: int = 1) -> protocol.APIError
         return protocol.APIError(429, exc.message, headers=retry)
     if isinstance(exc, EngineStoppedError):
         return protocol.APIError(503, exc.message, headers=retry)
+    if isinstance(exc, TokenIdError):
+        return protocol.APIError(400, exc.message, param=exc.param)
     if isinstance(exc, (PromptTooLongError, AdapterError, ConfigError, MloraError)):
         return protocol.APIError(400, exc.message)
     return protocol.APIError(500, "internal server error (see the server log)")
@@ -397,13 +399,24 @@ def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, na
     return protocol.sse(protocol.chunk(kind, rid, created, name, [], protocol.usage(prompt_tokens, sum(len(o.token_ids) for o in outs))))
 
 
+def _parse_completion(engine: Any, body: Any) -> protocol.CompletionRequest:
+    """The body's fields, then every token-id prompt's ids by the engine's one owner of that decision
+    (`InputProcessor.check_prompt_ids`), all before any prompt is submitted: one bad prompt of a batch
+    refuses the whole request (400, param "prompt") and starts nothing."""
+    req = protocol.parse_completion(body)
+    for p in req.prompts:
+        if isinstance(p, list):
+            engine.processor.check_prompt_ids(p)
+    return req
+
+
 async def completion_reply(srv: Serving, body: Any, request_id: str | None = None) -> Reply:
     """POST /v1/completions (vLLM/OpenAI legacy completions; prompt may be a batch) for a parsed JSON body."""
     engine, config = srv.engine, srv.config
     if isinstance(body, dict) and isinstance(body.get("prompt"), list):  # token ids: checking them scales
-        req = await run_text_work(protocol.parse_completion, body, len(engine.tokenizer))
+        req = await run_text_work(_parse_completion, engine, body)
     else:
-        req = protocol.parse_completion(body, vocab_size=len(engine.tokenizer))
+        req = _parse_completion(engine, body)
     _start_checks(config, len(req.prompts), req.n)  # before any per-prompt work
     limit = max_prompt_chars(engine.tokenizer, engine.max_model_len)
     for p in req.prompts:

@@ -392,15 +392,11 @@ def _is_token_list(value: Any) -> bool:
     return isinstance(value, list) and bool(value) and all(isinstance(t, int) and not isinstance(t, bool) for t in value)
 
 
-def _check_tokens(ids: list[int], vocab_size: int) -> list[int]:
-    bad_ids = [t for t in ids if not 0 <= t < vocab_size]
-    if bad_ids:
-        raise bad(f"prompt token id {bad_ids[0]} is out of range [0, {vocab_size})", "prompt")
-    return ids
+def parse_completion(body: Any) -> CompletionRequest:
+    """Validate a /v1/completions body. Raises APIError(400) with the offending parameter.
 
-
-def parse_completion(body: Any, vocab_size: int) -> CompletionRequest:
-    """Validate a /v1/completions body. Raises APIError(400) with the offending parameter."""
+    Token-id prompts are checked for shape here; whether their ids are in the model's vocabulary is the
+    engine's decision (`InputProcessor.check_prompt_ids`), asked by the route before any prompt starts."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
     _reject_unsupported(body)
@@ -414,8 +410,6 @@ def parse_completion(body: Any, vocab_size: int) -> CompletionRequest:
     for p in prompts:
         if isinstance(p, str) and not p:
             raise bad("'prompt' must not be empty", "prompt")
-        if isinstance(p, list):
-            _check_tokens(p, vocab_size)
     logprobs = _opt_int(body, "logprobs", 0, 20)
     stream, opts = _stream(body)
     echo = _opt_bool(body, "echo")

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine.errors import ConfigError, MloraError, PromptTooLongError
+from engine.errors import ConfigError, MloraError, PromptTooLongError, TokenIdError
 
 
 @pytest.mark.parametrize(
@@ -63,6 +63,10 @@ def test_prompt_errors(llama_dir: Path) -> None:
         llm.generate([list(range(3, 30))], SamplingParams())
     with pytest.raises(ConfigError, match="vocabulary"):
         llm.generate([[1, 10**6]], SamplingParams())
+    vocab = llm.engine.processor.vocab_size  # the model's, not the tokenizer's
+    with pytest.raises(TokenIdError, match=rf"prompt token id {vocab} is out of range \[0, {vocab}\)") as err:
+        llm.generate([[5, 6], [5, vocab]], SamplingParams())  # a good first prompt is rolled back with the batch
+    assert err.value.param == "prompt"
     with pytest.raises(ConfigError, match="empty"):
         llm.generate([[]], SamplingParams())
     assert not llm.engine.has_unfinished()

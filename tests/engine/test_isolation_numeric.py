@@ -244,7 +244,9 @@ def test_a_slot_never_takes_non_finite_weights_even_past_validation(llm, tmp_pat
     adapter = load_adapter(path)
     with pytest.raises(AdapterError, match=r"overflow the slot dtype \(bfloat16\)"):
         slots.set_slot(0, adapter)
-    assert slots.occupant(0) is None and all(not slots.B[m][:, 0].any() for m in slots.modules)
+    assert all(not slots.A[m][:, 0].any() and not slots.B[m][:, 0].any() for m in slots.modules)
+    assert not slots.scales[:, :, 0].any()
+    assert all(slots.get(l, m) is None for l in range(slots.dims.layers) for m in slots.modules)  # the model skips it
 
 
 def test_preempted_and_recomputed_requests_next_to_a_poisoned_one_equal_their_solo_runs(tmp_path, monkeypatch):

@@ -44,9 +44,9 @@ def test_every_row_gets_its_own_adapter_delta(bf16_llm, layout: str) -> None:
         which = ["b"] * 9 + [names[i % 4] if i % 3 else None for i in range(14)]
         split = 9
     ts_list = [-1 if n is None else slot_of[n] for n in which]
-    meta = LoraBatchMeta.from_token_slots(ts_list, split=split)
+    meta = LoraBatchMeta.from_token_lora_slots(ts_list, split=split)
     assert meta.path_for(torch.bfloat16) in ("dense", "split")
-    ctx = LoraContext(token_slots=torch.tensor(ts_list, dtype=torch.int32), meta=meta, stacks=slots)
+    ctx = LoraContext(token_lora_slots=torch.tensor(ts_list, dtype=torch.int32), meta=meta, stacks=slots)
     loaded = {n: load_adapter(paths[n]) for n in names}
     layer = runner.model.layers[1]
     gen = torch.Generator().manual_seed(0)

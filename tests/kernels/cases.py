@@ -107,7 +107,7 @@ def full_grid(dtypes: tuple[str, ...]) -> list[Case]:
 
 
 def make_slots(case: Case, gen: torch.Generator) -> torch.Tensor:
-    """token_slots [T] int32 following the case's popularity, with ~1/3 rows -1 when asked."""
+    """token_lora_slots [T] int32 following the case's popularity, with ~1/3 rows -1 when asked."""
     T, S = case.T, case.num_slots()
     if case.popularity == "distinct":
         slots = torch.randperm(S, generator=gen)[:T]
@@ -135,7 +135,7 @@ def _ranks(case: Case, gen: torch.Generator) -> list[int]:
 
 
 def shrink_inputs(case: Case, device: str = "cpu", seed: int = 0) -> dict:
-    """x [T, K], lora_a [S, R, K] (zero-padded ranks), token_slots [T], scales [S] or [S, R]."""
+    """x [T, K], lora_a [S, R, K] (zero-padded ranks), token_lora_slots [T], scales [S] or [S, R]."""
     gen = torch.Generator().manual_seed(seed)
     dt, S, R, K, T = DTYPES[case.dtype], case.num_slots(), case.rank, case.size, case.T
     x = torch.randn(T, K, generator=gen)
@@ -144,7 +144,7 @@ def shrink_inputs(case: Case, device: str = "cpu", seed: int = 0) -> dict:
         a[s, r:] = 0
     scales = torch.rand((S, R) if case.variant else (S,), generator=gen) * 2 + 0.25
     slots = make_slots(case, gen)
-    return {"x": x.to(device, dt), "lora_a": a.to(device, dt), "token_slots": slots.to(device),
+    return {"x": x.to(device, dt), "lora_a": a.to(device, dt), "token_lora_slots": slots.to(device),
             "scales": scales.to(device)}
 
 
@@ -161,26 +161,26 @@ def expand_inputs(case: Case, device: str = "cpu", seed: int = 0) -> dict:
     for s, r in enumerate(_ranks(case, gen)):
         b[s, :, r:] = 0
     slots = make_slots(case, gen)
-    return {"h": h.to(device, dt), "lora_b": b.to(device, dt), "token_slots": slots.to(device),
+    return {"h": h.to(device, dt), "lora_b": b.to(device, dt), "token_lora_slots": slots.to(device),
             "out": out.to(device, dt), "out_offset": offset}
 
 
-def naive_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_slots: torch.Tensor,
+def naive_shrink(x: torch.Tensor, lora_a: torch.Tensor, token_lora_slots: torch.Tensor,
                  scales: torch.Tensor) -> torch.Tensor:
     """Per-row float64 loop straight from the semantics: the oracle for the reference itself."""
     h = torch.zeros(x.shape[0], lora_a.shape[1], dtype=torch.float64)
-    for t, s in enumerate(token_slots.tolist()):
+    for t, s in enumerate(token_lora_slots.tolist()):
         if s >= 0:
             h[t] = scales[s].double() * (lora_a[s].double().cpu() @ x[t].double().cpu())
     return h
 
 
-def naive_expand(h: torch.Tensor, lora_b: torch.Tensor, token_slots: torch.Tensor, out: torch.Tensor,
+def naive_expand(h: torch.Tensor, lora_b: torch.Tensor, token_lora_slots: torch.Tensor, out: torch.Tensor,
                  out_offset: int) -> torch.Tensor:
     """Per-row float64 loop: returns the expected out (float64), input out untouched."""
     res = out.double().cpu().clone()
     N = lora_b.shape[1]
-    for t, s in enumerate(token_slots.tolist()):
+    for t, s in enumerate(token_lora_slots.tolist()):
         if s >= 0:
             res[t, out_offset:out_offset + N] += lora_b[s].double().cpu() @ h[t].double().cpu()
     return res

@@ -42,7 +42,7 @@ PAIRS = [(0, [(1, 0.7), (3, 0.5)]), (2, [(0, 1.0)]), (3, [(4, 0.2), (1, -0.4), (
 def test_compose_matches_weighted_sum_of_deltas(backend: str, dtype: torch.dtype) -> None:
     x, a, b, scales, out = _inputs(dtype)
     composed = ComposedRows.from_pairs(PAIRS)
-    assert composed.meta.token_slots.tolist() == [0, 0, 1, 1, 1, 1, 2, 3, 3, 4]  # grouped by slot: one run each
+    assert composed.meta.token_lora_slots.tolist() == [0, 0, 1, 1, 1, 1, 2, 3, 3, 4]  # grouped by slot: one run each
     assert composed.rows.tolist() == [2, 6, 0, 3, 4, 6, 3, 0, 4, 3]
     before = out.clone()
     res = lora_compose(x, a, b, scales, out, composed, out_offset=8, backend=backend)
@@ -59,8 +59,8 @@ def test_weight_one_single_component_equals_the_plain_ops() -> None:
     x, a, b, scales, out = _inputs(torch.float32, seed=2)
     slots = [2, 0, 4, 1, 1, 3, 0]
     plain = out.clone()
-    h = lora_shrink(x, a, torch.tensor(slots), scales, meta=LoraBatchMeta.from_token_slots(slots))
-    lora_expand(h, b, torch.tensor(slots), plain, meta=LoraBatchMeta.from_token_slots(slots), out_offset=8)
+    h = lora_shrink(x, a, torch.tensor(slots), scales, meta=LoraBatchMeta.from_token_lora_slots(slots))
+    lora_expand(h, b, torch.tensor(slots), plain, meta=LoraBatchMeta.from_token_lora_slots(slots), out_offset=8)
     lora_compose(x, a, b, scales, out, ComposedRows.from_pairs([(t, [(s, 1.0)]) for t, s in enumerate(slots)]),
                  out_offset=8)
     torch.testing.assert_close(out, plain, rtol=0, atol=1e-5)

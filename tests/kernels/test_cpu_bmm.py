@@ -29,7 +29,7 @@ def _op_inputs(slots: list[int], *, R: int, K: int, N: int, S: int, extra_cols: 
 
 
 def _meta(slots: torch.Tensor) -> LoraBatchMeta:
-    meta = LoraBatchMeta.from_token_slots(slots)
+    meta = LoraBatchMeta.from_token_lora_slots(slots)
     if len(meta.distinct_slots) >= 2:
         assert meta.cpu_path == "bmm" and meta.cpu_path_half == "bmm"
     return meta
@@ -38,10 +38,10 @@ def _meta(slots: torch.Tensor) -> LoraBatchMeta:
 @pytest.mark.parametrize("case", GRID, ids=lambda c: c.id)
 def test_bmm_path_shrink_matches_naive(case: Case, force_bmm: None) -> None:
     inp = shrink_inputs(case, seed=1)
-    h = lora_shrink(**inp, meta=_meta(inp["token_slots"]), backend="cpu")
+    h = lora_shrink(**inp, meta=_meta(inp["token_lora_slots"]), backend="cpu")
     assert h.dtype == inp["x"].dtype and h.shape == (case.T, case.rank)
     assert_close(h, naive_shrink(**inp), case.dtype, f"bmm shrink {case.id}")
-    assert torch.all(h[inp["token_slots"] < 0] == 0)
+    assert torch.all(h[inp["token_lora_slots"] < 0] == 0)
 
 
 @pytest.mark.parametrize("case", GRID, ids=lambda c: c.id)
@@ -50,10 +50,10 @@ def test_bmm_path_expand_matches_naive(case: Case, force_bmm: None) -> None:
     expected = naive_expand(**inp)
     out0 = inp["out"].clone()
     off, N = inp["out_offset"], inp["lora_b"].shape[1]
-    assert lora_expand(**inp, meta=_meta(inp["token_slots"]), backend="cpu") is inp["out"]
+    assert lora_expand(**inp, meta=_meta(inp["token_lora_slots"]), backend="cpu") is inp["out"]
     out = inp["out"]
     assert_close(out, expected, case.dtype, f"bmm expand {case.id}")
-    neg = inp["token_slots"] < 0
+    neg = inp["token_lora_slots"] < 0
     assert torch.equal(out[neg], out0[neg])  # -1 rows untouched
     assert torch.equal(out[:, :off], out0[:, :off]) and torch.equal(out[:, off + N:], out0[:, off + N:])
 
@@ -94,7 +94,7 @@ def test_bmm_path_slot_layouts(slots: list[int], dtype: str, force_bmm: None) ->
 def test_cpu_path_choice(slots: list[int], path: str, half_path: str) -> None:
     """The default heuristics: batch many short segments (longer ones for bf16/fp16), keep zero-copy
     slices for long runs."""
-    meta = LoraBatchMeta.from_token_slots(slots)
+    meta = LoraBatchMeta.from_token_lora_slots(slots)
     assert (meta.cpu_path, meta.path_for(torch.float32)) == (path, path)
     assert (meta.path_for(torch.bfloat16), meta.path_for(torch.float16)) == (half_path, half_path)
 
@@ -134,9 +134,9 @@ def test_prefill_then_decode_split_layout_matches_naive(slots: list[int], split:
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
     x, a, h, b, out, ts, scales = _op_inputs(slots, R=8, K=96, N=40, S=16, extra_cols=6, seed=7, rank_scales=False)
     T, N = len(slots), b.shape[1]
-    meta = LoraBatchMeta.from_token_slots(slots, split=split)
+    meta = LoraBatchMeta.from_token_lora_slots(slots, split=split)
     assert meta.path_for(dt) == "split" and [(p0, p1) for p0, p1, _ in meta.parts] == [(0, split), (split, T)]
-    whole = LoraBatchMeta.from_token_slots(slots)
+    whole = LoraBatchMeta.from_token_lora_slots(slots)
     assert whole.cpu_path != "split" and not whole.parts  # no split asked: one layout
     got = lora_shrink(x.to(dt), a.to(dt), ts, scales, meta=meta, backend="cpu")
     assert_close(got, naive_shrink(x.to(dt), a.to(dt), ts, scales), dtype, "shrink")
@@ -164,7 +164,7 @@ def test_dense_path_matches_naive(slots: list[int], dtype: str, rank_major: bool
     dt = {"bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
     x, a, h, b, out, ts, scales = _op_inputs(slots, R=R, K=80, N=36, S=16, extra_cols=3, seed=11)
     N = b.shape[1]
-    meta = LoraBatchMeta.from_token_slots(slots)
+    meta = LoraBatchMeta.from_token_lora_slots(slots)
     assert meta.path_for(dt) == "dense"
     b_dt = b.to(dt).transpose(1, 2).contiguous().transpose(1, 2) if rank_major else b.to(dt)
     assert (b_dt.stride(1) == 1) == rank_major and torch.equal(b_dt, b.to(dt))

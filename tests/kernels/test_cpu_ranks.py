@@ -48,7 +48,7 @@ def _check(slots: list[int], ranks: list[int], dtype: str, *, R: int = 64, K: in
     x, a, h, b, out = (t.to(dt) for t in (x, a, h, b, out))
     if rank_major:  # as engine.lora.slots stores B on CPU
         b = b.transpose(1, 2).contiguous().transpose(1, 2)
-    meta = LoraBatchMeta.from_token_slots(slots, split=split)
+    meta = LoraBatchMeta.from_token_lora_slots(slots, split=split)
     rk = tuple(ranks)
     got = lora_shrink(x, a, ts, scales, meta=meta, backend="cpu", slot_ranks=rk)
     assert got.shape == (len(slots), R)
@@ -83,7 +83,7 @@ def test_many_distinct_adapters_below_the_slot_rank(dtype: str, N: int) -> None:
     ranks = [16] * N
     for T in (N, 2 * N):
         slots = [i % N for i in range(T)]
-        meta = LoraBatchMeta.from_token_slots(slots)
+        meta = LoraBatchMeta.from_token_lora_slots(slots)
         assert step_rank(meta, tuple(ranks), 64) == 16
         _check(slots, ranks, dtype, K=72, N=40, seed=N + T, rank_scales=True)
 
@@ -110,14 +110,14 @@ def test_every_layout_at_each_slots_own_rank(slots: list[int], dtype: str) -> No
 ])
 def test_bmm_path_at_the_steps_largest_rank(slots: list[int], dtype: str, force_bmm: None) -> None:
     ranks = [8, 16, 4, 8, 1, 16, 2, 12]
-    meta = LoraBatchMeta.from_token_slots(slots)
+    meta = LoraBatchMeta.from_token_lora_slots(slots)
     assert meta.path_for(DT[dtype]) == "bmm"
     _check(slots, ranks, dtype, rank_scales=True)
     _check(slots, ranks, dtype, seed=1)
 
 
 def test_without_ranks_the_whole_slot_is_read() -> None:
-    meta = LoraBatchMeta.from_token_slots([0, 1, 2])
+    meta = LoraBatchMeta.from_token_lora_slots([0, 1, 2])
     assert step_rank(meta, None, 64) == 64
     assert step_rank(meta, (8, 4, 2, 64), 64) == 8
     assert step_rank(meta, (0, 0, 0), 64) == 1
@@ -150,7 +150,7 @@ def test_rows_past_a_slots_rank_are_never_read(slots: list[int], ranks: list[int
     a_bad, b_bad = a.clone(), b.clone()
     for s, r in enumerate(ranks):
         a_bad[s, r:], b_bad[s, :, r:] = float("nan"), float("nan")
-    meta = LoraBatchMeta.from_token_slots(slots)
+    meta = LoraBatchMeta.from_token_lora_slots(slots)
     got = lora_shrink(x, a_bad, ts, scales, meta=meta, backend="cpu", slot_ranks=tuple(ranks))
     assert_close(got, naive_shrink(x, a, ts, scales), dtype, "shrink")
     res = lora_expand(got, b_bad, ts, out.clone(), meta=meta, backend="cpu", slot_ranks=tuple(ranks))
@@ -163,7 +163,7 @@ def test_rank_classes_of_evenly_spaced_and_scattered_slots(ranks: list[int], T: 
     """`--rank 8,64`-style batches: one bmm per rank class, the class's weights a strided view of the
     stack (slots 0, 2, 4, ...) or gathered (scattered slots)."""
     slots = [i % len(ranks) for i in range(T)]
-    meta = LoraBatchMeta.from_token_slots(slots)
+    meta = LoraBatchMeta.from_token_lora_slots(slots)
     if dtype == "fp32":
         assert meta.cpu_path == "bmm"
     _check(slots, ranks, dtype, rank_scales=True, seed=T)

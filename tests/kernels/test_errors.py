@@ -13,14 +13,14 @@ from kernels import KernelError, LoraBatchMeta, lora_expand, lora_shrink
 
 
 def _shrink_args(**over: object) -> dict:
-    args = {"x": torch.randn(4, 16), "lora_a": torch.randn(3, 8, 16), "token_slots": torch.tensor([0, 1, -1, 2]),
+    args = {"x": torch.randn(4, 16), "lora_a": torch.randn(3, 8, 16), "token_lora_slots": torch.tensor([0, 1, -1, 2]),
             "scales": torch.ones(3)}
     args.update(over)
     return args
 
 
 def _expand_args(**over: object) -> dict:
-    args = {"h": torch.randn(4, 8), "lora_b": torch.randn(3, 32, 8), "token_slots": torch.tensor([0, 1, -1, 2]),
+    args = {"h": torch.randn(4, 8), "lora_b": torch.randn(3, 32, 8), "token_lora_slots": torch.tensor([0, 1, -1, 2]),
             "out": torch.zeros(4, 40)}
     args.update(over)
     return args
@@ -31,10 +31,10 @@ def _expand_args(**over: object) -> dict:
     ({"x": torch.randn(4, 16, 1)}, "x must be 2-D"),
     ({"lora_a": torch.randn(3, 8, 16).half()}, "lora_a dtype torch.float16 must match x dtype torch.float32"),
     ({"x": torch.randn(4, 16).long(), "lora_a": torch.randn(3, 8, 16).long()}, "x must be float32, float16 or bfloat16"),
-    ({"token_slots": torch.tensor([0, 1, 2])}, "token_slots has 3 rows but the input has 4"),
-    ({"token_slots": torch.tensor([0.0, 1, 2, 0])}, "token_slots must be an integer tensor"),
-    ({"token_slots": torch.tensor([0, 1, 3, 0])}, "token_slots must be in [-1, 3)"),
-    ({"token_slots": torch.tensor([0, -2, 1, 0])}, "token_slots must be >= -1"),
+    ({"token_lora_slots": torch.tensor([0, 1, 2])}, "token_lora_slots has 3 rows but the input has 4"),
+    ({"token_lora_slots": torch.tensor([0.0, 1, 2, 0])}, "token_lora_slots must be an integer tensor"),
+    ({"token_lora_slots": torch.tensor([0, 1, 3, 0])}, "token_lora_slots must be in [-1, 3)"),
+    ({"token_lora_slots": torch.tensor([0, -2, 1, 0])}, "token_lora_slots must be >= -1"),
     ({"scales": torch.ones(2)}, "scales shape [2] must be [3] or [3, 8]"),
     ({"scales": torch.ones(3, 4)}, "scales shape [3, 4] must be [3] or [3, 8]"),
     ({"x": torch.randn(16, 4).T}, "x must have unit stride in its last dimension"),
@@ -66,8 +66,8 @@ def test_unknown_backend_and_strategy_and_stale_meta() -> None:
         lora_shrink(**_shrink_args(), backend="cuda")
     with pytest.raises(KernelError, match="unknown kernel strategy 'tiles'"):
         lora_shrink(**_shrink_args(), backend="triton", strategy="tiles")
-    with pytest.raises(KernelError, match="meta was built for 2 rows but token_slots has 4"):
-        lora_shrink(**_shrink_args(), meta=LoraBatchMeta.from_token_slots([0, 1]))
+    with pytest.raises(KernelError, match="meta was built for 2 rows but token_lora_slots has 4"):
+        lora_shrink(**_shrink_args(), meta=LoraBatchMeta.from_token_lora_slots([0, 1]))
 
 
 def test_strided_rows_are_accepted() -> None:
@@ -108,7 +108,7 @@ def test_unchecked_hot_path_gives_the_same_result_and_still_checks_without_meta(
     gen = torch.Generator().manual_seed(3)
     x, a, b = torch.randn(6, 32, generator=gen), torch.randn(3, 8, 32, generator=gen), torch.randn(3, 40, 8, generator=gen)
     ts, scales = torch.tensor([0, 2, -1, 1, 2, 0]), torch.rand(3, generator=gen)
-    meta = LoraBatchMeta.from_token_slots(ts)
+    meta = LoraBatchMeta.from_token_lora_slots(ts)
     h = lora_shrink(x, a, ts, scales, meta=meta)
     assert torch.equal(lora_shrink(x, a, ts, scales, meta=meta, check=False), h)
     out = torch.randn(6, 48, generator=gen)

@@ -12,11 +12,11 @@ from tests.kernels.conftest import triton_params
 
 def _check_triton_expand(case: Case, device: str) -> None:
     inp = expand_inputs(case, device)
-    meta = LoraBatchMeta.from_token_slots(inp["token_slots"])
+    meta = LoraBatchMeta.from_token_lora_slots(inp["token_lora_slots"])
     out0 = inp.pop("out")
     expected = lora_expand(**inp, out=out0.clone(), meta=meta, backend="torch")
     off, N = inp["out_offset"], inp["lora_b"].shape[1]
-    neg = inp["token_slots"] < 0
+    neg = inp["token_lora_slots"] < 0
     for strategy in ("segment", "gather"):
         out = out0.clone()
         res = lora_expand(**inp, out=out, meta=meta, backend="triton", strategy=strategy)
@@ -43,7 +43,7 @@ def test_triton_fused_qkv_slices_add_up_to_one_output() -> None:
     T, R, sizes = 5, 8, (32, 16, 16)
     gen = torch.Generator().manual_seed(1)
     slots = torch.tensor([1, -1, 0, 1, 2], dtype=torch.int32)
-    meta = LoraBatchMeta.from_token_slots(slots)
+    meta = LoraBatchMeta.from_token_lora_slots(slots)
     hs = [torch.randn(T, R, generator=gen) for _ in sizes]
     bs = [torch.randn(3, n, R, generator=gen) for n in sizes]
     fused = torch.zeros(T, sum(sizes))

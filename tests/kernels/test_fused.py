@@ -16,7 +16,7 @@ def test_fused_qkv_equals_three_separate_lora_linears(backend: str) -> None:
     gen = torch.Generator().manual_seed(2)
     T, K, R, S, sizes = 9, 96, 8, 3, (64, 32, 32)
     slots = torch.tensor([2, 0, -1, 1, 2, 2, 0, -1, 1], dtype=torch.int32)
-    meta = LoraBatchMeta.from_token_slots(slots)
+    meta = LoraBatchMeta.from_token_lora_slots(slots)
     x = torch.randn(T, K, generator=gen)
     a = [torch.randn(S, R, K, generator=gen) / K ** 0.5 for _ in sizes]
     b = [torch.randn(S, n, R, generator=gen) / R ** 0.5 for n in sizes]
@@ -48,7 +48,7 @@ def test_slices_ops_equal_one_op_per_slice(backend: str, dtype: torch.dtype) -> 
     gen = torch.Generator().manual_seed(5)
     T, K, S, ranks, sizes = 11, 64, 4, (8, 4, 4), (48, 16, 16)
     slots = torch.tensor([3, 0, -1, 1, 3, 3, 0, -1, 1, 2, 2], dtype=torch.int32)
-    meta = LoraBatchMeta.from_token_slots(slots)
+    meta = LoraBatchMeta.from_token_lora_slots(slots)
     x = torch.randn(T, K, generator=gen).to(dtype)
     a = [(torch.randn(S, r, K, generator=gen) / K ** 0.5).to(dtype) for r in ranks]
     b = [(torch.randn(S, n, r, generator=gen) / r ** 0.5).to(dtype) for n, r in zip(sizes, ranks)]

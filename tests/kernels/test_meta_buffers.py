@@ -37,7 +37,7 @@ def test_staged_layout_equals_fresh_one_step_after_step():
     bufs = LoraMetaBuffers("cpu", max_tokens=8, stage=True)  # grows past 8 rows on the 40-row step
     for name, slots in [*LAYOUTS.items(), *LAYOUTS.items()]:  # every layout twice: the buffers are reused
         split = 9 if name == "split" else None
-        _same(bufs.build(slots, split=split), LoraBatchMeta.from_token_slots(slots, split=split))
+        _same(bufs.build(slots, split=split), LoraBatchMeta.from_token_lora_slots(slots, split=split))
 
 
 def test_cpu_buffers_stage_nothing_by_default():
@@ -51,8 +51,8 @@ def test_ops_give_the_same_result_on_staged_meta(dtype):
     x, a = torch.randn(23, 32, generator=g).to(dtype), torch.randn(4, 8, 32, generator=g).to(dtype)
     b, scales = torch.randn(4, 24, 8, generator=g).to(dtype), torch.rand(4, generator=g)
     meta = LoraMetaBuffers("cpu", stage=True).build(slots)
-    fresh = LoraBatchMeta.from_token_slots(slots)
-    ts = fresh.token_slots
+    fresh = LoraBatchMeta.from_token_lora_slots(slots)
+    ts = fresh.token_lora_slots
     h = lora_shrink(x, a, ts, scales, meta=meta)
     assert torch.equal(h, lora_shrink(x, a, ts, scales, meta=fresh))
     out = torch.zeros(23, 24, dtype=dtype)

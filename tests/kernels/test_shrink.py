@@ -12,9 +12,9 @@ from tests.kernels.conftest import needs_cuda, needs_triton, triton_params
 
 def _check_triton_shrink(case: Case, device: str) -> None:
     inp = shrink_inputs(case, device)
-    meta = LoraBatchMeta.from_token_slots(inp["token_slots"])
+    meta = LoraBatchMeta.from_token_lora_slots(inp["token_lora_slots"])
     expected = lora_shrink(**inp, meta=meta, backend="torch")
-    neg = inp["token_slots"] < 0
+    neg = inp["token_lora_slots"] < 0
     for strategy in ("segment", "gather"):
         h = lora_shrink(**inp, meta=meta, backend="triton", strategy=strategy)
         assert h.shape == (case.T, case.rank) and h.dtype == inp["x"].dtype and h.device == inp["x"].device
@@ -49,10 +49,10 @@ def test_triton_shrink_split_k_matches_reference(case: Case, device: str, monkey
 
 
 def test_auto_strategy_picks_gather_for_distinct_and_segment_for_shared() -> None:
-    assert LoraBatchMeta.from_token_slots([0, 1, 2, 3]).strategy == "gather"
-    assert LoraBatchMeta.from_token_slots([0, 1, 1, 0, -1]).strategy == "gather"
-    assert LoraBatchMeta.from_token_slots([0] * 8 + [1] * 8).strategy == "segment"
-    assert LoraBatchMeta.from_token_slots([2, 0, 2, 2, 0, 2]).strategy == "segment"
+    assert LoraBatchMeta.from_token_lora_slots([0, 1, 2, 3]).strategy == "gather"
+    assert LoraBatchMeta.from_token_lora_slots([0, 1, 1, 0, -1]).strategy == "gather"
+    assert LoraBatchMeta.from_token_lora_slots([0] * 8 + [1] * 8).strategy == "segment"
+    assert LoraBatchMeta.from_token_lora_slots([2, 0, 2, 2, 0, 2]).strategy == "segment"
 
 
 def test_triton_shrink_auto_strategy_and_all_no_lora_rows() -> None:
@@ -61,5 +61,5 @@ def test_triton_shrink_auto_strategy_and_all_no_lora_rows() -> None:
     inp = shrink_inputs(case)
     h = lora_shrink(**inp, backend="triton")
     assert_close(h, lora_shrink(**inp, backend="torch"), "fp32", "auto strategy")
-    inp["token_slots"] = torch.full((7,), -1, dtype=torch.int32)
+    inp["token_lora_slots"] = torch.full((7,), -1, dtype=torch.int32)
     assert torch.equal(lora_shrink(**inp, backend="triton"), torch.zeros(7, 16))

@@ -80,25 +80,25 @@ def test_dora_slots_match_peft_forward_in_a_mixed_batch(env: dict) -> None:
     slots = LoraSlots(env["dims"], max_loras=2, max_rank=8, base_weight=lambda l, m: env["weights"][(l, m)])
     slots.set_slot(0, load_adapter(env["dora"], name="dora"))
     slots.set_slot(1, load_adapter(env["plain"], name="plain"))
-    token_slots = torch.tensor([-1, 0, 1, 0, -1, 1, 0], dtype=torch.int32)
+    token_lora_slots = torch.tensor([-1, 0, 1, 0, -1, 1, 0], dtype=torch.int32)
     gen = torch.Generator().manual_seed(0)
     for (layer, module), W in env["weights"].items():
         bias = env["biases"][(layer, module)]
-        x = torch.randn(len(token_slots), W.shape[1], generator=gen)  # [T, in]
+        x = torch.randn(len(token_lora_slots), W.shape[1], generator=gen)  # [T, in]
         y = F.linear(x, W, bias)  # [T, out]: base once for everyone
         stack = slots.get(layer, module)
         assert stack is not None
         a, b, scales = stack
-        for t, s in enumerate(token_slots.tolist()):  # reference shrink/expand
+        for t, s in enumerate(token_lora_slots.tolist()):  # reference shrink/expand
             if s >= 0:
                 y[t] += scales[s] * (x[t] @ a[s].T) @ b[s].T
         g = slots.dora(layer, module)
         assert g is not None and g.shape == (3, W.shape[0])
-        apply_dora(y, g, token_slots, bias)
+        apply_dora(y, g, token_lora_slots, bias)
         mod = peft_linear(env["peft"], layer, module)
         with torch.no_grad():
             for s, adapter in ((-1, None), (0, "dora"), (1, "plain")):
-                rows = token_slots == s
+                rows = token_lora_slots == s
                 if adapter is None:
                     want = F.linear(x[rows], W, bias)
                 else:
@@ -107,8 +107,8 @@ def test_dora_slots_match_peft_forward_in_a_mixed_batch(env: dict) -> None:
                 torch.testing.assert_close(y[rows], want, rtol=1e-5, atol=1e-5, msg=f"{adapter} {layer} {module}")
             # DoRA really changes the output beyond plain LoRA (the test is not vacuous)
             env["peft"].set_adapter("dora")
-            dora_out = mod(x[token_slots == 0])
-            plain_math = F.linear(x[token_slots == 0], W, bias) + scales[0] * (x[token_slots == 0] @ a[0].T) @ b[0].T
+            dora_out = mod(x[token_lora_slots == 0])
+            plain_math = F.linear(x[token_lora_slots == 0], W, bias) + scales[0] * (x[token_lora_slots == 0] @ a[0].T) @ b[0].T
             assert (dora_out - plain_math).abs().max() > 1e-3
 
 
@@ -122,4 +122,5 @@ def test_dora_slot_reuse_and_disabled_dora(env: dict) -> None:
     cache = AdapterCache(max_loras=1, loader=slots.load, slot_writer=slots.set_slot)
     cache.register("dora", str(env["dora"]))  # accepted (validated with allow_dora) when DoRA is enabled
     s = cache.acquire("dora")
-    assert s == 0 and slots.occupant(0) == "dora" and slots.dora(1, "down_proj") is not None
+    assert s == 0 and slots.dora(1, "down_proj") is not None  # the DoRA adapter's g, where the plain one left ones
+    assert slots.dora(0, "q_proj") is not None and slots.dora(0, "k_proj") is None

@@ -103,7 +103,7 @@ def test_pinned_adapter_never_evicted() -> None:
         cache.register(n, f"/p/{n}")
     sa, sb = cache.acquire("a"), cache.acquire("b")
     assert cache.acquire("c") is None and cache.stats().blocked == 1
-    assert not cache.can_acquire("c") and cache.can_acquire("a") and cache.free_slots() == 0
+    assert not cache.can_acquire("c") and cache.can_acquire("a")
     assert cache.acquire("a") == sa  # a second request on a resident adapter is fine
     assert cache.pins() == {"a": 2, "b": 1}
     cache.release("b")

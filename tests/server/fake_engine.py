@@ -20,6 +20,7 @@ from engine.byte_tokenizer import BYTE_OFFSET, EOS_ID
 from engine.config import EngineConfig
 from engine.core import EngineStats
 from engine.errors import AdapterError, AdapterNotFoundError, EngineStoppedError, PromptTooLongError, QueueFullError
+from engine.input_processor import InputProcessor
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -41,6 +42,8 @@ class FakeEngine:
         self.model_name = "fake-base"
         self.max_model_len = max_model_len
         self.config = config or EngineConfig(max_loras=2)
+        # AsyncLLM's immutable facts; its "model" has the tokenizer's vocabulary
+        self.processor = InputProcessor(tokenizer, len(tokenizer), max_model_len, self.model_name, self.config)
         self.delay = delay
         self.max_queue = max_queue
         self.adapters: dict[str, Callable[[str], str]] = {"upper": TRANSFORMS["upper"], "reverse": TRANSFORMS["reverse"]}
@@ -121,6 +124,8 @@ class FakeEngine:
             raise EngineStoppedError("the engine is shutting down")
         if self.max_queue is not None and len(self.live) >= self.max_queue:
             raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
+        if isinstance(prompt, list):  # as AsyncLLM: its InputProcessor refuses ids outside the vocabulary
+            self.processor.check_prompt_ids(prompt)
         ids = prompt if isinstance(prompt, list) else [1] + list(self.tokenizer.encode(prompt, add_special_tokens=False))
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(f"prompt has {len(ids)} tokens; the context is {self.max_model_len}")

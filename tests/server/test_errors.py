@@ -74,6 +74,30 @@ def test_bad_requests_are_one_json_error_each(tokenizer: Any, arun: Any) -> None
     arun(go())
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_bad_token_id_in_any_prompt_of_a_batch_refuses_it_all_and_starts_nothing(
+        tokenizer: Any, arun: Any, stream: bool) -> None:
+    """The engine's InputProcessor decides; every prompt is asked before any is submitted."""
+    async def go() -> None:
+        engine = FakeEngine(tokenizer)
+        vocab = engine.processor.vocab_size
+        async with running(engine) as srv, aiohttp.ClientSession() as s:
+            url = f"{srv.url}/v1/completions"
+            for prompt, bad_id in (([[104, 105], [104, vocab]], vocab), ([[104], [-1]], -1),
+                                   ([[104, 105], "text", [7, 10**30, 8]], 10**30), ([5, vocab + 7], vocab + 7)):
+                r = await s.post(url, json={"prompt": prompt, "n": 2, "max_tokens": 3, "stream": stream})
+                assert r.status == 400, await r.text()
+                err = (await r.json())["error"]
+                assert err["param"] == "prompt" and err["type"] == "invalid_request_error", err
+                assert err["message"].startswith(f"prompt token id {bad_id} is out of range [0, {vocab})"), err
+            assert engine.prompts == [] and engine.aborted == [] and not engine.live  # nothing started
+            r = await s.post(url, json={"prompt": [[104, 105], [104, vocab - 1]], "max_tokens": 1})
+            assert r.status == 200 and len((await r.json())["choices"]) == 2  # the last id is in range
+            assert engine.prompts == [[104, 105], [104, vocab - 1]]
+
+    arun(go())
+
+
 def test_queue_full_is_429_with_retry_after(tokenizer: Any, arun: Any) -> None:
     async def go() -> None:
         import asyncio

@@ -187,6 +187,7 @@ ERROR_CASES = [
     ("/v1/completions", b'{"model": "rot13", "prompt": ""}', "POST"),
     ("/v1/completions", b'{"model": "upper", "prompt": "hi", "stream": true, "n": 99}', "POST"),
     ("/v1/completions", b'[1, 2]', "POST"),
+    ("/v1/completions", b'{"model": "upper", "prompt": [[104, 105], [104, 99999]]}', "POST"),  # the engine's check
     ("/v1/nothing", b'{}', "POST"),
     ("/v1/completions", None, "GET"),
 ]

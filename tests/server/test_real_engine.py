@@ -142,6 +142,38 @@ def test_errors_and_auth_against_the_real_engine(server: ServerThread) -> None:
     asyncio.run(go())
 
 
+def test_prompt_token_ids_are_checked_against_the_models_vocabulary(server: ServerThread) -> None:
+    """The engine's InputProcessor is the one check: ids up to the MODEL's vocabulary (larger than the
+    tokenizer's here, as in real models) are served, as vLLM; one id past it refuses the whole batch with
+    400 naming `prompt` before any prompt starts, and the server keeps serving."""
+    base, eng = server.engine.model_name, server.engine
+    vocab, tok_len = eng.processor.vocab_size, len(eng.tokenizer)
+    assert vocab > tok_len  # tests/tiny.py: the model's vocabulary is a little larger than the tokenizer's
+
+    async def go() -> None:
+        auth = {"Authorization": f"Bearer {KEY}"}
+        async with aiohttp.ClientSession(headers=auth) as s:
+            url = f"{server.url}/v1/completions"
+            ok = {"model": base, "prompt": [104, tok_len, vocab - 1], "max_tokens": 2, "temperature": 0,
+                  "echo": True, "logprobs": 1}
+            r = await s.post(url, json=ok)
+            assert r.status == 200, await r.text()
+            assert (await r.json())["usage"]["prompt_tokens"] == 3
+            before = eng.stats().tenant_prompt_tokens
+            for stream in (False, True):
+                r = await s.post(url, json={"model": base, "prompt": [[104, 105], [104, vocab]], "n": 2,
+                                            "max_tokens": 2, "stream": stream})
+                assert r.status == 400, await r.text()
+                err = (await r.json())["error"]
+                assert err["param"] == "prompt" and err["message"].startswith(
+                    f"prompt token id {vocab} is out of range [0, {vocab})"), err
+            assert eng.stats().tenant_prompt_tokens == before  # the good first prompt never ran
+            r = await s.post(url, json={"model": base, "prompt": "still fine", "max_tokens": 2})
+            assert r.status == 200
+
+    asyncio.run(go())
+
+
 def test_queue_overflow_is_429_with_retry_after(tiny_base: Path) -> None:
     srv = ServerThread(ServerConfig(engine=_engine_config(tiny_base, max_num_seqs=1, max_queue=1), port=0)).start()
     body = {"model": srv.engine.model_name, "prompt": "hold", "max_tokens": 110, "ignore_eos": True, "stream": True}
