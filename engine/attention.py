@@ -24,11 +24,14 @@ device with one non-blocking copy per step, as the runner's token inputs and the
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from kernels import tuning
 
 
 @dataclass
@@ -64,6 +67,8 @@ class AttentionMetadata:
     decode_start: int = 0  # decode rows are tokens [decode_start, T)
     decode_gather: torch.Tensor | None = None  # [B, L] flat slots (padding points at the runner's always-zero kv_slot)
     decode_mask: torch.Tensor | None = None  # [B, 1, 1, L] bool, True = attend
+    decode_chunk: int = 0  # decode rows per gather + SDPA (0 = all at once; CPU: the copy stays in cache)
+    decode_scratch: torch.Tensor | None = None  # flat K/V gather buffer reused by every chunk and layer, or None
 
 
 def paged_attention(
@@ -110,14 +115,38 @@ def paged_attention(
 
 
 def _decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-    """The decode rows' attention, q: [B, H, D] -> [B, H, D]: one padded gather, one masked SDPA."""
-    assert meta.decode_gather is not None
-    b, length = meta.decode_gather.shape
-    idx = meta.decode_gather.reshape(-1)
-    kd = k_cache.index_select(0, idx).view(b, length, *k_cache.shape[1:]).transpose(1, 2)  # [B, KVH, L, D]
-    vd = v_cache.index_select(0, idx).view(b, length, *v_cache.shape[1:]).transpose(1, 2)
-    o = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True)
-    return o.squeeze(2)  # [B, H, D]
+    """The decode rows' attention, q: [B, H, D] -> [B, H, D]: a padded gather and one masked SDPA per chunk
+    of `meta.decode_chunk` rows (all rows when 0). Each row's result is the same bits in any chunk."""
+    gather, mask = meta.decode_gather, meta.decode_mask
+    assert gather is not None
+    b = gather.shape[0]
+    rows = meta.decode_chunk or b
+    if rows >= b:
+        return _decode_rows(q, k_cache, v_cache, gather, mask, meta.decode_scratch, scale)
+    out = torch.empty_like(q)
+    for s in range(0, b, rows):
+        e = min(b, s + rows)
+        m = None if mask is None else mask[s:e]
+        out[s:e] = _decode_rows(q[s:e], k_cache, v_cache, gather[s:e], m, meta.decode_scratch, scale)
+    return out
+
+
+def _decode_rows(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, gather: torch.Tensor,
+                 mask: torch.Tensor | None, scratch: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """q: [b, H, D], gather: [b, L] kv_slots, mask: [b, 1, 1, L] or None; K/V gathered into `scratch` when given."""
+    b, length = gather.shape
+    idx = gather.reshape(-1)  # a row slice of the contiguous [B, L] index: a view
+    shape = (idx.numel(), *k_cache.shape[1:])
+    if scratch is None:
+        kg, vg = k_cache.index_select(0, idx), v_cache.index_select(0, idx)
+    else:
+        n = idx.numel() * k_cache[0].numel()
+        kg = torch.index_select(k_cache, 0, idx, out=scratch[:n].view(shape))
+        vg = torch.index_select(v_cache, 0, idx, out=scratch[n : 2 * n].view(shape))
+    kd = kg.view(b, length, *k_cache.shape[1:]).transpose(1, 2)  # [b, KVH, L, D]
+    vd = vg.view(b, length, *v_cache.shape[1:]).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q.unsqueeze(2), kd, vd, attn_mask=mask, scale=scale, enable_gqa=True)
+    return o.squeeze(2)  # [b, H, D]
 
 
 class AttentionMetaBuffers:
@@ -131,13 +160,22 @@ class AttentionMetaBuffers:
     from a cached arange. Sized for `max_seqs` decode rows of `max_model_len` tokens (capped) up front,
     grown if a step ever needs more. The returned views stay valid until the next `build`: one step's
     metadata at a time, as the runner uses them.
+
+    On CPU, given the pool's `kv_slot_shape` ([KVH, D]) and `kv_dtype`, decode rows attend in chunks of
+    about `tuning.DECODE_CHUNK_BYTES` of gathered K/V, gathered into one scratch buffer that every chunk
+    and layer reuses (`decode_chunk`, `decode_scratch`): SDPA then reads the copy from cache.
     """
 
     INITIAL_BYTES_CAP = 16 << 20  # the up-front staging size never exceeds this; larger steps grow it
 
     def __init__(self, device: torch.device | str, *, block_size: int, zero_kv_slot: int, max_seqs: int,
-                 max_model_len: int, stage: bool | None = None) -> None:
+                 max_model_len: int, stage: bool | None = None, kv_slot_shape: tuple[int, ...] | None = None,
+                 kv_dtype: torch.dtype | None = None) -> None:
         self.device = torch.device(device)
+        chunked = self.device.type == "cpu" and kv_slot_shape is not None and kv_dtype is not None
+        self._kv_numel = math.prod(kv_slot_shape) if chunked and kv_slot_shape is not None else 0
+        self._kv_dtype = kv_dtype or torch.float32
+        self._scratch: torch.Tensor | None = None  # decode K/V gathers (CPU), allocated at first use
         self.stage = self.device.type != "cpu" if stage is None else stage
         self.block_size, self.zero_kv_slot = block_size, zero_kv_slot
         self._pin = self.device.type == "cuda"
@@ -222,7 +260,19 @@ class AttentionMetaBuffers:
             meta.decode_gather = dev[gather : gather + b * length].view(b, length)  # [B, L]
             if mask is not None:
                 meta.decode_mask = self._dev_bool[mask : mask + b * length].view(b, 1, 1, length)
+            if self._kv_numel:
+                self._chunk(meta, b, length)
         return meta
+
+    def _chunk(self, meta: AttentionMetadata, b: int, length: int) -> None:
+        """Rows per decode chunk (about DECODE_CHUNK_BYTES of gathered K + V) and the scratch they gather into."""
+        row = 2 * length * self._kv_numel  # elements of one row's K + V
+        rows = max(tuning.DECODE_CHUNK_MIN_ROWS, tuning.DECODE_CHUNK_BYTES // (row * self._kv_dtype.itemsize))
+        meta.decode_chunk = rows if rows < b else 0
+        need = min(rows, b) * row
+        if self._scratch is None or self._scratch.numel() < need:
+            self._scratch = torch.empty(need, dtype=self._kv_dtype, device=self.device)
+        meta.decode_scratch = self._scratch
 
     def _fill_decode(self, off: int, tables: list[list[int]], lens: np.ndarray, length: int,
                      mask_off: int | None) -> int | None:

@@ -188,7 +188,8 @@ class ModelRunner:
         )
         self._alloc_step_buffers(4 * config.max_num_batched_tokens)  # ids, positions, kv_slots, sample rows
         self.attn_meta = AttentionMetaBuffers(self.device, block_size=self.block_size, zero_kv_slot=self.zero_kv_slot,
-                                              max_seqs=config.max_num_seqs, max_model_len=self.max_model_len)
+                                              max_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                              kv_slot_shape=(args.num_kv_heads, args.head_dim), kv_dtype=self.dtype)
         self._seed_source = torch.Generator().manual_seed(config.seed)
 
     def base_weight(self, layer: int, module: str) -> torch.Tensor:

@@ -5,11 +5,13 @@ continued chunks, through the staged copy (the CUDA path, run on CPU) and withou
 from __future__ import annotations
 
 import random
+from collections.abc import Iterator
 
 import pytest
 import torch
 
-from engine.attention import AttentionMetaBuffers, AttentionMetadata, PrefillSpan
+from engine.attention import AttentionMetaBuffers, AttentionMetadata, PrefillSpan, paged_attention
+from kernels import tuning
 
 BS = 4  # block size
 ZERO = 999  # the always-zero kv_slot
@@ -121,3 +123,46 @@ def test_padding_reads_only_the_zero_slot_even_over_stale_table_entries() -> Non
     meta = bufs.build(torch.arange(2), [], [], [[1], [2, 3, 4, 10, 11]], [3, 20])
     assert meta.decode_gather is not None
     assert meta.decode_gather[0, 3:].eq(ZERO).all() and meta.decode_gather[0, :3].tolist() == [4, 5, 6]
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.usefixtures("one_thread")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("lens", [[9] * 11, [3, 9, 1, 16, 17, 2, 30, 5, 5, 12, 8]])
+def test_chunked_decode_is_bitwise_the_whole_batch(dtype: torch.dtype, lens: list[int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Decode rows attended in chunks through the reused scratch give the same bits as one whole-batch call
+    (on one thread: with several, SDPA splits its work by the batch's shape, so a row's last bit already
+    depends on the batch it is in), and padding still reads only the zero kv_slot (the pool is NaN
+    everywhere no row owns)."""
+    b, h, kvh, d = len(lens), 6, 2, 8
+    rng = random.Random(1)
+    tables = _tables(rng, lens)
+    k_cache = torch.full((ZERO + 1, kvh, d), float("nan"), dtype=dtype)
+    v_cache = k_cache.clone()
+    owned = torch.tensor(sorted({t[p // BS] * BS + p % BS for t, n in zip(tables, lens) for p in range(n)}))
+    k_cache[owned] = torch.randn(len(owned), kvh, d).to(dtype)
+    v_cache[owned] = torch.randn(len(owned), kvh, d).to(dtype)
+    k_cache[ZERO] = v_cache[ZERO] = 0
+    q = torch.randn(b, h, d).to(dtype)
+    new = torch.tensor([t[(n - 1) // BS] * BS + (n - 1) % BS for t, n in zip(tables, lens)])
+    k, v = k_cache[new].clone(), v_cache[new].clone()  # each row's newest token, written again by the call
+    whole = AttentionMetaBuffers("cpu", block_size=BS, zero_kv_slot=ZERO, max_seqs=b, max_model_len=32)
+    meta = whole.build(new, [], [], tables, lens)
+    assert meta.decode_chunk == 0 and meta.decode_scratch is None
+    ref = paged_attention(q, k, v, k_cache, v_cache, meta, scale=0.4)
+    assert not ref.isnan().any()
+    monkeypatch.setattr(tuning, "DECODE_CHUNK_BYTES", 1)  # the smallest chunks
+    monkeypatch.setattr(tuning, "DECODE_CHUNK_MIN_ROWS", 3)
+    chunked = AttentionMetaBuffers("cpu", block_size=BS, zero_kv_slot=ZERO, max_seqs=b, max_model_len=32,
+                                   kv_slot_shape=(kvh, d), kv_dtype=dtype)
+    for _ in range(2):  # the second step reuses the scratch
+        meta = chunked.build(new, [], [], tables, lens)
+        assert meta.decode_chunk == 3 and meta.decode_scratch is not None
+        assert torch.equal(paged_attention(q, k, v, k_cache, v_cache, meta, scale=0.4), ref)
