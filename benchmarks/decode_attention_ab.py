@@ -24,6 +24,7 @@ import engine.model as model
 from engine.bench.presets import build_adapters, build_preset_model, quiet_transformers
 from engine.llm import LLM
 from engine.sampling_params import SamplingParams
+from kernels import tuning
 
 _spent = {"attention": 0.0, "sdpa": 0.0}
 
@@ -49,7 +50,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--steps", type=int, default=60, help="decode steps per engine")
     p.add_argument("--block", type=int, default=5, help="steps per alternation")
+    p.add_argument("--chunk-bytes", type=int, default=None, help="override tuning.DECODE_CHUNK_BYTES for 'chunked'")
+    p.add_argument("--min-rows", type=int, default=None, help="override tuning.DECODE_CHUNK_MIN_ROWS for 'chunked'")
     args = p.parse_args(argv)
+    if args.chunk_bytes is not None:
+        tuning.DECODE_CHUNK_BYTES = args.chunk_bytes
+    if args.min_rows is not None:
+        tuning.DECODE_CHUNK_MIN_ROWS = args.min_rows
     quiet_transformers()
     torch.set_num_threads(args.threads)
     model_dir = build_preset_model(args.preset)
@@ -87,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
             rows[name]["attention"].append(_spent["attention"] / args.block * 1e3)
             rows[name]["sdpa"].append(_spent["sdpa"] / args.block * 1e3)
     print(f"preset={args.preset} dtype={args.dtype} batch={args.batch} adapters={args.adapters} threads={args.threads} "
+          f"prompt={args.prompt_len} chunk={tuning.DECODE_CHUNK_BYTES} B, >= {tuning.DECODE_CHUNK_MIN_ROWS} rows "
           f"blocks={args.steps // args.block}x{args.block} steps (ms per decode step, CPU time of this thread)")
     for name, r in rows.items():
         gather = [a - s for a, s in zip(r["attention"], r["sdpa"])]

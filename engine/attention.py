@@ -13,9 +13,11 @@ A step's tokens are laid out as [prefill spans..., decode rows...] (the runner o
 - Other prefill spans (a single fresh prompt, or a chunk that continues a cached context) attend
   one by one: a fresh prompt uses its own K/V with a causal mask (no gather); a continued chunk
   gathers its context and uses an offset causal mask.
-- Decode rows (q_len == 1) attend all at once: one padded gather index [B, L] and one key mask
+- Decode rows (q_len == 1) attend together: one padded gather index [B, L] and one key mask
   [B, 1, 1, L], built once per step and reused by every layer, then one masked SDPA over the
-  whole decode batch.
+  whole decode batch (CUDA), or on CPU one gather + SDPA per chunk of rows whose gathered K/V fit
+  in cache, through one scratch buffer reused by every chunk and layer (`decode_chunk`): a
+  whole-batch copy is several MB per layer, which SDPA would read back from memory.
 
 The per-step metadata (`AttentionMetadata`) is built by `AttentionMetaBuffers`: the index arithmetic
 runs on the host in numpy, into one staging buffer allocated once (pinned on CUDA), copied to the

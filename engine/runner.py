@@ -4,8 +4,8 @@ samples, and returns plain token ids.
 Per step it builds, once: the flat token id / position / kv_slot tensors and the rows whose logits
 are needed (the last token of each sampling sequence), all four filled into one buffer allocated at
 the largest step and copied once (pinned and non-blocking on CUDA); the attention metadata (one
-decode gather index + mask reused by every layer); and the LoRA context (token_lora_slots + the
-kernels' LoraBatchMeta). Token layout of a step: [multi-token chunks (prefills)...,
+decode gather index + mask reused by every layer, filled the same way into `AttentionMetaBuffers`);
+and the LoRA context (token_lora_slots + the kernels' LoraBatchMeta, in `LoraMetaBuffers`). Token layout of a step: [multi-token chunks (prefills)...,
 single-token rows (decodes)...], each group ordered by lora_slot.
 """
 

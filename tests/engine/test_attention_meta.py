@@ -166,3 +166,25 @@ def test_chunked_decode_is_bitwise_the_whole_batch(dtype: torch.dtype, lens: lis
         meta = chunked.build(new, [], [], tables, lens)
         assert meta.decode_chunk == 3 and meta.decode_scratch is not None
         assert torch.equal(paged_attention(q, k, v, k_cache, v_cache, meta, scale=0.4), ref)
+
+
+def test_engine_decoding_in_chunks_equals_alone_and_transformers(llama_dir, hf_llama, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+    """The engine's decode rows in chunks of 5 (12 requests: 5 + 5 + 2 per layer) give every request the
+    tokens it gets alone and transformers' greedy tokens."""
+    from engine import LLM, SamplingParams
+    from tests.engine.conftest import hf_greedy
+
+    monkeypatch.setattr(tuning, "DECODE_CHUNK_BYTES", 1)
+    monkeypatch.setattr(tuning, "DECODE_CHUNK_MIN_ROWS", 5)
+    import engine.attention as attention
+
+    rows_seen: set[int] = set()
+    decode_rows = attention._decode_rows
+    monkeypatch.setattr(attention, "_decode_rows", lambda q, *a: rows_seen.add(q.shape[0]) or decode_rows(q, *a))
+    greedy = SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    prompts = [[1] + [(7 * i + 13 * j) % 250 + 3 for j in range(3 + (i * 5) % 29)] for i in range(12)]
+    llm = LLM(str(llama_dir), enable_lora=False)
+    batch = [o.token_ids for o in llm.generate(prompts, greedy)]
+    assert {5, 2} <= rows_seen and max(rows_seen) == 5
+    assert batch == [llm.generate([p], greedy)[0].token_ids for p in prompts]
+    assert all(batch[i] == hf_greedy(hf_llama, prompts[i], 24) for i in (0, 3, 11))
