@@ -5,8 +5,9 @@ Per step it builds, once: the flat token id / position / kv_slot tensors and the
 are needed (the last token of each sampling sequence), all four filled into one buffer allocated at
 the largest step and copied once (pinned and non-blocking on CUDA); the attention metadata (one
 decode gather index + mask reused by every layer, filled the same way into `AttentionMetaBuffers`);
-and the LoRA context (token_lora_slots + the kernels' LoraBatchMeta, in `LoraMetaBuffers`). Token layout of a step: [multi-token chunks (prefills)...,
-single-token rows (decodes)...], each group ordered by lora_slot.
+and the LoRA context (token_lora_slots + the kernels' LoraBatchMeta, in `LoraMetaBuffers`). Token
+layout of a step: [multi-token chunks (prefills)..., single-token rows (decodes)...], each group
+ordered by lora_slot.
 """
 
 from __future__ import annotations

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -168,7 +170,9 @@ def test_chunked_decode_is_bitwise_the_whole_batch(dtype: torch.dtype, lens: lis
         assert torch.equal(paged_attention(q, k, v, k_cache, v_cache, meta, scale=0.4), ref)
 
 
-def test_engine_decoding_in_chunks_equals_alone_and_transformers(llama_dir, hf_llama, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
+def test_engine_decoding_in_chunks_equals_alone_and_transformers(
+    llama_dir: Path, hf_llama: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The engine's decode rows in chunks of 5 (12 requests: 5 + 5 + 2 per layer) give every request the
     tokens it gets alone and transformers' greedy tokens."""
     from engine import LLM, SamplingParams
