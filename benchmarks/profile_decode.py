@@ -1,5 +1,7 @@
 """Profile mlora decode steps: `python -m benchmarks.profile_decode [--preset llama-1b] [--device cuda]`.
 
+On CPU: `python -m benchmarks.profile_decode --preset small --device cpu --dtype float32 --batch 32 --threads 1`.
+
 Queues `--batch` requests over `--adapters` distinct adapters (round-robin: a mixed-N decode
 batch), runs the prefill and a few warm-up decode steps, times `--steps` plain decode steps
 (wall and, on CUDA, GPU-synchronised), then records the same number of steps with
@@ -50,6 +52,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--adapters", type=int, default=16, help="distinct adapters in the batch (0 = base model)")
     p.add_argument("--rank", type=int, default=16)
+    p.add_argument("--threads", type=int, default=None, help="CPU compute threads (default: torch's)")
     p.add_argument("--steps", type=int, default=8, help="decode steps timed and profiled")
     p.add_argument("--rows", type=int, default=30, help="rows of each top-ops table")
     p.add_argument("--out", default=None, help="write the tables here")
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
     llm = LLM(str(model_dir), device=args.device, dtype=args.dtype, max_num_seqs=args.batch,
               max_num_batched_tokens=max(2048, args.batch * (prompt_len + 1)),
               max_model_len=prompt_len + 2 * args.steps + warm + 16, enable_lora=True, max_loras=n,
-              max_lora_rank=args.rank, loras=tuple(paths.items()))  # fmt: skip
+              max_lora_rank=args.rank, loras=tuple(paths.items()), cpu_threads=args.threads)  # fmt: skip
     engine = llm.engine
     names = list(paths) if args.adapters else [None]
     total = 1 + warm + 2 * args.steps + 4

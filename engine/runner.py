@@ -4,9 +4,10 @@ samples, and returns plain token ids.
 Per step it builds, once: the flat token id / position / kv_slot tensors and the rows whose logits
 are needed (the last token of each sampling sequence), all four filled into one buffer allocated at
 the largest step and copied once (pinned and non-blocking on CUDA); the attention metadata (one
-decode gather index + mask reused by every layer); and the LoRA context (token_lora_slots + the
-kernels' LoraBatchMeta). Token layout of a step: [multi-token chunks (prefills)...,
-single-token rows (decodes)...], each group ordered by lora_slot.
+decode gather index + mask reused by every layer, filled the same way into `AttentionMetaBuffers`);
+and the LoRA context (token_lora_slots + the kernels' LoraBatchMeta, in `LoraMetaBuffers`). Token
+layout of a step: [multi-token chunks (prefills)..., single-token rows (decodes)...], each group
+ordered by lora_slot.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from kernels import ComposedRows, LoraBatchMeta, LoraMetaBuffers
 from kernels.dtypes import TORCH_DTYPES
 from kernels.tuning import cpu_auto_dtype
 
-from engine.attention import AttentionMetadata, PrefillBatch, PrefillSpan
+from engine.attention import AttentionMetaBuffers, AttentionMetadata, PrefillSpan
 from engine.planning.budget import ModelDims, kv_bytes_per_token, total_slot_bytes
 from engine.config import EngineConfig
 from engine.errors import ConfigError
@@ -143,6 +144,7 @@ class _StepLayout:
     token_lora_slots: list[int] = field(default_factory=list)  # [T] adapter row per token (-1 = base), LoRA steps only
     composed_rows: list[tuple[int, tuple[tuple[int, float], ...]]] = field(default_factory=list)  # (row, pairs)
     prefills: list[PrefillSpan] = field(default_factory=list)
+    prefill_seqs: list[Sequence] = field(default_factory=list)  # the sequence of each prefill span
     decode_seqs: list[Sequence] = field(default_factory=list)  # one row each, after the prefills
     sample_rows: list[int] = field(default_factory=list)  # row of each sampling item's last token
     sample_items: list[int] = field(default_factory=list)  # its index in `out.scheduled`
@@ -186,6 +188,9 @@ class ModelRunner:
             args.num_layers, 2, self.zero_kv_slot + 1, args.num_kv_heads, args.head_dim, dtype=self.dtype, device=self.device
         )
         self._alloc_step_buffers(4 * config.max_num_batched_tokens)  # ids, positions, kv_slots, sample rows
+        self.attn_meta = AttentionMetaBuffers(self.device, block_size=self.block_size, zero_kv_slot=self.zero_kv_slot,
+                                              max_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
+                                              kv_slot_shape=(args.num_kv_heads, args.head_dim), kv_dtype=self.dtype)
         self._seed_source = torch.Generator().manual_seed(config.seed)
 
     def base_weight(self, layer: int, module: str) -> torch.Tensor:
@@ -274,7 +279,8 @@ class ModelRunner:
                 if lora.compose and i in lora.compose:
                     step.composed_rows.extend((t, lora.compose[i]) for t in range(t0, t0 + n))
             if n > 1:
-                step.prefills.append(self._prefill_span(seq, t0, n, start))
+                step.prefills.append(PrefillSpan(start=t0, end=t0 + n, ctx_start=start))
+                step.prefill_seqs.append(seq)
             else:
                 step.decode_seqs.append(seq)
             if it.sample:
@@ -315,16 +321,11 @@ class ModelRunner:
         return flat[:t], flat[t : 2 * t], flat[2 * t : 3 * t], flat[3 * t :]
 
     def _attention_meta(self, step: _StepLayout, kv_slots: torch.Tensor) -> AttentionMetadata:
-        """Prefill spans (fresh prompts padded into one batch) and one padded gather for all decode rows."""
-        meta = AttentionMetadata(slot_mapping=kv_slots, prefills=step.prefills)
-        fresh = [p for p in step.prefills if p.ctx_start == 0]
-        if len(fresh) >= 2:  # one padded SDPA for all fresh prompts instead of one call each
-            meta.prefill_batch = self._prefill_batch(fresh)
-            meta.prefills = [p for p in step.prefills if p.ctx_start > 0]
-        if step.decode_seqs:
-            meta.decode_start = len(step.ids) - len(step.decode_seqs)
-            self._decode_meta(meta, step.decode_seqs)
-        return meta
+        """Prefill spans (fresh prompts padded into one batch) and one padded gather for all decode rows,
+        filled into the buffers allocated once (`engine.attention.AttentionMetaBuffers`)."""
+        return self.attn_meta.build(
+            kv_slots, step.prefills, [s.block_table for s in step.prefill_seqs],
+            [s.block_table for s in step.decode_seqs], [s.num_computed_tokens + 1 for s in step.decode_seqs])
 
     def _lora_context(self, step: _StepLayout, lora: LoraStep, meta: AttentionMetadata) -> LoraContext:
         """Once per step; prefill chunks and decode rows get separate CPU layouts (kernels.meta "split")."""
@@ -368,56 +369,3 @@ class ModelRunner:
         with sdpa_backends(dev):
             hidden = self.model(ids, torch.arange(t, device=dev), meta, scratch, lora)
         return self.model.logits(hidden)
-
-    def _prefill_span(self, seq: Sequence, t0: int, n: int, start: int) -> PrefillSpan:
-        span = PrefillSpan(start=t0, end=t0 + n, ctx_start=start)
-        if start > 0:  # a continued chunk: attend over the cached context too
-            dev, bs, total = self.device, self.block_size, start + n
-            bt = torch.tensor(seq.block_table, dtype=torch.long, device=dev)
-            p = torch.arange(total, device=dev)
-            span.gather = bt[p // bs] * bs + p % bs  # [total]
-            q_pos = torch.arange(start, total, device=dev)[:, None]
-            span.mask = (p[None, :] <= q_pos)[None, None]  # [1, 1, n, total]
-        return span
-
-    def _prefill_batch(self, spans: list[PrefillSpan]) -> PrefillBatch:
-        """Pad the fresh prompts to the longest: index [P * L], mask [P, 1, L, L] (None if equal lengths)."""
-        dev = self.device
-        lens = [p.end - p.start for p in spans]
-        length = max(lens)
-        index: list[int] = []
-        valid: list[int] = []
-        rows: list[int] = []
-        for i, (p, n) in enumerate(zip(spans, lens)):
-            index.extend(range(p.start, p.end))
-            # padding repeats this prompt's own last row (masked out as a key): a padded position
-            # never reads another prompt's K/V, so one prompt's NaN cannot reach another's
-            index.extend([p.end - 1] * (length - n))
-            valid.extend(range(i * length, i * length + n))
-            rows.extend(range(p.start, p.end))
-        mask = None
-        if min(lens) != length:
-            j = torch.arange(length, device=dev)
-            lens_t = torch.tensor(lens, device=dev)
-            causal = j[None, :] <= j[:, None]  # [L, L]
-            mask = (causal[None] & (j[None, None, :] < lens_t[:, None, None]))[:, None]  # [P, 1, L, L]
-        as_t = lambda xs: torch.tensor(xs, dtype=torch.long, device=dev)  # noqa: E731
-        return PrefillBatch(index=as_t(index), mask=mask, valid=as_t(valid), rows=as_t(rows), num=len(spans), length=length)
-
-    def _decode_meta(self, meta: AttentionMetadata, seqs: list[Sequence]) -> None:
-        """One padded gather index [B, L] and key mask [B, 1, 1, L] for all decode rows."""
-        dev, bs = self.device, self.block_size
-        lens = [s.num_computed_tokens + 1 for s in seqs]
-        max_blocks = max(len(s.block_table) for s in seqs)
-        table = torch.tensor([s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs], dtype=torch.long, device=dev)
-        length = max(lens)
-        gather = (table[:, :, None] * bs + torch.arange(bs, device=dev)).reshape(len(seqs), -1)[:, :length]
-        lens_t = torch.tensor(lens, device=dev)
-        # positions at or past a row's length (padding, and the unwritten tail of its last block,
-        # which may hold a previous owner's K/V) read the always-zero kv_slot, never stale data
-        written = torch.arange(length, device=dev)[None, :] < lens_t[:, None]  # [B, L]
-        meta.decode_gather = torch.where(written, gather, self.zero_kv_slot)  # [B, L]
-        if min(lens) == length:  # every row sees its whole gather (e.g. batch 1): no mask needed
-            meta.decode_mask = None
-        else:
-            meta.decode_mask = written[:, None, None, :]

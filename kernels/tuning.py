@@ -137,3 +137,11 @@ DENSE_MAX_COLS = 256
 # "bmm" over adapters of several ranks: one batched matmul per rank class (instead of all at the step's
 # largest rank) once padding to the largest rank would read this many times the real rows.
 RANK_CLASS_MIN_WASTE = 1.25
+
+
+# ----------------------------------------------------------------------------- decode attention (engine.attention)
+# Decode rows gather their K/V and attend in chunks of about this many gathered bytes, so SDPA reads the
+# copy while it is still in L2 (one whole-batch copy is several MB per layer and comes back from memory).
+DECODE_CHUNK_BYTES = 2 << 20
+# ... but never fewer rows than this per chunk: below it the per-op overhead of gather + SDPA shows.
+DECODE_CHUNK_MIN_ROWS = 4
