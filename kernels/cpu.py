@@ -123,9 +123,11 @@ def _per_segment(stack: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
 
 
 def _shrink_bmm(xs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """xs [G, L, K] @ a[g].T -> [G, L, r]; fp32 one-row segments as A @ x.T (batched matrix-vector)."""
-    if xs.shape[1] == 1 and xs.dtype == torch.float32:
-        return torch.bmm(a, xs.transpose(1, 2)).transpose(1, 2)  # [G, 1, r] (strided)
+    """xs [G, L, K] @ a[g].T -> [G, L, r]; fp32 short segments as A @ x.T (streams A in its own layout)."""
+    if xs.dtype == torch.float32 and xs.shape[1] <= tuning.CPU_SHRINK_AX_MAX_ROWS:
+        return torch.bmm(a, xs.transpose(1, 2)).transpose(1, 2)  # [G, L, r] (strided)
+    if xs.dtype != torch.float32 and tuning.cpu_half_bmm_shrink_fp32():
+        return torch.bmm(xs.float(), a.float().transpose(1, 2)).to(xs.dtype)  # [G, L, r]
     return torch.bmm(xs, a.transpose(1, 2))
 
 

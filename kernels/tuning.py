@@ -134,6 +134,17 @@ CHUNK_BYTES = 512 << 10
 # "dense" does span x the useful FLOPs (one matmul over slots lo..hi), so only while span * R stays small
 # next to the base layer's width.
 DENSE_MAX_COLS = 256
+# fp32 "bmm" shrinks of segments up to this many rows run as A @ x.T (MKL streams each A in its own layout):
+# cold weights, hidden 768, rank 16, 32 rows: 1 row x 32 adapters 64 vs 131 us, 2 x 16 51 vs 84, 4 x 8 36 vs 49.
+CPU_SHRINK_AX_MAX_ROWS = 8
+
+
+def cpu_half_bmm_shrink_fp32() -> bool:
+    """A bf16/fp16 "bmm" shrink upcast to fp32 (x and the G adapters' A) and rounded once back? Without AMX
+    a batch of tiny 16-bit GEMMs is overhead-bound (16 x [2, 768] x [768, 16]: 84 us bf16, 72 us upcast)."""
+    return not cpu_has_amx()
+
+
 # "bmm" over adapters of several ranks: one batched matmul per rank class (instead of all at the step's
 # largest rank) once padding to the largest rank would read this many times the real rows.
 RANK_CLASS_MIN_WASTE = 1.25
