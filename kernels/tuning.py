@@ -139,10 +139,16 @@ DENSE_MAX_COLS = 256
 CPU_SHRINK_AX_MAX_ROWS = 8
 
 
-def cpu_half_bmm_shrink_fp32() -> bool:
-    """A bf16/fp16 "bmm" shrink upcast to fp32 (x and the G adapters' A) and rounded once back? Without AMX
-    a batch of tiny 16-bit GEMMs is overhead-bound (16 x [2, 768] x [768, 16]: 84 us bf16, 72 us upcast)."""
-    return not cpu_has_amx()
+def cpu_half_bmm_in_fp32(fp32_bytes: int) -> bool:
+    """Run a bf16/fp16 "bmm" shrink/expand upcast to fp32 (rounded once back), when the G adapters' weights
+    upcast to `fp32_bytes`? Only without AMX, where a batch of tiny 16-bit GEMMs is overhead-bound, and only
+    while that fp32 copy stays in L2 (see CPU_HALF_FP32_MAX_BYTES)."""
+    return not cpu_has_amx() and fp32_bytes <= CPU_HALF_FP32_MAX_BYTES
+
+
+# Largest fp32 copy of a bf16 "bmm"'s weights worth making (no AMX): 16 x [2, 768] x [768, 16] shrink 84 ->
+# 71 us (0.8 MB), 32 x 1 rows 146 -> 98 (1.5 MB), but 16 x [768, 2048] expand 179 -> 223 (2 MB) and rank 64 loses.
+CPU_HALF_FP32_MAX_BYTES = 1536 << 10
 
 
 # "bmm" over adapters of several ranks: one batched matmul per rank class (instead of all at the step's
