@@ -32,10 +32,11 @@ engine.lora.slots keeps them): every path reads only the rows that can be non-ze
 step's slots, so an r8 adapter in slots sized for r64 costs r8, and an r8 + r64 batch costs r8 + r64, not
 two r64. The skipped rows are exact zeros (zero A rows give h = 0), so results are unchanged; h's
 columns past the step's rank are zero. "dense" keeps the full R (its [span * R, K] view needs it).
-fp32 "bmm" with one row per segment (decode over as many adapters as rows) runs the shrink as
-A @ x.T (a batched matrix-vector product streaming A in its own layout);
-with 2+ rows per segment x @ A.T stays faster.
-Matmuls run in the input dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32); results match
+fp32 "bmm" with short segments (up to tuning.CPU_SHRINK_AX_MAX_ROWS rows: decode over many adapters) runs
+the shrink as A @ x.T (streams each A in its own layout); longer segments keep x @ A.T.
+Matmuls run in the input dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32), except bf16/fp16 "bmm"
+on a CPU without AMX, which upcasts to one fp32 bmm while that copy is small
+(tuning.cpu_half_bmm_in_fp32) and rounds once back; results match
 the fp32 reference within the per-dtype tolerances of the tests. Works on any device.
 """
 
