@@ -32,10 +32,11 @@ engine.lora.slots keeps them): every path reads only the rows that can be non-ze
 step's slots, so an r8 adapter in slots sized for r64 costs r8, and an r8 + r64 batch costs r8 + r64, not
 two r64. The skipped rows are exact zeros (zero A rows give h = 0), so results are unchanged; h's
 columns past the step's rank are zero. "dense" keeps the full R (its [span * R, K] view needs it).
-fp32 "bmm" with one row per segment (decode over as many adapters as rows) runs the shrink as
-A @ x.T (a batched matrix-vector product streaming A in its own layout);
-with 2+ rows per segment x @ A.T stays faster.
-Matmuls run in the input dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32); results match
+fp32 "bmm" with short segments (up to tuning.CPU_SHRINK_AX_MAX_ROWS rows: decode over many adapters) runs
+the shrink as A @ x.T (streams each A in its own layout); longer segments keep x @ A.T.
+Matmuls run in the input dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32), except bf16/fp16 "bmm"
+on a CPU without AMX, which upcasts to one fp32 bmm while that copy is small
+(tuning.cpu_half_bmm_in_fp32) and rounds once back; results match
 the fp32 reference within the per-dtype tolerances of the tests. Works on any device.
 """
 
@@ -123,10 +124,19 @@ def _per_segment(stack: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
 
 
 def _shrink_bmm(xs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """xs [G, L, K] @ a[g].T -> [G, L, r]; fp32 one-row segments as A @ x.T (batched matrix-vector)."""
-    if xs.shape[1] == 1 and xs.dtype == torch.float32:
-        return torch.bmm(a, xs.transpose(1, 2)).transpose(1, 2)  # [G, 1, r] (strided)
+    """xs [G, L, K] @ a[g].T -> [G, L, r]; fp32 short segments as A @ x.T (streams A in its own layout)."""
+    if xs.dtype == torch.float32 and xs.shape[1] <= tuning.CPU_SHRINK_AX_MAX_ROWS:
+        return torch.bmm(a, xs.transpose(1, 2)).transpose(1, 2)  # [G, L, r] (strided)
+    if xs.dtype != torch.float32 and tuning.cpu_half_bmm_in_fp32(a.numel() * 4):
+        return torch.bmm(xs.float(), a.float().transpose(1, 2)).to(xs.dtype)  # [G, L, r], rounded once
     return torch.bmm(xs, a.transpose(1, 2))
+
+
+def _expand_bmm_(ys: torch.Tensor, hs: torch.Tensor, bt: torch.Tensor) -> torch.Tensor:
+    """ys [G, L, N] += hs [G, L, r] @ bt [G, r, N], in place, rounded once (16-bit types: see `_shrink_bmm`)."""
+    if ys.dtype != torch.float32 and tuning.cpu_half_bmm_in_fp32(bt.numel() * 4):
+        return ys.add_(torch.bmm(hs.float(), bt.float()))  # fp32 sum, one rounding to ys.dtype
+    return ys.baddbmm_(hs, bt)
 
 
 def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta,
@@ -251,11 +261,11 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
             view.index_copy_(0, meta.pad_rows, ys.view(G * L, N))  # padding rewrites its row's own value
             return out
         if meta.pad_identity:  # rows already in equal slot-ordered segments: update out in place
-            view.view(G, L, N).baddbmm_(h.reshape(G, L, h.shape[1]), _per_segment(lora_b, meta).transpose(1, 2))
+            _expand_bmm_(view.view(G, L, N), h.reshape(G, L, h.shape[1]), _per_segment(lora_b, meta).transpose(1, 2))
             return out
         hs = h.index_select(0, meta.pad_rows).view(G, L, h.shape[1])  # [G, L, R] padded segments
         ys = view.index_select(0, meta.pad_rows).view(G, L, N)  # [G, L, N] current out rows
-        ys.baddbmm_(hs, _per_segment(lora_b, meta).transpose(1, 2))  # out + h @ B.T, rounded once
+        _expand_bmm_(ys, hs, _per_segment(lora_b, meta).transpose(1, 2))  # out + h @ B.T, rounded once
         view.index_copy_(0, meta.pad_rows, ys.view(G * L, N))  # padding rewrites its row's own value
         return out
     r = h.shape[1]

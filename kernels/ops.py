@@ -105,6 +105,8 @@ def lora_shrink_slices(x: torch.Tensor, slices: Sequence[tuple[torch.Tensor, tor
             _check_shrink(x, a, token_lora_slots, sc)
         meta = _meta_for(meta, token_lora_slots, min((a.shape[0] for a, _ in slices), default=0))
     ranks = slot_ranks if slot_ranks is not None else [None] * len(slices)
+    if x.shape[0] and _resolve(backend, x.device) == "cpu":  # resolved once for all slices (the hot path)
+        return [shrink_cpu(x, a, sc, meta, r) for (a, sc), r in zip(slices, ranks)]
     return [lora_shrink(x, a, token_lora_slots, sc, meta=meta, backend=backend, strategy=strategy, check=False,
                         slot_ranks=r) for (a, sc), r in zip(slices, ranks)]
 
@@ -128,6 +130,10 @@ def lora_expand_slices(hs: Sequence[torch.Tensor], slices: Sequence[tuple[torch.
             _check_expand(h, b, token_lora_slots, out, off, rank_major_ok=rank_major_ok)
         meta = _meta_for(meta, token_lora_slots, min((b.shape[0] for b, _ in slices), default=0))
     ranks = slot_ranks if slot_ranks is not None else [None] * len(slices)
+    if out.shape[0] and _resolve(backend, out.device) == "cpu":  # resolved once for all slices (the hot path)
+        for h, (b, off), r in zip(hs, slices, ranks):
+            expand_cpu(h, b, out, meta, off, r)
+        return out
     for h, (b, off), r in zip(hs, slices, ranks):
         lora_expand(h, b, token_lora_slots, out, meta=meta, out_offset=off, backend=backend, strategy=strategy,
                     check=False, slot_ranks=r)

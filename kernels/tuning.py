@@ -134,6 +134,23 @@ CHUNK_BYTES = 512 << 10
 # "dense" does span x the useful FLOPs (one matmul over slots lo..hi), so only while span * R stays small
 # next to the base layer's width.
 DENSE_MAX_COLS = 256
+# fp32 "bmm" shrinks of segments up to this many rows run as A @ x.T (MKL streams each A in its own layout):
+# cold weights, hidden 768, rank 16, 32 rows: 1 row x 32 adapters 64 vs 131 us, 2 x 16 51 vs 84, 4 x 8 36 vs 49.
+CPU_SHRINK_AX_MAX_ROWS = 8
+
+
+def cpu_half_bmm_in_fp32(fp32_bytes: int) -> bool:
+    """Run a bf16/fp16 "bmm" shrink/expand upcast to fp32 (rounded once back), when the G adapters' weights
+    upcast to `fp32_bytes`? Only without AMX, where a batch of tiny 16-bit GEMMs is overhead-bound, and only
+    while that fp32 copy stays in L2 (see CPU_HALF_FP32_MAX_BYTES)."""
+    return not cpu_has_amx() and fp32_bytes <= CPU_HALF_FP32_MAX_BYTES
+
+
+# Largest fp32 copy of a bf16 "bmm"'s weights worth making (no AMX): 16 x [2, 768] x [768, 16] shrink 84 ->
+# 71 us (0.8 MB), 32 x 1 rows 146 -> 98 (1.5 MB), but 16 x [768, 2048] expand 179 -> 223 (2 MB) and rank 64 loses.
+CPU_HALF_FP32_MAX_BYTES = 1536 << 10
+
+
 # "bmm" over adapters of several ranks: one batched matmul per rank class (instead of all at the step's
 # largest rank) once padding to the largest rank would read this many times the real rows.
 RANK_CLASS_MIN_WASTE = 1.25

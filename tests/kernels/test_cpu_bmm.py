@@ -177,3 +177,21 @@ def test_dense_path_matches_naive(slots: list[int], dtype: str, rank_major: bool
     assert_close(got, expected, dtype, "expand")
     assert torch.equal(got[:, :2], before[:, :2]) and torch.equal(got[:, 2 + N:], before[:, 2 + N:])
     assert torch.equal(got[ts < 0], before[ts < 0])
+
+
+@pytest.mark.parametrize("upcast", [False, True], ids=["bf16-gemm", "fp32-upcast"])
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3] * 2, [5, 1, 3, -1, 5, 3, 1, 0]])
+def test_bmm_path_half_either_way(slots: list[int], upcast: bool, force_bmm: None,
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 "bmm" shrinks and expands agree with the reference whether they run as bf16 GEMMs (AMX) or upcast
+    to fp32 (no AMX)."""
+    monkeypatch.setattr("kernels.tuning.cpu_half_bmm_in_fp32", lambda fp32_bytes: upcast)
+    x, a, h, b, out, ts, scales = _op_inputs(slots, R=8, K=96, N=80, S=8, extra_cols=5, seed=2)
+    bf = torch.bfloat16
+    got = lora_shrink(x.to(bf), a.to(bf), ts, scales, meta=_meta(ts), backend="cpu")
+    assert got.dtype == bf
+    assert_close(got, naive_shrink(x.to(bf), a.to(bf), ts, scales), "bf16", "shrink")
+    assert torch.all(got[ts < 0] == 0)
+    expected = naive_expand(h.to(bf), b.to(bf), ts, out.to(bf), 3)
+    got = lora_expand(h.to(bf), b.to(bf), ts, out.to(bf), meta=_meta(ts), out_offset=3, backend="cpu")
+    assert_close(got, expected, "bf16", "expand")
