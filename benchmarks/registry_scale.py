@@ -14,8 +14,9 @@ written by PEFT's save_pretrained (engine.bench.presets), then in one process:
 By default at most --max-loras requests run at once in both (--max-num-seqs), so the two runs
 batch alike and the difference is what the registry costs (first loads, re-reads, slot writes).
 Prints one JSON object: registration seconds, per-pass seconds, medians and the many/few ratio
-(pass 1 and later passes), plus the adapter cache counters. Timings are wall clock on whatever
-else the machine is running: compare the ratios from one run.
+(pass 1 and later passes), the same in process CPU time (all threads), plus the adapter cache
+counters. Timings are wall clock on whatever else the machine is running: compare the ratios from
+one run (the CPU-time ratio moves less when other processes share the cores).
 """
 
 from __future__ import annotations
@@ -85,17 +86,21 @@ def main() -> None:
     many = [names[i % args.adapters] for i in range(args.requests)]
     llm.generate(prompts[:4], params, adapters=few[:4])  # warm-up (allocations, first kernels)
 
-    def timed(adapters: list[str]) -> float:
-        t = time.perf_counter()
+    cpu: dict[str, list[float]] = {"few": [], "many": []}  # process CPU seconds (all threads): steadier on a shared machine
+
+    def timed(kind: str, adapters: list[str]) -> float:
+        t, c = time.perf_counter(), time.process_time()
         out = llm.generate(prompts, params, adapters=adapters)
         assert len(out) == len(prompts) and all(o.outputs[0].token_ids for o in out)
+        cpu[kind].append(time.process_time() - c)
         return time.perf_counter() - t
 
     runs: dict[str, list[float]] = {"few": [], "many": []}
     for _ in range(args.repeat):
-        runs["few"].append(timed(few))
-        runs["many"].append(timed(many))
+        runs["few"].append(timed("few", few))
+        runs["many"].append(timed("many", many))
     later = {k: v[1:] or v for k, v in runs.items()}
+    later_cpu = {k: v[1:] or v for k, v in cpu.items()}
     st = llm.engine.lora.cache.stats()
     report = {
         "adapters": args.adapters, "few": args.few, "requests": args.requests, "max_tokens": args.max_tokens,
@@ -108,6 +113,8 @@ def main() -> None:
         "first_pass_many_over_few": round(runs["many"][0] / runs["few"][0], 3),
         "later_passes_median_s": {k: round(statistics.median(v), 3) for k, v in later.items()},
         "later_many_over_few": round(statistics.median(later["many"]) / statistics.median(later["few"]), 3),
+        "passes_cpu_s": {k: [round(x, 3) for x in v] for k, v in cpu.items()},
+        "later_many_over_few_cpu": round(statistics.median(later_cpu["many"]) / statistics.median(later_cpu["few"]), 3),
         "cache": {"disk_loads": st.disk_loads, "device_loads": st.device_loads, "cpu_evictions": st.cpu_evictions,
                   "load_failures": st.load_failures,
                   "disk_load_ms_median": round(1e3 * statistics.median(st.disk_load_seconds), 3) if st.disk_load_seconds else None},
