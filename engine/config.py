@@ -25,6 +25,7 @@ DTYPE_ALIASES = {
 ADAPTER_NAME_RULE = "1-128 characters from letters, digits and . _ / : @ + - (starting with a letter or digit)"
 _ADAPTER_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/:@+-]{0,127}$")
 CPU_LORAS_PER_SLOT = 2  # CPU cache = 2x the device slots: a working set twice the slots swaps without disk reads
+CPU_LORA_BYTES = 1 << 30  # ... and more while they fit in 1 GiB: thousands of small adapters, a sliver of a server's RAM
 
 
 def valid_adapter_name(name: object) -> bool:
@@ -35,6 +36,12 @@ def valid_adapter_name(name: object) -> bool:
 def default_max_cpu_loras(max_loras: int) -> int:
     """max_cpu_loras when it is not given: the one default of serve, LLM and `mlora budget`."""
     return CPU_LORAS_PER_SLOT * max_loras
+
+
+def default_max_cpu_lora_bytes(max_cpu_loras: int | None) -> int:
+    """max_cpu_lora_bytes when it is not given: CPU_LORA_BYTES, or 0 (a count only, as vLLM) when
+    `max_cpu_loras` was given: an explicit max_cpu_loras stays the cap it is in vLLM."""
+    return CPU_LORA_BYTES if max_cpu_loras is None else 0
 
 
 @dataclass(frozen=True)
@@ -51,7 +58,8 @@ class EngineConfig:
     `max_queue_per_tenant` bounds one tenant's unfinished requests in the async engine (queued or
     running: one tenant cannot fill the whole queue and lock the others out with 429s).
     LoRA: `max_loras` device slots of rank `max_lora_rank`, `max_cpu_loras` adapters kept in
-    CPU memory, `loras` = ((name, path), ...) registered at start. A request may compose up to
+    CPU memory, and more while their weights fit in `max_cpu_lora_bytes` (default 1 GiB, or 0 when
+    `max_cpu_loras` is given), `loras` = ((name, path), ...) registered at start. A request may compose up to
     `max_adapters_per_request` adapters with weights; `lora_compose` = ((alias, ((adapter, weight), ...)), ...)
     (or {alias: "a:0.7,b:0.5"}) names compositions a request can select like an adapter (engine.lora.compose).
     `served_model_name`: the base model's name in the API (default: `model` as given, as vLLM does;
@@ -82,6 +90,7 @@ class EngineConfig:
     max_loras: int = 4
     max_lora_rank: int = 16
     max_cpu_loras: int | None = None
+    max_cpu_lora_bytes: int | None = None
     lora_dtype: str = "auto"
     loras: tuple[tuple[str, str], ...] = field(default_factory=tuple)
     trust_remote_code: bool = False
@@ -130,6 +139,11 @@ class EngineConfig:
         if self.served_model_name is not None and (not isinstance(self.served_model_name, str)
                                                    or not self.served_model_name.strip()):
             raise UsageError(f"served_model_name must be a non-empty string, got {self.served_model_name!r}")
+        value = self.max_cpu_lora_bytes
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise UsageError(f"max_cpu_lora_bytes must be an integer >= 0 (or unset), got {value!r}")
+        if value is None:
+            set_("max_cpu_lora_bytes", default_max_cpu_lora_bytes(self.max_cpu_loras))
         if self.max_cpu_loras is None:
             set_("max_cpu_loras", default_max_cpu_loras(self.max_loras))
         elif self.max_cpu_loras < self.max_loras:

@@ -152,7 +152,9 @@ def _render(report) -> None:  # noqa: ANN001 - BudgetReport, imported lazily
     rows = [
         ("bytes per adapter slot", report.bytes_per_adapter, f"{d.layers} layers x sum(r x (in + out)) x {report.dtype}"),
         (f"{report.max_loras} slots (GPU)", report.total_slot_bytes, "slot x max_loras"),
-        (f"CPU cache ({report.max_cpu_loras} adapters)", report.cpu_cache_bytes, "slot x max_cpu_loras"),
+        (f"CPU cache ({report.cpu_cache_adapters} adapters)", report.cpu_cache_bytes,
+         "slot x max_cpu_loras" if report.cpu_cache_adapters == report.max_cpu_loras
+         else "slot x (max_cpu_lora_bytes // slot)"),
         ("base weights", report.base_weight_bytes,
          f"embed {_fmt_bytes(b['embed_tokens'])}, lm_head {_fmt_bytes(b['lm_head']) if b['lm_head'] else 'tied'}, "
          f"linears {_fmt_bytes(b['decoder_linears'])}, norms {b['norms']:,}"),

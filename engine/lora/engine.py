@@ -15,12 +15,15 @@
 - Per step the runner receives a `LoraStep` (one lora_slot per scheduled sequence, -1 = base model),
   never an adapter name, or None when no scheduled sequence uses an adapter.
 - After each step, adapters that waiting requests need are prefetched disk -> CPU in the
-  background, so a cold adapter's first token waits only for the CPU -> slot copy.
+  background, so a cold adapter's first token waits only for the CPU -> slot copy; unless disk loads
+  are short (`PREFETCH_MIN_LOAD_S`): then a background load costs the step more than it saves (its
+  Python holds the GIL the step needs), and the adapter is loaded when it is activated.
 """
 
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -37,6 +40,9 @@ if TYPE_CHECKING:
     from engine.runner import ModelRunner
 
 log = logging.getLogger("mlora.engine")
+# Prefetch in the background only when disk loads typically take at least this long: a background load
+# takes the GIL from the step many times, each hand-off costing it up to one switch interval (5 ms).
+PREFETCH_MIN_LOAD_S = 4 * sys.getswitchinterval()
 
 
 @dataclass
@@ -64,6 +70,7 @@ class LoraEngine:
         self.cache = AdapterCache(
             max_loras=config.max_loras,
             max_cpu_loras=config.max_cpu_loras,
+            max_cpu_lora_bytes=config.max_cpu_lora_bytes or 0,
             loader=self.slots.load,
             inspector=self.slots.inspect,  # registration reads config + header only; tensors at first use
             slot_writer=self.slots.set_slot,
@@ -211,11 +218,15 @@ class LoraEngine:
         return LoraStep(lora_slots=lora_slots, compose=compose or None, stacks=self.slots)
 
     def after_step(self, scheduler: Scheduler) -> None:
-        """Prefetch (disk -> CPU, background) the adapters that waiting requests need."""
-        if scheduler.waiting:
-            wanted = [a for a in scheduler.waiting_adapters() if self.cache.slot_of(a) is None]
-            if wanted:
-                self.cache.prefetch(wanted)
+        """Prefetch (disk -> CPU, background) the adapters that waiting requests need, when loads are slow
+        enough for that to pay (or not measured yet); `prefetch` skips those already in a slot."""
+        if scheduler.waiting and self.prefetch_pays():
+            self.cache.prefetch(scheduler.waiting_adapters())
+
+    def prefetch_pays(self) -> bool:
+        """Whether a background load hides more than it costs: disk loads typically take >= PREFETCH_MIN_LOAD_S."""
+        typical = self.cache.typical_load_seconds()
+        return typical is None or typical >= PREFETCH_MIN_LOAD_S
 
     # -- metrics -----------------------------------------------------------------------------
     def fill_stats(self, s: EngineStats) -> None:

@@ -21,6 +21,9 @@ Rules (after vLLM's adapter manager):
   * An adapter pinned by a running request (`acquire` .. `release`) is never evicted.
   * The device tier is a subset of the CPU tier: the CPU LRU only evicts adapters that are
     not in a slot, so `max_cpu_loras >= max_loras` always leaves room.
+  * The CPU tier holds `max_cpu_loras` adapters, and more while their weights (`adapter.nbytes`)
+    total at most `max_cpu_lora_bytes` (0, the default here: a count only, vLLM's `max_cpu_loras`):
+    many small adapters stay in memory where a count sized for large ones would re-read them.
   * Replacing a name (`register` again) or `remove` retires the old *version*: requests
     that already hold it keep its slot until they `release`; new `acquire`s get the new
     version (its own slot). A retired version's slot is freed at its last release. So a
@@ -44,6 +47,8 @@ Rules (after vLLM's adapter manager):
 
 Thread safety: one lock guards all state. Disk loads run outside the lock (in the caller's
 thread or the prefetch thread); a load already in flight is awaited, never repeated.
+`typical_load_seconds()` (a moving average of recent disk loads) lets the caller decide whether a
+background prefetch pays (engine.lora.engine: not for loads shorter than the GIL hand-offs it costs).
 """
 
 from __future__ import annotations
@@ -60,6 +65,7 @@ from typing import Any
 from engine.errors import AdapterError, AdapterNotFoundError, ConfigError
 
 log = logging.getLogger(__name__)
+LOAD_EMA_WEIGHT = 0.2  # weight of the newest disk load in `typical_load_seconds` (about the last 5 loads)
 
 
 class AdapterChangedError(AdapterError):
@@ -152,6 +158,7 @@ class _Version:
     # or for a header-level registration the sha256 of its config + header facts (the digest is learnt only at
     # the first load; a key that changed then would stop the version's earlier blocks from ever hitting).
     cache_key: str | None = None
+    nbytes: int = 0  # size of `adapter` while it is in the CPU tier (its `nbytes`; 0 when it has none)
 
 
 class AdapterCache:
@@ -162,6 +169,7 @@ class AdapterCache:
         *,
         max_loras: int,
         max_cpu_loras: int | None = None,
+        max_cpu_lora_bytes: int = 0,
         loader: Loader,
         slot_writer: SlotWriter,
         slot_clearer: SlotClearer | None = None,
@@ -172,8 +180,11 @@ class AdapterCache:
             raise ConfigError(f"max_loras must be >= 1, got {max_loras}")
         if max_cpu_loras < max_loras:
             raise ConfigError(f"max_cpu_loras ({max_cpu_loras}) must be >= max_loras ({max_loras})")
+        if max_cpu_lora_bytes < 0:
+            raise ConfigError(f"max_cpu_lora_bytes must be >= 0, got {max_cpu_lora_bytes}")
         self.max_loras = max_loras
         self.max_cpu_loras = max_cpu_loras
+        self.max_cpu_lora_bytes = max_cpu_lora_bytes
         self._loader = loader
         self._inspector = inspector
         self._writer = slot_writer
@@ -183,6 +194,8 @@ class AdapterCache:
         self._versions: dict[int, _Version] = {}  # live versions: current ones + retired but bound/pinned
         self._next_vid = 1
         self._cpu: OrderedDict[_Version, None] = OrderedDict()  # LRU first, MRU last
+        self._cpu_bytes = 0  # sum of `nbytes` over the CPU tier
+        self._load_ema: float | None = None  # typical_load_seconds()
         self._device: OrderedDict[_Version, None] = OrderedDict()  # current versions in a slot
         self._slots: list[_Version | None] = [None] * max_loras
         self._inflight: dict[_Version, Future] = {}
@@ -221,7 +234,7 @@ class AdapterCache:
         with self._lock:
             if not header_only:
                 self._stats.disk_loads += 1
-                self._stats.disk_load_seconds.append(dt)
+                self._record_load(dt)
             old = self._current.get(name)
             fp = getattr(adapter, "fingerprint", None)
             ver = _Version(name, path, vid=self._next_vid, fingerprint=fp, dora=bool(getattr(adapter, "dora", None)),
@@ -477,6 +490,11 @@ class AdapterCache:
             s = self._stats
             return replace(s, disk_load_seconds=list(s.disk_load_seconds), device_load_seconds=list(s.device_load_seconds))
 
+    def typical_load_seconds(self) -> float | None:
+        """A moving average of recent disk -> CPU load durations (wall clock; None before the first)."""
+        with self._lock:
+            return self._load_ema
+
     def drain_load_seconds(self) -> list[float]:
         """Disk load durations recorded since the last call (for a histogram exporter)."""
         with self._lock:
@@ -510,7 +528,7 @@ class AdapterCache:
         if not ver.retired or ver.bindings > 0 or ver.pins > 0:
             return
         if ver in self._cpu:
-            del self._cpu[ver]
+            self._cpu_remove(ver)
         ver.adapter = None
         if ver.slot is not None:
             self._free_slot(ver)
@@ -552,23 +570,50 @@ class AdapterCache:
             self._device[ver] = None
         self._touch(ver)
 
+    def _cpu_fits(self, count: int, nbytes: int) -> bool:
+        """Whether a CPU tier of `count` adapters totalling `nbytes` is within its limits."""
+        return count <= self.max_cpu_loras or 0 < nbytes <= self.max_cpu_lora_bytes
+
     def _cpu_insert(self, ver: _Version, adapter: Any) -> bool:
-        """Put `adapter` in the CPU tier as MRU, evicting the LRU adapter not in a slot."""
+        """Put `adapter` in the CPU tier as MRU, evicting LRU adapters not in a slot until it fits
+        (none when it cannot fit even so: then it is not kept, and False is returned)."""
         if ver in self._cpu:
             self._cpu.move_to_end(ver)
             return True
-        if len(self._cpu) >= self.max_cpu_loras:
+        size = int(getattr(adapter, "nbytes", 0) or 0)
+        count, total = len(self._cpu) + 1, self._cpu_bytes + size
+        victims: list[_Version] = []
+        if not self._cpu_fits(count, total):
             # never an adapter in a slot, nor a replaced version that a paused request still needs
             # (its files may well be gone by now): those leave the CPU tier when their requests end
-            victim = next((v for v in self._cpu if v.slot is None and not (v.retired and v.bindings)), None)
-            if victim is None:
+            for v in self._cpu:
+                if v.slot is None and not (v.retired and v.bindings):
+                    victims.append(v)
+                    count, total = count - 1, total - v.nbytes
+                    if self._cpu_fits(count, total):
+                        break
+            else:
                 return False
-            del self._cpu[victim]
+        for victim in victims:
+            self._cpu_remove(victim)
             victim.adapter = None
             self._stats.cpu_evictions += 1
         ver.adapter = adapter
+        ver.nbytes = size
         self._cpu[ver] = None
+        self._cpu_bytes += size
         return True
+
+    def _cpu_remove(self, ver: _Version) -> None:
+        del self._cpu[ver]
+        self._cpu_bytes -= ver.nbytes
+        ver.nbytes = 0
+
+    def _record_load(self, seconds: float) -> None:
+        """Count one disk load's duration (stats and the moving average behind `typical_load_seconds`)."""
+        self._stats.disk_load_seconds.append(seconds)
+        ema = self._load_ema
+        self._load_ema = seconds if ema is None else ema + LOAD_EMA_WEIGHT * (seconds - ema)
 
     def _retire(self, ver: _Version) -> None:
         """Detach an old version from the registry; its slot lives on while it is pinned, its CPU
@@ -610,7 +655,7 @@ class AdapterCache:
         with self._lock:
             self._inflight.pop(ver, None)
             self._stats.disk_loads += 1
-            self._stats.disk_load_seconds.append(dt)
+            self._record_load(dt)
             if getattr(ver.fingerprint, "digest", "") is None:  # first full load: its digest rules from now on
                 ver.fingerprint = got
             if ver.vid in self._versions and ver.adapter is None:

@@ -19,7 +19,7 @@ from math import prod
 from pathlib import Path
 from typing import Any
 
-from engine.config import default_max_cpu_loras
+from engine.config import default_max_cpu_lora_bytes, default_max_cpu_loras
 from engine.errors import ConfigError
 from engine.planning.budget import (
     LORA_MODULES,
@@ -56,6 +56,7 @@ class BudgetConfig:
     target_modules: tuple[str, ...] = LORA_MODULES
     dtype: str | None = None  # None: the model's torch_dtype (bfloat16 when the config has none)
     max_cpu_loras: int | None = None  # None: engine.config.default_max_cpu_loras (as serve)
+    max_cpu_lora_bytes: int | None = None  # None: engine.config.default_max_cpu_lora_bytes (as serve)
     adapters: tuple[str, ...] = ()
     gpu: str | None = None  # preset name; None and no gpu_memory_bytes: DEFAULT_GPU_PRESET
     gpu_memory_bytes: int | None = None
@@ -71,9 +72,9 @@ class BudgetConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}", exit_code=2)
-        for name in ("max_cpu_loras", "max_model_len", "gpu_memory_bytes"):
+        for name in ("max_cpu_loras", "max_cpu_lora_bytes", "max_model_len", "gpu_memory_bytes"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if name == "max_cpu_loras" else 1)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < (0 if name.startswith("max_cpu") else 1)):
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}", exit_code=2)
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ConfigError(f"--gpu-memory-utilization must be in (0, 1], got {self.gpu_memory_utilization}", exit_code=2)
@@ -165,7 +166,7 @@ class BudgetReport:
     bytes_per_adapter: int
     total_slot_bytes: int
     max_cpu_loras: int
-    cpu_cache_bytes: int
+    cpu_cache_bytes: int  # cpu_cache_adapters x bytes_per_adapter
     base_weight_bytes: int
     base_weight_breakdown: dict[str, int]
     linear_weight_bytes: int
@@ -186,6 +187,8 @@ class BudgetReport:
     adapters: tuple[AdapterRow, ...] = ()
     trace: TraceSummary | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
+    max_cpu_lora_bytes: int = 0  # the CPU tier keeps more than max_cpu_loras adapters while they fit in this
+    cpu_cache_adapters: int = 0  # adapters of this size the CPU tier holds: max_cpu_loras, or more within the bytes
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with stable keys (tuples become lists)."""
@@ -211,6 +214,8 @@ def plan_budget(config: BudgetConfig, *, progress: ProgressFn | None = None) -> 
     per_slot = adapter_slot_bytes(dims, rank=config.rank, modules=mods, dtype=dtype)
     total_slots = per_slot * config.max_loras
     cpu_loras = default_max_cpu_loras(config.max_loras) if config.max_cpu_loras is None else config.max_cpu_loras
+    cpu_bytes = default_max_cpu_lora_bytes(config.max_cpu_loras) if config.max_cpu_lora_bytes is None else config.max_cpu_lora_bytes
+    cpu_adapters = cpu_cache_adapters(cpu_loras, cpu_bytes, per_slot)
     breakdown = base_weight_breakdown(dims, dtype)
     base = sum(breakdown.values())
     kv_tok = kv_bytes_per_token(dims, dtype)
@@ -246,14 +251,21 @@ def plan_budget(config: BudgetConfig, *, progress: ProgressFn | None = None) -> 
     return BudgetReport(
         model_source=source, model=dims, dtype=dtype, rank=config.rank, max_loras=config.max_loras,
         target_modules=mods, modules=tuple(rows), bytes_per_adapter=per_slot, total_slot_bytes=total_slots,
-        max_cpu_loras=cpu_loras, cpu_cache_bytes=cpu_loras * per_slot, base_weight_bytes=base,
+        max_cpu_loras=cpu_loras, cpu_cache_bytes=cpu_adapters * per_slot, base_weight_bytes=base,
         base_weight_breakdown=breakdown, linear_weight_bytes=linear_weight_bytes(dims, dtype),
         lm_head_bytes=lm_head_bytes(dims, dtype), kv_bytes_per_token=kv_tok, gpu_name=gpu_name,
         gpu_memory_bytes=gpu_total, gpu_memory_utilization=config.gpu_memory_utilization, gpu_budget_bytes=budget,
         kv_available_bytes=available, block_size=config.block_size, max_model_len=max_len, kv_tokens=tokens,
         kv_blocks=tokens // config.block_size, max_concurrent_sequences=seqs, fits=shortfall == 0,
         shortfall_bytes=shortfall, adapters=adapters, trace=trace, notes=tuple(notes),
+        max_cpu_lora_bytes=cpu_bytes, cpu_cache_adapters=cpu_adapters,
     )  # fmt: skip
+
+
+def cpu_cache_adapters(max_cpu_loras: int, max_cpu_lora_bytes: int, adapter_bytes: int) -> int:
+    """Adapters of `adapter_bytes` each that the engine's CPU tier holds (engine.lora.manager): `max_cpu_loras`,
+    or more while they total at most `max_cpu_lora_bytes`."""
+    return max(max_cpu_loras, max_cpu_lora_bytes // adapter_bytes if adapter_bytes > 0 else 0)
 
 
 def _adapter_row(path: str, dims: ModelDims, config: BudgetConfig, dtype: str, per_slot: int) -> AdapterRow:

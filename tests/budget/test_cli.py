@@ -224,11 +224,15 @@ def test_demo_model_trace_counts_mlora_demo_as_base(tmp_path):
 
 
 def test_max_cpu_loras_defaults_to_serves_default():
-    from engine.config import EngineConfig, default_max_cpu_loras
+    """The CPU tier as serve sizes it: 2 x --max-loras adapters, and more while they fit in 1 GiB."""
+    from engine.config import CPU_LORA_BYTES, EngineConfig, default_max_cpu_loras
 
     out = budget_json("--max-loras", "3")
     assert out["max_cpu_loras"] == default_max_cpu_loras(3) == EngineConfig(max_loras=3).max_cpu_loras == 6
-    assert out["cpu_cache_bytes"] == 6 * out["bytes_per_adapter"]
-    assert budget_json("--max-loras", "3", "--max-cpu-loras", "5")["max_cpu_loras"] == 5
+    assert out["max_cpu_lora_bytes"] == EngineConfig(max_loras=3).max_cpu_lora_bytes == CPU_LORA_BYTES
+    assert out["cpu_cache_adapters"] == 12  # llama-3.1-8b r16 bf16 adapters (80 MiB each) in 1 GiB
+    assert out["cpu_cache_bytes"] == 12 * out["bytes_per_adapter"]
+    explicit = budget_json("--max-loras", "3", "--max-cpu-loras", "5")  # vLLM's count cap, as serve
+    assert (explicit["max_cpu_loras"], explicit["max_cpu_lora_bytes"], explicit["cpu_cache_adapters"]) == (5, 0, 5)
     res = mlora("--max-loras", "3")
-    assert res.returncode == 0 and "CPU cache (6 adapters)" in res.stdout
+    assert res.returncode == 0 and "CPU cache (12 adapters)" in res.stdout

@@ -215,9 +215,21 @@ def test_slot_bytes_equal_budget_and_dora_matches_peft(tiny_models: dict[str, Pa
     torch.testing.assert_close(got, want, atol=1e-4, rtol=0)
 
 
-def test_waiting_requests_prefetch_their_adapter(tiny_models: dict[str, Path], adapters) -> None:
+def _slow_loads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Disk loads take 2 x PREFETCH_MIN_LOAD_S (a slow disk, or large adapters), so prefetching pays."""
+    import time
+
+    from engine.lora import LoraSlots
+    from engine.lora.engine import PREFETCH_MIN_LOAD_S
+
+    real = LoraSlots.load
+    monkeypatch.setattr(LoraSlots, "load", lambda *a, **k: (time.sleep(2 * PREFETCH_MIN_LOAD_S), real(*a, **k))[1])
+
+
+def test_waiting_requests_prefetch_their_adapter(tiny_models: dict[str, Path], adapters, monkeypatch) -> None:
     """While a request runs on adapter a, a waiting request's adapter (evicted from the CPU tier)
-    is loaded from disk in the background before it gets a slot."""
+    is loaded from disk in the background before it gets a slot, when disk loads are slow."""
+    _slow_loads(monkeypatch)
     base = tiny_models["llama"]
     pool = adapters["llama"]
     llm = LLM(str(base), max_loras=1, max_cpu_loras=2, max_lora_rank=16,
@@ -236,6 +248,28 @@ def test_waiting_requests_prefetch_their_adapter(tiny_models: dict[str, Path], a
     while core.has_unfinished():
         done.update({o.request_id: o for o in core.step() if o.finished})
     assert cache.stats().disk_loads == loads_before  # the slot fill came from the CPU copy
+    assert done["cold"].token_ids == llm.generate([PROMPTS[1]], GREEDY, adapters=["r4"])[0].token_ids
+
+
+def test_short_loads_are_done_at_activation_not_in_the_background(tiny_models: dict[str, Path], adapters,
+                                                                   monkeypatch) -> None:
+    """When disk loads are shorter than a background load's GIL hand-offs would cost the step, a waiting
+    request's adapter is not prefetched: it is loaded when its request is activated, with the same output."""
+    import engine.lora.engine as lora_engine
+
+    monkeypatch.setattr(lora_engine, "PREFETCH_MIN_LOAD_S", 3600.0)  # every load counts as short
+    llm = LLM(str(tiny_models["llama"]), max_loras=1, max_cpu_loras=2, max_lora_rank=16,
+              loras=tuple((n, str(adapters["llama"][n])) for n in ("r4", "r16")))  # fmt: skip
+    core, cache = llm.engine, llm.engine.lora.cache
+    core.add_request("hot", PROMPTS[0], SamplingParams(max_tokens=30, temperature=0.0, ignore_eos=True), "r16")
+    core.add_request("cold", PROMPTS[1], GREEDY, "r4")
+    core.step()  # "hot" loads r16 (a short load) and runs; "cold" waits for the only slot
+    cache.close()
+    assert cache.stats().disk_loads == 1  # nothing was loaded ahead of "cold"'s turn
+    done = {}
+    while core.has_unfinished():
+        done.update({o.request_id: o for o in core.step() if o.finished})
+    assert cache.stats().disk_loads == 2  # r4, read when "cold" was activated
     assert done["cold"].token_ids == llm.generate([PROMPTS[1]], GREEDY, adapters=["r4"])[0].token_ids
 
 
