@@ -16,8 +16,18 @@ Policy, in order:
    budget and KV blocks last. A step holds at most `max_loras` distinct adapters (None = the base
    model, which needs no slot). Candidates are ordered: aged requests (waited >= `aging_steps`
    steps) first, then requests whose adapter is already resident, then the rest, each by arrival.
-   A request whose adapter cannot join this step is skipped, unless it has aged: then admission
-   stops until it fits, so the running set drains and no request waits forever.
+   A request whose adapter cannot join this step (no slot, or the distinct-adapter cap) is skipped,
+   not waited for: the requests behind it whose adapters are running or already claimed this step
+   still fill the batch (LoRAX/punica group by resident adapter; a stop here halved the decode
+   batch under churn). Starvation guard: the first aged request that cannot join *reserves* the
+   next slot. While it waits, (a) every later step tries it first, (b) no other request may bring
+   in a new adapter (so no one takes the slot it waits for), and (c) the running adapter that is
+   closest to done (fewest tokens left to feed and generate over its running requests) admits no
+   new request, so it drains and frees a slot. That adapter's remaining work shrinks every step it
+   runs, so the reserved request is admitted at most K = `aging_steps` + T steps after it arrived,
+   T = the least remaining work (tokens) of any running adapter when it reserved (<= max_model_len;
+   a preemption in between only frees slots sooner). One reservation at a time, taken in policy
+   order: the n-th aged request waits for the n-1 before it (tests/engine/test_churn.py).
 
 With prefix caching (block_manager) an admitted request starts at its longest cached prefix: only
 the rest is fed, and only that counts against the token budget (the fair-share charge is the whole prompt).
@@ -37,7 +47,7 @@ The order of step 2 is the scheduling policy (`policy`); the text above is `fcfs
 - `priority`: lower `seq.priority` first, then resident adapters, then arrival (vLLM's order);
   preemption takes the largest priority value.
 In `fair` and `priority` aging does not reorder (that would undo the policy); an aged request
-still holds admission while its adapter cannot join, so the starvation rule above stands.
+that cannot join reserves a slot as above (only then does it go first), so the starvation rule stands.
 `max_seqs_per_tenant` caps one tenant's running requests (None = no cap).
 """
 
@@ -128,6 +138,7 @@ class Scheduler:
         self.num_preemptions = 0
         self._can_acquire = can_acquire
         self._bind = bind
+        self._reserved: Sequence | None = None  # the aged request the next free slot is kept for (step 2)
 
     # -- queue management -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -235,24 +246,27 @@ class Scheduler:
             for s in self.running:
                 per_tenant[s.tenant] = per_tenant.get(s.tenant, 0) + 1
         admitted: list[Sequence] = []  # this step's admissions with adapters (their slots are claimed)
-        for seq in self._order(resident):
+        held = False  # the reserved request waits for a slot this step: see the module docstring, step 2
+        draining: frozenset[str] = frozenset()  # the adapter(s) that take no new request while it waits
+        for seq in self._with_reserved(self._order(resident)):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if cap is not None and per_tenant.get(seq.tenant, 0) >= cap:
                 continue
-            aged = self._aged(seq)
             new = [n for n in seq.adapter_names if n not in active]
+            if held and (new or draining.intersection(seq.adapter_names)):
+                continue  # the next free slot is the reserved request's
             if new and self.max_loras is not None and len(active) + len(new) > self.max_loras:
-                if aged:
-                    break  # hold everything behind it until its adapter can join
+                held, draining = self._hold(seq, held, draining, len(new))
                 continue
             n = min(seq.num_pending_tokens, budget)
             if not self.bm.can_allocate(seq, n):
                 break
             if seq.adapter_names and self._can_acquire is not None and not self._can_acquire(seq, admitted):
-                if aged:
-                    break  # as above: no slot for it now, so hold the queue until one frees
+                held, draining = self._hold(seq, held, draining, max(len(new), 1))
                 continue
+            if seq is self._reserved:
+                self._reserved = None
             if seq.adapter_names:
                 admitted.append(seq)
                 if self._bind is not None:
@@ -271,6 +285,30 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
             budget -= n
         return budget
+
+    # -- starvation guard (module docstring, step 2) ---------------------------------------------
+    def _with_reserved(self, order: Iterable[Sequence]) -> Iterator[Sequence]:
+        """`order` with the request that reserved a slot (if it still waits) moved to the front."""
+        reserved = self._reserved
+        if reserved is not None and reserved.status is not SeqStatus.WAITING:
+            reserved = self._reserved = None  # finished or aborted while it waited
+        if reserved is not None:
+            yield reserved
+        yield from (seq for seq in order if seq is not reserved)
+
+    def _hold(self, seq: Sequence, held: bool, draining: frozenset[str], need: int) -> tuple[bool, frozenset[str]]:
+        """`seq` cannot join this step. If it holds the reservation, or it has aged and none is held,
+        it reserves the next slot: returns (held, the `need` running adapters closest to done, which
+        then drain). Otherwise it is skipped and the state is unchanged."""
+        if held or not (seq is self._reserved or (self._reserved is None and self._aged(seq))):
+            return held, draining
+        self._reserved = seq
+        left: dict[str, int] = {}  # adapter -> most work (tokens to feed + to generate) of its running requests
+        for s in self.running:
+            work = s.num_pending_tokens + max(0, min(s.params.max_tokens - s.num_output_tokens, s.max_model_len - s.num_tokens))
+            for name in s.adapter_names:
+                left[name] = max(left.get(name, 0), work)
+        return True, frozenset(sorted(left, key=lambda name: (left[name], name))[:need])
 
     def _order(self, resident: frozenset[str]) -> Iterator[Sequence]:
         """Waiting sequences in admission order. Under `fair` the next one is chosen when asked, so an
