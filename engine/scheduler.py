@@ -21,13 +21,15 @@ Policy, in order:
    still fill the batch (LoRAX/punica group by resident adapter; a stop here halved the decode
    batch under churn). Starvation guard: the first aged request that cannot join *reserves* the
    next slot. While it waits, (a) every later step tries it first, (b) no other request may bring
-   in a new adapter (so no one takes the slot it waits for), and (c) the running adapter that is
-   closest to done (fewest tokens left to feed and generate over its running requests) admits no
-   new request, so it drains and frees a slot. That adapter's remaining work shrinks every step it
-   runs, so the reserved request is admitted at most K = `aging_steps` + T steps after it arrived,
-   T = the least remaining work (tokens) of any running adapter when it reserved (<= max_model_len;
-   a preemption in between only frees slots sooner). One reservation at a time, taken in policy
-   order: the n-th aged request waits for the n-1 before it (tests/engine/test_churn.py).
+   in a new adapter (so no one takes the slot it waits for), and (c) the running adapter closest
+   to done (the least work, tokens to feed and to generate, left to its longest running request)
+   admits only requests that end no later than that, so it drains and frees a slot. That work
+   shrinks by at least one every step that schedules its requests, so the reserved request is
+   admitted at most K = `aging_steps` + T steps after it arrived, T = the least work any running
+   adapter had left when it reserved (<= prompt + max_tokens of a running request; a preemption in
+   between only frees slots sooner; seats and KV blocks can still make it wait, as for anyone).
+   One reservation at a time, taken in policy order: the n-th aged request also waits for the n-1
+   before it (tests/engine/test_churn.py).
 
 With prefix caching (block_manager) an admitted request starts at its longest cached prefix: only
 the rest is fed, and only that counts against the token budget (the fair-share charge is the whole prompt).
@@ -247,15 +249,15 @@ class Scheduler:
                 per_tenant[s.tenant] = per_tenant.get(s.tenant, 0) + 1
         admitted: list[Sequence] = []  # this step's admissions with adapters (their slots are claimed)
         held = False  # the reserved request waits for a slot this step: see the module docstring, step 2
-        draining: frozenset[str] = frozenset()  # the adapter(s) that take no new request while it waits
+        draining: dict[str, int] = {}  # adapter -> work it has left: while held, it takes no request with more
         for seq in self._with_reserved(self._order(resident)):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if cap is not None and per_tenant.get(seq.tenant, 0) >= cap:
                 continue
             new = [n for n in seq.adapter_names if n not in active]
-            if held and (new or draining.intersection(seq.adapter_names)):
-                continue  # the next free slot is the reserved request's
+            if held and (new or any(_work(seq) > draining.get(name, 1 << 62) for name in seq.adapter_names)):
+                continue  # the next free slot is the reserved request's, and the draining adapter must not outlast it
             if new and self.max_loras is not None and len(active) + len(new) > self.max_loras:
                 held, draining = self._hold(seq, held, draining, len(new))
                 continue
@@ -296,19 +298,18 @@ class Scheduler:
             yield reserved
         yield from (seq for seq in order if seq is not reserved)
 
-    def _hold(self, seq: Sequence, held: bool, draining: frozenset[str], need: int) -> tuple[bool, frozenset[str]]:
+    def _hold(self, seq: Sequence, held: bool, draining: dict[str, int], need: int) -> tuple[bool, dict[str, int]]:
         """`seq` cannot join this step. If it holds the reservation, or it has aged and none is held,
-        it reserves the next slot: returns (held, the `need` running adapters closest to done, which
-        then drain). Otherwise it is skipped and the state is unchanged."""
+        it reserves the next slot: returns (held, the `need` running adapters closest to done with the
+        work each has left; they drain). Otherwise it is skipped and the state is unchanged."""
         if held or not (seq is self._reserved or (self._reserved is None and self._aged(seq))):
             return held, draining
         self._reserved = seq
-        left: dict[str, int] = {}  # adapter -> most work (tokens to feed + to generate) of its running requests
+        left: dict[str, int] = {}  # adapter -> the most work any of its running requests has left
         for s in self.running:
-            work = s.num_pending_tokens + max(0, min(s.params.max_tokens - s.num_output_tokens, s.max_model_len - s.num_tokens))
             for name in s.adapter_names:
-                left[name] = max(left.get(name, 0), work)
-        return True, frozenset(sorted(left, key=lambda name: (left[name], name))[:need])
+                left[name] = max(left.get(name, 0), _work(s))
+        return True, {name: left[name] for name in sorted(left, key=lambda name: (left[name], name))[:need]}
 
     def _order(self, resident: frozenset[str]) -> Iterator[Sequence]:
         """Waiting sequences in admission order. Under `fair` the next one is chosen when asked, so an
@@ -431,3 +432,9 @@ class Scheduler:
                 if seq.check_token_stop():
                     self.finish(seq)
         return touched
+
+
+def _work(seq: Sequence) -> int:
+    """Tokens `seq` has left to feed and to generate: an upper bound on the steps until it ends, and
+    one less after every step that schedules it."""
+    return seq.num_pending_tokens + max(0, min(seq.params.max_tokens - seq.num_output_tokens, seq.max_model_len - seq.num_tokens))
