@@ -138,6 +138,8 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.step_no = 0
         self.num_preemptions = 0
+        self.decode_steps = 0  # steps that sampled at least one decode token (cumulative; mlora bench: mean decode batch)
+        self.decode_seqs = 0  # decode tokens those steps sampled (one per decoding sequence)
         self._can_acquire = can_acquire
         self._bind = bind
         self._reserved: Sequence | None = None  # the aged request the next free slot is kept for (step 2)
@@ -204,7 +206,7 @@ class Scheduler:
     def waiting_adapters(self) -> list[str]:
         """Adapters that waiting requests need, in the order they would be admitted."""
         seen: dict[str, None] = {}
-        for seq in self._candidates(frozenset()):
+        for seq in self._with_reserved(self._candidates(frozenset())):  # the reserved one's adapter first
             for name in seq.adapter_names:
                 seen.setdefault(name, None)
         return list(seen)
@@ -419,6 +421,10 @@ class Scheduler:
         Returns the sequences that got a new token (finished ones included, already released).
         """
         touched = []
+        decodes = sum(1 for item, tok in zip(out.scheduled, tokens) if item.num_tokens == 1 and tok is not None)
+        if decodes:
+            self.decode_steps += 1
+            self.decode_seqs += decodes
         for item, tok in zip(out.scheduled, tokens):
             seq = item.seq
             if seq.status is not SeqStatus.RUNNING:
