@@ -32,6 +32,7 @@ _mlora() {
                 --repeat) return 0 ;;
                 --threads) return 0 ;;
                 --min-mixed-ratio) return 0 ;;
+                --churn-adapters) return 0 ;;
                 --workload) COMPREPLY=( $(compgen -W 'standard flood trace shared-prefix' -- "$cur") ); return 0 ;;
                 --trace) COMPREPLY=( $(compgen -f -- "$cur") ); return 0 ;;
                 --policy) COMPREPLY=( $(compgen -W 'fair fcfs priority' -- "$cur") ); return 0 ;;
@@ -40,7 +41,7 @@ _mlora() {
                 --light-tenants) return 0 ;;
                 --light-delay) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --adapters --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --no-separate --no-churn --composed --kernels --workload --trace --policy --max-num-seqs --light-requests --light-tenants --light-delay -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--preset --model -m --rank -r --max-loras --adapters --zipf --rate --num-requests -n --max-tokens --device --dtype --peft-dtype --json --plot --repeat --threads --quick --min-mixed-ratio --no-alternatives --no-separate --no-churn --churn-adapters --composed --kernels --workload --trace --policy --max-num-seqs --light-requests --light-tenants --light-delay -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         budget)
             case "$prev" in

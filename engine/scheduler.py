@@ -16,8 +16,20 @@ Policy, in order:
    budget and KV blocks last. A step holds at most `max_loras` distinct adapters (None = the base
    model, which needs no slot). Candidates are ordered: aged requests (waited >= `aging_steps`
    steps) first, then requests whose adapter is already resident, then the rest, each by arrival.
-   A request whose adapter cannot join this step is skipped, unless it has aged: then admission
-   stops until it fits, so the running set drains and no request waits forever.
+   A request whose adapter cannot join this step (no slot, or the distinct-adapter cap) is skipped,
+   not waited for: the requests behind it whose adapters are running or already claimed this step
+   still fill the batch (LoRAX/punica group by resident adapter; a stop here halved the decode
+   batch under churn). Starvation guard: the first aged request that cannot join *reserves* the
+   next slot. While it waits, (a) every later step tries it first, (b) no other request may bring
+   in a new adapter (so no one takes the slot it waits for), and (c) the running adapter closest
+   to done (the least work, tokens to feed and to generate, left to its longest running request)
+   admits only requests that end no later than that, so it drains and frees a slot. That work
+   shrinks by at least one every step that schedules its requests, so the reserved request is
+   admitted at most K = `aging_steps` + T steps after it arrived, T = the least work any running
+   adapter had left when it reserved (<= prompt + max_tokens of a running request; a preemption in
+   between only frees slots sooner; seats and KV blocks can still make it wait, as for anyone).
+   One reservation at a time, taken in policy order: the n-th aged request also waits for the n-1
+   before it (tests/engine/test_churn.py).
 
 With prefix caching (block_manager) an admitted request starts at its longest cached prefix: only
 the rest is fed, and only that counts against the token budget (the fair-share charge is the whole prompt).
@@ -37,7 +49,7 @@ The order of step 2 is the scheduling policy (`policy`); the text above is `fcfs
 - `priority`: lower `seq.priority` first, then resident adapters, then arrival (vLLM's order);
   preemption takes the largest priority value.
 In `fair` and `priority` aging does not reorder (that would undo the policy); an aged request
-still holds admission while its adapter cannot join, so the starvation rule above stands.
+that cannot join reserves a slot as above (only then does it go first), so the starvation rule stands.
 `max_seqs_per_tenant` caps one tenant's running requests (None = no cap).
 """
 
@@ -125,8 +137,11 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.step_no = 0
         self.num_preemptions = 0
+        self.decode_steps = 0  # steps that sampled at least one decode token (cumulative; mlora bench: mean decode batch)
+        self.decode_seqs = 0  # decode tokens those steps sampled (one per decoding sequence)
         self._can_acquire = can_acquire
         self._bind = bind
+        self._reserved: Sequence | None = None  # the aged request the next free slot is kept for (step 2)
 
     # -- queue management -------------------------------------------------------------------
     def add(self, seq: Sequence) -> None:
@@ -190,7 +205,7 @@ class Scheduler:
     def waiting_adapters(self) -> list[str]:
         """Adapters that waiting requests need, in the order they would be admitted."""
         seen: dict[str, None] = {}
-        for seq in self._candidates(frozenset()):
+        for seq in self._with_reserved(self._candidates(frozenset())):  # the reserved one's adapter first
             for name in seq.adapter_names:
                 seen.setdefault(name, None)
         return list(seen)
@@ -233,24 +248,27 @@ class Scheduler:
             for s in self.running:
                 per_tenant[s.tenant] = per_tenant.get(s.tenant, 0) + 1
         admitted: list[Sequence] = []  # this step's admissions with adapters (their slots are claimed)
-        for seq in self._order(resident):
+        held = False  # the reserved request waits for a slot this step: see the module docstring, step 2
+        draining: dict[str, int] = {}  # adapter -> work it has left: while held, it takes no request with more
+        for seq in self._with_reserved(self._order(resident)):
             if budget <= 0 or len(self.running) >= self.max_num_seqs:
                 break
             if cap is not None and per_tenant.get(seq.tenant, 0) >= cap:
                 continue
-            aged = self._aged(seq)
             new = [n for n in seq.adapter_names if n not in active]
+            if held and (new or any(_work(seq) > draining.get(name, 1 << 62) for name in seq.adapter_names)):
+                continue  # the next free slot is the reserved request's, and the draining adapter must not outlast it
             if new and self.max_loras is not None and len(active) + len(new) > self.max_loras:
-                if aged:
-                    break  # hold everything behind it until its adapter can join
+                held, draining = self._hold(seq, held, draining, len(new))
                 continue
             n = min(seq.num_pending_tokens, budget)
             if not self.bm.can_allocate(seq, n):
                 break
             if seq.adapter_names and self._can_acquire is not None and not self._can_acquire(seq, admitted):
-                if aged:
-                    break  # as above: no slot for it now, so hold the queue until one frees
+                held, draining = self._hold(seq, held, draining, max(len(new), 1))
                 continue
+            if seq is self._reserved:
+                self._reserved = None
             if seq.adapter_names:
                 admitted.append(seq)
                 if self._bind is not None:
@@ -269,6 +287,29 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
             budget -= n
         return budget
+
+    # -- starvation guard (module docstring, step 2) ---------------------------------------------
+    def _with_reserved(self, order: Iterable[Sequence]) -> Iterator[Sequence]:
+        """`order` with the request that reserved a slot (if it still waits) moved to the front."""
+        reserved = self._reserved
+        if reserved is not None and reserved.status is not SeqStatus.WAITING:
+            reserved = self._reserved = None  # finished or aborted while it waited
+        if reserved is not None:
+            yield reserved
+        yield from (seq for seq in order if seq is not reserved)
+
+    def _hold(self, seq: Sequence, held: bool, draining: dict[str, int], need: int) -> tuple[bool, dict[str, int]]:
+        """`seq` cannot join this step. If it holds the reservation, or it has aged and none is held,
+        it reserves the next slot: returns (held, the `need` running adapters closest to done with the
+        work each has left; they drain). Otherwise it is skipped and the state is unchanged."""
+        if held or not (seq is self._reserved or (self._reserved is None and self._aged(seq))):
+            return held, draining
+        self._reserved = seq
+        left: dict[str, int] = {}  # adapter -> the most work any of its running requests has left
+        for s in self.running:
+            for name in s.adapter_names:
+                left[name] = max(left.get(name, 0), _work(s))
+        return True, {name: left[name] for name in sorted(left, key=lambda name: (left[name], name))[:need]}
 
     def _order(self, resident: frozenset[str]) -> Iterator[Sequence]:
         """Waiting sequences in admission order. Under `fair` the next one is chosen when asked, so an
@@ -378,6 +419,10 @@ class Scheduler:
         Returns the sequences that got a new token (finished ones included, already released).
         """
         touched = []
+        decodes = sum(1 for item, tok in zip(out.scheduled, tokens) if item.num_tokens == 1 and tok is not None)
+        if decodes:
+            self.decode_steps += 1
+            self.decode_seqs += decodes
         for item, tok in zip(out.scheduled, tokens):
             seq = item.seq
             if seq.status is not SeqStatus.RUNNING:
@@ -391,3 +436,9 @@ class Scheduler:
                 if seq.check_token_stop():
                     self.finish(seq)
         return touched
+
+
+def _work(seq: Sequence) -> int:
+    """Tokens `seq` has left to feed and to generate: an upper bound on the steps until it ends, and
+    one less after every step that schedules it."""
+    return seq.num_pending_tokens + max(0, min(seq.params.max_tokens - seq.num_output_tokens, seq.max_model_len - seq.num_tokens))

@@ -57,6 +57,7 @@ class BenchConfig:
     seed: int = 0
     adapters: tuple[int, ...] = ()
     ranks: tuple[int, ...] = ()
+    churn_adapters: int | None = None  # adapters the churn workload cycles through (None: 2 x max_loras)
 
     def __post_init__(self) -> None:
         if (self.preset is None) == (self.model is None):
@@ -66,7 +67,8 @@ class BenchConfig:
 
             if self.preset not in preset_names():
                 raise UsageError(f"unknown preset {self.preset!r}; choose from {', '.join(preset_names())}")
-        check_positive_ints(self, ("rank", "max_loras", "num_requests", "max_tokens", "prompt_chars", "repeat"))
+        check_positive_ints(self, ("rank", "max_loras", "num_requests", "max_tokens", "prompt_chars", "repeat")
+                            + (("churn_adapters",) if self.churn_adapters is not None else ()))
         if self.threads is not None and (not isinstance(self.threads, int) or self.threads < 1):
             raise UsageError(f"--threads must be an integer >= 1, got {self.threads!r}")
         for name, values in (("adapters", self.adapters), ("rank", self.ranks)):
@@ -76,6 +78,9 @@ class BenchConfig:
             raise UsageError(f"adapter ranks {','.join(map(str, self.ranks))} exceed the slot rank {self.rank}")
         if self.adapters and max(self.adapters) > self.max_loras:
             raise UsageError(f"--adapters {max(self.adapters)} needs as many slots, got --max-loras {self.max_loras}")
+        if self.churn_adapters is not None and self.churn_adapters <= self.max_loras:
+            raise UsageError(f"--churn-adapters {self.churn_adapters} must exceed --max-loras {self.max_loras} "
+                             "(churn is more adapters than device slots)")
         if self.adapters and max(self.adapters) > self.num_requests:
             raise UsageError(f"--adapters {max(self.adapters)} needs at least as many requests, "
                              f"got --num-requests {self.num_requests}")

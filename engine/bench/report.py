@@ -212,13 +212,13 @@ def render(report: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     wl = Table(title="mlora bench: workloads (times in ms)", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
-    for col in ("workload", "system", "N", "tok/s", "decode tok/s", "req/s", "TTFT p50/p99", "ITL p50/p99", "loads/evict"):
+    for col in ("workload", "system", "N", "tok/s", "decode tok/s", "batch", "req/s", "TTFT p50/p99", "ITL p50/p99", "loads/evict"):
         wl.add_column(col, justify="left" if col in ("workload", "system") else "right", no_wrap=col in ("workload", "system"))
     for r in report["workloads"]:
         le = "-" if r["adapter_loads"] is None else f"{r['adapter_loads']}/{r['adapter_evictions']}"
         wl.add_row(
             r["name"], r["system"], str(r["num_adapters"]), _f(r["output_tokens_per_s"]), _f(r["decode_tokens_per_s"]),
-            _f(r["requests_per_s"], "{:.2f}"),
+            _f(r.get("mean_decode_batch")), _f(r["requests_per_s"], "{:.2f}"),
             f"{_ms(r['ttft_s']['p50'])}/{_ms(r['ttft_s']['p99'])}", f"{_ms(r['itl_s']['p50'])}/{_ms(r['itl_s']['p99'])}", le,
         )
     console.print(wl)

@@ -50,6 +50,12 @@ def _params(req: BenchRequest) -> SamplingParams:
     return SamplingParams(max_tokens=req.max_tokens, temperature=0.0, ignore_eos=True)
 
 
+def _decode_counters(llm: Any) -> tuple[int, int]:
+    """(decode steps, decoding sequences in them) so far: their ratio over a run is its mean decode batch."""
+    scheduler = llm.engine.scheduler
+    return scheduler.decode_steps, scheduler.decode_seqs
+
+
 def _lora_counters(engine: Any) -> tuple[int, int]:
     stats = engine.stats()
     return int(getattr(stats, "lora_loads", 0) or 0), int(getattr(stats, "lora_evictions", 0) or 0)
@@ -68,11 +74,13 @@ def run_offline(llm: Any, wl: Workload, *, system: str = "mlora", warm: bool = T
         llm.generate([r.prompt for r in reqs], SamplingParams(max_tokens=2, temperature=0.0, ignore_eos=True),
                      adapters=[r.engine_adapters for r in reqs])  # fmt: skip
     loads0, ev0 = _lora_counters(llm)
+    steps0, seqs0 = _decode_counters(llm)
     gc.collect()
     t0 = time.monotonic()
     outs = llm.generate([r.prompt for r in reqs], [_params(r) for r in reqs], adapters=[r.engine_adapters for r in reqs])
     t1 = time.monotonic()
     loads1, ev1 = _lora_counters(llm)
+    steps1, seqs1 = _decode_counters(llm)
     notes, timings = [], []
     for r, out in zip(reqs, outs):
         m = out.metrics
@@ -84,9 +92,11 @@ def run_offline(llm: Any, wl: Workload, *, system: str = "mlora", warm: bool = T
         else:
             timings.append(RequestTiming(arrival=m.arrival_time, finished=m.finished_time or t1, num_tokens=n,
                                          first_token=m.first_token_time, last_token=m.last_token_time))  # fmt: skip
-    return summarize(wl.name, wl.kind, system, wl.num_adapters, timings, start=t0, end=t1,
-                     adapter_loads=loads1 - loads0, adapter_evictions=ev1 - ev0, startup_s=startup_s,
-                     notes=sorted(set(notes))[:3])  # fmt: skip
+    result = summarize(wl.name, wl.kind, system, wl.num_adapters, timings, start=t0, end=t1,
+                       adapter_loads=loads1 - loads0, adapter_evictions=ev1 - ev0, startup_s=startup_s,
+                       notes=sorted(set(notes))[:3])  # fmt: skip
+    result.mean_decode_batch = (seqs1 - seqs0) / (steps1 - steps0) if steps1 > steps0 else None
+    return result
 
 
 # ---------------------------------------------------------------- Poisson arrivals (AsyncLLM)
@@ -156,7 +166,7 @@ def _workloads(cfg: BenchConfig) -> list[Workload]:
     return build_workloads(
         num_requests=cfg.num_requests, max_tokens=cfg.max_tokens, max_loras=cfg.max_loras,
         prompt_chars=cfg.prompt_chars, zipf=cfg.zipf, rate=cfg.rate, churn=cfg.churn, composed=cfg.composed, seed=cfg.seed,
-        adapters=cfg.adapters,
+        adapters=cfg.adapters, num_churn=cfg.churn_adapters,
     )  # fmt: skip
 
 

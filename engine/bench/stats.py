@@ -72,6 +72,7 @@ class WorkloadResult:
     adapter_loads: int | None = None
     adapter_evictions: int | None = None
     startup_s: float | None = None
+    mean_decode_batch: float | None = None  # decoding sequences per decode step (offline mlora runs; None elsewhere)
     notes: list[str] = field(default_factory=list)
     round_metric: str | None = None  # with --repeat: the metric the best round was picked by
     round_values: list[float] = field(default_factory=list)  # ... and its value in every round

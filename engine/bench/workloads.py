@@ -152,8 +152,10 @@ def build_workloads(
     composed: bool = False,
     seed: int = 0,
     adapters: tuple[int, ...] = (),
+    num_churn: int | None = None,
 ) -> list[Workload]:
-    """base, homogeneous, mixed-N for every N in `adapters` (default: `mixed_sizes`), (optionally) churn, and (optionally) composed-2:
+    """base, homogeneous, mixed-N for every N in `adapters` (default: `mixed_sizes`), (optionally) churn over
+    `num_churn` adapters (default: `churn_adapters`) and (optionally) composed-2:
     every request composes lora-000 and lora-001 (weights 0.7, 0.5), the same batch as mixed-2 (each request
     one of those two adapters), so composed-2 / mixed-2 is the cost of composing at equal slots.
 
@@ -182,7 +184,7 @@ def build_workloads(
         if n > max_loras:
             raise ConfigError(f"mixed-{n} needs {n} adapter slots, got --max-loras {max_loras}")
         out.append(make(f"mixed-{n}", "mixed", list(assign_adapters(num_requests, n, zipf=zipf, seed=seed))))
-    n_churn = min(churn_adapters(max_loras), num_requests)
+    n_churn = min(num_churn or churn_adapters(max_loras), num_requests)
     if churn and n_churn > max_loras:
         out.append(make(f"churn-{n_churn}", "churn", list(assign_adapters(num_requests, n_churn, zipf=zipf, seed=seed))))
     if composed:

@@ -49,6 +49,9 @@ def test_quick_bench_exits_0_and_writes_every_number(quick_run):
         assert w["output_tokens_per_s"] > 0 and w["requests_per_s"] > 0
     churn = next(w for w in rep["workloads"] if w["name"] == "churn-8")
     assert churn["adapter_loads"] >= 8 - 4 and churn["adapter_evictions"] >= 1  # 8 adapters through 4 slots
+    # 16 requests over 8 adapters, 2 each: 4 slots hold 8 of them at once (seats are 16: the slots bound it)
+    assert 7 <= churn["mean_decode_batch"] <= 8
+    assert next(w for w in rep["workloads"] if w["name"] == "mixed-4")["mean_decode_batch"] == 16
     assert rep["config"]["quick"] is True and rep["machine"]["device"] == "cpu"
 
 

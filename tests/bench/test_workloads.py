@@ -34,6 +34,17 @@ def test_adapter_sets_per_workload():
     assert churn.num_adapters == 16 > 8  # more adapters than device slots
 
 
+def test_churn_over_more_adapters_than_twice_the_slots():
+    """--churn-adapters 64 --max-loras 8 (issue 19's setting): 64 adapters, round-robin."""
+    wls = {w.name: w for w in build_workloads(num_requests=256, max_tokens=4, max_loras=8, num_churn=64)}
+    assert set(Counter(r.adapter for r in wls["churn-64"].requests).values()) == {4}
+    from engine.bench.config import BenchConfig
+    from engine.errors import UsageError
+
+    with pytest.raises(UsageError, match="--churn-adapters 8 must exceed --max-loras 8"):
+        BenchConfig(preset="tiny", max_loras=8, churn_adapters=8)
+
+
 def test_zipf_popularity_follows_the_weights_and_keeps_every_adapter():
     n, k, alpha = 4000, 8, 1.2
     names = assign_adapters(n, k, zipf=alpha, seed=7)
