@@ -55,6 +55,10 @@ class AdapterNotFoundError(MloraError):
 class PromptTooLongError(MloraError):
     """The prompt (plus max_tokens, where checked) does not fit the model's context (HTTP 400)."""
 
+    def __init__(self, message: str, *, param: str | None = None, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.param = param
+
 
 class QueueFullError(MloraError):
     """The engine's waiting queue is at its limit (HTTP 429 with Retry-After)."""

@@ -33,28 +33,30 @@ class InputProcessor:
     config: EngineConfig
 
     def tokenize(self, prompt: str | list[int]) -> tuple[str | None, list[int]]:
-        """(prompt text or None, prompt token ids), validated against vocab and context."""
+        """(prompt text or None, prompt token ids), validated by `check_prompt_ids`."""
         if isinstance(prompt, str):
             ids = list(self.tokenizer(prompt).input_ids)
             text: str | None = prompt
         else:
             ids, text = [int(t) for t in prompt], None
-            self.check_prompt_ids(ids)
+        self.check_prompt_ids(ids)
+        return text, ids
+
+    def check_prompt_ids(self, ids: Sequence[int]) -> None:
+        """The one check of a prompt's token ids: every id indexes the model's embedding, [0, vocab_size)
+        (the MODEL's vocabulary, which may be larger than the tokenizer's; vLLM accepts those ids too:
+        TokenIdError naming the first id outside), the prompt is not empty, and it leaves room for one
+        generated token (PromptTooLongError). All are HTTP 400 with param "prompt". `tokenize` calls it;
+        the server also calls it for every prompt of a batch completion before submitting any, so one bad
+        prompt starts nothing."""
+        self._check_ids("prompt", ids)
         if not ids:
             raise ConfigError("the prompt is empty")
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
-                "(including at least one generated token)"
+                "(including at least one generated token)", param="prompt"
             )
-        return text, ids
-
-    def check_prompt_ids(self, ids: Sequence[int]) -> None:
-        """Every prompt token id indexes the model's embedding: [0, vocab_size), the MODEL's vocabulary,
-        which may be larger than the tokenizer's (vLLM accepts those ids too). TokenIdError (HTTP 400,
-        param "prompt") names the first id outside. `tokenize` calls it; the server also calls it for every
-        prompt of a batch completion before submitting any, so one bad prompt starts nothing."""
-        self._check_ids("prompt", ids)
 
     def check_params(self, params: SamplingParams, priority: int = 0) -> None:
         """The request's sampling token ids are in the vocabulary; `priority` means something here."""

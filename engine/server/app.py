@@ -92,7 +92,7 @@ def api_error_for(exc: BaseException, retry_after: int = 1) -> protocol.APIError
         return protocol.APIError(429, exc.message, headers=retry)
     if isinstance(exc, EngineStoppedError):
         return protocol.APIError(503, exc.message, headers=retry)
-    if isinstance(exc, TokenIdError):
+    if isinstance(exc, (TokenIdError, PromptTooLongError)):
         return protocol.APIError(400, exc.message, param=exc.param)
     if isinstance(exc, (PromptTooLongError, AdapterError, ConfigError, MloraError)):
         return protocol.APIError(400, exc.message)
@@ -400,8 +400,8 @@ def _usage_chunk(choices: Choices, n: int, kind: str, rid: str, created: int, na
 
 
 def _parse_completion(engine: Any, body: Any) -> protocol.CompletionRequest:
-    """The body's fields, then every token-id prompt's ids by the engine's one owner of that decision
-    (`InputProcessor.check_prompt_ids`), all before any prompt is submitted: one bad prompt of a batch
+    """The body's fields, then every token-id prompt by the engine's one owner of that decision
+    (`InputProcessor.check_prompt_ids`: ids in the vocabulary, fits the context), all before any prompt is submitted: one bad prompt of a batch
     refuses the whole request (400, param "prompt") and starts nothing."""
     req = protocol.parse_completion(body)
     for p in req.prompts:
@@ -422,8 +422,6 @@ async def completion_reply(srv: Serving, body: Any, request_id: str | None = Non
     for p in req.prompts:
         if isinstance(p, str):
             check_prompt_chars(p, limit)  # longer than any tokenization of it could fit: refused untokenized
-        elif len(p) >= engine.max_model_len:
-            raise protocol.bad(f"the prompt has {len(p)} tokens; this model's context is {engine.max_model_len} tokens", "prompt")
     texts = [p for p in req.prompts if isinstance(p, str)]  # counted off the event loop, as the engine tokenizes
     counts = iter(await run_text_work(lambda: [len(engine.tokenizer(p).input_ids) for p in texts]) if texts else [])
     _check_context(srv, req.model, [len(p) if isinstance(p, list) else next(counts) for p in req.prompts],

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from engine.byte_tokenizer import BYTE_OFFSET, EOS_ID
 from engine.config import EngineConfig
 from engine.core import EngineStats
-from engine.errors import AdapterError, AdapterNotFoundError, EngineStoppedError, PromptTooLongError, QueueFullError
+from engine.errors import AdapterError, AdapterNotFoundError, EngineStoppedError, QueueFullError
 from engine.input_processor import InputProcessor
 from engine.outputs import RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
@@ -124,11 +124,8 @@ class FakeEngine:
             raise EngineStoppedError("the engine is shutting down")
         if self.max_queue is not None and len(self.live) >= self.max_queue:
             raise QueueFullError(f"the waiting queue is full ({self.max_queue} requests)")
-        if isinstance(prompt, list):  # as AsyncLLM: its InputProcessor refuses ids outside the vocabulary
-            self.processor.check_prompt_ids(prompt)
         ids = prompt if isinstance(prompt, list) else [1] + list(self.tokenizer.encode(prompt, add_special_tokens=False))
-        if len(ids) >= self.max_model_len:
-            raise PromptTooLongError(f"prompt has {len(ids)} tokens; the context is {self.max_model_len}")
+        self.processor.check_prompt_ids(ids)  # as AsyncLLM: its InputProcessor's one prompt check
         if adapter is not None and adapter not in self.adapters:
             raise AdapterNotFoundError(f"adapter {adapter!r} is not registered")
         self.prompts.append(prompt)

@@ -90,6 +90,13 @@ def test_a_bad_token_id_in_any_prompt_of_a_batch_refuses_it_all_and_starts_nothi
                 err = (await r.json())["error"]
                 assert err["param"] == "prompt" and err["type"] == "invalid_request_error", err
                 assert err["message"].startswith(f"prompt token id {bad_id} is out of range [0, {vocab})"), err
+            # a token prompt that fills the context is the same owner's decision, also before any start
+            ctx = engine.max_model_len
+            r = await s.post(url, json={"prompt": [[104, 105], [104] * ctx], "n": 2, "stream": stream})
+            assert r.status == 400, await r.text()
+            err = (await r.json())["error"]
+            assert err["param"] == "prompt" and err["message"].startswith(
+                f"the prompt has {ctx} tokens; this model's context is {ctx} tokens"), err
             assert engine.prompts == [] and engine.aborted == [] and not engine.live  # nothing started
             r = await s.post(url, json={"prompt": [[104, 105], [104, vocab - 1]], "max_tokens": 1})
             assert r.status == 200 and len((await r.json())["choices"]) == 2  # the last id is in range
