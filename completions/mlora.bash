@@ -94,6 +94,7 @@ _mlora() {
                 --max-loras) return 0 ;;
                 --max-lora-rank) return 0 ;;
                 --max-cpu-loras) return 0 ;;
+                --max-cpu-lora-bytes) return 0 ;;
                 --adapter-root) return 0 ;;
                 --dtype) return 0 ;;
                 --device) return 0 ;;
@@ -115,7 +116,7 @@ _mlora() {
                 --replicas) return 0 ;;
                 --ray-address) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --served-model-name --revision --trust-remote-code --chat-template --seed --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-memory --num-kv-blocks --num-gpu-blocks-override --block-size --max-num-batched-tokens --threads --lora --lora-dir --lora-compose --max-loras --max-lora-rank --max-cpu-loras --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-queue-per-tenant --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --enable-prefix-caching --no-enable-prefix-caching --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --served-model-name --revision --trust-remote-code --chat-template --seed --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-memory --num-kv-blocks --num-gpu-blocks-override --block-size --max-num-batched-tokens --threads --lora --lora-dir --lora-compose --max-loras --max-lora-rank --max-cpu-loras --max-cpu-lora-bytes --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-queue-per-tenant --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --enable-prefix-caching --no-enable-prefix-caching --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
             case "$prev" in

@@ -69,7 +69,8 @@ def engine_summary(engine: Any) -> str:
         return f"model {engine.model_name}, max context {engine.max_model_len} tokens"
     cfg = core.config
     dtype = str(runner.dtype).replace("torch.", "")
-    lora = (f"{cfg.max_loras} LoRA slots of rank <= {cfg.max_lora_rank}, {cfg.max_cpu_loras} in CPU memory"
+    more = f" (more within {cfg.max_cpu_lora_bytes / 2**20:.0f} MiB)" if cfg.max_cpu_lora_bytes else ""
+    lora = (f"{cfg.max_loras} LoRA slots of rank <= {cfg.max_lora_rank}, {cfg.max_cpu_loras} in CPU memory{more}"
             if cfg.enable_lora else "LoRA off")
     return (f"model {engine.model_name} ({core.model_path}), {dtype} on {runner.device}, "
             f"KV cache {runner.num_blocks * runner.block_size} tokens ({runner.num_blocks} blocks of {runner.block_size}), "

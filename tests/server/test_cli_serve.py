@@ -34,6 +34,10 @@ def test_flags_build_one_frozen_config(tmp_path: Path) -> None:
     # unset engine flags keep the engine's defaults; no --model = the demo model
     plain = build_config(**DEFAULTS)
     assert plain.engine.model is None and plain.engine.max_loras == 4 and plain.api_key is None
+    # the CPU tier: a byte budget beyond the count by default; an explicit count alone is vLLM's cap
+    assert plain.engine.max_cpu_lora_bytes == 2**30 and e.max_cpu_lora_bytes == 0
+    sized = build_config(**DEFAULTS, max_cpu_loras=6, max_cpu_lora_bytes=5 * 2**20).engine
+    assert (sized.max_cpu_loras, sized.max_cpu_lora_bytes) == (6, 5 * 2**20)
 
 
 def test_bad_lora_spec_is_a_clear_error() -> None:
