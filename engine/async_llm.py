@@ -7,7 +7,9 @@
   the same thread and awaited, so they have taken effect when the HTTP reply goes out.
 - The event loop talks to the core only through that inbox. What a request's validation needs from
   the core is immutable (the tokenizer, vocabulary size, context length): `core.processor`, an
-  `InputProcessor`, runs in a worker thread and the engine thread gets an input that is already valid.
+  `InputProcessor` (thread-safe), runs in a worker thread for text prompts (tokenizing grows with the
+  client's input) and inline for token-id prompts (a range check bounded by the context length); either
+  way the engine thread gets an input that is already valid.
   What needs engine state (a duplicate id, an adapter unknown or removed meanwhile) is decided on the
   engine thread at add time and reaches the client as the request's first item, the same exception
   `generate()` raised before, so the server answers the same 4xx.
