@@ -237,8 +237,8 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, n, seq.num_computed_tokens + n == seq.num_tokens))
             budget -= n
         active = {n for s in self.running for n in s.adapter_names}  # a composed request counts each component
-        if not out.preempted:
-            budget = self._admit(out, budget, active, frozenset(resident))
+        if not out.preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            budget = self._admit(out, budget, active, frozenset(resident))  # ordering the queue is O(waiting)
         return out
 
     def _admit(self, out: SchedulerOutput, budget: int, active: set[str], resident: frozenset[str]) -> int:
