@@ -167,17 +167,24 @@ class LoraLinear(nn.Module):
         if not parts:
             return y
         ts, meta = lora.token_lora_slots, lora.meta
+        lora_dtype = parts[0][3][0].dtype
+        if lora_dtype != x.dtype:  # lora_dtype differs from the model's: the ops run in lora_dtype, added once
+            x, out = x.to(lora_dtype), torch.zeros(y.shape, dtype=lora_dtype, device=y.device)
+        else:
+            out = y
         # stacks and meta are built consistent per step: skip the per-call argument checks
         if lora.composed is None or meta.num_lora_rows:  # an all-composed step has no single-slot rows
             slot_ranks = getattr(lora.stacks, "slot_ranks", None)  # slots past an adapter's rank are zero: skipped
             ranks = [slot_ranks(name) for _, _, name, _ in parts] if slot_ranks is not None else None
             hs = lora_shrink_slices(x, [(a, sc) for _, _, _, (a, _, sc) in parts], ts, meta=meta, check=False,
                                     slot_ranks=ranks)
-            lora_expand_slices(hs, [(b, off) for off, _, _, (_, b, _) in parts], ts, y, meta=meta, check=False,
+            lora_expand_slices(hs, [(b, off) for off, _, _, (_, b, _) in parts], ts, out, meta=meta, check=False,
                                slot_ranks=ranks)
         if lora.composed is not None:  # sum_i w_i * s_i * B_i A_i x on the composed rows
             for off, _, _, (a, b, sc) in parts:
-                lora_compose(x, a, b, sc, y, lora.composed, out_offset=off, check=False)
+                lora_compose(x, a, b, sc, out, lora.composed, out_offset=off, check=False)
+        if out is not y:
+            y.add_(out)  # computed in fp32, rounded once to y's dtype
         dora = getattr(lora.stacks, "dora", None)  # slots built without DoRA support have none
         for off, n, name, _ in parts if dora is not None else ():
             g = dora(self.layer, name)
