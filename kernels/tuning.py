@@ -97,12 +97,17 @@ def mkldnn_prepack_available(dtype: torch.dtype) -> bool:
 
 def cpu_prepack(dtype: torch.dtype, numel: int) -> bool:
     """Pack a CPU base linear's W (numel elements) for oneDNN at load? auto: wherever torch can and the
-    weight is big enough to amortise the packed call's fixed cost; with or without AMX (oneDNN picks
-    the CPU's kernels: on the non-AMX EPYC it beats both torch.mv and F.linear for one bf16 row)."""
+    weight is big enough to amortise the packed call's fixed cost, except fp32 on a CPU with AMX.
+    bf16: packed wins with or without AMX (no AMX: 1.11x at batch 32, 1.92x over torch.mv at batch 1;
+    AMX: 1.02x at 32, ties torch.mv at 1). fp32: packed wins without AMX (the EPYC: 1.21x at batch 32)
+    but loses on the AMX Xeon, where MKL's own fp32 GEMM is faster at decode sizes (0.85x at batch 1,
+    0.88x at 32); AMX stands in for "a recent Intel core" here (benchmarks/README.md, cpu_choices)."""
     mode = os.environ.get(PREPACK_ENV, "auto").strip().lower()
     if mode in ("0", "off", "false", "no") or not mkldnn_prepack_available(dtype):
         return False
-    return mode in ("1", "on", "true", "yes") or numel >= PREPACK_MIN_NUMEL
+    if mode in ("1", "on", "true", "yes"):
+        return True
+    return numel >= PREPACK_MIN_NUMEL and not (dtype == torch.float32 and cpu_has_amx())
 
 
 # ----------------------------------------------------------------------------- LoRA layout (kernels.meta)

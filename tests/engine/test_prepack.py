@@ -94,6 +94,20 @@ def test_switch(monkeypatch, mode, small, big):
     assert tuning.cpu_prepack(torch.float16, 768 * 768) is False  # oneDNN fp16 without AMX-FP16 is not a fast path
 
 
+@pytest.mark.parametrize("amx", ["0", "1"])
+def test_auto_follows_the_cpu(request, monkeypatch, amx):
+    """auto packs bf16 on every CPU, fp32 only without AMX (where MKL's fp32 GEMM is not the faster one);
+    an explicit "1" packs whatever the CPU."""
+    monkeypatch.setenv("MLORA_CPU_AMX", amx)
+    monkeypatch.setenv(tuning.PREPACK_ENV, "auto")
+    tuning.cpu_has_amx.cache_clear()  # the probe is cached per process
+    request.addfinalizer(tuning.cpu_has_amx.cache_clear)  # the next caller probes the restored env
+    assert tuning.cpu_prepack(torch.bfloat16, 768 * 768) is True
+    assert tuning.cpu_prepack(torch.float32, 768 * 768) is (amx == "0")
+    monkeypatch.setenv(tuning.PREPACK_ENV, "1")
+    assert tuning.cpu_prepack(torch.float32, 768 * 768) is True
+
+
 def test_auto_leaves_the_tiny_model_plain(tiny_models: dict[str, Path], monkeypatch):
     monkeypatch.delenv(tuning.PREPACK_ENV, raising=False)
     llm = LLM(str(tiny_models["llama"]), dtype="float32", device="cpu", max_num_seqs=2, enable_lora=False)
