@@ -50,6 +50,7 @@ _mlora() {
                 --max-loras) return 0 ;;
                 --target-modules) return 0 ;;
                 --dtype) return 0 ;;
+                --lora-dtype) return 0 ;;
                 --max-cpu-loras) return 0 ;;
                 --adapter) return 0 ;;
                 --gpu) return 0 ;;
@@ -61,7 +62,7 @@ _mlora() {
                 --target-hit-rate) return 0 ;;
                 --served-model-name) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --rank -r --max-loras --target-modules --dtype --max-cpu-loras --adapter --gpu --gpu-memory --gpu-memory-utilization --max-model-len --block-size --trace --target-hit-rate --served-model-name --json -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --rank -r --max-loras --target-modules --dtype --lora-dtype --max-cpu-loras --adapter --gpu --gpu-memory --gpu-memory-utilization --max-model-len --block-size --trace --target-hit-rate --served-model-name --json -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         merge)
             case "$prev" in
@@ -95,6 +96,7 @@ _mlora() {
                 --max-lora-rank) return 0 ;;
                 --max-cpu-loras) return 0 ;;
                 --max-cpu-lora-bytes) return 0 ;;
+                --lora-dtype) return 0 ;;
                 --adapter-root) return 0 ;;
                 --dtype) return 0 ;;
                 --device) return 0 ;;
@@ -116,7 +118,7 @@ _mlora() {
                 --replicas) return 0 ;;
                 --ray-address) return 0 ;;
             esac
-            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --served-model-name --revision --trust-remote-code --chat-template --seed --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-memory --num-kv-blocks --num-gpu-blocks-override --block-size --max-num-batched-tokens --threads --lora --lora-dir --lora-compose --max-loras --max-lora-rank --max-cpu-loras --max-cpu-lora-bytes --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-queue-per-tenant --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --enable-prefix-caching --no-enable-prefix-caching --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
+            if [[ "$cur" == -* ]]; then COMPREPLY=( $(compgen -W '--model -m --served-model-name --revision --trust-remote-code --chat-template --seed --gpu-memory-utilization --kv-cache-memory-bytes --kv-cache-memory --num-kv-blocks --num-gpu-blocks-override --block-size --max-num-batched-tokens --threads --lora --lora-dir --lora-compose --max-loras --max-lora-rank --max-cpu-loras --max-cpu-lora-bytes --lora-dtype --allow-runtime-lora --adapter-root --dtype --device --max-model-len --max-num-seqs --max-queue --max-queue-per-tenant --max-seqs-per-request --scheduling-policy --lora-weight --max-seqs-per-tenant --enable-prefix-caching --no-enable-prefix-caching --host --port -p --api-key --grace-period --max-body-bytes --header-timeout --body-timeout --trust-request-chat-template --ray --replicas --ray-address -h --help' -- "$cur") ); else COMPREPLY=( $(compgen -f -- "$cur") ); fi
             return 0 ;;
         validate)
             case "$prev" in

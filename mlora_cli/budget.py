@@ -41,7 +41,8 @@ def budget(
     rank: Annotated[int, typer.Option("--rank", "-r", min=1, help="Slot rank (max LoRA rank a slot holds).")] = 16,
     max_loras: Annotated[int, typer.Option("--max-loras", min=1, help="Adapter slots resident on the GPU.")] = 4,
     target_modules: Annotated[str, typer.Option("--target-modules", help="Comma list of q,k,v,o,gate,up,down (or q_proj,...), or 'all'.")] = "all",
-    dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp16 | bf16 | fp32 for weights, slots and KV. Default: the model's torch_dtype.", show_default=False)] = None,
+    dtype: Annotated[Optional[str], typer.Option("--dtype", help="fp16 | bf16 | fp32 for weights, KV and (unless --lora-dtype) slots. Default: the model's torch_dtype.", show_default=False)] = None,
+    lora_dtype: Annotated[Optional[str], typer.Option("--lora-dtype", help="auto | fp16 | bf16 | fp32 for the LoRA slots, as mlora serve --lora-dtype (fp32 on a bf16 model: 2x the slot bytes). Default: auto (--dtype).", show_default=False)] = None,
     max_cpu_loras: Annotated[Optional[int], typer.Option("--max-cpu-loras", min=0, help="Adapters cached in CPU memory. Default: 2 x --max-loras, as mlora serve.", show_default=False)] = None,
     adapter: Annotated[Optional[list[Path]], typer.Option("--adapter", help="A PEFT adapter dir: report its true size vs the padded slot (repeatable).")] = None,
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="GPU preset: A100-40GB, A100-80GB, H100-80GB, L4, A10G, RTX-4090. Default: H100-80GB.", show_default=False)] = None,
@@ -66,6 +67,7 @@ def budget(
         max_loras=max_loras,
         target_modules=tuple(target_modules.split(",")),
         dtype=dtype,
+        lora_dtype=lora_dtype,
         max_cpu_loras=max_cpu_loras,
         adapters=tuple(str(p) for p in adapter or ()),
         gpu=gpu,
@@ -132,7 +134,8 @@ def _render(report) -> None:  # noqa: ANN001 - BudgetReport, imported lazily
     console.print(
         f"[bold]{report.model_source}[/]: {d.model_type}, {d.layers} layers, hidden {d.hidden}, "
         f"intermediate {d.intermediate}, heads {d.heads}/{d.kv_heads} kv, head_dim {d.head_dim}, "
-        f"vocab {d.vocab}{' (tied)' if d.tie_word_embeddings else ''}; dtype {report.dtype}",
+        f"vocab {d.vocab}{' (tied)' if d.tie_word_embeddings else ''}; dtype {report.dtype}"
+        f"{f', LoRA slots {report.lora_dtype}' if report.lora_dtype != report.dtype else ''}",
         highlight=False,
     )
     mods = Table(title=f"LoRA modules, one layer (slot rank {report.rank}, {report.max_loras} slots)", title_justify="left")
@@ -150,7 +153,7 @@ def _render(report) -> None:  # noqa: ANN001 - BudgetReport, imported lazily
     b = report.base_weight_breakdown
     gpu = report.gpu_name or "--gpu-memory"
     rows = [
-        ("bytes per adapter slot", report.bytes_per_adapter, f"{d.layers} layers x sum(r x (in + out)) x {report.dtype}"),
+        ("bytes per adapter slot", report.bytes_per_adapter, f"{d.layers} layers x sum(r x (in + out)) x {report.lora_dtype}"),
         (f"{report.max_loras} slots (GPU)", report.total_slot_bytes, "slot x max_loras"),
         (f"CPU cache ({report.cpu_cache_adapters} adapters)", report.cpu_cache_bytes,
          "slot x max_cpu_loras" if report.cpu_cache_adapters == report.max_cpu_loras

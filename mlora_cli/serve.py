@@ -95,7 +95,7 @@ def build_config(**opts: Any) -> Any:
     from engine.server.config import ServerConfig
 
     engine_keys = ("model", "dtype", "device", "max_model_len", "max_num_seqs", "max_queue", "max_queue_per_tenant",
-                   "max_loras", "max_lora_rank", "max_cpu_loras", "max_cpu_lora_bytes", "scheduling_policy", "max_seqs_per_tenant",
+                   "max_loras", "max_lora_rank", "max_cpu_loras", "max_cpu_lora_bytes", "lora_dtype", "scheduling_policy", "max_seqs_per_tenant",
                    "served_model_name", "gpu_memory_utilization", "kv_cache_memory_bytes", "num_kv_blocks",
                    "block_size", "max_num_batched_tokens", "seed", "revision", "cpu_threads",
                    "enable_prefix_caching")
@@ -141,6 +141,7 @@ def serve(
     max_lora_rank: Annotated[Optional[int], typer.Option("--max-lora-rank", min=1, help="Largest adapter rank a slot holds. \\[default: 16]", rich_help_panel=_LORA)] = None,
     max_cpu_loras: Annotated[Optional[int], typer.Option("--max-cpu-loras", min=1, help="Adapters kept in CPU memory (>= --max-loras). \\[default: 2 x max-loras]", rich_help_panel=_LORA)] = None,
     max_cpu_lora_bytes: Annotated[Optional[int], typer.Option("--max-cpu-lora-bytes", min=0, help="Bytes of adapter weights the CPU tier may hold beyond --max-cpu-loras adapters (0: the count only, as vLLM). \\[default: 1 GiB; 0 when --max-cpu-loras is given]", rich_help_panel=_LORA, show_default=False)] = None,
+    lora_dtype: Annotated[Optional[str], typer.Option("--lora-dtype", help="dtype of the LoRA slots and of the LoRA path: auto (the model's, as vLLM), float32, bfloat16 or float16 (vLLM allows auto/float16/bfloat16; mlora also float32: on a bf16/fp16 model the LoRA delta is computed in fp32 and added once, as PEFT does by default, for 2x the slot memory). \\[default: auto]", rich_help_panel=_LORA, show_default=False)] = None,
     allow_runtime_lora: Annotated[bool, typer.Option("--allow-runtime-lora", help="Enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (needs --adapter-root).", rich_help_panel=_LORA)] = False,
     adapter_root: Annotated[Optional[str], typer.Option("--adapter-root", help="Only load runtime adapters from inside this directory (symlinks resolved); required by --allow-runtime-lora (--adapter-root / allows any path).", rich_help_panel=_LORA)] = None,
     dtype: Annotated[Optional[str], typer.Option("--dtype", help="auto, float32, bfloat16 or float16. \\[default: auto]", rich_help_panel=_ENGINE)] = None,
@@ -183,7 +184,7 @@ def serve(
                           num_kv_blocks=num_kv_blocks, block_size=block_size,
                           max_num_batched_tokens=max_num_batched_tokens, cpu_threads=threads, lora=lora,
                           lora_dir=lora_dir, max_loras=max_loras, max_lora_rank=max_lora_rank,
-                          max_cpu_loras=max_cpu_loras, max_cpu_lora_bytes=max_cpu_lora_bytes,
+                          max_cpu_loras=max_cpu_loras, max_cpu_lora_bytes=max_cpu_lora_bytes, lora_dtype=lora_dtype,
                           allow_runtime_lora=allow_runtime_lora,
                           adapter_root=adapter_root, dtype=dtype, device=device, max_model_len=max_model_len,
                           max_num_seqs=max_num_seqs, max_queue=max_queue, max_queue_per_tenant=max_queue_per_tenant, host=host, port=port,

@@ -12,6 +12,8 @@ from tests.test_cli import run_cli
     [
         (("serve", "--dtype", "int4"), "dtype must be one of auto, float32, bfloat16, float16, got 'int4'"),
         (("serve", "--device", "tpu"), "device must be one of auto, cpu, cuda, got 'tpu'"),
+        (("serve", "--lora-dtype", "int8"), "lora_dtype must be one of auto, float32, bfloat16, float16, got 'int8'"),
+        (("budget", "--lora-dtype", "float64"), "unsupported dtype float64"),
         (("serve", "--max-loras", "4", "--max-cpu-loras", "2"), "max_cpu_loras (2) must be >= max_loras (4)"),
         (("bench", "--zipf", "0"), "--zipf must be > 0"),
         (("bench", "--rate", "0"), "--rate must be > 0"),

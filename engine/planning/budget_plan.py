@@ -55,6 +55,7 @@ class BudgetConfig:
     max_loras: int = 4
     target_modules: tuple[str, ...] = LORA_MODULES
     dtype: str | None = None  # None: the model's torch_dtype (bfloat16 when the config has none)
+    lora_dtype: str | None = None  # the slots' dtype (serve --lora-dtype); None or "auto": `dtype`
     max_cpu_loras: int | None = None  # None: engine.config.default_max_cpu_loras (as serve)
     max_cpu_lora_bytes: int | None = None  # None: engine.config.default_max_cpu_lora_bytes (as serve)
     adapters: tuple[str, ...] = ()
@@ -85,6 +86,9 @@ class BudgetConfig:
         object.__setattr__(self, "target_modules", normalize_modules(self.target_modules))
         if self.dtype is not None:
             object.__setattr__(self, "dtype", normalize_dtype(self.dtype))
+        if self.lora_dtype is not None:
+            auto = str(self.lora_dtype).strip().lower() == "auto"
+            object.__setattr__(self, "lora_dtype", None if auto else normalize_dtype(self.lora_dtype))
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,7 @@ class BudgetReport:
     notes: tuple[str, ...] = field(default_factory=tuple)
     max_cpu_lora_bytes: int = 0  # the CPU tier keeps more than max_cpu_loras adapters while they fit in this
     cpu_cache_adapters: int = 0  # adapters of this size the CPU tier holds: max_cpu_loras, or more within the bytes
+    lora_dtype: str = ""  # the slots' dtype (bytes_per_adapter, total_slot_bytes, modules, adapters); `dtype` unless given
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict with stable keys (tuples become lists)."""
@@ -204,14 +209,15 @@ def plan_budget(config: BudgetConfig, *, progress: ProgressFn | None = None) -> 
     if dtype is None:
         dtype = "bfloat16"
         notes.append("the model config names no supported torch_dtype; assumed bfloat16 (set --dtype)")
-    nbytes = dtype_bytes(dtype)
+    lora_dtype = config.lora_dtype or dtype  # the slots are in lora_dtype (serve --lora-dtype)
+    nbytes = dtype_bytes(lora_dtype)
     mods = config.target_modules
     stacks = slot_stack_shapes(dims, max_loras=config.max_loras, max_rank=config.rank, modules=mods)
     rows = []
     for m, (a, b) in stacks.items():
         in_f, out_f = lora_module_shape(dims, m)
         rows.append(ModuleRow(m, in_f, out_f, in_f + out_f, a, b, (prod(a) + prod(b)) // config.max_loras * nbytes))
-    per_slot = adapter_slot_bytes(dims, rank=config.rank, modules=mods, dtype=dtype)
+    per_slot = adapter_slot_bytes(dims, rank=config.rank, modules=mods, dtype=lora_dtype)
     total_slots = per_slot * config.max_loras
     cpu_loras = default_max_cpu_loras(config.max_loras) if config.max_cpu_loras is None else config.max_cpu_loras
     cpu_bytes = default_max_cpu_lora_bytes(config.max_cpu_loras) if config.max_cpu_lora_bytes is None else config.max_cpu_lora_bytes
@@ -246,7 +252,7 @@ def plan_budget(config: BudgetConfig, *, progress: ProgressFn | None = None) -> 
     else:
         shortfall = 0
 
-    adapters = tuple(_adapter_row(p, dims, config, dtype, per_slot) for p in config.adapters)
+    adapters = tuple(_adapter_row(p, dims, config, lora_dtype, per_slot) for p in config.adapters)
     trace = _trace_summary(config, per_slot, kv_at, progress, base_model_names(config.model, raw)) if config.trace else None
     return BudgetReport(
         model_source=source, model=dims, dtype=dtype, rank=config.rank, max_loras=config.max_loras,
@@ -258,7 +264,7 @@ def plan_budget(config: BudgetConfig, *, progress: ProgressFn | None = None) -> 
         kv_available_bytes=available, block_size=config.block_size, max_model_len=max_len, kv_tokens=tokens,
         kv_blocks=tokens // config.block_size, max_concurrent_sequences=seqs, fits=shortfall == 0,
         shortfall_bytes=shortfall, adapters=adapters, trace=trace, notes=tuple(notes),
-        max_cpu_lora_bytes=cpu_bytes, cpu_cache_adapters=cpu_adapters,
+        max_cpu_lora_bytes=cpu_bytes, cpu_cache_adapters=cpu_adapters, lora_dtype=lora_dtype,
     )  # fmt: skip
 
 

@@ -62,6 +62,24 @@ def test_default_model_json_has_the_acceptance_numbers_and_stable_keys():
     assert [m["module"] for m in out["modules"]][:2] == ["q_proj", "k_proj"]
 
 
+def test_lora_dtype_sizes_the_slots_as_serve_does():
+    """--lora-dtype fp32 on a bf16 model: 2x the slot bytes (what `mlora serve --lora-dtype float32` allocates);
+    weights and KV stay bf16. auto (the default) = --dtype."""
+    bf16 = budget_json("--rank", "16", "--max-loras", "16", "--dtype", "bf16")
+    auto = budget_json("--rank", "16", "--max-loras", "16", "--dtype", "bf16", "--lora-dtype", "auto")
+    fp32 = budget_json("--rank", "16", "--max-loras", "16", "--dtype", "bf16", "--lora-dtype", "fp32")
+    assert bf16["lora_dtype"] == auto["lora_dtype"] == "bfloat16" and fp32["lora_dtype"] == "float32"
+    assert auto == bf16
+    assert fp32["dtype"] == "bfloat16" and fp32["bytes_per_adapter"] == 2 * 83_886_080
+    assert fp32["total_slot_bytes"] == 2 * bf16["total_slot_bytes"]
+    assert fp32["modules"][0]["bytes_per_slot_per_layer"] == 2 * bf16["modules"][0]["bytes_per_slot_per_layer"]
+    for key in ("base_weight_bytes", "kv_bytes_per_token", "gpu_budget_bytes"):
+        assert fp32[key] == bf16[key], key
+    assert fp32["kv_available_bytes"] == bf16["kv_available_bytes"] - bf16["total_slot_bytes"]
+    text = mlora("--rank", "16", "--dtype", "bf16", "--lora-dtype", "fp32").stdout
+    assert "dtype bfloat16, LoRA slots float32" in " ".join(text.split())
+
+
 def test_table_output_shows_slot_kv_and_module_breakdown():
     res = mlora("--model", "qwen3-8b", "--rank", "8", "--max-loras", "2", "--gpu", "A100-80GB", "--target-modules", "q,v")
     assert res.returncode == 0, res.stderr

@@ -40,6 +40,21 @@ def test_flags_build_one_frozen_config(tmp_path: Path) -> None:
     assert (sized.max_cpu_loras, sized.max_cpu_lora_bytes) == (6, 5 * 2**20)
 
 
+def test_lora_dtype_flag_reaches_the_engine_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--lora-dtype (vLLM's flag; mlora also takes float32) is EngineConfig.lora_dtype; auto by default."""
+    import engine.server.run
+    import mlora_cli.main
+    from typer.testing import CliRunner
+
+    assert build_config(**DEFAULTS).engine.lora_dtype == "auto"
+    assert build_config(**DEFAULTS, dtype="bf16", lora_dtype="fp32").engine.lora_dtype == "float32"
+    seen = []  # the parsed command line up to the server start (stubbed: no model loads)
+    monkeypatch.setattr(engine.server.run, "serve", lambda config, **kw: seen.append(config))
+    res = CliRunner().invoke(mlora_cli.main.app, ["serve", "--dtype", "bfloat16", "--lora-dtype", "float32"])
+    assert res.exit_code == 0, res.output
+    assert (seen[0].engine.dtype, seen[0].engine.lora_dtype) == ("bfloat16", "float32")
+
+
 def test_bad_lora_spec_is_a_clear_error() -> None:
     with pytest.raises(ConfigError, match="NAME=PATH"):
         parse_lora(["just-a-path"])
