@@ -33,7 +33,8 @@ step's slots, so an r8 adapter in slots sized for r64 costs r8, and an r8 + r64 
 two r64. The skipped rows are exact zeros (zero A rows give h = 0), so results are unchanged; h's
 columns past the step's rank are zero. "dense" keeps the full R (its [span * R, K] view needs it).
 fp32 "bmm" with short segments (up to tuning.CPU_SHRINK_AX_MAX_ROWS rows: decode over many adapters) runs
-the shrink as A @ x.T (streams each A in its own layout); longer segments keep x @ A.T.
+the shrink as A @ x.T where a probe at first use finds that form faster on this CPU (`tuning.cpu_shrink_ax`:
+it is on an AMD EPYC, 2-3x slower on an AMX Xeon); longer segments keep x @ A.T.
 Matmuls run in the input dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32), except bf16/fp16 "bmm"
 on a CPU without AMX, which upcasts to one fp32 bmm while that copy is small
 (tuning.cpu_half_bmm_in_fp32) and rounds once back; results match
@@ -124,8 +125,9 @@ def _per_segment(stack: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
 
 
 def _shrink_bmm(xs: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
-    """xs [G, L, K] @ a[g].T -> [G, L, r]; fp32 short segments as A @ x.T (streams A in its own layout)."""
-    if xs.dtype == torch.float32 and xs.shape[1] <= tuning.CPU_SHRINK_AX_MAX_ROWS:
+    """xs [G, L, K] @ a[g].T -> [G, L, r]; fp32 short segments as A @ x.T where that form is the faster one
+    on this CPU (`tuning.cpu_shrink_ax`)."""
+    if xs.dtype == torch.float32 and xs.shape[1] <= tuning.CPU_SHRINK_AX_MAX_ROWS and tuning.cpu_shrink_ax():
         return torch.bmm(a, xs.transpose(1, 2)).transpose(1, 2)  # [G, L, r] (strided)
     if xs.dtype != torch.float32 and tuning.cpu_half_bmm_in_fp32(a.numel() * 4):
         return torch.bmm(xs.float(), a.float().transpose(1, 2)).to(xs.dtype)  # [G, L, r], rounded once

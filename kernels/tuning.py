@@ -139,9 +139,37 @@ CHUNK_BYTES = 512 << 10
 # "dense" does span x the useful FLOPs (one matmul over slots lo..hi), so only while span * R stays small
 # next to the base layer's width.
 DENSE_MAX_COLS = 256
-# fp32 "bmm" shrinks of segments up to this many rows run as A @ x.T (MKL streams each A in its own layout):
-# cold weights, hidden 768, rank 16, 32 rows: 1 row x 32 adapters 64 vs 131 us, 2 x 16 51 vs 84, 4 x 8 36 vs 49.
+# fp32 "bmm" shrinks of segments up to this many rows may run as A @ x.T instead of x @ A.T, when
+# `cpu_shrink_ax()` finds that form faster on this CPU.
 CPU_SHRINK_AX_MAX_ROWS = 8
+SHRINK_AX_ENV = "MLORA_CPU_SHRINK_AX"  # "auto" (default: measured) | "1" | "0"
+
+
+@functools.cache
+def cpu_shrink_ax() -> bool:
+    """Run fp32 "bmm" shrinks of short segments as A @ x.T? Which form is faster depends on the CPU's BLAS,
+    with a 2-3x swing either way (cold weights, hidden 768, rank 16, 16 adapters x 2 rows; us, x @ A.T vs
+    A @ x.T): the AMD EPYC 84 vs 51 (1 x 32: 131 vs 64), the AMX Xeon 40 vs 129 (1 x 32: 162 vs 377). So it
+    is measured once per process (~10 ms, the first time a shrink asks), not fixed; `MLORA_CPU_SHRINK_AX=0|1`
+    sets it."""
+    forced = os.environ.get(SHRINK_AX_ENV, "auto").strip().lower()
+    if forced in ("0", "1"):
+        return forced == "1"
+    import time
+
+    gen = torch.Generator().manual_seed(0)
+    stacks = [torch.randn(16, 16, 768, generator=gen) for _ in range(6)]  # 4.7 MB: mostly out of L2, as in a step
+    xs = torch.randn(16, 2, 768, generator=gen)
+    forms = {"xa": lambda a: torch.bmm(xs, a.transpose(1, 2)), "ax": lambda a: torch.bmm(a, xs.transpose(1, 2))}
+    best = {name: float("inf") for name in forms}
+    with torch.no_grad():
+        for _ in range(5):  # rounds alternate the forms, so a busy moment hits both
+            for name, form in forms.items():
+                t = time.perf_counter()
+                for a in stacks:
+                    form(a)
+                best[name] = min(best[name], time.perf_counter() - t)
+    return best["ax"] < 0.9 * best["xa"]  # only a clear win changes the default form
 
 
 def cpu_half_bmm_in_fp32(fp32_bytes: int) -> bool:

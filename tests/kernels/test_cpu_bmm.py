@@ -195,3 +195,17 @@ def test_bmm_path_half_either_way(slots: list[int], upcast: bool, force_bmm: Non
     expected = naive_expand(h.to(bf), b.to(bf), ts, out.to(bf), 3)
     got = lora_expand(h.to(bf), b.to(bf), ts, out.to(bf), meta=_meta(ts), out_offset=3, backend="cpu")
     assert_close(got, expected, "bf16", "expand")
+
+
+@pytest.mark.parametrize("ax", [False, True], ids=["x@A.T", "A@x.T"])
+@pytest.mark.parametrize("slots", [[0, 1, 2, 3] * 2, [5, 1, 3, -1, 5, 3, 1, 0], [7, 6, 5, 4, 3, 2, 1, 0]])
+def test_fp32_bmm_shrink_in_either_form(slots: list[int], ax: bool, force_bmm: None,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """fp32 "bmm" shrinks of short segments agree with the reference in both forms the CPU probe can pick
+    (`tuning.cpu_shrink_ax`: A @ x.T on one CPU, x @ A.T on another)."""
+    monkeypatch.setattr("kernels.tuning.cpu_shrink_ax", lambda: ax)
+    x, a, _, _, _, ts, scales = _op_inputs(slots, R=8, K=96, N=80, S=8, extra_cols=0, seed=3)
+    got = lora_shrink(x, a, ts, scales, meta=_meta(ts), backend="cpu")
+    assert got.dtype == torch.float32
+    assert_close(got, naive_shrink(x, a, ts, scales), "fp32", "shrink")
+    assert torch.all(got[ts < 0] == 0)

@@ -78,3 +78,25 @@ def test_the_environment_overrides_the_probe(monkeypatch, value, amx):
         assert tuning.cpu_auto_dtype() == (torch.bfloat16 if amx else torch.float32)
     finally:
         tuning.cpu_has_amx.cache_clear()
+
+
+@pytest.mark.parametrize("env, want", [("1", True), ("0", False)])
+def test_shrink_form_can_be_set(monkeypatch, env, want):
+    monkeypatch.setenv(tuning.SHRINK_AX_ENV, env)
+    tuning.cpu_shrink_ax.cache_clear()
+    try:
+        assert tuning.cpu_shrink_ax() is want
+    finally:
+        tuning.cpu_shrink_ax.cache_clear()
+
+
+def test_shrink_form_is_measured_once(monkeypatch):
+    """auto: a short measurement decides (a bool), cached for the process."""
+    monkeypatch.delenv(tuning.SHRINK_AX_ENV, raising=False)
+    tuning.cpu_shrink_ax.cache_clear()
+    try:
+        first = tuning.cpu_shrink_ax()
+        assert isinstance(first, bool)
+        assert tuning.cpu_shrink_ax.cache_info().currsize == 1 and tuning.cpu_shrink_ax() is first
+    finally:
+        tuning.cpu_shrink_ax.cache_clear()
