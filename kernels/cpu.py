@@ -152,11 +152,13 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
     r = R if path == "dense" else step_rank(meta, slot_ranks, R)  # columns of h this step can fill
     if meta.single_slot is not None:
         s = meta.single_slot
+        up = x.dtype != torch.float32 and tuning.cpu_half_single_in_fp32(T)  # few 16-bit rows: fp32 GEMM, one rounding
+        xx, a = (x.float(), lora_a[s, :r].float()) if up else (x, lora_a[s, :r])
+        hr = torch.mm(xx, a.T).mul_(scales[s] if scales.dim() == 1 else scales[s, :r])  # [T, r]
         if r == R:
-            return torch.mm(x, lora_a[s].T).mul_(scales[s])  # [T, R]
+            return hr.to(x.dtype) if up else hr
         h = torch.zeros(T, R, dtype=x.dtype, device=x.device)
-        sc = scales[s] if scales.dim() == 1 else scales[s, :r]
-        h[:, :r] = torch.mm(x, lora_a[s, :r].T).mul_(sc)  # [T, r]
+        h[:, :r] = hr
         return h
     # zeros: -1 rows, and columns past a slot's rank that its path leaves unwritten
     h = (torch.zeros if meta.num_no_lora or slot_ranks is not None else torch.empty)(T, R, dtype=x.dtype, device=x.device)
@@ -236,7 +238,10 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
     if r < R:  # columns past the step's rank multiply zero columns of B: skip them
         h, lora_b = h[:, :r], lora_b[:, :, :r]
     if meta.single_slot is not None:
-        view.addmm_(h, lora_b[meta.single_slot].T)
+        if h.dtype != torch.float32 and tuning.cpu_half_single_in_fp32(h.shape[0]):
+            view.add_(torch.mm(h.float(), lora_b[meta.single_slot].T.float()))  # fp32 sum, one rounding
+        else:
+            view.addmm_(h, lora_b[meta.single_slot].T)
         return out
     if meta.num_lora_rows == 0:
         return out

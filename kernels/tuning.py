@@ -184,6 +184,18 @@ def cpu_half_bmm_in_fp32(fp32_bytes: int) -> bool:
 CPU_HALF_FP32_MAX_BYTES = 1536 << 10
 
 
+# A single-adapter ("single") bf16/fp16 shrink or expand of at most this many rows runs as an fp32 GEMM on
+# upcast copies (rounded once back): a 16-bit oneDNN GEMM has ~25 us of fixed cost whatever its size, an fp32
+# one ~4 us. AMX Xeon, shrink + expand of one adapter (rank 16, hidden 768): 1 row 92 -> 37 us, 32 rows
+# 102 -> 80 (768 -> 768) but 120 -> 150 (768 -> 2048) (benchmarks/README.md).
+CPU_HALF_SINGLE_FP32_MAX_ROWS = 8
+
+
+def cpu_half_single_in_fp32(rows: int) -> bool:
+    """Run a one-adapter bf16/fp16 shrink/expand of `rows` rows as an fp32 GEMM (see CPU_HALF_SINGLE_FP32_MAX_ROWS)."""
+    return rows <= CPU_HALF_SINGLE_FP32_MAX_ROWS
+
+
 # "bmm" over adapters of several ranks: one batched matmul per rank class (instead of all at the step's
 # largest rank) once padding to the largest rank would read this many times the real rows.
 RANK_CLASS_MIN_WASTE = 1.25

@@ -209,3 +209,26 @@ def test_fp32_bmm_shrink_in_either_form(slots: list[int], ax: bool, force_bmm: N
     assert got.dtype == torch.float32
     assert_close(got, naive_shrink(x, a, ts, scales), "fp32", "shrink")
     assert torch.all(got[ts < 0] == 0)
+
+
+@pytest.mark.parametrize("fp32_rows", [0, 8], ids=["bf16-gemm", "fp32-upcast"])
+@pytest.mark.parametrize("T", [1, 5, 8, 24])
+def test_single_adapter_half_either_way(T: int, fp32_rows: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-adapter bf16 step agrees with the reference whether its few rows run as bf16 GEMMs or as fp32
+    GEMMs on upcast copies (`tuning.CPU_HALF_SINGLE_FP32_MAX_ROWS`), with and without a rank below the slot's."""
+    monkeypatch.setattr("kernels.tuning.CPU_HALF_SINGLE_FP32_MAX_ROWS", fp32_rows)
+    slots = [3] * T
+    x, a, h, b, out, ts, scales = _op_inputs(slots, R=8, K=96, N=80, S=8, extra_cols=5, seed=4)
+    bf = torch.bfloat16
+    meta = LoraBatchMeta.from_token_lora_slots(ts)
+    assert meta.single_slot == 3
+    for ranks in (None, [8] * 8, [5] * 8):
+        if ranks is not None:
+            a[:, ranks[0]:] = 0  # rows past a slot's rank are zero, as engine.lora.slots keeps them
+            b[:, :, ranks[0]:] = 0
+        got = lora_shrink(x.to(bf), a.to(bf), ts, scales, meta=meta, backend="cpu", slot_ranks=ranks)
+        assert got.dtype == bf and got.shape == (T, 8)
+        assert_close(got, naive_shrink(x.to(bf), a.to(bf), ts, scales), "bf16", f"shrink ranks={ranks}")
+        expected = naive_expand(h.to(bf), b.to(bf), ts, out.to(bf), 3)
+        got = lora_expand(h.to(bf), b.to(bf), ts, out.to(bf), meta=meta, out_offset=3, backend="cpu", slot_ranks=ranks)
+        assert_close(got, expected, "bf16", f"expand ranks={ranks}")
