@@ -37,7 +37,8 @@ the shrink as A @ x.T where a probe at first use finds that form faster on this 
 it is on an AMD EPYC, 2-3x slower on an AMX Xeon); longer segments keep x @ A.T.
 Matmuls run in the input dtype (torch's CPU GEMMs accumulate fp16/bf16 in fp32), except bf16/fp16 "bmm"
 on a CPU without AMX, which upcasts to one fp32 bmm while that copy is small
-(tuning.cpu_half_bmm_in_fp32) and rounds once back; results match
+(tuning.cpu_half_bmm_in_fp32) and rounds once back, and a one-adapter ("single") 16-bit step of a few rows
+(tuning.cpu_half_single_in_fp32), which runs fp32 GEMMs on upcast copies and rounds once back; results match
 the fp32 reference within the per-dtype tolerances of the tests. Works on any device.
 """
 
