@@ -184,7 +184,7 @@ class LoraLinear(nn.Module):
             for off, _, _, (a, b, sc) in parts:
                 lora_compose(x, a, b, sc, out, lora.composed, out_offset=off, check=False)
         if out is not y:
-            y.add_(out)  # computed in fp32, rounded once to y's dtype
+            y.add_(out)  # the LoRA delta in lora_dtype, rounded once to y's dtype
         dora = getattr(lora.stacks, "dora", None)  # slots built without DoRA support have none
         for off, n, name, _ in parts if dora is not None else ():
             g = dora(self.layer, name)

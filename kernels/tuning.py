@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import platform
+import time
 from pathlib import Path
 
 import torch
@@ -150,13 +151,11 @@ def cpu_shrink_ax() -> bool:
     """Run fp32 "bmm" shrinks of short segments as A @ x.T? Which form is faster depends on the CPU's BLAS,
     with a 2-3x swing either way (cold weights, hidden 768, rank 16, 16 adapters x 2 rows; us, x @ A.T vs
     A @ x.T): the AMD EPYC 84 vs 51 (1 x 32: 131 vs 64), the AMX Xeon 40 vs 129 (1 x 32: 162 vs 377). So it
-    is measured once per process (~10 ms, the first time a shrink asks), not fixed; `MLORA_CPU_SHRINK_AX=0|1`
+    is measured once per process (~16 ms, the first time a shrink asks), not fixed; `MLORA_CPU_SHRINK_AX=0|1`
     sets it."""
     forced = os.environ.get(SHRINK_AX_ENV, "auto").strip().lower()
     if forced in ("0", "1"):
         return forced == "1"
-    import time
-
     gen = torch.Generator().manual_seed(0)
     stacks = [torch.randn(16, 16, 768, generator=gen) for _ in range(6)]  # 4.7 MB: mostly out of L2, as in a step
     xs = torch.randn(16, 2, 768, generator=gen)
