@@ -1,8 +1,9 @@
-"""The CPU choices of kernels.tuning, measured: `python -m benchmarks.cpu_choices {decode,linear,lora}`.
+"""The CPU choices of kernels.tuning, measured: `python -m benchmarks.cpu_choices {decode,linear,lora,argmax}`.
 
 `decode`: batch-1 decode tok/s under each one-row bf16/fp16 matmul path. `linear`: per-step ms of a
 preset's base linears for each row count and matmul form (F.linear / W @ x.T / mv). `lora`: shrink +
-expand us of each CPU LoRA path (kernels.meta) on given segment layouts. The tables of
+expand us of each CPU LoRA path (kernels.meta) on given segment layouts. `argmax`: us per greedy pick,
+`max(dim).indices` against engine.sampler's blocked pass. The tables of
 benchmarks/README.md come from these. Every mode times the alternatives interleaved in one run.
 
 Times are CPU time of this process (`time.process_time`; the compute runs on the calling thread with
@@ -214,15 +215,34 @@ def lora(args: argparse.Namespace) -> dict:
     return result
 
 
+def argmax(args: argparse.Namespace) -> dict:
+    """us per greedy pick over [rows, vocab] fp32 logits: `max(dim).indices` vs the blocked pass of
+    engine.sampler.greedy_tokens (tuning.ARGMAX_BLOCK), interleaved; checks both pick the same ids."""
+    from engine.sampler import greedy_tokens
+
+    result: dict = {"us": {}}
+    print(f"threads={args.threads} block={tuning.ARGMAX_BLOCK}: us per greedy pick (max.indices vs blocked)")
+    for vocab in args.vocab:
+        for rows in args.rows:
+            logits = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(rows))
+            assert torch.equal(greedy_tokens(logits), logits.max(dim=-1).indices)
+            plain = _best_ms(lambda: logits.max(dim=-1).indices, args.rounds) * 1e3
+            blocked = _best_ms(lambda: greedy_tokens(logits), args.rounds) * 1e3
+            result["us"][f"{rows}x{vocab}"] = {"max": plain, "blocked": blocked}
+            print(f"  {rows:4d} x {vocab:6d}  max.indices {plain:8.0f}  blocked {blocked:8.0f}  ({plain / blocked:.2f}x)")
+    return result
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("mode", choices=("decode", "linear", "lora"))
+    p.add_argument("mode", choices=("decode", "linear", "lora", "argmax"))
     p.add_argument("--preset", default="small")
     p.add_argument("--dtype", default="bfloat16", help="float32 | bfloat16 | float16")
     p.add_argument("--tokens", type=int, default=32, help="decode: tokens per round")
     p.add_argument("--batch", type=int, default=1, help="decode: requests decoded together")
     p.add_argument("--rounds", type=int, default=5, help="decode: rounds per path, alternated; else repeats")
-    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 100], help="linear: T")
+    p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 48, 64, 100], help="linear, argmax: T")
+    p.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256], help="argmax: vocabulary sizes")
     p.add_argument("--layouts", nargs="+", default=["16x8", "16x7-9", "16x140-180", "8x12", "4x40", "10x30-38",
                                                    "8x60-70", "3x100-130", "16x1-3"], help="lora: NxROWS[-MAX]")
     p.add_argument("--hidden", type=int, default=768)
@@ -233,7 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     quiet_transformers()
     torch.set_num_threads(args.threads)
-    result = {"decode": decode, "linear": linear, "lora": lora}[args.mode](args)
+    result = {"decode": decode, "linear": linear, "lora": lora, "argmax": argmax}[args.mode](args)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)

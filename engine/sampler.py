@@ -19,6 +19,7 @@ import torch
 from engine.outputs import TokenLogprob
 from engine.sampling_params import SamplingParams
 from engine.sequence import Sequence
+from kernels.tuning import ARGMAX_BLOCK
 
 # Temperatures below this act as this (vLLM treats < 1e-5 as greedy): keeps logits / T finite.
 TEMPERATURE_FLOOR = 1e-5
@@ -42,9 +43,7 @@ def sample(
         bad = set(torch.nonzero(~finite).flatten().tolist())
         logits = torch.where(finite[:, None], logits, 0.0)  # harmless stand-in; these rows get None
         params = [p if i not in bad else _GREEDY for i, p in enumerate(params)]
-    # [N] greedy default: max(dim).indices is argmax (first index of the maximum), ~3x faster on CPU
-    # (128 x 32000 fp32, 1 thread: 3.0 ms against 10.2 ms)
-    tokens = logits.max(dim=-1).indices
+    tokens = greedy_tokens(logits)  # [N] greedy default
     raw = logits  # logprobs are the model's own distribution, before penalties
     pen_rows = [i for i, p in enumerate(params) if p.penalized]
     if pen_rows:
@@ -57,7 +56,7 @@ def sample(
         if bool(dead.any()):
             bad |= {pen_rows[k] for k in torch.nonzero(dead).flatten().tolist()}
             pen = torch.where(dead[:, None], 0.0, pen)
-        tokens = tokens.index_copy(0, rows, pen.max(dim=-1).indices)
+        tokens = tokens.index_copy(0, rows, greedy_tokens(pen))
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
     if sampled_rows:
         rows = torch.tensor(sampled_rows, device=logits.device)
@@ -102,6 +101,27 @@ def sample(
                 top = dict(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist()))
             logprobs[i] = TokenLogprob(token_id=tok, logprob=float(lp[j, tok]), top=top)
     return token_list, logprobs
+
+
+def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:
+    """[N] int64: the first index of each row's maximum (torch.argmax's answer) of NaN-free logits [N, V].
+
+    `max(dim).indices` gives that answer ~2x faster than `argmax` on CPU (128 x 32000 fp32, 1 thread: 3.0 ms
+    against 10.2), and a blocked pass faster still: the max of every `tuning.ARGMAX_BLOCK` logits (amax
+    vectorises), the first block holding the row's max (max.indices returns the first), then the first max
+    inside that block; the first block holding the max holds its first index, so the answer is the same
+    (batch 32 x 32000: 1.35 -> 0.29 ms). Other devices keep the one-kernel `max`."""
+    n, v = logits.shape
+    b = ARGMAX_BLOCK
+    if logits.device.type != "cpu" or v < 4 * b:
+        return logits.max(dim=-1).indices
+    nb = v // b
+    block_max = logits[:, :nb * b].reshape(n, nb, b).amax(dim=-1)  # [N, nb] (a view of contiguous rows)
+    if nb * b < v:  # the tail, narrower than a block, is the last block
+        block_max = torch.cat([block_max, logits[:, nb * b:].amax(dim=-1, keepdim=True)], dim=1)
+    first = block_max.max(dim=-1).indices * b  # [N] start of the first block holding the row's max
+    cols = (first[:, None] + torch.arange(b, device=logits.device)).clamp_max_(v - 1)  # a tail block repeats v-1
+    return first + logits.gather(1, cols).max(dim=-1).indices  # repeats of v-1 sit after it: first max unchanged
 
 
 def _all_finite(logits: torch.Tensor) -> bool:

@@ -206,3 +206,10 @@ RANK_CLASS_MIN_WASTE = 1.25
 DECODE_CHUNK_BYTES = 2 << 20
 # ... but never fewer rows than this per chunk: below it the per-op overhead of gather + SDPA shows.
 DECODE_CHUNK_MIN_ROWS = 4
+
+
+# ----------------------------------------------------------------------------- greedy sampling (engine.sampler)
+# Greedy argmax on CPU in two passes: the max of each block of this many logits (amax vectorises; max with
+# indices does not), then the first block holding the row's max, then the first max inside it. Batch 32 x
+# 32000 fp32, 1 thread, AMX Xeon: 1.35 ms -> 0.29 ms (block 64: 0.37, 256: 0.32); 128 x 32000 5.4 -> 1.4 ms.
+ARGMAX_BLOCK = 128

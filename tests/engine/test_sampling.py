@@ -9,7 +9,7 @@ import torch
 
 from engine import LLM, SamplingParams
 from engine.byte_tokenizer import EOS_ID
-from engine.sampler import sample
+from engine.sampler import greedy_tokens, sample
 from tests.engine.conftest import PROMPTS
 
 
@@ -98,3 +98,24 @@ def test_text_prompt_and_multibyte_detokenization(llm: LLM) -> None:
     out = llm.generate(["héllo wörld"], SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True))[0]
     assert out.prompt_token_ids == llm.tokenizer("héllo wörld").input_ids
     assert out.text == llm.tokenizer.decode(out.token_ids, skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("vocab", [100, 511, 512, 32000, 32001, 50257])
+def test_greedy_token_is_torch_argmax_including_ties(vocab: int) -> None:
+    """Greedy picks what torch.argmax (vLLM's greedy) picks: the first of tied maxima, wherever they sit
+    (across blocks, inside one, in a tail narrower than a block, at the last id), with masked -inf rows."""
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(12, vocab, generator=g)
+    top = logits.max() + 1.0
+    logits[0, [3, vocab - 1]] = top  # tie: first block and last id
+    logits[1, [vocab - 1]] = top  # the max at the last id (a tail block's repeats)
+    logits[2, [vocab // 2, vocab // 2 + 1]] = top  # tie inside one block
+    logits[3, [vocab - 2, 5]] = top
+    logits[4] = 0.0  # all tied: id 0
+    logits[5, : vocab // 3] = float("-inf")  # masked prefix, like allowed_token_ids / bad_words
+    logits[6, :] = float("-inf")
+    logits[6, vocab - 3] = 1.0
+    logits[7] = torch.round(logits[7])  # many ties at the max of small integers
+    want = torch.argmax(logits, dim=-1)
+    assert torch.equal(greedy_tokens(logits), want)
+    assert torch.equal(greedy_tokens(logits[::2]), want[::2])  # non-contiguous rows
