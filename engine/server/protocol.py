@@ -474,6 +474,20 @@ def parse_chat(body: Any) -> ChatRequest:
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    kwargs = dict(kwargs)
+    if "messages" in kwargs:
+        raise bad("'chat_template_kwargs' may not set 'messages' (the request's own messages are rendered)",
+                  "chat_template_kwargs")
+    # as vLLM: chat_template_kwargs are merged over the request's own template flags
+    flags = {}
+    for key in ("add_generation_prompt", "continue_final_message"):
+        value = kwargs.pop(key, None)
+        flags[key] = body.get(key) if value is None else value
+    add_generation_prompt = _opt_bool(flags, "add_generation_prompt", True)
+    continue_final_message = _opt_bool(flags, "continue_final_message")
+    if continue_final_message and flags["add_generation_prompt"]:  # both given true; the default gives way
+        raise bad("cannot set both 'continue_final_message' and 'add_generation_prompt' to true (as vLLM)",
+                  "continue_final_message")
     template = kwargs.pop("chat_template", None)
     top = body.get("chat_template")
     if top is not None:
@@ -491,8 +505,8 @@ def parse_chat(body: Any) -> ChatRequest:
         n=_n(body),
         stream=stream,
         stream_options=opts,
-        add_generation_prompt=_opt_bool(body, "add_generation_prompt", True),
-        continue_final_message=_opt_bool(body, "continue_final_message"),
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
         chat_template_kwargs=kwargs,
         chat_template=template,
         priority=_priority(body),
