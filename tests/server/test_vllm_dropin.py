@@ -228,3 +228,24 @@ def test_vllm_parameters_mlora_lacks_are_400_never_ignored(tokenizer: Any, arun:
                 assert r.status == 200, (off, await r.text())
 
     arun(go())
+
+
+def test_the_body_request_id_names_the_response_as_in_vllm(tokenizer: Any, arun: Any) -> None:
+    """vLLM's `request_id` body field (used when no X-Request-Id header is sent) was silently ignored."""
+    async def go() -> None:
+        async with running(FakeEngine(tokenizer)) as srv, aiohttp.ClientSession() as s:
+            req = {"model": "upper", "prompt": "abc", "max_tokens": 3, "request_id": "job-7"}
+            assert (await (await s.post(f"{srv.url}/v1/completions", json=req)).json())["id"] == "cmpl-job-7"
+            r = await s.post(f"{srv.url}/v1/completions", json={**req, "stream": True})
+            assert {e["id"] for e in await _sse_events(r)} == {"cmpl-job-7"}
+            chat = {"model": "upper", "messages": [{"role": "user", "content": "x"}], "request_id": "job-8"}
+            assert (await (await s.post(f"{srv.url}/v1/chat/completions", json=chat)).json())["id"] == "chatcmpl-job-8"
+            r = await s.post(f"{srv.url}/v1/completions", json=req, headers={"X-Request-Id": "hdr"})
+            assert (await r.json())["id"] == "cmpl-hdr"  # the header wins, as in vLLM
+            for bad in (5, "", "x" * 300, "tab\there", ["job"]):
+                r = await s.post(f"{srv.url}/v1/completions", json={**req, "request_id": bad})
+                assert r.status == 400 and (await r.json())["error"]["param"] == "request_id", await r.text()
+            r = await s.post(f"{srv.url}/v1/completions", json={**req, "request_id": None})
+            assert r.status == 200 and (await r.json())["id"].startswith("cmpl-")
+
+    arun(go())
