@@ -152,9 +152,16 @@ async def _echo_request_id(request: web.Request, response: web.StreamResponse) -
         response.headers["X-Request-Id"] = rid
 
 
-def _request_ids(given: str | None, prefix: str) -> tuple[str, str]:
-    """(response id, engine request id). With X-Request-Id, the response id is `prefix-<header>` as in
-    vLLM; the engine id gets a short suffix so two clients reusing one header never collide."""
+def _request_ids(given: str | None, prefix: str, body: dict[str, Any]) -> tuple[str, str]:
+    """(response id, engine request id). With X-Request-Id, or else the body's `request_id` (vLLM's field),
+    the response id is `prefix-<id>` as in vLLM; the engine id gets a short suffix so two clients reusing one
+    id never collide. A `request_id` that could not name a response (not a printable string of at most 256
+    characters) is a 400, not ignored."""
+    if given is None and body.get("request_id") is not None:
+        given = client_request_id(body["request_id"]) if isinstance(body["request_id"], str) else None
+        if given is None:
+            raise protocol.bad(f"'request_id' must be a printable string of 1-{_MAX_REQUEST_ID} characters",
+                               "request_id")
     if given is None:
         rid = protocol.new_id(prefix)
         return rid, rid
@@ -426,7 +433,7 @@ async def completion_reply(srv: Serving, body: Any, request_id: str | None = Non
     counts = iter(await run_text_work(lambda: [len(engine.tokenizer(p).input_ids) for p in texts]) if texts else [])
     _check_context(srv, req.model, [len(p) if isinstance(p, list) else next(counts) for p in req.prompts],
                    req.params.max_tokens)
-    (rid, engine_rid), created = _request_ids(request_id, "cmpl"), protocol.now_s()
+    (rid, engine_rid), created = _request_ids(request_id, "cmpl", body), protocol.now_s()
     name, choices = await _start(srv, req.prompts, req.params, req.n, engine_rid, req.model, priority=req.priority,
                                  tenant=req.tenant, adapters=req.adapters)
     tok, want_lp = engine.tokenizer, req.params.logprobs is not None
@@ -499,7 +506,7 @@ async def chat_reply(srv: Serving, body: Any, request_id: str | None = None) -> 
         req.params.max_tokens = max(1, engine.max_model_len - n_prompt)
     else:
         _check_context(srv, req.model, [n_prompt], req.params.max_tokens)
-    (rid, engine_rid), created = _request_ids(request_id, "chatcmpl"), protocol.now_s()
+    (rid, engine_rid), created = _request_ids(request_id, "chatcmpl", body), protocol.now_s()
     name, choices = await _start(srv, [prompt], req.params, req.n, engine_rid, req.model, priority=req.priority,
                                  tenant=req.tenant, adapters=req.adapters)
     tok, top_n, want_lp = engine.tokenizer, req.params.logprobs or 0, req.params.logprobs is not None

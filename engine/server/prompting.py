@@ -76,9 +76,9 @@ def render_chat(tokenizer: Any, req: ChatRequest, max_chars: int) -> str | list[
     """
     gen_prompt = req.add_generation_prompt and not req.continue_final_message
     if req.chat_template is not None:
-        text = render_client_template(req.chat_template, req.messages, tokenizer, max_chars=max_chars,
-                                      add_generation_prompt=gen_prompt,
-                                      continue_final_message=req.continue_final_message, **req.chat_template_kwargs)
+        text = render_client_template(req.chat_template, req.messages, tokenizer, req.chat_template_kwargs,
+                                      max_chars=max_chars, add_generation_prompt=gen_prompt,
+                                      continue_final_message=req.continue_final_message)
     elif getattr(tokenizer, "chat_template", None):
         try:
             text = tokenizer.apply_chat_template(
@@ -145,9 +145,11 @@ def _raise_exception(message: str) -> None:
     raise TemplateError(message)
 
 
-def render_client_template(template: str, messages: list[dict[str, str]], tokenizer: Any, *, max_chars: int,
-                           add_generation_prompt: bool, continue_final_message: bool, **kwargs: Any) -> str:
-    """Render a client-supplied chat template as transformers would, within bounds; 400 when it breaks one."""
+def render_client_template(template: str, messages: list[dict[str, str]], tokenizer: Any, kwargs: dict[str, Any], *,
+                           max_chars: int, add_generation_prompt: bool, continue_final_message: bool) -> str:
+    """Render a client-supplied chat template as transformers would, within bounds; 400 when it breaks one.
+    `kwargs` (the request's chat_template_kwargs) are template variables only: a dict, so no client key can
+    collide with this function's own parameters."""
     if len(template) > MAX_TEMPLATE_CHARS:
         raise bad(f"'chat_template' may be at most {MAX_TEMPLATE_CHARS} characters", "chat_template")
     env = _BoundedSandbox(time.monotonic() + RENDER_TIMEOUT_S, max_chars)

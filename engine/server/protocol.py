@@ -122,8 +122,39 @@ def _opt_bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
     return default if value is None else value
 
 
-def _reject_unsupported(body: dict[str, Any]) -> None:
+# vLLM request fields that mlora does not implement: accepted only absent, null or at vLLM's default (the
+# value that means "off"), refused otherwise rather than silently ignored (as vllm_compat does for LLM options).
+_OFF_ONLY: dict[str, tuple[Any, ...]] = {
+    "use_beam_search": (False,),
+    "length_penalty": (1, 1.0),  # beam search only
+    "skip_special_tokens": (True,),
+    "spaces_between_special_tokens": (True,),
+    "truncate_prompt_tokens": (),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structural_tag": (),
+    "guided_decoding_backend": (), "guided_whitespace_pattern": (), "structured_outputs": (),
+    "logits_processors": ([],),
+    "return_tokens_as_token_ids": (False,),
+    "cache_salt": (),  # a client that asks for a salted prefix cache must not silently share one
+    "kv_transfer_params": (),
+    "vllm_xargs": ({},),
+}
+_OFF_ONLY_COMPLETION: dict[str, tuple[Any, ...]] = {"add_special_tokens": (True,), "prompt_embeds": ()}
+_OFF_ONLY_CHAT: dict[str, tuple[Any, ...]] = {"add_special_tokens": (False,), "echo": (False,), "documents": (),
+                                              "tool_choice": ("none",)}
+
+
+def _reject_off_only(body: dict[str, Any], fields: dict[str, tuple[Any, ...]]) -> None:
+    for key, off in fields.items():
+        value = body.get(key)
+        if value is not None and not any(type(value) is type(v) and value == v for v in off):
+            default = dumps(off[0]) if off else "null"
+            raise bad(f"'{key}' is not supported by mlora (only vLLM's default, {default}, is accepted)", key)
+
+
+def _reject_unsupported(body: dict[str, Any], *, chat: bool = False) -> None:
     """Parameters we cannot honour are refused loudly rather than silently ignored."""
+    _reject_off_only(body, _OFF_ONLY)
+    _reject_off_only(body, _OFF_ONLY_CHAT if chat else _OFF_ONLY_COMPLETION)
     if body.get("suffix"):
         raise bad("'suffix' is not supported by mlora", "suffix")
     if body.get("tools"):
@@ -455,7 +486,7 @@ def parse_chat(body: Any) -> ChatRequest:
     """Validate a /v1/chat/completions body. Raises APIError(400) with the offending parameter."""
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object")
-    _reject_unsupported(body)
+    _reject_unsupported(body, chat=True)
     raw = body.get("messages")
     if not isinstance(raw, list) or not raw:
         raise bad("'messages' must be a non-empty list", "messages")
@@ -474,6 +505,20 @@ def parse_chat(body: Any) -> ChatRequest:
     kwargs = body.get("chat_template_kwargs") or {}
     if not isinstance(kwargs, dict):
         raise bad("'chat_template_kwargs' must be an object", "chat_template_kwargs")
+    kwargs = dict(kwargs)
+    if "messages" in kwargs:
+        raise bad("'chat_template_kwargs' may not set 'messages' (the request's own messages are rendered)",
+                  "chat_template_kwargs")
+    # as vLLM: chat_template_kwargs are merged over the request's own template flags
+    flags = {}
+    for key in ("add_generation_prompt", "continue_final_message"):
+        value = kwargs.pop(key, None)
+        flags[key] = body.get(key) if value is None else value
+    add_generation_prompt = _opt_bool(flags, "add_generation_prompt", True)
+    continue_final_message = _opt_bool(flags, "continue_final_message")
+    if continue_final_message and flags["add_generation_prompt"]:  # both given true; the default gives way
+        raise bad("cannot set both 'continue_final_message' and 'add_generation_prompt' to true (as vLLM)",
+                  "continue_final_message")
     template = kwargs.pop("chat_template", None)
     top = body.get("chat_template")
     if top is not None:
@@ -491,8 +536,8 @@ def parse_chat(body: Any) -> ChatRequest:
         n=_n(body),
         stream=stream,
         stream_options=opts,
-        add_generation_prompt=_opt_bool(body, "add_generation_prompt", True),
-        continue_final_message=_opt_bool(body, "continue_final_message"),
+        add_generation_prompt=add_generation_prompt,
+        continue_final_message=continue_final_message,
         chat_template_kwargs=kwargs,
         chat_template=template,
         priority=_priority(body),

@@ -264,3 +264,26 @@ def test_server_answers_while_an_adapter_loads(tokenizer: Any, peft_adapter: Pat
             assert (await r.json())["choices"][0]["text"] == "NOW"
 
     arun(go())
+
+
+def test_a_huge_integer_fair_share_weight_is_400_not_500(tokenizer: Any, peft_adapter: Path, tmp_path: Path,
+                                                          arun: Any) -> None:
+    """A 401-digit integer `weight` raised OverflowError in the weight check (HTTP 500)."""
+    _fake_adapter(peft_adapter, tmp_path / "shout")
+
+    async def go() -> None:
+        engine = FakeEngine(tokenizer)
+        async with running(engine, allow_runtime_lora=True, adapter_root=str(tmp_path)) as srv, \
+                aiohttp.ClientSession() as s:
+            load = f"{srv.url}/v1/load_lora_adapter"
+            for weight in (10**400, -(10**400)):
+                r = await s.post(load, json={"lora_name": "shout", "lora_path": "shout", "weight": weight})
+                msg = await _error(r, 400)
+                assert (await r.json())["error"]["param"] == "weight" and "more than 300 digits" in msg
+            assert "shout" not in engine.adapters
+            r = await s.post(load, json={"lora_name": "shout", "lora_path": "shout", "weight": 2})
+            assert r.status == 200, await r.text()
+            r = await s.post(f"{srv.url}/v1/completions", json={"model": "shout", "prompt": "hey"})
+            assert (await r.json())["choices"][0]["text"] == "HEY"
+
+    arun(go())

@@ -105,6 +105,44 @@ def test_trusted_client_template_renders_in_a_bounded_sandbox_off_the_event_loop
     arun(go())
 
 
+def test_chat_template_kwargs_never_collide_with_the_renderer(chat_tokenizer: Any, arun: Any) -> None:
+    """chat_template_kwargs are template variables: a key that names one of the renderer's own arguments was a
+    TypeError (500) with a trusted client template; now each key is a variable, the request's own template flags
+    may be set there as vLLM merges them, 'messages' is a 400, and both flags true is vLLM's 400."""
+    async def go() -> None:
+        engine = FakeEngine(chat_tokenizer, max_model_len=64)
+        async with running(engine, trust_request_chat_template=True) as srv, aiohttp.ClientSession() as s:
+            url = f"{srv.url}/v1/chat/completions"
+            own = "[{{ template }}|{{ tokenizer }}|{{ max_chars }}]{% for m in messages %}{{ m['content'] }}{% endfor %}"
+            flags = "{{ messages[-1]['content'] }}{% if add_generation_prompt %}<gen>{% endif %}"
+            for path in ("/v1/chat/completions", "/tokenize"):
+                r = await s.post(f"{srv.url}{path}", json={
+                    "messages": CHAT, "chat_template": own, "max_tokens": 2,
+                    "chat_template_kwargs": {"template": "t", "tokenizer": "k", "max_chars": 1}})
+                assert r.status == 200, (path, await r.text())
+            assert chat_tokenizer.decode(engine.prompts[-1]) == "[t|k|1]hi"
+            for kw, rendered in (({"add_generation_prompt": False}, "hi"), ({"add_generation_prompt": True}, "hi<gen>"),
+                                 ({"continue_final_message": True}, "hi")):
+                r = await s.post(url, json={"messages": CHAT, "chat_template": flags, "chat_template_kwargs": kw,
+                                            "max_tokens": 2})
+                assert r.status == 200, (kw, await r.text())
+                assert chat_tokenizer.decode(engine.prompts[-1]) == rendered, kw
+            cases = (({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+                     ({"chat_template_kwargs": {"add_generation_prompt": "yes"}}, "add_generation_prompt"),
+                     ({"continue_final_message": True, "add_generation_prompt": True}, "continue_final_message"),
+                     ({"chat_template_kwargs": {"continue_final_message": True, "add_generation_prompt": True}},
+                      "continue_final_message"))
+            for extra, param in cases:
+                for path in ("/v1/chat/completions", "/tokenize"):
+                    err = await _error(await s.post(f"{srv.url}{path}", json={"messages": CHAT, "chat_template": flags,
+                                                                            **extra}), 400)
+                    assert err["param"] == param, (extra, err)
+            r = await s.post(url, json={"messages": CHAT, "max_tokens": 2})  # still serving
+            assert r.status == 200, await r.text()
+
+    arun(go())
+
+
 # -- fan-out, queue, body and prompt size -----------------------------------------------------------
 
 

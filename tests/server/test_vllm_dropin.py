@@ -188,3 +188,64 @@ def test_vllm_metric_names_beside_mloras(tokenizer: Any, arun: Any) -> None:
 
     arun(go())
 
+
+
+NOT_IMPLEMENTED = [  # (endpoint, vLLM field, a value vLLM would honour): each was accepted and had no effect
+    ("completions", "guided_json", {"type": "object"}), ("completions", "guided_choice", ["yes", "no"]),
+    ("chat", "guided_regex", "[0-9]+"), ("chat", "guided_grammar", "root ::= 'x'"),
+    ("completions", "structured_outputs", {"choice": ["a"]}), ("completions", "use_beam_search", True),
+    ("completions", "length_penalty", 2.0), ("completions", "truncate_prompt_tokens", 2),
+    ("completions", "add_special_tokens", False), ("chat", "add_special_tokens", True),
+    ("completions", "skip_special_tokens", False), ("chat", "spaces_between_special_tokens", False),
+    ("completions", "return_tokens_as_token_ids", True), ("completions", "logits_processors", ["my.Proc"]),
+    ("chat", "cache_salt", "s3cret-salt"), ("completions", "kv_transfer_params", {"do_remote_decode": True}),
+    ("completions", "vllm_xargs", {"k": 1}), ("completions", "prompt_embeds", "AAAA"),
+    ("chat", "echo", True), ("chat", "documents", [{"title": "t", "text": "x"}]), ("chat", "tool_choice", "auto"),
+]
+
+
+@pytest.mark.parametrize("endpoint, key, value", NOT_IMPLEMENTED)
+def test_vllm_parameters_mlora_lacks_are_400_never_ignored(tokenizer: Any, arun: Any, endpoint: str, key: str,
+                                                           value: Any) -> None:
+    async def go() -> None:
+        engine = FakeEngine(tokenizer)
+        async with running(engine) as srv, aiohttp.ClientSession() as s:
+            url = f"{srv.url}/v1/{'chat/completions' if endpoint == 'chat' else 'completions'}"
+            base = {"messages": [{"role": "user", "content": "abc"}]} if endpoint == "chat" else {"prompt": "abc"}
+            for stream in (False, True):
+                r = await s.post(url, json={**base, "model": "upper", "max_tokens": 3, "stream": stream, key: value})
+                assert r.status == 400, await r.text()
+                err = (await r.json())["error"]
+                assert err["param"] == key and "not supported by mlora" in err["message"], err
+            assert engine.prompts == []  # refused before anything started
+            # vLLM's default (the value meaning "off") and null are accepted, and the server still serves
+            defaults = {"add_special_tokens": endpoint == "completions", "use_beam_search": False, "echo": False,
+                        "length_penalty": 1.0, "skip_special_tokens": True, "spaces_between_special_tokens": True,
+                        "return_tokens_as_token_ids": False, "logits_processors": [], "vllm_xargs": {},
+                        "tool_choice": "none"}
+            for off in [None, defaults[key]] if key in defaults else [None]:
+                r = await s.post(url, json={**base, "model": "upper", "max_tokens": 3, key: off})
+                assert r.status == 200, (off, await r.text())
+
+    arun(go())
+
+
+def test_the_body_request_id_names_the_response_as_in_vllm(tokenizer: Any, arun: Any) -> None:
+    """vLLM's `request_id` body field (used when no X-Request-Id header is sent) was silently ignored."""
+    async def go() -> None:
+        async with running(FakeEngine(tokenizer)) as srv, aiohttp.ClientSession() as s:
+            req = {"model": "upper", "prompt": "abc", "max_tokens": 3, "request_id": "job-7"}
+            assert (await (await s.post(f"{srv.url}/v1/completions", json=req)).json())["id"] == "cmpl-job-7"
+            r = await s.post(f"{srv.url}/v1/completions", json={**req, "stream": True})
+            assert {e["id"] for e in await _sse_events(r)} == {"cmpl-job-7"}
+            chat = {"model": "upper", "messages": [{"role": "user", "content": "x"}], "request_id": "job-8"}
+            assert (await (await s.post(f"{srv.url}/v1/chat/completions", json=chat)).json())["id"] == "chatcmpl-job-8"
+            r = await s.post(f"{srv.url}/v1/completions", json=req, headers={"X-Request-Id": "hdr"})
+            assert (await r.json())["id"] == "cmpl-hdr"  # the header wins, as in vLLM
+            for bad in (5, "", "x" * 300, "tab\there", ["job"]):
+                r = await s.post(f"{srv.url}/v1/completions", json={**req, "request_id": bad})
+                assert r.status == 400 and (await r.json())["error"]["param"] == "request_id", await r.text()
+            r = await s.post(f"{srv.url}/v1/completions", json={**req, "request_id": None})
+            assert r.status == 200 and (await r.json())["id"].startswith("cmpl-")
+
+    arun(go())
