@@ -190,7 +190,7 @@ def lora(args: argparse.Namespace) -> dict:
     for spec in args.layouts:
         slots = _layout(spec, 0)
         S, T = max(slots) + 1, len(slots)
-        a, b = torch.randn(S, R, K).to(dt), torch.randn(S, N, R).to(dt)
+        a, b = torch.randn(S, R, K).to(dt), torch.randn(S, R, N).to(dt).transpose(1, 2)  # B rank-major, as in slots
         x, out, sc = torch.randn(T, K).to(dt), torch.zeros(T, N, dtype=dt), torch.ones(S)
         saved = (tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR)
         tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR = 1, float("inf")  # build pad_rows for "bmm"
@@ -200,8 +200,8 @@ def lora(args: argparse.Namespace) -> dict:
             tuning.CPU_BMM_MIN_SEGMENTS, tuning.CPU_BMM_MAX_PAD_FACTOR = saved
         chosen = LoraBatchMeta.from_token_lora_slots(slots).path_for(dt)
         row = {}
-        for path in ("runs", "segments", "bmm", "dense"):
-            m = replace(meta, cpu_path=path, cpu_path_half=path, dense_fallback="segments")
+        for path in ("runs", "segments", "bmm", "dense", "native"):
+            m = replace(meta, cpu_path=path, cpu_path_half=path, dense_fallback="segments") if path != "native" else meta
             ts = m.token_lora_slots
 
             def step(m=m, ts=ts) -> None:  # type: ignore[no-untyped-def]
@@ -209,7 +209,11 @@ def lora(args: argparse.Namespace) -> dict:
                 lora_expand(h, b, ts, out, meta=m, check=False)
 
             if path != "dense" or dt != torch.float32:
-                row[path] = _best_ms(step, args.rounds) * 1e3
+                os.environ[tuning.CPU_NATIVE_ENV] = "1" if path == "native" else "0"  # kernels.native: forced / off
+                try:
+                    row[path] = _best_ms(step, args.rounds) * 1e3
+                finally:
+                    os.environ.pop(tuning.CPU_NATIVE_ENV)
         result["us"][spec] = {"paths": row, "chosen": chosen}
         print(f"  {spec:10s} T={T:4d} " + "  ".join(f"{k} {v:7.0f}" for k, v in row.items()) + f"   (picks {chosen})")
     return result

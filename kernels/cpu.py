@@ -51,7 +51,7 @@ from weakref import WeakKeyDictionary
 import torch
 
 from kernels.meta import LoraBatchMeta
-from kernels import tuning
+from kernels import native, tuning
 
 
 @dataclass(frozen=True, eq=False)
@@ -148,6 +148,8 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
     `slot_ranks[s]`: rows of slot s that may be non-zero (the rest are zero and skipped)."""
     T, R = x.shape[0], lora_a.shape[1]
     path = meta.path_for(x.dtype)
+    if path != "split" and native.wants(meta, x.dtype) and native.can_shrink(x, lora_a, scales):
+        return native.shrink(x, lora_a, scales, meta, slot_ranks)
     if path == "dense" and _dense_span(meta) * R > tuning.DENSE_MAX_COLS:
         path = meta.dense_fallback
     r = R if path == "dense" else step_rank(meta, slot_ranks, R)  # columns of h this step can fill
@@ -233,6 +235,8 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
     N, R = lora_b.shape[1], lora_b.shape[2]
     view = out[:, out_offset:out_offset + N]  # [T, N], strided when out has other slices
     path = meta.path_for(h.dtype)
+    if path != "split" and native.wants(meta, h.dtype) and native.can_expand(h, lora_b, out):
+        return native.expand(h, lora_b, out, meta, out_offset, slot_ranks)
     if path == "dense" and (lora_b.stride(1) != 1 or _dense_span(meta) * R > tuning.DENSE_MAX_COLS):
         path = meta.dense_fallback  # the dense layout needs rank-major B ([span * R, N] a view) and few columns
     r = R if path == "dense" else step_rank(meta, slot_ranks, R)

@@ -213,3 +213,23 @@ DECODE_CHUNK_MIN_ROWS = 4
 # indices does not), then the first block holding the row's max, then the first max inside it. Batch 32 x
 # 32000 fp32, 1 thread, AMX Xeon: 1.35 ms -> 0.29 ms (block 64: 0.37, 256: 0.32); 128 x 32000 5.4 -> 1.4 ms.
 ARGMAX_BLOCK = 128
+
+
+# ----------------------------------------------------------------------------- native LoRA loops (kernels.native)
+CPU_NATIVE_ENV = "MLORA_CPU_NATIVE"  # "auto" (default) | "1" (every op the loops can run) | "0" (off)
+# When the native loops beat torch's matmuls. Per op, hot weights (`python -m benchmarks.cpu_choices lora
+# --dtype D --layouts ...`, AMX Xeon, 768 -> 2048, rank 16, shrink + expand us, torch's best path vs
+# native): bf16 one adapter 1 row 47 vs 35, 32 rows 93 vs 85; 16 adapters x 2 rows 279 vs 112, 32 x 1 480
+# vs 183, 16 x 8 343 vs 269, 4 x 40 270 vs 295 (a tie from ~32 rows a segment: prefill stays on torch). In a
+# decode step (cold weights, `benchmarks.lora_floor`, two interleaved runs each) bf16 mixed-16 LoRA ms 33.4 /
+# 35.6 -> 21.9 / 18.5, but fp32 mixed-16 27.0 / 29.3 -> 31.9 / 32.4 and mixed-32 44.0 / 39.6 -> 51.9 / 50.0:
+# MKL's fp32 GEMMs have a small fixed cost and stream cold weights better, so fp32 stays on torch.
+CPU_NATIVE_MAX_MEAN_ROWS_HALF = 16
+# auto uses the loops only where they were built with vectors of at least this many floats (AVX2 and up):
+# an x86-64 baseline (SSE) build ran 16 x 2 rows 2.2x slower than the AVX2 one, which is itself 2x the AVX-512 one.
+CPU_NATIVE_MIN_LANES = 8
+
+
+def cpu_native_wants(rows: int, segments: int, dtype: torch.dtype) -> bool:
+    """Run a step's LoRA ops (`rows` LoRA rows over `segments` adapters) in the native loops (auto mode)?"""
+    return dtype == torch.bfloat16 and rows <= CPU_NATIVE_MAX_MEAN_ROWS_HALF * segments

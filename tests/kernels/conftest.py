@@ -48,3 +48,15 @@ def force_bmm(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tuning, "CPU_BMM_MAX_MEAN_ROWS_HALF", 1 << 30)
     monkeypatch.setattr(tuning, "CPU_DENSE_MAX_MEAN_ROWS_HALF", 0)
     monkeypatch.setattr(tuning, "CPU_BMM_MAX_PAD_FACTOR", float("inf"))
+
+
+@pytest.fixture(params=["torch", "native"])
+def cpu_impl(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Runs a CPU-path test twice: on torch's matmul paths (MLORA_CPU_NATIVE=0) and on the native loops of
+    kernels.native for every op they can run (=1: fp32 and bf16, any segment length)."""
+    from kernels import native
+
+    if request.param == "native" and native._compiler() is None:
+        pytest.skip("no C++ compiler here: the native loops cannot be built (the torch paths serve)")
+    monkeypatch.setenv(tuning.CPU_NATIVE_ENV, "0" if request.param == "torch" else "1")
+    return request.param

@@ -10,6 +10,8 @@ import torch
 from kernels import LoraBatchMeta, lora_expand, lora_shrink
 from tests.kernels.cases import Case, assert_close, expand_inputs, naive_expand, naive_shrink, shrink_inputs
 
+pytestmark = pytest.mark.usefixtures("cpu_impl")  # each test on torch's paths and on kernels.native
+
 GRID = [Case(dt, 16, size, T, pop, neg, padded=False, variant=variant)
         for dt, size, T, pop, neg, variant in itertools.product(
             ("fp32", "bf16"), (257,), (1, 3, 7, 133), ("distinct", "uniform", "zipf"), (False, True), (False, True))]

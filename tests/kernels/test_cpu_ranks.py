@@ -13,6 +13,8 @@ from kernels.cpu import step_rank
 from kernels.meta import KernelError
 from tests.kernels.cases import assert_close, naive_expand, naive_shrink
 
+pytestmark = pytest.mark.usefixtures("cpu_impl")  # each test on torch's paths and on kernels.native
+
 DT = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 

@@ -10,6 +10,8 @@ from tests.kernels.cases import (Case, assert_close, expand_inputs, naive_expand
                                  shrink_inputs)
 from tests.kernels.conftest import torch_params
 
+pytestmark = pytest.mark.usefixtures("cpu_impl")  # each test on torch's paths and on kernels.native
+
 PATHS = ("torch", "cpu")
 
 
