@@ -51,7 +51,7 @@ class InputProcessor:
         prompt starts nothing."""
         self._check_ids("prompt", ids)
         if not ids:
-            raise ConfigError("the prompt is empty")
+            raise ConfigError("the prompt is empty", param="prompt")
         if len(ids) >= self.max_model_len:
             raise PromptTooLongError(
                 f"the prompt has {len(ids)} tokens; this model's context is {self.max_model_len} tokens "
@@ -89,13 +89,16 @@ def resolve_components(adapter: str | None, adapters: Any, compositions: Mapping
     from engine.lora.compose import normalize
 
     if adapters is not None:
-        comp = normalize(adapters, max_components=max_components)
+        try:
+            comp = normalize(adapters, max_components=max_components)
+        except ConfigError as exc:
+            raise ConfigError(exc.message, param="adapters", hint=exc.hint) from None
         if adapter is not None and adapter in compositions:
-            raise ConfigError(f"{adapter!r} is a composition; give either it or adapters, not both")
+            raise ConfigError(f"{adapter!r} is a composition; give either it or adapters, not both", param="adapters")
         if adapter is not None and (not comp or adapter != comp[0][0]):
             raise ConfigError(f"model {adapter!r} must be the base model or the first entry of adapters "
                               f"({comp[0][0]!r})" if comp else f"model {adapter!r} names an adapter but every "
-                              "entry of adapters has weight 0")  # fmt: skip
+                              "entry of adapters has weight 0", param="model")  # fmt: skip
     elif adapter is not None and adapter in compositions:
         comp = compositions[adapter]
     else:

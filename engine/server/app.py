@@ -28,7 +28,7 @@ from aiohttp import web
 
 from engine.config import positive_number
 from engine.errors import (AdapterError, AdapterNotFoundError, ConfigError, EngineStoppedError, MloraError,
-                           PromptTooLongError, QueueFullError, TokenIdError)
+                           PromptTooLongError, QueueFullError)
 from engine.server import protocol
 from engine.server.config import ServerConfig
 from engine.server.generation import Choices, open_choices
@@ -92,9 +92,9 @@ def api_error_for(exc: BaseException, retry_after: int = 1) -> protocol.APIError
         return protocol.APIError(429, exc.message, headers=retry)
     if isinstance(exc, EngineStoppedError):
         return protocol.APIError(503, exc.message, headers=retry)
-    if isinstance(exc, (TokenIdError, PromptTooLongError)):
+    if isinstance(exc, (ConfigError, PromptTooLongError)):  # param: the request field at fault, where known
         return protocol.APIError(400, exc.message, param=exc.param)
-    if isinstance(exc, (PromptTooLongError, AdapterError, ConfigError, MloraError)):
+    if isinstance(exc, (AdapterError, MloraError)):
         return protocol.APIError(400, exc.message)
     return protocol.APIError(500, "internal server error (see the server log)")
 
