@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 from engine.errors import ConfigError
 
 
+# The sampler applies repetition_penalty to fp32 logits: vLLM's rule (> 0, finite) must hold in fp32 too,
+# or a 1e-300 becomes 0 there (x / 0) and a 1e300 becomes inf (0 * inf = NaN).
+FP32_MAX = 3.4028234663852886e38
+FP32_MIN_PENALTY = 2.0**-149  # the smallest positive float32; anything at or below 2**-150 rounds to 0
+
+
 def _finite(v: int | float) -> bool:
     """False for NaN, infinities and integers too large for a float (math.isfinite raises OverflowError on those)."""
     try:
@@ -26,7 +32,7 @@ class SamplingParams:
     `logprobs=k` returns, per generated token, the chosen token's logprob and the top-k.
 
     As vLLM: `min_p` drops tokens less likely than min_p x the top token's probability (after
-    temperature); `repetition_penalty` (> 0, 1 = off) divides the positive logits and multiplies
+    temperature); `repetition_penalty` (> 0 and a finite float32, 1 = off) divides the positive logits and multiplies
     the negative ones of every token seen in the prompt or the output; `presence_penalty` and
     `frequency_penalty` (in [-2, 2]) subtract, per token seen in the output, a constant and the
     count times the penalty; `min_tokens` masks EOS and `stop_token_ids` until that many tokens
@@ -107,6 +113,10 @@ class SamplingParams:
                 raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}", param=name)
         if self.repetition_penalty <= 0.0:
             raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", param="repetition_penalty")
+        if not FP32_MIN_PENALTY <= self.repetition_penalty <= FP32_MAX:  # vLLM: > 0 and finite, in the sampler's fp32
+            raise ConfigError(f"repetition_penalty must be between {FP32_MIN_PENALTY:.3g} and {FP32_MAX:.3g} "
+                              f"(a positive finite float32: the sampler divides logits by it), got "
+                              f"{self.repetition_penalty:.3g}", param="repetition_penalty")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
             raise ConfigError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}",
                               param="min_tokens")
