@@ -249,5 +249,5 @@ def check_priority(config: "EngineConfig", priority: int) -> None:
     scheduling is not enabled")."""
     if priority and config.scheduling_policy != "priority":
         raise ConfigError(f"got priority {priority}, but the scheduling policy is {config.scheduling_policy!r}; "
-                          "priorities need --scheduling-policy priority")
+                          "priorities need --scheduling-policy priority", param="priority")
 

@@ -11,7 +11,9 @@ LLM (offline) and AsyncLLM (server) both drive this class; it is not thread-safe
 (AsyncLLM applies adds/aborts between steps).
 
 Failures stay with the request that met them: a request whose logits turn non-finite ends alone
-(finish_reason "abort", `error` says why) and its KV blocks are zeroed before reuse; an exception
+(finish_reason "abort", `error` says why) and its KV blocks are zeroed before reuse; one whose own
+sampling constraints leave no token ends the same way, with `error_param` naming the field (the
+client's mistake: HTTP 400, where non-finite logits are the engine's, 500); an exception
 inside one step's forward ends that step's requests the same way and the engine keeps serving.
 Only `MAX_CONSECUTIVE_STEP_FAILURES` failed steps in a row (a broken device, not a bad request)
 raise `EngineDeadError` out of `step()`: the caller must stop using this engine.
@@ -94,7 +96,8 @@ class EngineCore:
         )
         self.eos_token_ids = self._eos_ids()
         self.vocab_size = self.runner.args.vocab_size
-        self.processor = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len, self.model_name, config)
+        self.processor = InputProcessor(self.tokenizer, self.vocab_size, self.max_model_len, self.model_name, config,
+                                        self.eos_token_ids)
         self._requests: dict[str, _Request] = {}
         self._failed_steps = 0  # consecutive steps whose forward raised
         if self.lora is not None:
@@ -161,7 +164,7 @@ class EngineCore:
                        tenant=self.processor.tenant_of(adapter, tenant), priority=priority,
                        eos_token_ids=self.eos_token_ids, max_model_len=self.max_model_len,
                        components=components)  # fmt: skip
-        seq.bad_words_token_ids = self._bad_words_token_ids(params.bad_words)
+        seq.bad_words_token_ids = self.processor.bad_words_token_ids(params.bad_words)
         self._requests[request_id] = _Request(seq, IncrementalDetokenizer(self.tokenizer, ids, params))
         self.scheduler.add(seq)
 
@@ -208,18 +211,6 @@ class EngineCore:
             return comp[0][0], ()
         self.lora.composition_check(comp)
         return comp[0][0], comp
-
-    def _bad_words_token_ids(self, words: list[str]) -> list[list[int]]:
-        """vLLM's tokenization of bad_words: each word as is, and with a leading space when that gives
-        a different first token and as many tokens (a word in the middle of a text)."""
-        out: list[list[int]] = []
-        for word in words:
-            plain = list(self.tokenizer.encode(word.lstrip(), add_special_tokens=False))
-            spaced = list(self.tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
-            out.append(plain)
-            if spaced[0] != plain[0] and len(spaced) == len(plain):
-                out.append(spaced)
-        return out
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Abort a request (waiting or running); its blocks are freed now. None if unknown/finished
@@ -270,7 +261,8 @@ class EngineCore:
     def _postprocess(self, out: SchedulerOutput, result: StepResult | None,
                      failed: list[tuple[Sequence, str]]) -> list[RequestOutput]:  # fmt: skip
         """The one place a request ends, for every reason: its adapter failed to load, the step failed,
-        its logits were non-finite, a stop token or its length (`Scheduler.postprocess`), a stop string."""
+        its logits were non-finite, its own sampling constraints left no token, a stop token or its length
+        (`Scheduler.postprocess`), a stop string."""
         outputs = []
         for seq, message in failed:  # adapters that could not be loaded any more (files changed on disk)
             log.warning("request %s: %s", seq.request_id, message)
@@ -284,8 +276,9 @@ class EngineCore:
         self._failed_steps = 0
         tokens, logprobs = result
         for item, tok, lp in zip(out.scheduled, tokens, logprobs):
-            if item.sample and tok is None:  # the runner found this row's logits non-finite
-                outputs.append(self._fail_nonfinite(item.seq))
+            if item.sample and tok is None:  # no token: the request's own constraints, or non-finite logits
+                seq = item.seq
+                outputs.append(self._fail_constraints(seq) if seq.constraints_exhausted else self._fail_nonfinite(seq))
             elif lp is not None and item.seq.logprobs is not None:
                 item.seq.logprobs.append(lp)
         now = time.monotonic()
@@ -307,15 +300,29 @@ class EngineCore:
         seq.finish_reason, seq.stop_reason, seq.error = "abort", error, error
         return self._finish(self._requests[seq.request_id])
 
+    def _fail_constraints(self, seq: Sequence) -> RequestOutput:
+        """The sampler found finite logits but nothing this request's own constraints let it sample: the
+        client's mistake, told as such (`error_param`: HTTP 400), not as a fault of the model (500)."""
+        p = seq.params
+        # what masks tokens or pushes them to +inf, first; else whatever made the row penalised (never empty)
+        names = [name for name, on in (
+            ("allowed_token_ids", p.allowed_token_ids), ("bad_words", p.bad_words),
+            ("min_tokens", seq.num_output_tokens < p.min_tokens), ("repetition_penalty", p.repetition_penalty != 1.0),
+            ("temperature", p.repetition_penalty != 1.0 and not p.greedy)) if on] or [name for name, on in (
+            ("logit_bias", p.logit_bias), ("presence_penalty", p.presence_penalty),
+            ("frequency_penalty", p.frequency_penalty), ("min_tokens", p.min_tokens)) if on] or ["logit_bias"]  # fmt: skip
+        listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
+        error = (f"no token can be sampled at output token {seq.num_output_tokens + 1}: this request's {listed} "
+                 "leave no token with a finite logit (every token masked, or one pushed to +inf); the request "
+                 "was stopped")
+        log.info("request %s: %s", seq.request_id, error)
+        seq.error_param = names[0]
+        return self._fail(seq, error)
+
     def _fail_nonfinite(self, seq: Sequence) -> RequestOutput:
         where = f"adapter {seq.adapter!r}" if seq.adapter is not None else "the base model"
         error = (f"the model's logits became non-finite (NaN/Inf) at output token {seq.num_output_tokens + 1} "
                  f"with {where}; the request was stopped")
-        p = seq.params
-        if p.allowed_token_ids or p.bad_words or p.logit_bias or p.min_tokens or p.repetition_penalty != 1.0:
-            error = (f"no token could be sampled at output token {seq.num_output_tokens + 1} with {where}: the "
-                     "request's sampling constraints (allowed_token_ids, bad_words, logit_bias, min_tokens, "
-                     "penalties) left no finite choice, or the logits became non-finite; the request was stopped")
         log.error("request %s: %s", seq.request_id, error)
         # zero its K/V (NaN) before the blocks are handed out again, and never serve them from the prefix cache
         self.runner.scrub(self.block_manager.uncache(seq))
@@ -346,6 +353,7 @@ class EngineCore:
             request_id=seq.request_id, prompt=seq.prompt, prompt_token_ids=seq.prompt_token_ids, adapter=seq.adapter,
             text=text, token_ids=list(ids), delta_text=text[req.sent_chars :], delta_token_ids=ids[req.sent_tokens :],
             finished=seq.is_finished, finish_reason=seq.finish_reason, stop_reason=seq.stop_reason, error=seq.error,
+            error_param=seq.error_param,
             logprobs=list(seq.logprobs) if seq.logprobs is not None else None, metrics=seq.metrics,
             prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
         )  # fmt: skip

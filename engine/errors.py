@@ -28,18 +28,24 @@ class AdapterError(MloraError):
 
 
 class ConfigError(MloraError):
-    """A bad configuration value (model config, engine config, CLI flags)."""
+    """A bad configuration value (model config, engine config, CLI flags, a request's parameters: HTTP 400).
+
+    `param`, where the raising site knows it, names the request field at fault ("prompt", "min_tokens",
+    "logit_bias", ...); the server reports it as the OpenAI error's `param`."""
+
+    def __init__(self, message: str, *, param: str | None = None, hint: str | None = None,
+                 exit_code: int | None = None) -> None:
+        super().__init__(message, hint=hint, exit_code=exit_code)
+        self.param = param
 
 
 class TokenIdError(ConfigError):
     """A token id outside the model's vocabulary, in the prompt or a sampling parameter (HTTP 400).
 
-    `param` names the request field that holds it ("prompt", "logit_bias", "allowed_token_ids"),
-    which the server reports as the OpenAI error's `param`."""
+    `param` names the request field that holds it ("prompt", "logit_bias", "allowed_token_ids")."""
 
     def __init__(self, message: str, *, param: str, hint: str | None = None) -> None:
-        super().__init__(message, hint=hint)
-        self.param = param
+        super().__init__(message, param=param, hint=hint)
 
 
 class UsageError(ConfigError):

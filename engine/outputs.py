@@ -62,7 +62,9 @@ class RequestOutput:
     `finish_reason` is None while running, then "stop" (EOS, stop token or stop string),
     "length" (max_tokens or context limit) or "abort". `error` is set (and finish_reason is
     "abort") when the engine ended the request because of a failure of its own (non-finite
-    logits, a failed step): the message says why; other requests are not affected.
+    logits, a failed step): the message says why; other requests are not affected. `error_param`
+    is set with it when the request's own parameters were the cause (its sampling constraints left
+    no token to sample): the client's mistake (HTTP 400 naming that field), not the engine's (500).
     vLLM's shape is there too: `outputs[0].text/token_ids/finish_reason`, and `lora_request`
     (the LoRARequest the request was made with, from `LLM.generate(..., lora_request=)`), and
     `prompt_logprobs` (with SamplingParams.prompt_logprobs: {token id: Logprob} per prompt token,
@@ -81,6 +83,7 @@ class RequestOutput:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None
+    error_param: str | None = None  # set with `error` when the request's own parameters caused it
     logprobs: list[TokenLogprob] | None = None
     metrics: RequestMetrics | None = None
     lora_request: Any = None

@@ -8,6 +8,10 @@ so a seeded request gives the same tokens alone or in any batch.
 Logprobs (when asked) are those of the model's raw distribution (log_softmax of the logits).
 A row whose logits are not all finite (NaN/Inf, e.g. activations blown up by an adapter) gets no
 token (None): it is checked before any sampling math, so one bad row never fails the batch.
+A row whose logits are finite but whose own constraints leave no token to sample (allowed_token_ids,
+bad_words and min_tokens mask them all, or a tiny repetition_penalty over temperature overflows to
++inf) gets no token either, and its sequence is marked `constraints_exhausted`: the request's own
+fault (a client error), not the model's.
 """
 
 from __future__ import annotations
@@ -32,9 +36,11 @@ def sample(
     generators: list[torch.Generator | None],
     seqs: list[Sequence] | None = None,
 ) -> tuple[list[int | None], list[TokenLogprob | None]]:
-    """Token ids [N] (None for a row with non-finite logits) and, for rows with params.logprobs set, a TokenLogprob.
+    """Token ids [N] (None for a row that gets no token) and, for rows with params.logprobs set, a TokenLogprob.
 
-    `seqs[i]` (the tokens seen so far) is read only for rows with penalties; it is required for those.
+    `seqs[i]` (the tokens seen so far) is read only for rows with penalties; it is required for those. The
+    one thing written: `seqs[i].constraints_exhausted = True` for a row whose logits were finite but whose
+    own constraints left nothing to sample (the caller tells the request it was its own fault).
     """
     n = logits.shape[0]
     bad: set[int] = set()
@@ -54,7 +60,9 @@ def sample(
         # min_tokens and allowed_token_ids can mask them all); otherwise it gets no token, like a non-finite row
         dead = torch.isnan(pen).any(dim=-1) | ~torch.isfinite(pen).any(dim=-1)
         if bool(dead.any()):
-            bad |= {pen_rows[k] for k in torch.nonzero(dead).flatten().tolist()}
+            dead_rows = [pen_rows[k] for k in torch.nonzero(dead).flatten().tolist()]
+            _exhausted(seqs, dead_rows)
+            bad.update(dead_rows)
             pen = torch.where(dead[:, None], 0.0, pen)
         tokens = tokens.index_copy(0, rows, greedy_tokens(pen))
     sampled_rows = [i for i, p in enumerate(params) if not p.greedy]
@@ -75,6 +83,7 @@ def sample(
             broken = torch.isposinf(x).any(dim=-1) | ~torch.isfinite(x).any(dim=-1)
             if bool(broken.any()):
                 gone = [dst[k] for k in torch.nonzero(broken).flatten().tolist()]
+                _exhausted(seqs, [sampled_rows[j] for j in gone])
                 bad |= {sampled_rows[j] for j in gone}
                 sub[gone] = 0.0
         sub = _min_p(sub, [params[i].min_p for i in sampled_rows])
@@ -101,6 +110,13 @@ def sample(
                 top = dict(zip(top_i[j, :kk].tolist(), top_v[j, :kk].tolist()))
             logprobs[i] = TokenLogprob(token_id=tok, logprob=float(lp[j, tok]), top=top)
     return token_list, logprobs
+
+
+def _exhausted(seqs: list[Sequence] | None, rows: list[int]) -> None:
+    """Mark the sequences of `rows` (penalised rows with finite logits) as left without a token by their
+    own constraints."""
+    for i in rows:
+        seqs[i].constraints_exhausted = True  # type: ignore[index]
 
 
 def greedy_tokens(logits: torch.Tensor) -> torch.Tensor:

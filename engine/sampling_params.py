@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 from engine.errors import ConfigError
 
 
+# The sampler applies repetition_penalty to fp32 logits: vLLM's rule (> 0, finite) must hold in fp32 too,
+# or a 1e-300 becomes 0 there (x / 0) and a 1e300 becomes inf (0 * inf = NaN).
+FP32_MAX = 3.4028234663852886e38
+FP32_MIN_PENALTY = 2.0**-149  # the smallest positive float32; anything at or below 2**-150 rounds to 0
+
+
 def _finite(v: int | float) -> bool:
     """False for NaN, infinities and integers too large for a float (math.isfinite raises OverflowError on those)."""
     try:
@@ -26,7 +32,7 @@ class SamplingParams:
     `logprobs=k` returns, per generated token, the chosen token's logprob and the top-k.
 
     As vLLM: `min_p` drops tokens less likely than min_p x the top token's probability (after
-    temperature); `repetition_penalty` (> 0, 1 = off) divides the positive logits and multiplies
+    temperature); `repetition_penalty` (> 0 and a finite float32, 1 = off) divides the positive logits and multiplies
     the negative ones of every token seen in the prompt or the output; `presence_penalty` and
     `frequency_penalty` (in [-2, 2]) subtract, per token seen in the output, a constant and the
     count times the penalty; `min_tokens` masks EOS and `stop_token_ids` until that many tokens
@@ -64,59 +70,65 @@ class SamplingParams:
         self.stop = list(self.stop or [])
         self.stop_token_ids = [int(t) for t in (self.stop_token_ids or [])]
         if isinstance(self.bad_words, str) or not all(isinstance(w, str) for w in self.bad_words or []):
-            raise ConfigError(f"bad_words must be a list of strings, got {self.bad_words!r}")
+            raise ConfigError(f"bad_words must be a list of strings, got {self.bad_words!r}", param="bad_words")
         self.bad_words = [w for w in self.bad_words or [] if w.strip()]
         if self.allowed_token_ids is not None:
             if isinstance(self.allowed_token_ids, (str, bytes)) or not all(
                     isinstance(t, int) and not isinstance(t, bool) for t in self.allowed_token_ids):
-                raise ConfigError(f"allowed_token_ids must be a list of token ids, got {self.allowed_token_ids!r}")
+                raise ConfigError(f"allowed_token_ids must be a list of token ids, got {self.allowed_token_ids!r}",
+                                  param="allowed_token_ids")
             if not self.allowed_token_ids:
-                raise ConfigError("allowed_token_ids must not be empty")
+                raise ConfigError("allowed_token_ids must not be empty", param="allowed_token_ids")
             self.allowed_token_ids = list(self.allowed_token_ids)
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+            raise ConfigError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", param="max_tokens")
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty", "repetition_penalty"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"{name} must be a number, got {v!r}")
+                raise ConfigError(f"{name} must be a number, got {v!r}", param=name)
             if not _finite(v):
-                raise ConfigError(f"{name} must be a finite number")
+                raise ConfigError(f"{name} must be a finite number", param=name)
         for name in ("top_k", "max_tokens", "min_tokens"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise ConfigError(f"{name} must be an integer, got {v!r}")
+                raise ConfigError(f"{name} must be an integer, got {v!r}", param=name)
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-                raise ConfigError(f"{name} must be an integer, got {v!r}")
+                raise ConfigError(f"{name} must be an integer, got {v!r}", param=name)
         if self.temperature < 0:
-            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}", param="temperature")
         if not 0.0 < self.top_p <= 1.0:
-            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if self.top_k == 0 or self.top_k < -1:
-            raise ConfigError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}")
+            raise ConfigError(f"top_k must be -1 (disabled) or >= 1, got {self.top_k}", param="top_k")
         for name in ("logprobs", "prompt_logprobs"):
             v = getattr(self, name)
             if v is not None and not 0 <= v <= 20:
-                raise ConfigError(f"{name} must be between 0 and 20, got {v}")
+                raise ConfigError(f"{name} must be between 0 and 20, got {v}", param=name)
         if not 0.0 <= self.min_p <= 1.0:
-            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}")
+            raise ConfigError(f"min_p must be in [0, 1], got {self.min_p}", param="min_p")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
-                raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+                raise ConfigError(f"{name} must be in [-2, 2], got {getattr(self, name)}", param=name)
         if self.repetition_penalty <= 0.0:
-            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+            raise ConfigError(f"repetition_penalty must be > 0, got {self.repetition_penalty}", param="repetition_penalty")
+        if not FP32_MIN_PENALTY <= self.repetition_penalty <= FP32_MAX:  # vLLM: > 0 and finite, in the sampler's fp32
+            raise ConfigError(f"repetition_penalty must be between {FP32_MIN_PENALTY:.3g} and {FP32_MAX:.3g} "
+                              f"(a positive finite float32: the sampler divides logits by it), got "
+                              f"{self.repetition_penalty:.3g}", param="repetition_penalty")
         if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
-            raise ConfigError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}")
+            raise ConfigError(f"min_tokens must be between 0 and max_tokens ({self.max_tokens}), got {self.min_tokens}",
+                              param="min_tokens")
         if self.logit_bias:
             bias: dict[int, float] = {}
             for k, v in dict(self.logit_bias).items():
                 try:
                     tok = int(k)  # JSON object keys arrive as strings
                 except (TypeError, ValueError):
-                    raise ConfigError(f"logit_bias keys must be token ids, got {k!r}") from None
+                    raise ConfigError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
-                    raise ConfigError(f"logit_bias values must be finite numbers (token {tok})")
+                    raise ConfigError(f"logit_bias values must be finite numbers (token {tok})", param="logit_bias")
                 bias[tok] = min(100.0, max(-100.0, float(v)))  # as vLLM: clamped to OpenAI's [-100, 100]
             self.logit_bias = bias
         self.logit_bias = self.logit_bias or None

@@ -58,6 +58,10 @@ class Sequence:
     finish_reason: str | None = None
     stop_reason: str | int | None = None
     error: str | None = None  # why the engine ended it (non-finite logits, a failed step); None otherwise
+    # set with `error` when the request's own parameters caused it: the field to name (a client error, HTTP 400)
+    error_param: str | None = None
+    # the sampler found this request's own constraints left no token (sampler.sample sets it; the core ends it)
+    constraints_exhausted: bool = False
     logprobs: list[TokenLogprob] | None = None
     # vLLM's prompt_logprobs: one entry per prompt token (the first None), filled by the runner as
     # prefill chunks run; {token id: Logprob} holds the prompt token and the top-k

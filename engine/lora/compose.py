@@ -2,7 +2,8 @@
 
 One owner for "what does this request compose": `normalize` turns every accepted spelling (a name,
 [(name, weight), ...], [{"name": ..., "weight": ...}, ...], "a:0.7,b:0.5") into a tuple of
-(name, weight) pairs with weights finite, zero weights dropped, names unique and at most K pairs.
+(name, weight) pairs with weights finite and at most `MAX_WEIGHT` in magnitude, zero weights dropped,
+names unique and at most K pairs.
 Aliases (`--lora-compose NAME=a:0.7,b:0.5`) resolve to such a tuple before the engine sees them.
 """
 
@@ -15,6 +16,12 @@ from typing import Any
 from engine.errors import ConfigError
 
 DEFAULT_MAX_COMPONENTS = 4  # K: (lora_slot, weight) pairs one request may carry
+# |w_i| at most this. A weight multiplies its adapter's delta: the adapter's own numbers are held to a LoRA
+# gain of at most 1e6 (engine.adapters.limits.MAX_LORA_GAIN; trained adapters: about 10-1e3), so a
+# weight of 1e3 keeps a trained adapter's weighted delta within that limit, and the weight is a finite
+# number in every serving dtype (fp16 ends at 65504). A weight like 1e300 is inf in fp32 and a weight
+# like 1e30 overflows the activations it scales: either would end the request with non-finite logits.
+MAX_WEIGHT = 1000.0
 
 Composition = tuple[tuple[str, float], ...]
 
@@ -68,8 +75,7 @@ def normalize(value: Any, *, max_components: int | None = DEFAULT_MAX_COMPONENTS
             raise ConfigError(f"an adapters entry must be a name, (name, weight) or {{name, weight}}, got {item!r}")
         if not isinstance(name, str) or not name:
             raise ConfigError(f"an adapters entry needs a non-empty adapter name, got {name!r}")
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not math.isfinite(weight):
-            raise ConfigError(f"the weight of adapter {name!r} must be a finite number, got {weight!r}")
+        weight = _weight(name, weight)
         if any(n == name for n, _ in out):
             raise ConfigError(f"adapter {name!r} appears twice in one composition", hint="give it one weight")
         if weight != 0:  # a weight of 0 drops the component
@@ -78,6 +84,23 @@ def normalize(value: Any, *, max_components: int | None = DEFAULT_MAX_COMPONENTS
         raise ConfigError(f"a request may compose at most {max_components} adapters, got {len(out)}",
                           hint="the engine option max_adapters_per_request sets this limit")
     return tuple(out)
+
+
+def _weight(name: str, weight: Any) -> float:
+    """`weight` as a float in [-MAX_WEIGHT, MAX_WEIGHT], or a ConfigError naming the adapter."""
+    ok = isinstance(weight, (int, float)) and not isinstance(weight, bool)
+    try:
+        ok = ok and math.isfinite(weight)
+    except OverflowError:  # an integer too large for a float (a client's 401 digits): not finite
+        raise ConfigError(f"the weight of adapter {name!r} must be a finite number, got a number with more "
+                          "than 300 digits") from None
+    if not ok:
+        raise ConfigError(f"the weight of adapter {name!r} must be a finite number, got {weight!r}")
+    if not abs(weight) <= MAX_WEIGHT:
+        raise ConfigError(f"the weight of adapter {name!r} must be between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g}, "
+                          f"got {weight:.6g}", hint="a weight scales the adapter's delta; trained adapters are "
+                          "composed with weights of about 0.1-2")
+    return float(weight)
 
 
 def is_plain(comp: Composition) -> bool:

@@ -28,7 +28,7 @@ from aiohttp import web
 
 from engine.config import positive_number
 from engine.errors import (AdapterError, AdapterNotFoundError, ConfigError, EngineStoppedError, MloraError,
-                           PromptTooLongError, QueueFullError, TokenIdError)
+                           PromptTooLongError, QueueFullError)
 from engine.server import protocol
 from engine.server.config import ServerConfig
 from engine.server.generation import Choices, open_choices
@@ -92,9 +92,9 @@ def api_error_for(exc: BaseException, retry_after: int = 1) -> protocol.APIError
         return protocol.APIError(429, exc.message, headers=retry)
     if isinstance(exc, EngineStoppedError):
         return protocol.APIError(503, exc.message, headers=retry)
-    if isinstance(exc, (TokenIdError, PromptTooLongError)):
+    if isinstance(exc, (ConfigError, PromptTooLongError)):  # param: the request field at fault, where known
         return protocol.APIError(400, exc.message, param=exc.param)
-    if isinstance(exc, (PromptTooLongError, AdapterError, ConfigError, MloraError)):
+    if isinstance(exc, (AdapterError, MloraError)):
         return protocol.APIError(400, exc.message)
     return protocol.APIError(500, "internal server error (see the server log)")
 
@@ -380,10 +380,14 @@ def _aborted() -> protocol.APIError:
 
 def _check_abort(o: Any, engine: Any) -> None:
     """An output the engine ended becomes its error. `error` set: the engine ended this request
-    alone (non-finite logits, a failed step) -> 500 with the reason. Aborted with a reason in
-    stop_reason: its adapter was unloaded or changed on disk -> 404 naming it; could not be
-    loaded -> 503 with the reason. Aborted without a reason: the server is shutting down."""
+    alone; with `error_param`, because of the request's own parameters (its sampling constraints left
+    no token) -> 400 naming that field; else a fault of the engine (non-finite logits, a failed step)
+    -> 500 with the reason. Aborted with a reason in stop_reason: its adapter was unloaded or changed
+    on disk -> 404 naming it; could not be loaded -> 503 with the reason. Aborted without a reason:
+    the server is shutting down. (Streamed, after the headers: the same error as the stream's error event.)"""
     if getattr(o, "error", None):
+        if getattr(o, "error_param", None):
+            raise protocol.APIError(400, o.error, param=o.error_param)
         raise protocol.APIError(500, f"the request failed: {o.error}")
     if o.finish_reason != "abort":
         return

@@ -285,7 +285,7 @@ def _sampling(body: dict[str, Any], *, max_tokens: int | None, logprobs: int | N
             prompt_logprobs=_opt_int(body, "prompt_logprobs", 0, 20) if prompt_logprobs is None else prompt_logprobs,
         )
     except ConfigError as exc:
-        raise bad(exc.message) from None
+        raise bad(exc.message, exc.param) from None
 
 
 def _model(body: dict[str, Any]) -> str | None:

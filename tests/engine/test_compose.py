@@ -85,6 +85,16 @@ def test_composition_is_refused_with_a_reason(llm: LLM) -> None:
         llm.generate([PROMPTS[0]], p, [[("a", float("nan"))]])
     with pytest.raises(ConfigError, match="twice"):
         llm.generate([PROMPTS[0]], p, [[("a", 0.5), ("a", 0.5)]])
+    # a weight so large that the weighted delta (or the weight itself) overflows: refused before any step
+    for huge, says in ((1e300, "between -1000 and 1000"), (-1e30, "between -1000 and 1000"),
+                       (10**400, "more than 300 digits"), (-(10**400), "more than 300 digits")):
+        with pytest.raises(ConfigError, match=says):
+            llm.generate([PROMPTS[0]], p, [[("a", 0.5), ("b", huge)]])
+        with pytest.raises(ConfigError, match=says):
+            llm.engine.add_composition("huge", [("a", huge)])
+    with pytest.raises(ConfigError, match="between -1000 and 1000"):
+        llm.engine.add_composition("huge", "a:1e300")
+    assert "huge" not in llm.engine.compositions
     with pytest.raises(ConfigError, match="first entry"):
         llm.engine.add_request("x", PROMPTS[0], p, "b", adapters=AB)
     assert not llm.engine.has_unfinished()

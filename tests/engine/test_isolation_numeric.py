@@ -68,6 +68,7 @@ def _assert_failed_alone(out) -> None:
     assert out.finished and out.finish_reason == "abort"
     assert out.error and "non-finite" in out.error and "'evil'" in out.error
     assert out.stop_reason == out.error
+    assert out.error_param is None  # the model's fault (HTTP 500), not the request's
 
 
 @pytest.mark.parametrize("scrub", [True, False], ids=["scrubbed", "no-scrub"])
@@ -279,7 +280,7 @@ def test_penalised_rows_keep_the_non_finite_rule():
     logits[3, 5] = 30.0
     seq = lambda out=(), bad=(): SimpleNamespace(  # noqa: E731
         token_ids=[5, *out], output_token_ids=list(out), num_output_tokens=len(out), eos_token_ids=[2],
-        bad_words_token_ids=[list(w) for w in bad])
+        bad_words_token_ids=[list(w) for w in bad], constraints_exhausted=False)
     params = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, seed=1, presence_penalty=1.0, logprobs=2),
               SamplingParams(temperature=0.8, seed=2, allowed_token_ids=[2], min_tokens=3, max_tokens=4),
               SamplingParams(temperature=0.8, seed=3, repetition_penalty=1e-38)]
@@ -289,12 +290,67 @@ def test_penalised_rows_keep_the_non_finite_rule():
     toks, lps = sample(logits.clone(), params, gens(), seqs)
     assert toks[2] is None and toks[3] is None and lps[2] is None
     assert toks[0] == int(logits[0].argmax()) and toks[1] is not None and lps[1] is not None
+    # the two rows left without a token by their own constraints are marked so (a client error, not the model's)
+    assert [s.constraints_exhausted for s in seqs] == [False, False, True, True]
+    seqs = [seq(), seq((4,)), seq(), seq()]
     poisoned = logits.clone()
     poisoned[1, 7] = float("nan")
     toks2, lps2 = sample(poisoned, params, gens(), seqs)
     assert toks2[1] is None and lps2[1] is None and toks2[0] == toks[0]
+    assert not seqs[1].constraints_exhausted  # non-finite logits: the model's fault, even on a penalised row
     greedy = [SamplingParams(temperature=0.0, allowed_token_ids=[9], bad_words=["x"])]
-    assert sample(logits[:1].clone(), greedy, [None], [seq(bad=[(9,)])])[0] == [None]
+    dead = seq(bad=[(9,)])
+    assert sample(logits[:1].clone(), greedy, [None], [dead])[0] == [None] and dead.constraints_exhausted
+
+
+def test_a_request_whose_own_constraints_leave_no_token_ends_alone_as_a_client_error(llm, solo):
+    """allowed_token_ids=["a"] with bad_words=["aa"] leaves nothing at output token 2 (the word's last token
+    is masked once the output ends with "a"), and a tiny repetition_penalty over a temperature pushes a
+    seen token to +inf: both used to end like non-finite model logits (a 500 on the server). They end
+    with `error_param` naming the field (a 400), the batch's other requests equal their solo runs, and
+    the engine keeps serving."""
+    a = llm.engine.tokenizer.encode("a", add_special_tokens=False)
+    dead_words = SamplingParams(max_tokens=6, temperature=0.0, allowed_token_ids=a, bad_words=["aa"])
+    dead_penalty = SamplingParams(max_tokens=6, temperature=1.0, seed=1, repetition_penalty=1e-38)
+    prompts = [p for p, _ in TENANTS]
+    outs = llm.generate(["hello world", *prompts, "hello world"], [dead_words, *[GREEDY] * len(TENANTS), dead_penalty],
+                        adapters=[None, *[t for _, t in TENANTS], "upper"])
+    words, penalty = outs[0], outs[-1]
+    assert words.finish_reason == "abort" and words.text == "a" and words.error_param == "allowed_token_ids"
+    assert "output token 2" in words.error and "allowed_token_ids and bad_words" in words.error
+    assert "non-finite" not in words.error and words.stop_reason == words.error
+    assert penalty.finish_reason == "abort" and penalty.error_param == "repetition_penalty"
+    assert "repetition_penalty and temperature" in penalty.error
+    assert [o.token_ids for o in outs[1:-1]] == [solo[t] for t in TENANTS]
+    assert all(o.error is None for o in outs[1:-1])
+    assert not llm.engine.has_unfinished()
+    assert llm.generate(["hello world"], GREEDY)[0].token_ids == solo[("hello world", None)]
+
+
+@pytest.mark.parametrize(("kwargs", "param", "says"), [
+    (dict(allowed_token_ids="a", bad_words=["a"]), "allowed_token_ids", "bad_words mask them"),
+    (dict(allowed_token_ids="eos", min_tokens=2), "allowed_token_ids", "min_tokens=2 masks EOS"),
+    (dict(allowed_token_ids="a+eos", bad_words=["a"], min_tokens=1), "allowed_token_ids", "bad_words mask them and"),
+    (dict(repetition_penalty=1e-300), "repetition_penalty", "positive finite float32"),
+    (dict(repetition_penalty=1e300), "repetition_penalty", "positive finite float32"),
+])
+def test_constraints_that_leave_no_token_from_the_start_are_refused_up_front(llm, kwargs, param, says):
+    """What is knowable before any step is a ConfigError naming the field (HTTP 400), and nothing starts."""
+    from engine.errors import ConfigError
+
+    a = llm.engine.tokenizer.encode("a", add_special_tokens=False)
+    eos = sorted(llm.engine.eos_token_ids)
+    ids = {"a": a, "eos": eos, "a+eos": a + eos}
+    if "allowed_token_ids" in kwargs:
+        kwargs = {**kwargs, "allowed_token_ids": ids[kwargs["allowed_token_ids"]]}
+    with pytest.raises(ConfigError, match=says) as err:
+        llm.generate(["hello world"], SamplingParams(max_tokens=4, **kwargs))
+    assert err.value.param == param
+    assert not llm.engine.has_unfinished()
+    # still allowed: a multi-token bad word (the engine's own check), ignore_eos under min_tokens
+    assert llm.generate(["hi"], SamplingParams(max_tokens=2, allowed_token_ids=a + eos, bad_words=["a"]))[0].error is None
+    assert llm.generate(["hi"], SamplingParams(max_tokens=2, allowed_token_ids=eos, min_tokens=1,
+                                               ignore_eos=True))[0].error is None
 
 
 @pytest.mark.parametrize("kwargs", [dict(presence_penalty=10**400), dict(min_p=float("nan")),

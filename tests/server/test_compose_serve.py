@@ -91,6 +91,24 @@ def test_bad_compositions_are_refused(server: ServerThread, adapters: Any, model
     assert says in str(err.value)
 
 
+def test_huge_composition_weights_are_a_400_naming_adapters_and_the_server_keeps_serving(
+        server: ServerThread, want: dict[str, list[float]]) -> None:
+    """A weight of 1e300 reached the engine (logits non-finite: 500); a 401-digit integer raised
+    OverflowError in the check (500). Both are the client's mistake: 400, param "adapters"."""
+    client = openai.OpenAI(base_url=server.base_url, api_key=KEY, max_retries=0)
+    for weight, says in ((1e300, "between -1000 and 1000"), (1e30, "between -1000 and 1000"),
+                         (10**400, "more than 300 digits"), (-(10**400), "more than 300 digits")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.completions.create(model=server.engine.model_name, prompt="hi", max_tokens=2,
+                                      extra_body={"adapters": [{"name": "a", "weight": 0.5}, {"name": "b", "weight": weight}]})
+        body = err.value.body
+        assert err.value.status_code == 400 and body["param"] == "adapters" and says in body["message"], body
+        assert "'b'" in body["message"]
+    out = client.completions.create(model=server.engine.model_name, prompt="hello there", max_tokens=8, temperature=0.0,
+                                    logprobs=1, extra_body={"ignore_eos": True, "adapters": BODY})
+    assert _close(out.choices[0].logprobs.token_logprobs, want["composed"])
+
+
 def test_a_composition_alias_registered_and_removed_at_runtime(cfg: EngineConfig, want: dict[str, list[float]],
                                                                tmp_path: Path) -> None:
     """`/v1/load_lora_adapter {"lora_name", "compose"}` registers an alias while serving (as
@@ -137,6 +155,15 @@ def test_a_composition_alias_registered_and_removed_at_runtime(cfg: EngineConfig
         assert r.status_code == 404 and "nope" in r.json()["error"]["message"]
         r = post(load, body={"lora_name": "mix3", "compose": "a:x"}, headers=auth, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == "compose"
+        # a huge weight (a 401-digit integer: OverflowError in the check, 500) is a 400 naming compose
+        for spec, says in (([{"name": "a", "weight": 10**400}], "more than 300 digits"),
+                           ([{"name": "a", "weight": 1e300}], "between -1000 and 1000"), ("a:1e300", "between"),
+                           ("a:" + "9" * 401, "finite")):
+            r = post(load, body={"lora_name": "mix3", "compose": spec}, headers=auth, timeout=30)
+            assert r.status_code == 400 and r.json()["error"]["param"] == "compose", r.text
+            assert says in r.json()["error"]["message"], r.text
+        assert "mix3" not in [m.id for m in client.models.list().data]
+        assert _close(client.completions.create(model="mix2", **kw).choices[0].logprobs.token_logprobs, want["composed"])
         assert post(unload, body={"lora_name": "mix2"}, headers=auth, timeout=30).status_code == 200
         with pytest.raises(openai.NotFoundError):
             client.completions.create(model="mix2", **kw)

@@ -287,3 +287,34 @@ def test_a_huge_integer_fair_share_weight_is_400_not_500(tokenizer: Any, peft_ad
             assert (await r.json())["choices"][0]["text"] == "HEY"
 
     arun(go())
+
+
+def test_a_400_names_the_field_at_fault(tokenizer: Any, arun: Any) -> None:
+    """These 400s had `param: null` (the engine's ConfigError carried no field): each now names it, and a
+    normal request still works afterwards (a non-zero `priority`: test_real_engine.py, the fake engine has
+    no scheduling policy)."""
+
+    async def go() -> None:
+        async with running(FakeEngine(tokenizer)) as srv, aiohttp.ClientSession() as s:
+            url, chat = f"{srv.url}/v1/completions", f"{srv.url}/v1/chat/completions"
+            cases = [
+                ({"prompt": ""}, "prompt", "empty"),
+                ({"prompt": []}, "prompt", "empty"),
+                ({"prompt": "a", "logit_bias": {"abc": 1}}, "logit_bias", "token ids"),
+                ({"prompt": "a", "allowed_token_ids": []}, "allowed_token_ids", "must not be empty"),
+                ({"prompt": "a", "min_tokens": 10, "max_tokens": 2}, "min_tokens", "max_tokens"),
+                ({"prompt": "a", "repetition_penalty": 0}, "repetition_penalty", "> 0"),
+                ({"prompt": "a", "top_k": 0.5}, "top_k", "integer"),
+            ]
+            for body, param, needle in cases:
+                for path, b in ((url, body), (chat, {**{k: v for k, v in body.items() if k != "prompt"},
+                                                     "messages": [{"role": "user", "content": "a"}]})):
+                    if path == chat and param == "prompt":
+                        continue
+                    r = await s.post(path, json=b)
+                    msg = await _error(r, 400)
+                    assert (await r.json())["error"]["param"] == param and needle in msg, (path, b, msg)
+            r = await s.post(url, json={"model": "upper", "prompt": "still here"})
+            assert (await r.json())["choices"][0]["text"] == "STILL HERE"
+
+    arun(go())

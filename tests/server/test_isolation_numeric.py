@@ -142,6 +142,75 @@ def test_a_request_that_turns_non_finite_fails_alone_over_http(server, monkeypat
     asyncio.run(go())
 
 
+async def _stream(s: aiohttp.ClientSession, url: str, body: dict[str, Any]) -> tuple[int, list[Any]]:
+    """(status, the SSE events' JSON, "[DONE]" as is) of a streamed completion; (status, [error body]) if refused."""
+    r = await s.post(f"{url}/v1/completions", json={**body, "stream": True})
+    if r.status != 200:
+        return r.status, [await r.json()]
+    events = []
+    async for line in r.content:
+        text = line.decode().strip()
+        if text.startswith("data: "):
+            data = text[len("data: "):]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return r.status, events
+
+
+def test_a_request_whose_own_constraints_leave_no_token_is_a_400_not_a_500(server):
+    """Sampling constraints that leave no token to sample were reported like non-finite model logits (500
+    server_error). What is knowable up front is a 400 before anything starts; what only the engine sees
+    (a multi-token bad word that completes, a tiny repetition_penalty over a temperature) ends the request
+    with a 400 invalid_request_error naming the field, in the stream's error event (code 400) once the
+    headers are sent; concurrent requests of other tenants equal their solo runs, and the server keeps serving."""
+
+    async def go() -> None:
+        async with aiohttp.ClientSession(headers=AUTH) as s:
+            url, base = server.url, server.engine.model_name
+            a = server.engine.tokenizer.encode("a", add_special_tokens=False)
+            solo = [await _complete(s, url, p, _model(server, m)) for p, m in TENANTS]
+            # knowable before any step: refused up front, naming the field
+            for kw, param, says in (({"allowed_token_ids": a, "bad_words": ["a"]}, "allowed_token_ids", "bad_words"),
+                                    ({"allowed_token_ids": [2], "min_tokens": 2, "ignore_eos": False},  # 2: EOS
+                                     "allowed_token_ids", "min_tokens"),
+                                    ({"repetition_penalty": 1e-300}, "repetition_penalty", "float32")):
+                status, body = await _complete(s, url, "hello world", base, **kw)
+                assert status == 400 and body["error"]["param"] == param and says in body["error"]["message"], body
+            # only the engine sees it: "aa" is two tokens, so "a" is masked once the output ends with "a"
+            words = {"allowed_token_ids": a, "bad_words": ["aa"], "max_tokens": 6, "ignore_eos": False}
+            jobs = [_complete(s, url, "hello world", base, **words)]
+            jobs += [_complete(s, url, p, _model(server, m)) for p, m in TENANTS]
+            jobs += [_complete(s, url, "hello world", "upper", temperature=1.0, seed=1, repetition_penalty=1e-38)]
+            got = await asyncio.gather(*jobs)
+            for (status, body), param, says in ((got[0], "allowed_token_ids", "allowed_token_ids and bad_words"),
+                                                (got[-1], "repetition_penalty", "repetition_penalty and temperature")):
+                err = body["error"]
+                assert status == 400 and err["type"] == "invalid_request_error" and err["code"] == 400, body
+                assert err["param"] == param and says in err["message"] and "non-finite" not in err["message"], body
+            assert "output token 2" in got[0][1]["error"]["message"]
+            for (status, body), (_, want) in zip(got[1:-1], solo):
+                assert status == 200 and body["choices"][0]["text"] == want["choices"][0]["text"]
+            # streamed, ended after the first token: the error event carries the same 400
+            status, events = await _stream(s, url, {"model": base, "prompt": "hello world", "temperature": 0, **words})
+            assert status == 200 and events[-1] == "[DONE]", events
+            assert events[0]["choices"][0]["text"] == "a"
+            err = events[-2]["error"]
+            assert err["code"] == 400 and err["param"] == "allowed_token_ids" and "bad_words" in err["message"], events
+            # streamed, ended at its first token: the headers are not sent yet, so a plain HTTP 400
+            status, events = await _stream(s, url, {"model": base, "prompt": "hello world", "temperature": 1.0,
+                                                    "seed": 1, "repetition_penalty": 1e-38})
+            assert status == 400 and events[0]["error"]["param"] == "repetition_penalty", events
+            r = await s.post(f"{url}/v1/chat/completions", json={"model": base, "messages": [{"role": "user", "content": "hi"}],
+                                                                 "max_tokens": 6, **words})
+            assert r.status == 400 and (await r.json())["error"]["param"] == "allowed_token_ids"
+            after = [await _complete(s, url, p, _model(server, m)) for p, m in TENANTS]
+            assert [b["choices"][0]["text"] for _, b in after] == [b["choices"][0]["text"] for _, b in solo]
+            assert (await s.get(f"{url}/health")).status == 200
+        stats = server.engine.stats()
+        assert stats.kv_free_blocks == stats.kv_total_blocks
+
+    asyncio.run(go())
+
+
 def test_an_engine_loop_that_cannot_continue_makes_health_503(monkeypatch):
     """Every step fails (a lost device): each failed step's request gets a 500 with the reason, then
     the engine gives up, /health answers 503 and new requests 503."""

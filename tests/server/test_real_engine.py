@@ -134,8 +134,10 @@ def test_errors_and_auth_against_the_real_engine(server: ServerThread) -> None:
             models = await (await s.get(f"{server.url}/v1/models", headers=auth)).json()
             assert models["data"][0]["id"] == base and models["data"][0]["parent"] is None
             # a priority under the default (fair) policy would be silently ignored: refused, as vLLM does
-            msg = await err(await s.post(url, json={"model": base, "prompt": "a", "priority": 1}, headers=auth), 400)
+            r = await s.post(url, json={"model": base, "prompt": "a", "priority": 1}, headers=auth)
+            msg = await err(r, 400)
             assert "priority" in msg and "--scheduling-policy priority" in msg
+            assert (await r.json())["error"]["param"] == "priority"  # was null: ConfigError carried no param
             r = await s.post(url, json={"model": base, "prompt": "still fine", "max_tokens": 2, "priority": 0}, headers=auth)
             assert r.status == 200
 
