@@ -142,6 +142,26 @@ def _expand_bmm_(ys: torch.Tensor, hs: torch.Tensor, bt: torch.Tensor) -> torch.
     return ys.baddbmm_(hs, bt)
 
 
+def shrink_cpu_slices(x: torch.Tensor, slices: Sequence[tuple[torch.Tensor, torch.Tensor]], meta: LoraBatchMeta,
+                      slot_ranks: Sequence[Sequence[int] | None]) -> list[torch.Tensor]:
+    """`shrink_cpu` of each slice of a fused projection; one native call for all of them when the loops take them."""
+    if (meta.path_for(x.dtype) != "split" and native.wants(meta, x.dtype)
+            and all(native.can_shrink(x, a, sc) for a, sc in slices)):
+        return native.shrink(x, [(a, sc, r) for (a, sc), r in zip(slices, slot_ranks)], meta)
+    return [shrink_cpu(x, a, sc, meta, r) for (a, sc), r in zip(slices, slot_ranks)]
+
+
+def expand_cpu_slices(hs: Sequence[torch.Tensor], slices: Sequence[tuple[torch.Tensor, int]], out: torch.Tensor,
+                      meta: LoraBatchMeta, slot_ranks: Sequence[Sequence[int] | None]) -> torch.Tensor:
+    """`expand_cpu` of each slice into its columns of `out`; one native call for all when the loops take them."""
+    if (meta.path_for(out.dtype) != "split" and native.wants(meta, out.dtype)
+            and all(native.can_expand(h, b, out) for h, (b, _) in zip(hs, slices))):
+        return native.expand(hs, [(b, off, r) for (b, off), r in zip(slices, slot_ranks)], out, meta)
+    for h, (b, off), r in zip(hs, slices, slot_ranks):
+        expand_cpu(h, b, out, meta, off, r)
+    return out
+
+
 def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta,
                slot_ranks: Sequence[int] | None = None) -> torch.Tensor:
     """h[t] = scales[s] * x[t] @ lora_a[s].T (0 for s == -1); h: [T, R] in x.dtype.
@@ -149,7 +169,7 @@ def shrink_cpu(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta
     T, R = x.shape[0], lora_a.shape[1]
     path = meta.path_for(x.dtype)
     if path != "split" and native.wants(meta, x.dtype) and native.can_shrink(x, lora_a, scales):
-        return native.shrink(x, lora_a, scales, meta, slot_ranks)
+        return native.shrink(x, [(lora_a, scales, slot_ranks)], meta)[0]
     if path == "dense" and _dense_span(meta) * R > tuning.DENSE_MAX_COLS:
         path = meta.dense_fallback
     r = R if path == "dense" else step_rank(meta, slot_ranks, R)  # columns of h this step can fill
@@ -236,7 +256,7 @@ def expand_cpu(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: L
     view = out[:, out_offset:out_offset + N]  # [T, N], strided when out has other slices
     path = meta.path_for(h.dtype)
     if path != "split" and native.wants(meta, h.dtype) and native.can_expand(h, lora_b, out):
-        return native.expand(h, lora_b, out, meta, out_offset, slot_ranks)
+        return native.expand([h], [(lora_b, out_offset, slot_ranks)], out, meta)
     if path == "dense" and (lora_b.stride(1) != 1 or _dense_span(meta) * R > tuning.DENSE_MAX_COLS):
         path = meta.dense_fallback  # the dense layout needs rank-major B ([span * R, N] a view) and few columns
     r = R if path == "dense" else step_rank(meta, slot_ranks, R)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+from array import array
 import hashlib
 import logging
 import os
@@ -39,7 +40,7 @@ from kernels.meta import LoraBatchMeta
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
-ABI_VERSION = 1
+ABI_VERSION = 3
 _FLAGS = ("-O3", "-march=native", "-Wno-psabi", "-std=c++17", "-shared", "-fPIC")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 
@@ -116,10 +117,8 @@ def library() -> ctypes.CDLL | None:
             raise NativeBuildError(f"{tuning.CPU_NATIVE_ENV}=1 but the native LoRA loops are unavailable: {e}") from e
         log.warning("native CPU LoRA loops unavailable, using torch's matmuls: %s", e)
         return None
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.mlora_shrink.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, i64, ptr, i64, i64]
-    lib.mlora_expand.argtypes = [ctypes.c_int, ptr, i64, ptr, ptr, i64, ptr, i64, i64, i64, ptr, i64]
-    lib.mlora_shrink.restype = lib.mlora_expand.restype = ctypes.c_int
+    lib.mlora_shrink_n.argtypes = lib.mlora_expand_n.argtypes = [ctypes.c_void_p, ctypes.c_int64]  # int64 blocks, count
+    lib.mlora_shrink_n.restype = lib.mlora_expand_n.restype = ctypes.c_int
     return lib
 
 
@@ -159,48 +158,52 @@ def _segments(meta: LoraBatchMeta, slot_ranks: Sequence[int] | None, R: int) -> 
     return seg
 
 
-def _inner_contiguous(*ts: torch.Tensor) -> bool:
-    return all(t.stride(-1) == 1 or t.shape[-1] <= 1 for t in ts)
-
-
 def can_shrink(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor) -> bool:
     """The shapes, dtypes and strides the native shrink takes (else the torch paths serve)."""
-    return (x.device.type == "cpu" and x.dtype in _DTYPES and lora_a.dtype == x.dtype and scales.dim() == 1
-            and scales.dtype == torch.float32 and lora_a.device.type == "cpu" and _inner_contiguous(x, lora_a))
+    return (x.is_cpu and lora_a.is_cpu and x.dtype in _DTYPES and lora_a.dtype == x.dtype and scales.dim() == 1
+            and scales.dtype == torch.float32 and x.stride(1) == 1 and lora_a.stride(2) == 1)
 
 
 def can_expand(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor) -> bool:
     """As `can_shrink`; B must be rank-major ([S, N, R] with N of stride 1, as engine.lora.slots keeps it on CPU)."""
-    return (out.device.type == "cpu" and out.dtype in _DTYPES and h.dtype == out.dtype and lora_b.dtype == out.dtype
-            and lora_b.device.type == "cpu" and (lora_b.stride(1) == 1 or lora_b.shape[1] <= 1) and _inner_contiguous(h, out))
+    return (out.is_cpu and lora_b.is_cpu and out.dtype in _DTYPES and h.dtype == out.dtype and lora_b.dtype == out.dtype
+            and lora_b.stride(1) == 1 and h.stride(1) == 1 and out.stride(1) == 1)
 
 
-def shrink(x: torch.Tensor, lora_a: torch.Tensor, scales: torch.Tensor, meta: LoraBatchMeta,
-           slot_ranks: Sequence[int] | None) -> torch.Tensor:
-    """h [T, R] in x.dtype: h[t] = scales[s] * x[t] @ lora_a[s].T (rows past a slot's rank and -1 rows 0)."""
-    lib = library()
-    assert lib is not None
-    T, R = x.shape[0], lora_a.shape[1]
-    h = (torch.zeros if meta.num_no_lora else torch.empty)(T, R, dtype=x.dtype)
-    seg = _segments(meta, slot_ranks, R)
-    rows = meta.sorted_rows
-    rc = lib.mlora_shrink(_DTYPES[x.dtype], x.data_ptr(), x.stride(0), rows.data_ptr(), seg.data_ptr(), seg.shape[0],
-                          lora_a.data_ptr(), lora_a.stride(0), lora_a.stride(1), x.shape[1], scales.data_ptr(),
-                          scales.stride(0), h.data_ptr(), h.stride(0), R)
-    assert rc == 0
-    return h
+def shrink(x: torch.Tensor, slices: Sequence[tuple[torch.Tensor, torch.Tensor, Sequence[int] | None]],
+           meta: LoraBatchMeta) -> list[torch.Tensor]:
+    """For each slice (lora_a [S, R, K], scales [S], slot_ranks): h [T, R] in x.dtype with
+    h[t] = scales[s] * x[t] @ lora_a[s].T (columns past a slot's rank and -1 rows 0). One native call for all."""
+    T, K, dt = x.shape[0], x.shape[1], _DTYPES[x.dtype]
+    new = torch.zeros if meta.num_no_lora else torch.empty
+    rows, hs, blocks = meta.sorted_rows.data_ptr(), [], []
+    for a, scales, ranks in slices:
+        R = a.shape[1]
+        h = new(T, R, dtype=x.dtype)
+        seg = _segments(meta, ranks, R)
+        a_ss, a_rs, _ = a.stride()
+        blocks += (dt, x.data_ptr(), x.stride(0), rows, seg.data_ptr(), seg.shape[0], a.data_ptr(), a_ss, a_rs, K,
+                   scales.data_ptr(), scales.stride(0), h.data_ptr(), R, R)
+        hs.append(h)
+    args = array("q", blocks)
+    if library().mlora_shrink_n(args.buffer_info()[0], len(slices)) != 0:  # type: ignore[union-attr]
+        raise RuntimeError("native shrink: unknown dtype code")
+    return hs
 
 
-def expand(h: torch.Tensor, lora_b: torch.Tensor, out: torch.Tensor, meta: LoraBatchMeta, out_offset: int,
-           slot_ranks: Sequence[int] | None) -> torch.Tensor:
-    """out[t, off:off+N] += h[t] @ lora_b[s].T for rows with s != -1, in place (fp32 sum, rounded once)."""
-    lib = library()
-    assert lib is not None
-    N, R = lora_b.shape[1], lora_b.shape[2]
-    view = out[:, out_offset:out_offset + N]
-    seg = _segments(meta, slot_ranks, R)
-    rows = meta.sorted_rows
-    rc = lib.mlora_expand(_DTYPES[out.dtype], h.data_ptr(), h.stride(0), rows.data_ptr(), seg.data_ptr(), seg.shape[0],
-                          lora_b.data_ptr(), lora_b.stride(0), lora_b.stride(2), N, view.data_ptr(), view.stride(0))
-    assert rc == 0
+def expand(hs: Sequence[torch.Tensor], slices: Sequence[tuple[torch.Tensor, int, Sequence[int] | None]],
+           out: torch.Tensor, meta: LoraBatchMeta) -> torch.Tensor:
+    """For each h and slice (lora_b [S, N, R], out_offset, slot_ranks): out[t, off:off+N] += h[t] @ lora_b[s].T
+    for rows with s != -1, in place (fp32 sum, rounded once). One native call for all."""
+    dt, rows, blocks = _DTYPES[out.dtype], meta.sorted_rows.data_ptr(), []
+    base, o_rs, es = out.data_ptr(), out.stride(0), out.element_size()
+    for h, (b, off, ranks) in zip(hs, slices):
+        _, N, R = b.shape
+        seg = _segments(meta, ranks, R)
+        b_ss, _, b_js = b.stride()
+        blocks += (dt, h.data_ptr(), h.stride(0), rows, seg.data_ptr(), seg.shape[0], b.data_ptr(), b_ss, b_js, N,
+                   base + off * es, o_rs)
+    args = array("q", blocks)
+    if library().mlora_expand_n(args.buffer_info()[0], len(hs)) != 0:  # type: ignore[union-attr]
+        raise RuntimeError("native expand: unknown dtype code")
     return out

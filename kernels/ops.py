@@ -18,7 +18,7 @@ import torch
 
 from kernels import _triton
 from kernels.dtypes import TORCH_DTYPES
-from kernels.cpu import expand_cpu, shrink_cpu
+from kernels.cpu import expand_cpu, expand_cpu_slices, shrink_cpu, shrink_cpu_slices
 from kernels.expand import expand_reference, expand_triton
 from kernels.meta import ComposedRows, KernelError, LoraBatchMeta
 from kernels.shrink import shrink_reference, shrink_triton
@@ -106,7 +106,7 @@ def lora_shrink_slices(x: torch.Tensor, slices: Sequence[tuple[torch.Tensor, tor
         meta = _meta_for(meta, token_lora_slots, min((a.shape[0] for a, _ in slices), default=0))
     ranks = slot_ranks if slot_ranks is not None else [None] * len(slices)
     if x.shape[0] and _resolve(backend, x.device) == "cpu":  # resolved once for all slices (the hot path)
-        return [shrink_cpu(x, a, sc, meta, r) for (a, sc), r in zip(slices, ranks)]
+        return shrink_cpu_slices(x, slices, meta, ranks)
     return [lora_shrink(x, a, token_lora_slots, sc, meta=meta, backend=backend, strategy=strategy, check=False,
                         slot_ranks=r) for (a, sc), r in zip(slices, ranks)]
 
@@ -131,9 +131,7 @@ def lora_expand_slices(hs: Sequence[torch.Tensor], slices: Sequence[tuple[torch.
         meta = _meta_for(meta, token_lora_slots, min((b.shape[0] for b, _ in slices), default=0))
     ranks = slot_ranks if slot_ranks is not None else [None] * len(slices)
     if out.shape[0] and _resolve(backend, out.device) == "cpu":  # resolved once for all slices (the hot path)
-        for h, (b, off), r in zip(hs, slices, ranks):
-            expand_cpu(h, b, out, meta, off, r)
-        return out
+        return expand_cpu_slices(hs, slices, out, meta, ranks)
     for h, (b, off), r in zip(hs, slices, ranks):
         lora_expand(h, b, token_lora_slots, out, meta=meta, out_offset=off, backend=backend, strategy=strategy,
                     check=False, slot_ranks=r)

@@ -217,14 +217,14 @@ ARGMAX_BLOCK = 128
 
 # ----------------------------------------------------------------------------- native LoRA loops (kernels.native)
 CPU_NATIVE_ENV = "MLORA_CPU_NATIVE"  # "auto" (default) | "1" (every op the loops can run) | "0" (off)
-# When the native loops beat torch's matmuls. Per op, hot weights (`python -m benchmarks.cpu_choices lora
-# --dtype D --layouts ...`, AMX Xeon, 768 -> 2048, rank 16, shrink + expand us, torch's best path vs
-# native): bf16 one adapter 1 row 47 vs 35, 32 rows 93 vs 85; 16 adapters x 2 rows 279 vs 112, 32 x 1 480
-# vs 183, 16 x 8 343 vs 269, 4 x 40 270 vs 295 (a tie from ~32 rows a segment: prefill stays on torch). In a
-# decode step (cold weights, `benchmarks.lora_floor`, two interleaved runs each) bf16 mixed-16 LoRA ms 33.4 /
-# 35.6 -> 21.9 / 18.5, but fp32 mixed-16 27.0 / 29.3 -> 31.9 / 32.4 and mixed-32 44.0 / 39.6 -> 51.9 / 50.0:
-# MKL's fp32 GEMMs have a small fixed cost and stream cold weights better, so fp32 stays on torch.
-CPU_NATIVE_MAX_MEAN_ROWS_HALF = 16
+# When the native loops beat torch's matmuls. In a decode step (batch 32, `small` preset, rank 16, AMX Xeon, 1
+# thread; `python -m benchmarks.native_ab`, both in one process, rounds alternating), LoRA-op ms native/torch:
+# bf16 mixed-16 0.45, one adapter (32 rows) 0.49-0.52; fp32 mixed-16 0.85, mixed-32 0.80, mixed-16 rank 64
+# 0.94, but one adapter 0.87-1.09 (MKL's fp32 GEMM has a small fixed cost), so fp32 single-adapter steps stay on
+# torch. Per op, hot weights (`python -m benchmarks.cpu_choices lora`, 768 -> 2048, us torch's best path vs
+# native): bf16 1 x 32 rows 93 vs 85, 4 x 40 270 vs 295, 2 x 100 316 vs 361 (prefill stays on torch).
+CPU_NATIVE_MAX_MEAN_ROWS_HALF = 32
+CPU_NATIVE_MAX_MEAN_ROWS = 8
 # auto uses the loops only where they were built with vectors of at least this many floats (AVX2 and up):
 # an x86-64 baseline (SSE) build ran 16 x 2 rows 2.2x slower than the AVX2 one, which is itself 2x the AVX-512 one.
 CPU_NATIVE_MIN_LANES = 8
@@ -232,4 +232,6 @@ CPU_NATIVE_MIN_LANES = 8
 
 def cpu_native_wants(rows: int, segments: int, dtype: torch.dtype) -> bool:
     """Run a step's LoRA ops (`rows` LoRA rows over `segments` adapters) in the native loops (auto mode)?"""
+    if dtype == torch.float32:
+        return segments > 1 and rows <= CPU_NATIVE_MAX_MEAN_ROWS * segments
     return dtype == torch.bfloat16 and rows <= CPU_NATIVE_MAX_MEAN_ROWS_HALF * segments

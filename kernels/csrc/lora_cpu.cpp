@@ -222,35 +222,53 @@ void expand(const T* h, int64_t h_rs, const int64_t* rows, const int64_t* seg, i
 
 extern "C" {
 
-// dtype: 0 = float32, 1 = bfloat16 (x, A, h share it; scales are float32)
-int mlora_shrink(int dtype, const void* x, int64_t x_rs, const int64_t* rows, const int64_t* seg, int64_t nseg,
-                 const void* a, int64_t a_ss, int64_t a_rs, int64_t K, const float* scales, int64_t sc_s, void* h,
-                 int64_t h_rs, int64_t R) {
-  if (dtype == 0)
-    shrink(static_cast<const float*>(x), x_rs, rows, seg, nseg, static_cast<const float*>(a), a_ss, a_rs, K, scales,
-           sc_s, static_cast<float*>(h), h_rs, R);
-  else if (dtype == 1)
-    shrink(static_cast<const bf16*>(x), x_rs, rows, seg, nseg, static_cast<const bf16*>(a), a_ss, a_rs, K, scales,
-           sc_s, static_cast<bf16*>(h), h_rs, R);
+// One int64 argument block per call (ctypes converts one pointer instead of 15 arguments: ~2 us, not ~15).
+// shrink p: dtype, x, x_rs, rows, seg, nseg, a, a_ss, a_rs, K, scales, sc_s, h, h_rs, R
+// expand p: dtype, h, h_rs, rows, seg, nseg, b, b_ss, b_js, N, out, o_rs
+// dtype: 0 = float32, 1 = bfloat16 (x, A, h, B, out share it; scales are float32); pointers as integers.
+#define PTR(T, i) reinterpret_cast<T>(static_cast<intptr_t>(p[i]))
+
+int mlora_shrink(const int64_t* p) {
+  const int64_t* rows = PTR(const int64_t*, 3);
+  const int64_t* seg = PTR(const int64_t*, 4);
+  const float* scales = PTR(const float*, 10);
+  if (p[0] == 0)
+    shrink(PTR(const float*, 1), p[2], rows, seg, p[5], PTR(const float*, 6), p[7], p[8], p[9], scales, p[11],
+           PTR(float*, 12), p[13], p[14]);
+  else if (p[0] == 1)
+    shrink(PTR(const bf16*, 1), p[2], rows, seg, p[5], PTR(const bf16*, 6), p[7], p[8], p[9], scales, p[11],
+           PTR(bf16*, 12), p[13], p[14]);
   else
     return 1;
   return 0;
 }
 
-int mlora_expand(int dtype, const void* h, int64_t h_rs, const int64_t* rows, const int64_t* seg, int64_t nseg,
-                 const void* b, int64_t b_ss, int64_t b_js, int64_t N, void* out, int64_t o_rs) {
-  if (dtype == 0)
-    expand(static_cast<const float*>(h), h_rs, rows, seg, nseg, static_cast<const float*>(b), b_ss, b_js, N,
-           static_cast<float*>(out), o_rs);
-  else if (dtype == 1)
-    expand(static_cast<const bf16*>(h), h_rs, rows, seg, nseg, static_cast<const bf16*>(b), b_ss, b_js, N,
-           static_cast<bf16*>(out), o_rs);
+int mlora_expand(const int64_t* p) {
+  const int64_t* rows = PTR(const int64_t*, 3);
+  const int64_t* seg = PTR(const int64_t*, 4);
+  if (p[0] == 0)
+    expand(PTR(const float*, 1), p[2], rows, seg, p[5], PTR(const float*, 6), p[7], p[8], p[9], PTR(float*, 10), p[11]);
+  else if (p[0] == 1)
+    expand(PTR(const bf16*, 1), p[2], rows, seg, p[5], PTR(const bf16*, 6), p[7], p[8], p[9], PTR(bf16*, 10), p[11]);
   else
     return 1;
   return 0;
 }
 
-int mlora_abi_version(void) { return 1; }
+// n blocks back to back (a fused projection's slices: q/k/v, gate/up) in one call
+int mlora_shrink_n(const int64_t* p, int64_t n) {
+  int rc = 0;
+  for (int64_t i = 0; i < n; ++i) rc |= mlora_shrink(p + 15 * i);
+  return rc;
+}
+
+int mlora_expand_n(const int64_t* p, int64_t n) {
+  int rc = 0;
+  for (int64_t i = 0; i < n; ++i) rc |= mlora_expand(p + 12 * i);
+  return rc;
+}
+
+int mlora_abi_version(void) { return 3; }
 
 // float lanes per vector this build uses (16 AVX-512, 8 AVX/AVX2, 4 otherwise)
 int mlora_vector_lanes(void) { return V; }

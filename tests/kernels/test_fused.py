@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels import KernelError, LoraBatchMeta, lora_expand, lora_expand_slices, lora_shrink, lora_shrink_slices
+from kernels import (KernelError, LoraBatchMeta, lora_expand, lora_expand_slices, lora_shrink, lora_shrink_slices,
+                     native, tuning)
 from tests.kernels.cases import assert_close
 from tests.kernels.conftest import needs_triton
 
@@ -41,10 +42,22 @@ def test_fused_qkv_equals_three_separate_lora_linears(backend: str) -> None:
     assert_close(out, torch.cat(expected, dim=1), "fp32", f"fused qkv ({backend})")
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("backend", ["cpu", pytest.param("triton", marks=needs_triton)])
-def test_slices_ops_equal_one_op_per_slice(backend: str, dtype: torch.dtype) -> None:
-    """lora_shrink_slices / lora_expand_slices (one call for q, k, v) give exactly the per-slice ops' result."""
+# bf16 not on the Triton interpreter: its bf16 tl.dot is wrong (triton-lang/triton#11584)
+_SLICE_CASES = [pytest.param(b, d, marks=[needs_triton] if b == "triton" else [])
+                for b in ("cpu", "native", "triton") for d in (torch.float32, torch.float16, torch.bfloat16)
+                if not (b == "triton" and d == torch.bfloat16)]
+
+
+@pytest.mark.parametrize("backend,dtype", _SLICE_CASES)
+def test_slices_ops_equal_one_op_per_slice(backend: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    """lora_shrink_slices / lora_expand_slices (one call for q, k, v) give exactly the per-slice ops' result
+    ("native": the CPU backend on kernels.native's loops, all slices in one native call)."""
+    rank_major = backend == "native"  # engine.lora.slots' CPU layout, which the loops need for B
+    if backend == "native":
+        if native._compiler() is None:
+            pytest.skip("no C++ compiler: the native loops cannot be built here")
+        monkeypatch.setenv(tuning.CPU_NATIVE_ENV, "1")
+        backend = "cpu"
     gen = torch.Generator().manual_seed(5)
     T, K, S, ranks, sizes = 11, 64, 4, (8, 4, 4), (48, 16, 16)
     slots = torch.tensor([3, 0, -1, 1, 3, 3, 0, -1, 1, 2, 2], dtype=torch.int32)
@@ -52,6 +65,8 @@ def test_slices_ops_equal_one_op_per_slice(backend: str, dtype: torch.dtype) -> 
     x = torch.randn(T, K, generator=gen).to(dtype)
     a = [(torch.randn(S, r, K, generator=gen) / K ** 0.5).to(dtype) for r in ranks]
     b = [(torch.randn(S, n, r, generator=gen) / r ** 0.5).to(dtype) for n, r in zip(sizes, ranks)]
+    if rank_major:
+        b = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in b]
     sc = [torch.rand(S, generator=gen) + 0.5 for _ in sizes]
     offs = [sum(sizes[:i]) for i in range(len(sizes))]
     base = torch.randn(T, sum(sizes), generator=gen).to(dtype)

@@ -1,0 +1,92 @@
+"""torch's matmuls vs kernels.native's loops for the CPU LoRA ops of a decode step: `python -m benchmarks.native_ab`.
+
+For each case (distinct adapters N, rank, dtype) one engine serves, in alternating rounds, a homogeneous
+batch (every request on lora-000) and a mixed-N batch, each round once with `MLORA_CPU_NATIVE=0` (torch)
+and once with the loops forced on (`=1`), the order alternating round by round, so both see the same
+machine state. Times are CPU time of the engine thread (benchmarks.lora_floor's timer). Prints, per case
+and mode, the median step ms and LoRA-op ms of the homogeneous and the mixed batch, their ratio
+(homogeneous step / mixed step), and the native/torch LoRA-op ratio. Numerics are the tests' business
+(tests/kernels/test_native.py and the CPU path grids run on both).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+
+import torch
+
+from benchmarks.lora_floor import _round, _Timer
+from engine.bench.presets import build_adapters, build_preset_model, quiet_transformers
+from engine.llm import LLM
+from kernels import tuning
+
+CASES = ("16:16:bfloat16", "1:16:bfloat16", "16:16:float32", "32:16:float32", "1:16:float32", "16:64:float32")
+MODES = {"torch": "0", "native": "1"}
+
+
+def run_case(n: int, rank: int, dtype: str, *, preset: str, batch: int, steps: int, rounds: int) -> dict:
+    model_dir = build_preset_model(preset)
+    paths = {f"lora-{i:03d}": str(p) for i, p in enumerate(build_adapters(model_dir, rank=rank, count=max(n, 1)))}
+    llm = LLM(str(model_dir), device="cpu", dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * 17),
+              max_model_len=64, enable_lora=True, max_loras=max(n, 1), max_lora_rank=rank, loras=tuple(paths.items()))
+    names = list(paths)
+    timer = _Timer()
+    timer.install()
+    got: dict[tuple[str, str], list[tuple[float, float]]] = {(m, k): [] for m in MODES for k in ("homog", "mixed")}
+    saved = os.environ.get(tuning.CPU_NATIVE_ENV)
+    try:
+        for r in range(rounds):
+            order = list(MODES) if r % 2 == 0 else list(MODES)[::-1]
+            for mode in order:
+                os.environ[tuning.CPU_NATIVE_ENV] = MODES[mode]
+                for kind, use in (("homog", names[:1]), ("mixed", names[:n])):
+                    s, lo, _ = _round(llm, use, batch, steps, timer, f"{mode}{kind}{r}")
+                    got[(mode, kind)].append((statistics.median(s), statistics.median(lo)))
+    finally:
+        timer.uninstall()
+        if saved is None:
+            os.environ.pop(tuning.CPU_NATIVE_ENV, None)
+        else:
+            os.environ[tuning.CPU_NATIVE_ENV] = saved
+    med = lambda mode, kind, i: statistics.median(x[i] for x in got[(mode, kind)])  # noqa: E731
+    row = {"case": f"{dtype} N={n} r{rank}"}
+    for mode in MODES:
+        row[mode] = {"homog_ms": med(mode, "homog", 0), "homog_lora_ms": med(mode, "homog", 1),
+                     "mixed_ms": med(mode, "mixed", 0), "mixed_lora_ms": med(mode, "mixed", 1)}
+        row[mode]["ratio"] = row[mode]["homog_ms"] / row[mode]["mixed_ms"]
+    row["lora_native_over_torch"] = row["native"]["mixed_lora_ms"] / row["torch"]["mixed_lora_ms"]
+    row["homog_lora_native_over_torch"] = row["native"]["homog_lora_ms"] / row["torch"]["homog_lora_ms"]
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cases", nargs="+", default=list(CASES), help="N:rank:dtype per case (default: %(default)s)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5, help="decode steps timed per round")
+    p.add_argument("--rounds", type=int, default=4)
+    p.add_argument("--threads", type=int, default=1)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    quiet_transformers()
+    print(f"preset={args.preset} batch={args.batch} threads={args.threads}; CPU ms of the engine thread, medians")
+    print(f"{'case':<22} {'mode':<7} {'homog ms':>9} {'(lora)':>7} {'mixed ms':>9} {'(lora)':>7} {'ratio':>6}")
+    rows = []
+    for spec in args.cases:
+        n, rank, dtype = spec.split(":")
+        r = run_case(int(n), int(rank), dtype, preset=args.preset, batch=args.batch, steps=args.steps, rounds=args.rounds)
+        rows.append(r)
+        for mode in MODES:
+            m = r[mode]
+            print(f"{r['case']:<22} {mode:<7} {m['homog_ms']:9.1f} {m['homog_lora_ms']:7.1f} {m['mixed_ms']:9.1f} "
+                  f"{m['mixed_lora_ms']:7.1f} {m['ratio']:6.3f}")
+        print(f"{'':<22} native/torch LoRA ms: mixed {r['lora_native_over_torch']:.2f}, "
+              f"homogeneous {r['homog_lora_native_over_torch']:.2f}", flush=True)
+    return rows
+
+
+if __name__ == "__main__":
+    main()
