@@ -40,7 +40,7 @@ from kernels.meta import LoraBatchMeta
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("csrc") / "lora_cpu.cpp"
-ABI_VERSION = 3
+ABI_VERSION = 4
 _FLAGS = ("-O3", "-march=native", "-Wno-psabi", "-std=c++17", "-shared", "-fPIC")
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1}
 

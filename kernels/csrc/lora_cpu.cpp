@@ -16,6 +16,7 @@
 // Each row's arithmetic depends only on that row and the sizes (the same bits alone or in any batch).
 #include <cstdint>
 #include <cstring>
+#include <vector>
 #if defined(__AVX512F__) && defined(__AVX512BW__)
 #include <immintrin.h>
 #endif
@@ -99,9 +100,9 @@ inline float hsum(vf v) {
 
 constexpr int JB = 4;  // shrink: rank rows per register block
 
-// One block of NB rows (x rows xr[0..NB)) of a shrink: h rows hr[r][j] for j < rank.
+// One block of NB rows (fp32 copies xr[0..NB) of x's rows) of a shrink: hr[r][j] for j < rank.
 template <class T, int NB>
-void shrink_block(const T* const* xr, const T* a, int64_t a_rs, int64_t K, int64_t rank, float scale, T* const* hr) {
+void shrink_block(const float* const* xr, const T* a, int64_t a_rs, int64_t K, int64_t rank, float scale, T* const* hr) {
   const int64_t kv = K - K % V;
   int64_t j = 0;
   for (; j + JB <= rank; j += JB) {
@@ -117,7 +118,7 @@ void shrink_block(const T* const* xr, const T* a, int64_t a_rs, int64_t K, int64
     for (int r = 0; r < NB; ++r)
       for (int q = 0; q < JB; ++q) {
         float s = hsum(acc[r][q]);
-        for (int64_t k = kv; k < K; ++k) s += ld(xr[r], k) * ld(a + (j + q) * a_rs, k);
+        for (int64_t k = kv; k < K; ++k) s += xr[r][k] * ld(a + (j + q) * a_rs, k);
         st(hr[r], j + q, scale * s);
       }
   }
@@ -129,17 +130,21 @@ void shrink_block(const T* const* xr, const T* a, int64_t a_rs, int64_t K, int64
     }
     for (int r = 0; r < NB; ++r) {
       float s = hsum(acc[r]);
-      for (int64_t k = kv; k < K; ++k) s += ld(xr[r], k) * ld(a + j * a_rs, k);
+      for (int64_t k = kv; k < K; ++k) s += xr[r][k] * ld(a + j * a_rs, k);
       st(hr[r], j, scale * s);
     }
   }
 }
 
-constexpr int NV = 4;  // expand: vectors of output columns per register block (4 x V columns)
+// expand: vectors of output columns per register block: NB x NV accumulators and NV weight vectors stay in
+// registers (32 with AVX-512, so 2 rows take 8 vectors = 128 columns; 16 with AVX2)
+template <int NB>
+constexpr int expand_nv() { return (V == 16 && NB <= 2) ? 8 : 4; }
 
-// One block of NB rows of an expand: orow[r][n] += sum_j hrow[r][j] * b[j, n].
+// One block of NB rows of an expand: orow[r][n] += sum_j hc[r * rank + j] * b[j, n] (hc: the rows' h in fp32).
 template <class T, int NB>
-void expand_block(const T* const* hrow, const T* b, int64_t b_js, int64_t N, int64_t rank, T* const* orow) {
+void expand_block(const float* hc, const T* b, int64_t b_js, int64_t N, int64_t rank, T* const* orow) {
+  constexpr int NV = expand_nv<NB>();
   constexpr int64_t W = NV * V;
   const int64_t nw = N - N % W;
   for (int64_t n0 = 0; n0 < nw; n0 += W) {
@@ -150,36 +155,50 @@ void expand_block(const T* const* hrow, const T* b, int64_t b_js, int64_t N, int
       vf bv[NV];
       for (int v = 0; v < NV; ++v) bv[v] = vld(b + j * b_js + n0 + v * V);
       for (int r = 0; r < NB; ++r) {
-        const float c = ld(hrow[r], j);
+        const float c = hc[r * rank + j];
         for (int v = 0; v < NV; ++v) acc[r][v] += c * bv[v];
       }
     }
     for (int r = 0; r < NB; ++r)
       for (int v = 0; v < NV; ++v) vst(orow[r] + n0 + v * V, acc[r][v]);
   }
-  for (int r = 0; r < NB; ++r)  // the last N % (NV * V) columns
+  for (int r = 0; r < NB; ++r)  // the last N % W columns
     for (int64_t n = nw; n < N; ++n) {
       float s = ld(orow[r], n);
-      for (int64_t j = 0; j < rank; ++j) s += ld(hrow[r], j) * ld(b + j * b_js, n);
+      for (int64_t j = 0; j < rank; ++j) s += hc[r * rank + j] * ld(b + j * b_js, n);
       st(orow[r], n, s);
     }
 }
 
 constexpr int BR = 4;  // rows per block
 
+inline float* scratch(size_t n) {  // per-thread fp32 scratch, grown as needed, freed with the thread
+  thread_local std::vector<float> buf;
+  if (buf.size() < n) buf.resize(n);
+  return buf.data();
+}
+
 template <class T>
 void shrink(const T* x, int64_t x_rs, const int64_t* rows, const int64_t* seg, int64_t nseg, const T* a,
             int64_t a_ss, int64_t a_rs, int64_t K, const float* scales, int64_t sc_s, T* h, int64_t h_rs, int64_t R) {
+  float* xbuf = scratch(static_cast<size_t>(BR * K));
   for (int64_t g = 0; g < nseg; ++g) {
     const int64_t start = seg[4 * g], end = seg[4 * g + 1], slot = seg[4 * g + 2], rank = seg[4 * g + 3];
     const float scale = scales[slot * sc_s];
     const T* as = a + slot * a_ss;
     for (int64_t b = start; b < end; b += BR) {
       const int nb = static_cast<int>(end - b < BR ? end - b : BR);
-      const T* xr[BR];
+      const float* xr[BR];
       T* hr[BR];
       for (int r = 0; r < nb; ++r) {
-        xr[r] = x + rows[b + r] * x_rs;
+        const T* src = x + rows[b + r] * x_rs;
+        if constexpr (sizeof(T) == sizeof(float)) {
+          xr[r] = reinterpret_cast<const float*>(src);
+        } else {  // widen the row once, not once per block of rank rows
+          float* dst = xbuf + r * K;
+          for (int64_t k = 0; k < K; ++k) dst[k] = ld(src, k);
+          xr[r] = dst;
+        }
         hr[r] = h + rows[b + r] * h_rs;
       }
       switch (nb) {
@@ -197,22 +216,25 @@ void shrink(const T* x, int64_t x_rs, const int64_t* rows, const int64_t* seg, i
 template <class T>
 void expand(const T* h, int64_t h_rs, const int64_t* rows, const int64_t* seg, int64_t nseg, const T* bm,
             int64_t b_ss, int64_t b_js, int64_t N, T* out, int64_t o_rs) {
+  int64_t max_rank = 0;
+  for (int64_t g = 0; g < nseg; ++g) max_rank = seg[4 * g + 3] > max_rank ? seg[4 * g + 3] : max_rank;
+  float* hc = scratch(static_cast<size_t>(BR * max_rank));
   for (int64_t g = 0; g < nseg; ++g) {
     const int64_t start = seg[4 * g], end = seg[4 * g + 1], slot = seg[4 * g + 2], rank = seg[4 * g + 3];
     const T* bs = bm + slot * b_ss;
     for (int64_t b = start; b < end; b += BR) {
       const int nb = static_cast<int>(end - b < BR ? end - b : BR);
-      const T* hr[BR];
       T* orow[BR];
       for (int r = 0; r < nb; ++r) {
-        hr[r] = h + rows[b + r] * h_rs;
+        const T* hrow = h + rows[b + r] * h_rs;
+        for (int64_t j = 0; j < rank; ++j) hc[r * rank + j] = ld(hrow, j);
         orow[r] = out + rows[b + r] * o_rs;
       }
       switch (nb) {
-        case 1: expand_block<T, 1>(hr, bs, b_js, N, rank, orow); break;
-        case 2: expand_block<T, 2>(hr, bs, b_js, N, rank, orow); break;
-        case 3: expand_block<T, 3>(hr, bs, b_js, N, rank, orow); break;
-        default: expand_block<T, 4>(hr, bs, b_js, N, rank, orow); break;
+        case 1: expand_block<T, 1>(hc, bs, b_js, N, rank, orow); break;
+        case 2: expand_block<T, 2>(hc, bs, b_js, N, rank, orow); break;
+        case 3: expand_block<T, 3>(hc, bs, b_js, N, rank, orow); break;
+        default: expand_block<T, 4>(hc, bs, b_js, N, rank, orow); break;
       }
     }
   }
@@ -268,7 +290,7 @@ int mlora_expand_n(const int64_t* p, int64_t n) {
   return rc;
 }
 
-int mlora_abi_version(void) { return 3; }
+int mlora_abi_version(void) { return 4; }
 
 // float lanes per vector this build uses (16 AVX-512, 8 AVX/AVX2, 4 otherwise)
 int mlora_vector_lanes(void) { return V; }
