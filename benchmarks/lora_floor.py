@@ -128,16 +128,33 @@ def _round(llm: LLM, names: Sequence[str], batch: int, steps: int, timer: _Timer
     return step_ms, lora_ms, nbytes
 
 
-def run_case(n: int, rank: int, dtype: str, *, preset: str, batch: int, steps: int, rounds: int) -> dict:
+def case_engine(n: int, rank: int, dtype: str, *, preset: str, batch: int) -> tuple[LLM, list[str]]:
+    """One engine on the seeded `preset` with `n` PEFT adapters of `rank` registered (lora-000...), and their names."""
     model_dir = build_preset_model(preset)
-    paths = {f"lora-{i:03d}": str(p) for i, p in enumerate(build_adapters(model_dir, rank=rank, count=n))}
+    paths = {f"lora-{i:03d}": str(p) for i, p in enumerate(build_adapters(model_dir, rank=rank, count=max(n, 1)))}
     llm = LLM(str(model_dir), device="cpu", dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * 17),
-              max_model_len=64, enable_lora=True, max_loras=n, max_lora_rank=rank, loras=tuple(paths.items()))
+              max_model_len=64, enable_lora=True, max_loras=max(n, 1), max_lora_rank=rank, loras=tuple(paths.items()))
+    return llm, list(paths)
+
+
+def case_parser(doc: str, cases: Sequence[str], rounds_help: str) -> argparse.ArgumentParser:
+    """The command line both case benchmarks take (this one and benchmarks.native_ab)."""
+    p = argparse.ArgumentParser(description=doc.splitlines()[0])
+    p.add_argument("--cases", nargs="+", default=list(cases), help="N:rank:dtype per case (default: %(default)s)")
+    p.add_argument("--preset", default="small")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--steps", type=int, default=5, help="decode steps timed per round")
+    p.add_argument("--rounds", type=int, default=4, help=rounds_help)
+    p.add_argument("--threads", type=int, default=1)
+    return p
+
+
+def run_case(n: int, rank: int, dtype: str, *, preset: str, batch: int, steps: int, rounds: int) -> dict:
+    llm, names = case_engine(n, rank, dtype, preset=preset, batch=batch)
     timer = _Timer()
     timer.install()
     try:
         homog, mixed, bw = [], [], []
-        names = list(paths)
         for k in range(rounds):
             bw.append(stream_gbps())
             for kind, use in (("homog", names[:1]), ("mixed", names)) if k % 2 == 0 else (("mixed", names), ("homog", names[:1])):
@@ -159,14 +176,7 @@ def run_case(n: int, rank: int, dtype: str, *, preset: str, batch: int, steps: i
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", nargs="+", default=list(CASES), help="N:rank:dtype per case (default: %(default)s)")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5, help="decode steps timed per round")
-    p.add_argument("--rounds", type=int, default=4, help="homogeneous/mixed round pairs, alternating order")
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    args = case_parser(__doc__, CASES, "homogeneous/mixed round pairs, alternating order").parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet_transformers()
     rows = []

@@ -11,15 +11,13 @@ and mode, the median step ms and LoRA-op ms of the homogeneous and the mixed bat
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 
 import torch
 
-from benchmarks.lora_floor import _round, _Timer
-from engine.bench.presets import build_adapters, build_preset_model, quiet_transformers
-from engine.llm import LLM
+from benchmarks.lora_floor import _round, _Timer, case_engine, case_parser
+from engine.bench.presets import quiet_transformers
 from kernels import tuning
 
 CASES = ("16:16:bfloat16", "1:16:bfloat16", "16:16:float32", "32:16:float32", "1:16:float32", "16:64:float32")
@@ -27,11 +25,7 @@ MODES = {"torch": "0", "native": "1"}
 
 
 def run_case(n: int, rank: int, dtype: str, *, preset: str, batch: int, steps: int, rounds: int) -> dict:
-    model_dir = build_preset_model(preset)
-    paths = {f"lora-{i:03d}": str(p) for i, p in enumerate(build_adapters(model_dir, rank=rank, count=max(n, 1)))}
-    llm = LLM(str(model_dir), device="cpu", dtype=dtype, max_num_seqs=batch, max_num_batched_tokens=max(2048, batch * 17),
-              max_model_len=64, enable_lora=True, max_loras=max(n, 1), max_lora_rank=rank, loras=tuple(paths.items()))
-    names = list(paths)
+    llm, names = case_engine(n, rank, dtype, preset=preset, batch=batch)
     timer = _Timer()
     timer.install()
     got: dict[tuple[str, str], list[tuple[float, float]]] = {(m, k): [] for m in MODES for k in ("homog", "mixed")}
@@ -62,14 +56,7 @@ def run_case(n: int, rank: int, dtype: str, *, preset: str, batch: int, steps: i
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--cases", nargs="+", default=list(CASES), help="N:rank:dtype per case (default: %(default)s)")
-    p.add_argument("--preset", default="small")
-    p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--steps", type=int, default=5, help="decode steps timed per round")
-    p.add_argument("--rounds", type=int, default=4)
-    p.add_argument("--threads", type=int, default=1)
-    args = p.parse_args(argv)
+    args = case_parser(__doc__, CASES, "rounds, each timing both modes in alternating order").parse_args(argv)
     torch.set_num_threads(args.threads)
     quiet_transformers()
     print(f"preset={args.preset} batch={args.batch} threads={args.threads}; CPU ms of the engine thread, medians")
