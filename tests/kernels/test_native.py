@@ -9,6 +9,7 @@ choice, and the build (a missing compiler leaves the torch paths serving; the ca
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -162,3 +163,17 @@ def test_the_build_is_cached_per_cpu_and_written_atomically(tmp_path: Path, monk
     assert not list(first.parent.glob(".build-*"))  # no temporary left behind
     monkeypatch.setattr(native, "_cpu_identity", lambda: "another cpu")
     assert native._build(cxx) != first
+
+
+def test_native_ab_benchmark_times_both_modes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`python -m benchmarks.native_ab` (the measurement behind kernels.tuning's native choices) runs both modes
+    and leaves the process's MLORA_CPU_NATIVE as it found it."""
+    from benchmarks import native_ab
+
+    monkeypatch.setenv(tuning.CPU_NATIVE_ENV, "auto")
+    rows = native_ab.main(["--preset", "tiny", "--rounds", "2", "--steps", "1", "--batch", "4", "--cases", "2:8:bfloat16"])
+    assert [r["case"] for r in rows] == ["bfloat16 N=2 r8"]
+    for mode in native_ab.MODES:
+        assert rows[0][mode]["mixed_ms"] > 0 and rows[0][mode]["mixed_lora_ms"] > 0 and rows[0][mode]["ratio"] > 0
+    assert rows[0]["lora_native_over_torch"] > 0
+    assert os.environ[tuning.CPU_NATIVE_ENV] == "auto"
