@@ -4,8 +4,8 @@ A decode step runs 168 tiny LoRA matmuls (12 layers x 7 modules x shrink + expan
 CPU matmul has ~15-30 us of fixed cost (oneDNN/MKL dispatch, packing) whatever its size, more than
 reading the adapter rows takes. The C++ loops read each segment's adapter rows once for up to 4 rows at
 a time, accumulate in fp32 and round once, with one ctypes call per op (~2 us). They serve fp32 and
-bf16 when segments are short (`kernels.tuning.cpu_native_wants`); long segments (prefill) stay on torch's
-GEMMs, which are compute-bound there and faster.
+bf16 when segments are short and torch runs few intra-op threads (`kernels.tuning.cpu_native_wants`: the
+loops use the calling thread only); long segments (prefill) stay on torch's GEMMs, compute-bound and faster.
 
 Built with the machine's C++ compiler (`$CXX`, else g++ / c++ / clang++) at `-O3 -march=native` into
 `$MLORA_CACHE_DIR/native` (default `~/.cache/mlora/native`), named by a hash of the source, the flags,
@@ -130,7 +130,8 @@ def wants(meta: LoraBatchMeta, dtype: torch.dtype) -> bool:
     rows = meta.sorted_rows
     if rows.device.type != "cpu" or rows.dtype != torch.int64 or not rows.is_contiguous():
         return False
-    if mode == "auto" and not tuning.cpu_native_wants(meta.num_lora_rows, len(meta.distinct_slots), dtype):
+    if mode == "auto" and not tuning.cpu_native_wants(meta.num_lora_rows, len(meta.distinct_slots), dtype,
+                                                      torch.get_num_threads()):
         return False
     lib = library()
     return lib is not None and (mode == "1" or lanes() >= tuning.CPU_NATIVE_MIN_LANES)

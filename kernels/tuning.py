@@ -225,13 +225,20 @@ CPU_NATIVE_ENV = "MLORA_CPU_NATIVE"  # "auto" (default) | "1" (every op the loop
 # native): bf16 1 x 32 rows 93 vs 85, 4 x 40 270 vs 295, 2 x 100 316 vs 361 (prefill stays on torch).
 CPU_NATIVE_MAX_MEAN_ROWS_HALF = 32
 CPU_NATIVE_MAX_MEAN_ROWS = 8
+# The loops run on the calling thread only; torch's matmuls use every intra-op thread. With 2 torch threads
+# (`native_ab --threads 2`, engine-thread CPU time, so torch's second thread is not even counted) bf16 still
+# took 0.50-0.62 of torch's LoRA ms, fp32 1.06-1.20: so auto uses them for bf16 up to this many torch threads,
+# for fp32 with one; more threads were not measured here (a 2-core machine), so torch serves there.
+CPU_NATIVE_MAX_THREADS_HALF = 2
 # auto uses the loops only where they were built with vectors of at least this many floats (AVX2 and up):
 # an x86-64 baseline (SSE) build ran 16 x 2 rows 2.2x slower than the AVX2 one, which is itself 2x the AVX-512 one.
 CPU_NATIVE_MIN_LANES = 8
 
 
-def cpu_native_wants(rows: int, segments: int, dtype: torch.dtype) -> bool:
-    """Run a step's LoRA ops (`rows` LoRA rows over `segments` adapters) in the native loops (auto mode)?"""
+def cpu_native_wants(rows: int, segments: int, dtype: torch.dtype, threads: int = 1) -> bool:
+    """Run a step's LoRA ops (`rows` LoRA rows over `segments` adapters, torch running `threads` intra-op
+    threads) in the native loops (auto mode)?"""
     if dtype == torch.float32:
-        return segments > 1 and rows <= CPU_NATIVE_MAX_MEAN_ROWS * segments
-    return dtype == torch.bfloat16 and rows <= CPU_NATIVE_MAX_MEAN_ROWS_HALF * segments
+        return threads == 1 and segments > 1 and rows <= CPU_NATIVE_MAX_MEAN_ROWS * segments
+    return (dtype == torch.bfloat16 and threads <= CPU_NATIVE_MAX_THREADS_HALF
+            and rows <= CPU_NATIVE_MAX_MEAN_ROWS_HALF * segments)

@@ -118,6 +118,14 @@ def test_auto_runs_bf16_decode_natively_and_leaves_the_rest_to_torch(monkeypatch
     assert not native.wants(single, torch.float32)  # one adapter in fp32: MKL's GEMM is as fast (kernels.tuning)
     assert not native.wants(prefill, torch.bfloat16) and not native.wants(prefill, torch.float32)  # torch's GEMMs
     assert not native.wants(decode, torch.float16)  # no fp16 loops
+    threads = torch.get_num_threads()
+    try:  # the loops use one thread: with many torch threads, torch's matmuls serve
+        torch.set_num_threads(tuning.CPU_NATIVE_MAX_THREADS_HALF + 1)
+        assert not native.wants(decode, torch.bfloat16) and not native.wants(decode, torch.float32)
+        torch.set_num_threads(2)
+        assert native.wants(decode, torch.bfloat16) and not native.wants(decode, torch.float32)
+    finally:
+        torch.set_num_threads(threads)
     monkeypatch.setenv(tuning.CPU_NATIVE_ENV, "0")
     assert not native.wants(decode, torch.bfloat16)
     monkeypatch.setenv(tuning.CPU_NATIVE_ENV, "1")
