@@ -110,6 +110,15 @@ def test_a_nan_stays_in_its_own_row(dtype: str, monkeypatch: pytest.MonkeyPatch)
 
 def test_auto_runs_bf16_decode_natively_and_leaves_the_rest_to_torch(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(tuning.CPU_NATIVE_ENV, raising=False)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the engine runs in every measurement behind the choice
+    try:
+        _auto_choices(monkeypatch)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _auto_choices(monkeypatch: pytest.MonkeyPatch) -> None:
     decode = LoraBatchMeta.from_token_lora_slots([i // 2 for i in range(32)])  # 16 adapters x 2 rows
     single = LoraBatchMeta.from_token_lora_slots([3] * 32)
     prefill = LoraBatchMeta.from_token_lora_slots([0] * 200 + [1] * 150)
@@ -118,14 +127,11 @@ def test_auto_runs_bf16_decode_natively_and_leaves_the_rest_to_torch(monkeypatch
     assert not native.wants(single, torch.float32)  # one adapter in fp32: MKL's GEMM is as fast (kernels.tuning)
     assert not native.wants(prefill, torch.bfloat16) and not native.wants(prefill, torch.float32)  # torch's GEMMs
     assert not native.wants(decode, torch.float16)  # no fp16 loops
-    threads = torch.get_num_threads()
-    try:  # the loops use one thread: with many torch threads, torch's matmuls serve
-        torch.set_num_threads(tuning.CPU_NATIVE_MAX_THREADS_HALF + 1)
-        assert not native.wants(decode, torch.bfloat16) and not native.wants(decode, torch.float32)
-        torch.set_num_threads(2)
-        assert native.wants(decode, torch.bfloat16) and not native.wants(decode, torch.float32)
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(tuning.CPU_NATIVE_MAX_THREADS_HALF + 1)  # the loops use one thread: torch's matmuls serve
+    assert not native.wants(decode, torch.bfloat16) and not native.wants(decode, torch.float32)
+    torch.set_num_threads(2)
+    assert native.wants(decode, torch.bfloat16) and not native.wants(decode, torch.float32)
+    torch.set_num_threads(1)
     monkeypatch.setenv(tuning.CPU_NATIVE_ENV, "0")
     assert not native.wants(decode, torch.bfloat16)
     monkeypatch.setenv(tuning.CPU_NATIVE_ENV, "1")
