@@ -7,6 +7,7 @@ Exit 0 when it fits, 3 when weights + slots (or one max-length sequence of KV) e
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -59,8 +60,12 @@ def budget(
 
     Exits 3 when base weights + slots (or one --max-model-len sequence of KV cache) do not fit the GPU budget.
     """
+    from engine.errors import UsageError
     from engine.planning.budget_plan import BudgetConfig, plan_budget
 
+    gpu_bytes = None if gpu_memory is None else gpu_memory * (1 << 30)
+    if gpu_bytes is not None and not math.isfinite(gpu_bytes):  # "inf", "1e308": int() would raise OverflowError
+        raise UsageError(f"--gpu-memory must be a finite number of GiB, got {gpu_memory}")
     config = BudgetConfig(
         model=model,
         rank=rank,
@@ -71,7 +76,7 @@ def budget(
         max_cpu_loras=max_cpu_loras,
         adapters=tuple(str(p) for p in adapter or ()),
         gpu=gpu,
-        gpu_memory_bytes=None if gpu_memory is None else int(gpu_memory * (1 << 30)),
+        gpu_memory_bytes=None if gpu_bytes is None else int(gpu_bytes),
         gpu_memory_utilization=gpu_memory_utilization,
         max_model_len=max_model_len,
         block_size=block_size,

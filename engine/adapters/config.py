@@ -160,7 +160,13 @@ def _is_int(v: Any) -> bool:
 
 
 def _is_num(v: Any) -> bool:
-    return (isinstance(v, (int, float)) and not isinstance(v, bool)) and math.isfinite(v)
+    """A finite int or float that fits a float (a 400-digit integer does not: alpha / r would overflow)."""
+    if not isinstance(v, (int, float)) or isinstance(v, bool):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 def _str_list(raw: Mapping[str, Any], name: str, *, allow_str: bool) -> tuple[str, ...] | str | None:

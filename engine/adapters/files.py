@@ -179,6 +179,8 @@ def decode_json(data: bytes, path: Path, what: str) -> Any:
         raise AdapterError(f"{what} {path} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
         raise AdapterError(f"{what} {path} is not valid JSON: nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer literal past Python's 4300-digit limit
+        raise AdapterError(f"{what} {path} is not valid JSON: {str(exc).splitlines()[0][:120]}") from None
 
 
 def read_adapter_config_json(adapter_dir: Path) -> Any:
@@ -236,7 +238,7 @@ def _parse_safetensors_header(path: Path, fd: int) -> tuple[dict[str, TensorMeta
         raise AdapterError(f"{name} cannot be read: {exc.strerror or exc}") from None
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, nested too deeply, a 5000-digit integer
         raise AdapterError(f"{name} is not a safetensors file: its header is not valid JSON (corrupt or wrong format)") from None
     if not isinstance(header, dict):
         raise AdapterError(f"{name} is not a safetensors file: its header is not a JSON object")

@@ -105,6 +105,11 @@ def flood_requests(cfg: FairnessConfig, adapters: list[str]) -> list[TimedReques
     return out
 
 
+def _short(value: object) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 40 else shown[:37] + "..."
+
+
 def trace_requests(path: str | Path, adapters: list[str], *, max_tokens: int, seed: int = 0) -> list[TimedRequest]:
     """A JSONL trace's requests with arrivals relative to its first timestamp (a line without one arrives
     with the line before it); adapter names not in `adapters` are mapped onto them by first appearance."""
@@ -112,9 +117,11 @@ def trace_requests(path: str | Path, adapters: list[str], *, max_tokens: int, se
 
     path = Path(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise TraceError(f"cannot read trace {str(path)!r}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise TraceError(f"{path.name} is not UTF-8 text (byte {exc.start}): is it a JSONL trace?") from None
     mapping: dict[str, str] = {}
     rows: list[tuple[float | None, dict[str, Any]]] = []
     for lineno, raw in enumerate(lines, start=1):
@@ -122,13 +129,19 @@ def trace_requests(path: str | Path, adapters: list[str], *, max_tokens: int, se
             continue
         try:
             obj = json.loads(raw)
-        except ValueError:
+        except (ValueError, RecursionError):
             raise TraceError(f"{path.name} line {lineno}: malformed JSON") from None
         if not isinstance(obj, dict):
             raise TraceError(f"{path.name} line {lineno}: expected a JSON object")
         ts = obj.get("timestamp")
-        if ts is not None and not isinstance(ts, (int, float)):
+        if ts is not None:  # finite seconds (NaN/Infinity would make the replay wait forever)
             ts = _parse_timestamp(ts, path.name, lineno)
+        priority = obj.get("priority")
+        if priority is not None and (type(priority) is not int or abs(priority) > 2**62):
+            raise TraceError(f"{path.name} line {lineno}: priority must be an integer, got {_short(priority)}")
+        tenant = obj.get("tenant")
+        if tenant is not None and not isinstance(tenant, str):
+            raise TraceError(f"{path.name} line {lineno}: tenant must be a string, got {_short(tenant)}")
         rows.append((ts, obj))
     if not rows:
         raise TraceError(f"{path.name}: the trace has no requests")

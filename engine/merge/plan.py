@@ -77,7 +77,9 @@ def _read_config(base_dir: Path) -> dict[str, Any]:
     try:
         cfg = json.loads((base_dir / "config.json").read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"cannot read {base_dir / 'config.json'}: {e}") from None
+        raise ConfigError(f"cannot read {base_dir / 'config.json'}: {str(e).splitlines()[0][:200]}") from None
+    except RecursionError:
+        raise ConfigError(f"cannot read {base_dir / 'config.json'}: not valid JSON (nested too deeply)") from None
     if not isinstance(cfg, dict):
         raise ConfigError(f"{base_dir / 'config.json'} does not hold a JSON object")
     return cfg

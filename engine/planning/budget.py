@@ -144,7 +144,8 @@ def _config_dict(cfg: Mapping[str, Any] | Any) -> dict[str, Any]:
 
 def _as_int(d: Mapping[str, Any], key: str) -> int:
     value = d[key]
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or int(value) != value:
+    # a float must be integral and finite: int(NaN) / int(inf) would raise ValueError / OverflowError
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (isinstance(value, float) and not value.is_integer()):
         raise ConfigError(f"model config: {key} must be an integer, got {value!r}")
     return int(value)
 

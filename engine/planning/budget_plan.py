@@ -343,8 +343,6 @@ def _trace_summary(
 # --------------------------------------------------------------------------- adapters on disk
 
 _LORA_KEY = re.compile(r"layers\.(\d+)\..*?\b(" + "|".join(LORA_MODULES) + r")\.lora_(A|B)(?:\.[^.]+)?\.weight$")
-_ST_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
-_ST_DTYPE_NAME = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 
 
 @dataclass(frozen=True)
@@ -368,19 +366,26 @@ def inspect_adapter(path: str | os.PathLike[str], dims: ModelDims) -> AdapterFac
     if not file.is_file():
         bin_hint = " (.bin adapters are not read: re-save with safe_serialization=True)" if (root / "adapter_model.bin").exists() else ""
         raise ConfigError(f"no adapter_model.safetensors in {str(root)!r}{bin_hint}")
-    header = _safetensors_header(file)
+    # The adapter loader's own header reader: bounds-checked (length, shapes, dtypes, offsets), regular files only.
+    from engine.adapters.files import read_safetensors_header
+    from engine.errors import AdapterError
+
+    try:
+        header = read_safetensors_header(file)
+    except AdapterError as exc:
+        raise ConfigError(f"adapter {str(root)!r}: {exc.message}") from None
     shapes: dict[tuple[int, str, str], list[int]] = {}
     num_params = file_bytes = 0
     file_dtypes: set[str] = set()
-    for key, info in header.items():
-        m = _LORA_KEY.search(key) if isinstance(info, dict) else None
+    for key, meta in header.items():
+        m = _LORA_KEY.search(key)
         if m is None:
             continue
-        shape = [int(x) for x in info.get("shape", [])]
+        shape = list(meta.shape)
         shapes[(int(m.group(1)), m.group(2), m.group(3))] = shape
         num_params += prod(shape)
-        file_bytes += prod(shape) * _ST_DTYPE_BYTES.get(str(info.get("dtype")), 0)
-        file_dtypes.add(_ST_DTYPE_NAME.get(str(info.get("dtype")), str(info.get("dtype")).lower()))
+        file_bytes += meta.nbytes
+        file_dtypes.add(meta.dtype)
     if not shapes:
         raise ConfigError(f"{str(file)!r} holds no LoRA tensors (no '*.lora_A.weight' / '*.lora_B.weight' keys)")
     problems: list[str] = []
@@ -404,21 +409,6 @@ def inspect_adapter(path: str | os.PathLike[str], dims: ModelDims) -> AdapterFac
         file_tensor_bytes=file_bytes,
         problems=tuple(dict.fromkeys(problems))[:5],
     )
-
-
-def _safetensors_header(file: Path) -> dict[str, Any]:
-    """The JSON header of a safetensors file: 8-byte little-endian length, then that many bytes of JSON."""
-    try:
-        with open(file, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 2 <= n <= 100_000_000:
-                raise ValueError("bad header length")
-            header = json.loads(f.read(n))
-    except (OSError, ValueError) as exc:
-        raise ConfigError(f"{str(file)!r} is not a readable safetensors file ({exc})") from None
-    if not isinstance(header, dict):
-        raise ConfigError(f"{str(file)!r} is not a readable safetensors file (header is not an object)")
-    return header
 
 
 __all__ = [

@@ -21,6 +21,7 @@ a trace cycling over k adapters reaches (N - k) / N with k slots and 0 with k - 
 from __future__ import annotations
 
 import json
+import math
 import os
 from bisect import bisect_left
 from collections.abc import Callable, Collection
@@ -144,12 +145,14 @@ def replay_trace(
                 if not raw.strip():
                     continue  # blank line
                 raise TraceError(f"{path.name} line {lineno}: malformed JSON ({_why(exc)})") from None
+            except RecursionError:
+                raise TraceError(f"{path.name} line {lineno}: malformed JSON (nested too deeply)") from None
             if type(obj) is not dict:
                 raise TraceError(f"{path.name} line {lineno}: expected a JSON object, got {type(obj).__name__}")
             records += 1
             ts = obj.get("timestamp")
             if ts is not None:
-                if type(ts) is not float and type(ts) is not int:
+                if type(ts) is not float or not -_MAX_TIMESTAMP <= ts <= _MAX_TIMESTAMP:  # fast path: a plain float
                     ts = _parse_timestamp(ts, path.name, lineno)
                 if t_min is None or ts < t_min:
                     t_min = ts
@@ -208,19 +211,33 @@ def _why(exc: ValueError) -> str:
     return str(exc).splitlines()[0][:120]
 
 
+# JSON allows NaN, Infinity, 1e999 and 400-digit integers: a timestamp must be a float within +-1e300 (any unit:
+# seconds, ms or ns all fit) so that the trace's duration (max - min) and loads/s stay finite numbers.
+_MAX_TIMESTAMP = 1e300
+
+
 def _parse_timestamp(value: object, name: str, lineno: int) -> float:
-    if isinstance(value, str):
+    """Unix seconds (int, float or a numeric string) or ISO 8601, as a finite float; TraceError otherwise."""
+    ts: float | None = None
+    if type(value) is int or type(value) is float:
         try:
-            return float(value)
-        except ValueError:
-            pass
+            ts = float(value)
+        except OverflowError:  # a 400-digit integer
+            ts = math.inf
+    elif isinstance(value, str):
         try:
-            return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            ts = float(value)
         except ValueError:
-            pass
-    raise TraceError(
-        f"{name} line {lineno}: timestamp must be unix seconds or ISO 8601, got {value!r}"
-    )
+            try:
+                ts = datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except (ValueError, OverflowError):
+                pass
+    if ts is None:
+        raise TraceError(f"{name} line {lineno}: timestamp must be unix seconds or ISO 8601, got {value!r}")
+    if not -_MAX_TIMESTAMP <= ts <= _MAX_TIMESTAMP:  # NaN fails this too
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:37] + "..."
+        raise TraceError(f"{name} line {lineno}: timestamp must be a finite number of unix seconds, got {shown}")
+    return ts
 
 
 __all__ = ["MAX_SIMULATED_SLOTS", "TraceError", "TraceReplay", "replay_trace"]

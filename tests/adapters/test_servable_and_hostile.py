@@ -124,6 +124,17 @@ HOSTILE = {
     "bad_regex_targets": (lambda d: edit_config(d, target_modules="(q_proj"), "required_fields", "not a valid regular expression"),
     "pattern_not_a_dict": (lambda d: edit_config(d, rank_pattern=[1, 2]), "required_fields", "'rank_pattern' must be an object"),
     "bool_rank": (lambda d: edit_config(d, r=True), "required_fields", "'r' must be an integer"),
+    # JSON allows integers of any length: past 4300 digits json.loads raises a plain ValueError, and a 400-digit
+    # lora_alpha is "finite" yet overflows alpha / r; both once escaped as an internal error.
+    "5000_digit_integer_in_config": (
+        lambda d: (d / "adapter_config.json").write_text((d / "adapter_config.json").read_text()[:-1] + ', "x": ' + "9" * 5000 + "}"),
+        "config", "is not valid JSON: Exceeds the limit (4300 digits)"),
+    "400_digit_lora_alpha": (lambda d: edit_config(d, lora_alpha=10**400), "required_fields", "'lora_alpha' must be a number"),
+    "400_digit_alpha_pattern": (lambda d: edit_config(d, alpha_pattern={"q_proj": 10**400}), "required_fields",
+                                "alpha_pattern['q_proj']' must be a number"),
+    "5000_digit_integer_in_safetensors_header": (
+        lambda d: (d / "adapter_model.safetensors").write_bytes((lambda h: struct.pack("<Q", len(h)) + h)(b'{"x": ' + b"9" * 5000 + b"}")),
+        "weights_file", "its header is not valid JSON"),
 }
 
 
@@ -168,3 +179,17 @@ def test_validate_adapter_never_raises_on_any_single_byte_truncation_point(llama
         assert not report.valid
         c = [c for c in report.checks if c.name == "weights_file"][0]
         assert c.status == "fail" and ("truncated" in c.message or "not valid JSON" in c.message), (cut, c)
+
+
+@pytest.mark.parametrize("case", ["5000_digit_integer_in_config", "400_digit_lora_alpha", "5000_digit_integer_in_safetensors_header"])
+def test_oversized_integers_are_one_line_errors_in_merge(bases, adapter_copy, tmp_path, case):
+    """`mlora merge` reads the adapter with the same readers: one line, exit 1, no traceback, no output."""
+    HOSTILE[case][0](adapter_copy)
+    out = tmp_path / "merged"
+    res = subprocess.run([sys.executable, "-m", "mlora_cli.main", "merge", "--base", str(bases["llama"]), "--adapter", str(adapter_copy),
+                          "--out", str(out)], capture_output=True, text=True, timeout=120,
+                         env={**{k: v for k, v in os.environ.items() if k != "MLORA_DEBUG"}, "COLUMNS": "200"})
+    lines = [line for line in res.stderr.splitlines() if line.strip()]
+    assert res.returncode == 1 and "Traceback" not in res.stdout + res.stderr, res.stderr
+    assert lines[0].startswith("error: ") and len(lines) <= 2 and "internal error" not in res.stderr, res.stderr
+    assert HOSTILE[case][2] in lines[0] and not out.exists()

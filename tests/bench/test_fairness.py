@@ -43,6 +43,32 @@ def test_trace_requests_arrivals_mapping_and_fields(tmp_path: Path) -> None:
         trace_requests(trace, ["upper"], max_tokens=4)
 
 
+@pytest.mark.parametrize(("line", "message"), [
+    ('{"timestamp": Infinity, "adapter": "a"}', "line 2: timestamp must be a finite number"),  # the replay once waited forever
+    ('{"timestamp": "1e999", "adapter": "a"}', "line 2: timestamp must be a finite number"),
+    ("[" * 100_000 + "]" * 100_000, "line 2: malformed JSON"),  # was an internal RecursionError
+    ('{"adapter": "a", "priority": "high"}', "line 2: priority must be an integer, got 'high'"),  # was an internal ValueError
+    ('{"adapter": "a", "priority": NaN}', "line 2: priority must be an integer, got nan"),
+    ('{"adapter": "a", "tenant": [1]}', r"line 2: tenant must be a string, got \[1\]"),  # once killed the engine loop
+])  # fmt: skip
+def test_trace_requests_refuses_hostile_lines_with_their_line_number(tmp_path: Path, line: str, message: str) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"timestamp": 1, "adapter": "a"}\n' + line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        trace_requests(trace, ["upper"], max_tokens=4)
+
+
+def test_trace_that_is_not_utf8_is_one_line_error(tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    trace.write_bytes(b'{"adapter": "\xff\xfe"}\n')
+    with pytest.raises(ConfigError, match="t.jsonl is not UTF-8 text"):
+        trace_requests(trace, ["upper"], max_tokens=4)
+    res = run_cli("--trace", str(trace), "--device", "cpu", "--threads", "1", cache=tmp_path / "cache")
+    assert res.returncode == 1 and "Traceback" not in res.stdout + res.stderr and "internal error" not in res.stderr
+    assert [line for line in res.stderr.splitlines() if line.strip()][0] == \
+        "error: t.jsonl is not UTF-8 text (byte 13): is it a JSONL trace?"
+
+
 def test_summarize_policy_per_tenant_percentiles_and_tokens_per_s() -> None:
     timings = [Timing("h", 0.0, 1.0, 4.0, 10), Timing("h", 0.0, 3.0, 5.0, 10), Timing("l", 1.0, 1.5, 2.0, 10)]
     res = summarize_policy("fair", timings, engine_steps=30)

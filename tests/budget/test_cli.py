@@ -194,6 +194,8 @@ def test_hub_id_offline_is_one_line_error(tmp_path):
         (("--target-modules", "q,lm_head"), "unknown target module 'lm_head'"),
         (("--dtype", "int4"), "unsupported dtype int4"),
         (("--gpu", "L4", "--gpu-memory", "24"), "either --gpu or --gpu-memory"),
+        (("--gpu-memory", "inf"), "--gpu-memory must be a finite number of GiB, got inf"),  # was an internal OverflowError
+        (("--gpu-memory", "1e308"), "--gpu-memory must be a finite number of GiB"),
     ],
 )
 def test_usage_errors_exit_2(args, fragment):
@@ -254,3 +256,76 @@ def test_max_cpu_loras_defaults_to_serves_default():
     assert (explicit["max_cpu_loras"], explicit["max_cpu_lora_bytes"], explicit["cpu_cache_adapters"]) == (5, 0, 5)
     res = mlora("--max-loras", "3")
     assert res.returncode == 0 and "CPU cache (12 adapters)" in res.stdout
+
+
+def _header(tensors: dict) -> bytes:
+    import struct
+
+    raw = json.dumps(tensors).encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+_QA = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
+_QB = "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight"
+
+
+@pytest.mark.parametrize(
+    ("weights", "fragment"),
+    [
+        # budget once parsed the header itself: these were internal ValueError / TypeError / RecursionError
+        (_header({_QA: {"dtype": "F32", "shape": "ab", "data_offsets": [0, 0]}}), "has an invalid shape 'ab'"),
+        (_header({_QA: {"dtype": "F32", "shape": 5, "data_offsets": [0, 0]}}), "has an invalid shape 5"),
+        (_header({_QA: {"dtype": "F32", "shape": [None], "data_offsets": [0, 0]}}), "has an invalid shape [None]"),
+        (b"\x40\x0d\x03\x00\x00\x00\x00\x00" + b"[" * 100_000 + b"]" * 100_000, "its header is not valid JSON"),
+        # and accepted these with made-up numbers (negative params, overlapping data, a truncated file)
+        (_header({_QA: {"dtype": "F32", "shape": [-8, 64], "data_offsets": [0, 0]}}), "has an invalid shape [-8, 64]"),
+        (_header({_QA: {"dtype": "F32", "shape": [8, 64], "data_offsets": [0, 2048]},
+                  _QB: {"dtype": "F32", "shape": [64, 8], "data_offsets": [0, 2048]}}) + bytes(2048), "overlaps another"),
+        (_header({_QA: {"dtype": "F32", "shape": [8, 64], "data_offsets": [0, 2048]}}) + bytes(100), "is truncated"),
+    ],
+)
+def test_hostile_adapter_header_is_one_line_error(tmp_path, weights, fragment):
+    adapter = tmp_path / "hostile"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}))
+    (adapter / "adapter_model.safetensors").write_bytes(weights)
+    res = mlora("--model", "llama-3.2-1b", "--adapter", str(adapter))
+    assert_one_line_error(res, 1, f"adapter '{adapter}'", fragment)
+    assert "internal error" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("config_text", "fragment"),
+    [
+        ("[" * 100_000 + "]" * 100_000, "not valid JSON (nested too deeply)"),  # was an internal RecursionError
+        (None, "hidden_size must be an integer, got nan"),  # was an internal "cannot convert float NaN to integer"
+    ],
+)
+def test_hostile_model_config_is_one_line_error(tmp_path, config_text, fragment):
+    if config_text is None:
+        cfg = load_model_preset("llama-3.2-1b")
+        cfg["hidden_size"] = float("nan")
+        config_text = json.dumps(cfg)  # json writes NaN, and reads it back
+    (tmp_path / "config.json").write_text(config_text)
+    res = mlora("--model", str(tmp_path))
+    assert_one_line_error(res, 1, fragment)
+    assert "internal error" not in res.stderr
+
+
+@pytest.mark.parametrize(
+    ("line", "fragment"),
+    [
+        ('{"timestamp": Infinity, "adapter": "a"}', "line 2: timestamp must be a finite number of unix seconds, got inf"),
+        ('{"timestamp": NaN, "adapter": "a"}', "line 2: timestamp must be a finite number of unix seconds, got nan"),
+        ('{"timestamp": "1e999", "adapter": "a"}', "line 2: timestamp must be a finite number of unix seconds, got '1e999'"),
+        ('{"timestamp": ' + "9" * 400 + ', "adapter": "a"}', "line 2: timestamp must be a finite number of unix seconds"),
+        ("[" * 100_000 + "]" * 100_000, "line 2: malformed JSON (nested too deeply)"),
+    ],
+)
+def test_non_finite_or_hostile_trace_line_is_one_line_error(tmp_path, line, fragment):
+    """Infinity once gave `"duration_s": Infinity` (not JSON) and a 400-digit integer an internal OverflowError."""
+    trace = tmp_path / "t.jsonl"
+    trace.write_text('{"timestamp": 0.5, "adapter": "b"}\n' + line + "\n")
+    res = mlora("--trace", str(trace), "--json")
+    assert_one_line_error(res, 1, fragment)
+    assert "internal error" not in res.stderr and res.stdout == ""

@@ -115,6 +115,10 @@ def test_progress_is_reported_to_the_end(tmp_path):
         ('{"timestamp": 5}', "line 3: no 'adapter' (or 'model') field"),
         ('{"adapter": 7}', "line 3: adapter name must be a string"),
         ('{"adapter": "a", "timestamp": "yesterday"}', "line 3: timestamp must be unix seconds or ISO 8601"),
+        ('{"adapter": "a", "timestamp": NaN}', "line 3: timestamp must be a finite number of unix seconds, got nan"),
+        ('{"adapter": "a", "timestamp": -Infinity}', "line 3: timestamp must be a finite number of unix seconds, got -inf"),
+        ('{"adapter": "a", "timestamp": ' + "1" * 400 + "}", "line 3: timestamp must be a finite number of unix seconds"),
+        ("[" * 100_000 + "]" * 100_000, "line 3: malformed JSON (nested too deeply)"),
     ],
 )
 def test_malformed_line_is_reported_with_its_line_number(tmp_path, bad_line, message):
@@ -137,3 +141,13 @@ def test_base_names_count_as_base_requests(tmp_path):
     replay = replay_trace(path, base_names={"base"})
     assert (replay.adapter_requests, replay.base_requests, replay.distinct_adapters) == (4, 3, 2)
     assert replay.hits(2) == brute_force_lru_hits([n for n in names if n != "base"], 2) == 2
+
+
+def test_timestamps_far_apart_keep_a_finite_duration(tmp_path):
+    """-1e300 .. 1e300 is the widest span allowed: its duration is still a finite float (strict JSON)."""
+    path = tmp_path / "wide.jsonl"
+    path.write_text('{"adapter": "a", "timestamp": -1e300}\n{"adapter": "b", "timestamp": 1e300}\n')
+    assert replay_trace(path).duration_s == 2e300
+    path.write_text('{"adapter": "a", "timestamp": -1e308}\n{"adapter": "b", "timestamp": 1e308}\n')
+    with pytest.raises(TraceError, match="line 1: timestamp must be a finite number"):
+        replay_trace(path)

@@ -60,6 +60,22 @@ def test_missing_base_files_are_refused(bases, tmp_path, capsys) -> None:
     assert not out.exists()
 
 
+def test_hostile_base_config_is_one_line_error(bases, tmp_path, capsys) -> None:
+    """A config.json nested 100,000 deep was an internal RecursionError; a 5000-digit integer printed Python's
+    multi-clause ValueError. Both are one line now, and nothing is written."""
+    adapter = build_peft_adapter(bases["llama"], tmp_path / "a", r=4)
+    out = tmp_path / "out"
+    for text, fragment in (("[" * 100_000 + "]" * 100_000, "not valid JSON (nested too deeply)"),
+                           ('{"x": ' + "9" * 5000 + "}", "Exceeds the limit (4300 digits)")):
+        base = tmp_path / "base"
+        shutil.rmtree(base, ignore_errors=True)
+        shutil.copytree(bases["llama"], base)
+        (base / "config.json").write_text(text)
+        line = _one_line_error(*run_cli("--base", str(base), "-a", str(adapter), "-o", str(out), capsys=capsys)[::2])
+        assert fragment in line and "internal error" not in line, line
+    assert not out.exists()
+
+
 def test_existing_output_needs_force_and_force_replaces_it(bases, tmp_path, capsys) -> None:
     adapter = build_peft_adapter(bases["llama"], tmp_path / "a", r=4)
     out = tmp_path / "out"

@@ -101,6 +101,8 @@ def _read_config_file(file: Path) -> dict[str, Any]:
             data = json.load(f)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"cannot read model config {str(file)!r}: {str(exc).splitlines()[0]}") from None
+    except RecursionError:
+        raise ConfigError(f"cannot read model config {str(file)!r}: not valid JSON (nested too deeply)") from None
     if not isinstance(data, dict):
         raise ConfigError(f"model config {str(file)!r} is not a JSON object")
     return data
