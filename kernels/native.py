@@ -3,14 +3,15 @@
 A decode step runs 168 tiny LoRA matmuls (12 layers x 7 modules x shrink + expand) and every torch
 CPU matmul has ~15-30 us of fixed cost (oneDNN/MKL dispatch, packing) whatever its size, more than
 reading the adapter rows takes. The C++ loops read each segment's adapter rows once for up to 4 rows at
-a time, accumulate in fp32 and round once, with one ctypes call per op (~2 us). They serve fp32 and
+a time, accumulate in fp32 and round once, with one ctypes call per fused projection (q/k/v together,
+its arguments in one int64 block). They serve fp32 and
 bf16 when segments are short and torch runs few intra-op threads (`kernels.tuning.cpu_native_wants`: the
 loops use the calling thread only); long segments (prefill) stay on torch's GEMMs, compute-bound and faster.
 
 Built with the machine's C++ compiler (`$CXX`, else g++ / c++ / clang++) at `-O3 -march=native` into
 `$MLORA_CACHE_DIR/native` (default `~/.cache/mlora/native`), named by a hash of the source, the flags,
 the compiler and this CPU's model and flags, so a cache shared between machines never loads a library
-built for another CPU; the build (~1 s) happens once, at the first op that wants it, and is written
+built for another CPU; the build (~1.5 s) happens once, at the first op that wants it, and is written
 atomically (concurrent processes are safe). No compiler, or a failed build: the torch paths serve,
 with one warning. `MLORA_CPU_NATIVE=0` turns the loops off, `=1` uses them for every op they can run
 (tests), `auto` (default) where `cpu_native_wants` says.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-from array import array
 import hashlib
 import logging
 import os
@@ -28,6 +28,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+from array import array
 from collections.abc import Sequence
 from pathlib import Path
 from weakref import WeakKeyDictionary
@@ -100,11 +101,8 @@ def _mode() -> str:
 
 
 @functools.cache
-def library() -> ctypes.CDLL | None:
-    """The loaded native library, or None (turned off, no compiler, or the build failed: one warning)."""
-    mode = _mode()
-    if mode == "0":
-        return None
+def _load() -> ctypes.CDLL | NativeBuildError:
+    """Build (once per machine) and load the library, once per process; the error instead when that fails."""
     try:
         cxx = _compiler()
         if cxx is None:
@@ -113,12 +111,21 @@ def library() -> ctypes.CDLL | None:
         if lib.mlora_abi_version() != ABI_VERSION:
             raise NativeBuildError("stale native library (ABI version)")
     except (OSError, subprocess.SubprocessError, NativeBuildError) as e:
-        if mode == "1":
-            raise NativeBuildError(f"{tuning.CPU_NATIVE_ENV}=1 but the native LoRA loops are unavailable: {e}") from e
         log.warning("native CPU LoRA loops unavailable, using torch's matmuls: %s", e)
-        return None
+        return e if isinstance(e, NativeBuildError) else NativeBuildError(str(e))
     lib.mlora_shrink_n.argtypes = lib.mlora_expand_n.argtypes = [ctypes.c_void_p, ctypes.c_int64]  # int64 blocks, count
     lib.mlora_shrink_n.restype = lib.mlora_expand_n.restype = ctypes.c_int
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded native library, or None where it cannot be built (no compiler, a failed build: one warning);
+    with MLORA_CPU_NATIVE=1 that is an error instead."""
+    lib = _load()
+    if isinstance(lib, NativeBuildError):
+        if _mode() == "1":
+            raise NativeBuildError(f"{tuning.CPU_NATIVE_ENV}=1 but the native LoRA loops are unavailable: {lib}")
+        return None
     return lib
 
 
@@ -137,11 +144,10 @@ def wants(meta: LoraBatchMeta, dtype: torch.dtype) -> bool:
     return lib is not None and (mode == "1" or lanes() >= tuning.CPU_NATIVE_MIN_LANES)
 
 
-@functools.cache
 def lanes() -> int:
     """Float lanes per vector of the built loops (16 with AVX-512, 8 with AVX2; 0 when not built)."""
-    lib = library()
-    return int(lib.mlora_vector_lanes()) if lib is not None else 0
+    lib = _load()
+    return 0 if isinstance(lib, NativeBuildError) else int(lib.mlora_vector_lanes())
 
 
 _SEGS: WeakKeyDictionary[LoraBatchMeta, dict[tuple[int, int], tuple[Sequence[int] | None, torch.Tensor]]] = WeakKeyDictionary()

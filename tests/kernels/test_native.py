@@ -142,8 +142,7 @@ def test_without_a_compiler_the_torch_paths_serve(monkeypatch: pytest.MonkeyPatc
     """No C++ compiler: one warning, and the ops still give the right answer on torch's paths; asking for the
     loops explicitly (MLORA_CPU_NATIVE=1) is then a clear error instead of a silent fallback."""
     monkeypatch.setattr(native, "_compiler", lambda: None)
-    native.library.cache_clear()
-    native.lanes.cache_clear()
+    native._load.cache_clear()
     try:
         monkeypatch.delenv(tuning.CPU_NATIVE_ENV, raising=False)
         slots = [i // 2 for i in range(12)]
@@ -155,13 +154,11 @@ def test_without_a_compiler_the_torch_paths_serve(monkeypatch: pytest.MonkeyPatc
             h = lora_shrink(x, a, ts, scales, meta=meta, backend="cpu")
         assert any("no C++ compiler" in r.getMessage() for r in caplog.records)
         assert_close(h, naive_shrink(x, a, ts, scales), "bf16", "torch shrink without the loops")
-        native.library.cache_clear()
         monkeypatch.setenv(tuning.CPU_NATIVE_ENV, "1")
         with pytest.raises(native.NativeBuildError, match="MLORA_CPU_NATIVE=1"):
             native.wants(meta, torch.bfloat16)
     finally:
-        native.library.cache_clear()
-        native.lanes.cache_clear()
+        native._load.cache_clear()
 
 
 def test_the_build_is_cached_per_cpu_and_written_atomically(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
