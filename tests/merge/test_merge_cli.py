@@ -14,8 +14,8 @@ from tests.merge.conftest import hash_dir, run_cli
 from tests.tiny import build_peft_adapter, build_tiny_model
 
 
-def _one_line_error(code: int, err: str) -> str:
-    assert code == 1
+def _one_line_error(code: int, err: str, expected: int = 1) -> str:
+    assert code == expected, (code, err)
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[0].startswith("error: ") and len(lines) <= 2
@@ -106,7 +106,7 @@ def test_positional_adapter_uses_its_base_and_json_summary(bases, tmp_path, caps
     assert s["seconds"] > 0 and s["peak_rss_bytes"] > 0
     assert s["adapters"] == [{"path": str(adapter), "weight": 1.0}] and s["base"] == str(bases["llama"])
     code, text, err = run_cli("-a", str(adapter), "-a", str(adapter), "-w", "1", "-o", str(tmp_path / "x"), capsys=capsys)
-    assert "2 adapter(s) but 1 --weight" in _one_line_error(code, err)
+    assert "2 adapter(s) but 1 --weight" in _one_line_error(code, err, expected=2)  # a usage error
 
 
 @pytest.mark.parametrize(
