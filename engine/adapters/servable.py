@@ -7,7 +7,8 @@ so it is flagged here with the reason and what to do instead.
 
 `servable_problems` decides everything that needs no tensor values, in two levels:
   * config and tensor names (`servability_issues`, also the `servable` check of `mlora validate`);
-  * shapes, dtypes and ranks, and with a `SlotTarget` the fit to the slots that will hold it:
+  * shapes, dtypes and ranks (`lora_shape_issue`: no zero-sized tensors, rank <= `MAX_LORA_RANK`),
+    and with a `SlotTarget` the fit to the slots that will hold it:
     what registration checks from the safetensors header alone (`engine.adapters.manifest`).
 The values (finite after the cast to the serving dtype, magnitude bounds) are
 `engine.adapters.limits`' rule and need the tensors, so they run at the first full load.
@@ -149,6 +150,27 @@ def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple
     return issues
 
 
+# Largest LoRA rank the engine accepts, whatever --max-lora-rank says. A LoRA update B @ A has rank at most
+# min(in, out) of its linear, and the widest released models' linears are narrower than this
+# (Llama-3.1-405B: hidden 16384); trained ranks are about 4-256. Only a corrupt or hostile file claims more
+# (e.g. r = 2**40 with zero-sized tensors, which costs no bytes).
+MAX_LORA_RANK = 1 << 16
+
+
+def lora_shape_issue(rank: int, in_features: int, out_features: int) -> str | None:
+    """Why one module's LoRA shapes (A [rank, in], B [out, rank]) cannot be a real adapter (None: they can).
+    The one owner of this rule: `servable_problems` (so the engine's registration) and `mlora validate`'s
+    `shapes` check both ask it."""
+    issues = []
+    if 0 in (rank, in_features, out_features):
+        issues.append(f"lora_A [{rank}, {in_features}] / lora_B [{out_features}, {rank}] are zero-sized "
+                      "(no base linear has 0 features): the file is corrupt or hostile")
+    if rank > MAX_LORA_RANK:
+        issues.append(f"rank {rank} is beyond the limit of {MAX_LORA_RANK} (LoRA ranks are about 4-256; "
+                      "no model's linears are that wide)")
+    return "; ".join(issues) or None
+
+
 # Slots built without the base weights cannot serve DoRA: its norm needs W0.
 DORA_UNSUPPORTED = "DoRA adapters need the base weights, and these LoRA slots were built without them"
 # Tensor dtypes an adapter file may hold (cast to the engine's lora dtype at load); anything else (int8, ...) is refused.
@@ -223,6 +245,11 @@ def servable_problems(adapter: Any, *, allow_dora: bool, target: SlotTarget | No
     ints = sorted({d for s in shapes.values() for d in s.dtypes if d not in SERVE_DTYPES})
     if ints:
         out.append(Problem(f"LoRA tensors of dtype {', '.join('torch.' + d for d in ints)} (quantised adapters must be dequantised first)"))
+    bad_shape = next(((key, msg) for key, s in shapes.items()
+                      if (msg := lora_shape_issue(s.rank, s.in_features, s.out_features))), None)
+    if bad_shape:  # the first offender says enough; the others are usually the same
+        (layer, module), msg = bad_shape
+        out.append(Problem(f"layer {layer} {module}: {msg}"))
     if target is not None:
         out += _slot_problems(shapes, target)
     return out
