@@ -67,6 +67,28 @@ def _init_issue(init: bool | str) -> tuple[str, str] | None:
     return None
 
 
+def dora_magnitude_issue(config: AdapterConfig, keys: Iterable[str]) -> str | None:
+    """Why a DoRA adapter (use_dora, or any lora_magnitude_vector) cannot be applied: a LoRA'd linear
+    without its magnitude vector (None: fine, or not DoRA). The rule `servability_issues` fails
+    (so validate and the engine's slots), and `mlora merge` refuses."""
+    lora_paths: set[str] = set()
+    magnitude_paths: set[str] = set()
+    for key in keys:
+        lk = parse_lora_key(key)
+        if lk is None or lk.role.startswith("embedding") or lk.layer is None:
+            continue
+        if lk.role == "magnitude":
+            magnitude_paths.add(lk.module_path)
+        elif lk.role in ("A", "B"):
+            lora_paths.add(lk.module_path)
+    unscaled = sorted(lora_paths - magnitude_paths)
+    if not (config.use_dora or magnitude_paths) or not unscaled:
+        return None
+    more = f" and {len(unscaled) - 2} more" if len(unscaled) > 2 else ""
+    return (f"use_dora is set but some modules have no lora_magnitude_vector ({', '.join(unscaled[:2])}{more}): "
+            "DoRA cannot be applied without it; re-save the adapter with PEFT")
+
+
 def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple[str, str]]:
     """(status, message) for each feature of the adapter the engine cannot serve as-is.
 
@@ -78,9 +100,8 @@ def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple
     if init:
         issues.append(init)
 
+    keys = list(keys)  # read twice (dora_magnitude_issue)
     has_magnitude = has_lora_bias = False
-    lora_paths: set[str] = set()  # decoder modules with lora_A/lora_B
-    magnitude_paths: set[str] = set()  # decoder modules with a DoRA magnitude vector
     embedding_paths: set[str] = set()
     foreign_paths: set[str] = set()
     others: dict[str, list[str]] = {}
@@ -94,20 +115,12 @@ def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple
             foreign_paths.add(lk.module_path)
         elif lk.role == "magnitude":
             has_magnitude = True
-            magnitude_paths.add(lk.module_path)
-        elif lk.role in ("A", "B"):
-            lora_paths.add(lk.module_path)
         elif lk.role == "bias":
             has_lora_bias = True
 
     if config.use_dora or has_magnitude:
-        unscaled = sorted(lora_paths - magnitude_paths)
-        if unscaled:  # the engine's slots refuse this too (LoraSlots.check), with the same reason
-            more = f" and {len(unscaled) - 2} more" if len(unscaled) > 2 else ""
-            issues.append(("fail", f"use_dora is set but some modules have no lora_magnitude_vector ({', '.join(unscaled[:2])}{more}): "
-                                   "DoRA cannot be applied without it; re-save the adapter with PEFT"))
-        else:
-            issues.append(("warn", DORA_WARNING))
+        unscaled = dora_magnitude_issue(config, keys)  # the engine's slots refuse this too (LoraSlots.check)
+        issues.append(("fail", unscaled) if unscaled else ("warn", DORA_WARNING))
     if config.lora_bias or has_lora_bias:
         issues.append(("fail", "lora_bias: LoRA B carries a bias vector; slots hold only A and B, so the bias would be dropped (" + _MERGE_HINT + ")"))
     if config.bias != "none":
@@ -177,6 +190,16 @@ DORA_UNSUPPORTED = "DoRA adapters need the base weights, and these LoRA slots we
 SERVE_DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
+def dtype_issue(dtypes: Iterable[str]) -> str | None:
+    """Why LoRA tensors of these dtypes (torch names: "int8", "bool", "float8_e4m3fn", ...) cannot be
+    served or merged: only float tensors can (None: all are). `servable_problems` and `mlora merge` ask it;
+    validate's `dtype` check applies the same `SERVE_DTYPES`."""
+    bad = sorted({d for d in dtypes if d not in SERVE_DTYPES})
+    if not bad:
+        return None
+    return f"LoRA tensors of dtype {', '.join('torch.' + d for d in bad)} (quantised adapters must be dequantised first)"
+
+
 def config_reasons(config: AdapterConfig, keys: Iterable[str], *, allow_dora: bool) -> list[str]:
     """The failing `servability_issues` (and DoRA when it is not allowed), as messages."""
     return [msg for status, msg in servability_issues(config, keys)
@@ -242,9 +265,9 @@ def servable_problems(adapter: Any, *, allow_dora: bool, target: SlotTarget | No
             if not (target is not None and is_dora and not target.dora and m == DORA_WARNING)]
     if not shapes:
         out.insert(0 if target is None else len(out), Problem("it has no LoRA on any decoder q/k/v/o/gate/up/down linear"))
-    ints = sorted({d for s in shapes.values() for d in s.dtypes if d not in SERVE_DTYPES})
-    if ints:
-        out.append(Problem(f"LoRA tensors of dtype {', '.join('torch.' + d for d in ints)} (quantised adapters must be dequantised first)"))
+    bad_dtype = dtype_issue(d for s in shapes.values() for d in s.dtypes)
+    if bad_dtype:
+        out.append(Problem(bad_dtype))
     bad_shape = next(((key, msg) for key, s in shapes.items()
                       if (msg := lora_shape_issue(s.rank, s.in_features, s.out_features))), None)
     if bad_shape:  # the first offender says enough; the others are usually the same
