@@ -99,15 +99,15 @@ def merge(
 
     from engine.adapters.config import parse_adapter_config
     from engine.adapters.files import read_adapter_config_json, resolve_adapter_dir
-    from engine.errors import ConfigError, MloraError
+    from engine.errors import ConfigError, MloraError, UsageError
     from engine.merge import AdapterSpec, MergeConfig, merge_adapter
 
     paths = [str(p) for p in ([adapter_arg] if adapter_arg is not None else []) + list(adapters or [])]
     if not paths:
-        raise ConfigError("no adapter given", hint="mlora merge --base MODEL --adapter PATH --out DIR")
+        raise UsageError("no adapter given", hint="mlora merge --base MODEL --adapter PATH --out DIR")
     ws = list(weights or [])
     if ws and len(ws) != len(paths):
-        raise ConfigError(f"got {len(paths)} adapter(s) but {len(ws)} --weight value(s); give one weight per adapter or none")
+        raise UsageError(f"got {len(paths)} adapter(s) but {len(ws)} --weight value(s); give one weight per adapter or none")
     if base is None:
         base = parse_adapter_config(read_adapter_config_json(resolve_adapter_dir(paths[0]))).base_model_name_or_path
         if not base:

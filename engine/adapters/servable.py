@@ -7,7 +7,8 @@ so it is flagged here with the reason and what to do instead.
 
 `servable_problems` decides everything that needs no tensor values, in two levels:
   * config and tensor names (`servability_issues`, also the `servable` check of `mlora validate`);
-  * shapes, dtypes and ranks, and with a `SlotTarget` the fit to the slots that will hold it:
+  * shapes, dtypes and ranks (`lora_shape_issue`: no zero-sized tensors, rank <= `MAX_LORA_RANK`),
+    and with a `SlotTarget` the fit to the slots that will hold it:
     what registration checks from the safetensors header alone (`engine.adapters.manifest`).
 The values (finite after the cast to the serving dtype, magnitude bounds) are
 `engine.adapters.limits`' rule and need the tensors, so they run at the first full load.
@@ -66,6 +67,28 @@ def _init_issue(init: bool | str) -> tuple[str, str] | None:
     return None
 
 
+def dora_magnitude_issue(config: AdapterConfig, keys: Iterable[str]) -> str | None:
+    """Why a DoRA adapter (use_dora, or any lora_magnitude_vector) cannot be applied: a LoRA'd linear
+    without its magnitude vector (None: fine, or not DoRA). The rule `servability_issues` fails
+    (so validate and the engine's slots), and `mlora merge` refuses."""
+    lora_paths: set[str] = set()
+    magnitude_paths: set[str] = set()
+    for key in keys:
+        lk = parse_lora_key(key)
+        if lk is None or lk.role.startswith("embedding") or lk.layer is None:
+            continue
+        if lk.role == "magnitude":
+            magnitude_paths.add(lk.module_path)
+        elif lk.role in ("A", "B"):
+            lora_paths.add(lk.module_path)
+    unscaled = sorted(lora_paths - magnitude_paths)
+    if not (config.use_dora or magnitude_paths) or not unscaled:
+        return None
+    more = f" and {len(unscaled) - 2} more" if len(unscaled) > 2 else ""
+    return (f"use_dora is set but some modules have no lora_magnitude_vector ({', '.join(unscaled[:2])}{more}): "
+            "DoRA cannot be applied without it; re-save the adapter with PEFT")
+
+
 def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple[str, str]]:
     """(status, message) for each feature of the adapter the engine cannot serve as-is.
 
@@ -77,9 +100,8 @@ def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple
     if init:
         issues.append(init)
 
+    keys = list(keys)  # read twice (dora_magnitude_issue)
     has_magnitude = has_lora_bias = False
-    lora_paths: set[str] = set()  # decoder modules with lora_A/lora_B
-    magnitude_paths: set[str] = set()  # decoder modules with a DoRA magnitude vector
     embedding_paths: set[str] = set()
     foreign_paths: set[str] = set()
     others: dict[str, list[str]] = {}
@@ -93,20 +115,12 @@ def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple
             foreign_paths.add(lk.module_path)
         elif lk.role == "magnitude":
             has_magnitude = True
-            magnitude_paths.add(lk.module_path)
-        elif lk.role in ("A", "B"):
-            lora_paths.add(lk.module_path)
         elif lk.role == "bias":
             has_lora_bias = True
 
     if config.use_dora or has_magnitude:
-        unscaled = sorted(lora_paths - magnitude_paths)
-        if unscaled:  # the engine's slots refuse this too (LoraSlots.check), with the same reason
-            more = f" and {len(unscaled) - 2} more" if len(unscaled) > 2 else ""
-            issues.append(("fail", f"use_dora is set but some modules have no lora_magnitude_vector ({', '.join(unscaled[:2])}{more}): "
-                                   "DoRA cannot be applied without it; re-save the adapter with PEFT"))
-        else:
-            issues.append(("warn", DORA_WARNING))
+        unscaled = dora_magnitude_issue(config, keys)  # the engine's slots refuse this too (LoraSlots.check)
+        issues.append(("fail", unscaled) if unscaled else ("warn", DORA_WARNING))
     if config.lora_bias or has_lora_bias:
         issues.append(("fail", "lora_bias: LoRA B carries a bias vector; slots hold only A and B, so the bias would be dropped (" + _MERGE_HINT + ")"))
     if config.bias != "none":
@@ -149,10 +163,41 @@ def servability_issues(config: AdapterConfig, keys: Iterable[str]) -> list[tuple
     return issues
 
 
+# Largest LoRA rank the engine accepts, whatever --max-lora-rank says. A LoRA update B @ A has rank at most
+# min(in, out) of its linear, and the widest released models' linears are narrower than this
+# (Llama-3.1-405B: hidden 16384); trained ranks are about 4-256. Only a corrupt or hostile file claims more
+# (e.g. r = 2**40 with zero-sized tensors, which costs no bytes).
+MAX_LORA_RANK = 1 << 16
+
+
+def lora_shape_issue(rank: int, in_features: int, out_features: int) -> str | None:
+    """Why one module's LoRA shapes (A [rank, in], B [out, rank]) cannot be a real adapter (None: they can).
+    The one owner of this rule: `servable_problems` (so the engine's registration) and `mlora validate`'s
+    `shapes` check both ask it."""
+    issues = []
+    if 0 in (rank, in_features, out_features):
+        issues.append(f"lora_A [{rank}, {in_features}] / lora_B [{out_features}, {rank}] are zero-sized "
+                      "(no base linear has 0 features): the file is corrupt or hostile")
+    if rank > MAX_LORA_RANK:
+        issues.append(f"rank {rank} is beyond the limit of {MAX_LORA_RANK} (LoRA ranks are about 4-256; "
+                      "no model's linears are that wide)")
+    return "; ".join(issues) or None
+
+
 # Slots built without the base weights cannot serve DoRA: its norm needs W0.
 DORA_UNSUPPORTED = "DoRA adapters need the base weights, and these LoRA slots were built without them"
 # Tensor dtypes an adapter file may hold (cast to the engine's lora dtype at load); anything else (int8, ...) is refused.
 SERVE_DTYPES = ("float32", "float16", "bfloat16", "float64")
+
+
+def dtype_issue(dtypes: Iterable[str]) -> str | None:
+    """Why LoRA tensors of these dtypes (torch names: "int8", "bool", "float8_e4m3fn", ...) cannot be
+    served or merged: only float tensors can (None: all are). `servable_problems` and `mlora merge` ask it;
+    validate's `dtype` check applies the same `SERVE_DTYPES`."""
+    bad = sorted({d for d in dtypes if d not in SERVE_DTYPES})
+    if not bad:
+        return None
+    return f"LoRA tensors of dtype {', '.join('torch.' + d for d in bad)} (quantised adapters must be dequantised first)"
 
 
 def config_reasons(config: AdapterConfig, keys: Iterable[str], *, allow_dora: bool) -> list[str]:
@@ -220,9 +265,14 @@ def servable_problems(adapter: Any, *, allow_dora: bool, target: SlotTarget | No
             if not (target is not None and is_dora and not target.dora and m == DORA_WARNING)]
     if not shapes:
         out.insert(0 if target is None else len(out), Problem("it has no LoRA on any decoder q/k/v/o/gate/up/down linear"))
-    ints = sorted({d for s in shapes.values() for d in s.dtypes if d not in SERVE_DTYPES})
-    if ints:
-        out.append(Problem(f"LoRA tensors of dtype {', '.join('torch.' + d for d in ints)} (quantised adapters must be dequantised first)"))
+    bad_dtype = dtype_issue(d for s in shapes.values() for d in s.dtypes)
+    if bad_dtype:
+        out.append(Problem(bad_dtype))
+    bad_shape = next(((key, msg) for key, s in shapes.items()
+                      if (msg := lora_shape_issue(s.rank, s.in_features, s.out_features))), None)
+    if bad_shape:  # the first offender says enough; the others are usually the same
+        (layer, module), msg = bad_shape
+        out.append(Problem(f"layer {layer} {module}: {msg}"))
     if target is not None:
         out += _slot_problems(shapes, target)
     return out

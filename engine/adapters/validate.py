@@ -19,7 +19,7 @@ from engine.adapters.files import WeightsFile, find_weights_file, read_adapter_c
 from engine.adapters.keys import parse_lora_key
 from engine.adapters.limits import MAX_LORA_GAIN, all_finite, lora_gain, module_value_issue
 from engine.adapters.loader import check_module_shapes
-from engine.adapters.servable import SERVE_DTYPES, servability_issues
+from engine.adapters.servable import SERVE_DTYPES, lora_shape_issue, servability_issues
 from engine.errors import AdapterError, MloraError
 
 STATUSES = ("pass", "warn", "fail")
@@ -197,6 +197,8 @@ def _check_shapes(report: ValidationReport, config: AdapterConfig, wf: WeightsFi
             continue  # reported by lora_pairs
         shapes = {role: wf.shape(k) for role, k in roles.items()}
         msg = check_module_shapes(config, p, shapes)
+        if not msg and (issue := lora_shape_issue(shapes["A"][0], shapes["A"][1], shapes["B"][0])):
+            msg = f"{p}: {issue}"  # the engine's registration refuses it too (servable_problems)
         if msg:
             problems.append(msg)
             continue

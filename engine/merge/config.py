@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from engine.config import dtype_name
-from engine.errors import ConfigError
+from engine.errors import ConfigError, UsageError
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -31,7 +31,7 @@ class AdapterSpec:
         if not str(self.path):
             raise ConfigError("an adapter path is empty")
         if not isinstance(self.weight, (int, float)) or isinstance(self.weight, bool) or not math.isfinite(self.weight):
-            raise ConfigError(f"adapter weight must be a finite number, got {self.weight!r}")
+            raise UsageError(f"--weight must be a finite number, got {self.weight!r}")
 
 
 @dataclass(frozen=True)
@@ -62,9 +62,9 @@ class MergeConfig:
             raise ConfigError("at least one adapter is required (--adapter)")
         dtype = dtype_name(self.dtype)
         if dtype not in DTYPES:
-            raise ConfigError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+            raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.tolerance is not None and not (math.isfinite(self.tolerance) and self.tolerance >= 0):
-            raise ConfigError(f"--tolerance must be a number >= 0, got {self.tolerance!r}")
+            raise UsageError(f"--tolerance must be a number >= 0, got {self.tolerance!r}")
         object.__setattr__(self, "adapters", specs)
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "out", Path(self.out))

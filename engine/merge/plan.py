@@ -19,7 +19,7 @@ from engine.adapters.files import (
 )
 from engine.adapters.keys import parse_lora_key, strip_prefix
 from engine.adapters.loader import check_module_shapes
-from engine.adapters.servable import _VARIANT_FIELDS
+from engine.adapters.servable import _VARIANT_FIELDS, dora_magnitude_issue, dtype_issue
 from engine.errors import AdapterError, ConfigError, MloraError
 from engine.merge.config import MergeConfig
 from engine.merge.keys import LM_HEAD, BaseKeys, full_tensor_target
@@ -104,7 +104,16 @@ def _open_adapter(path: str, weight: float) -> AdapterSource:
     if cfg.r <= 0 or any(v <= 0 for v in cfg.rank_pattern.values()):
         raise AdapterError(f"{adir}: r must be > 0 (r={cfg.r}, rank_pattern={cfg.rank_pattern})")
     _refuse_unsupported(cfg, adir)
-    return AdapterSource(path=adir, weight=float(weight), config=cfg, file=WeightsFile(find_weights_file(adir)))
+    wf = WeightsFile(find_weights_file(adir))
+    # What validate and the engine refuse for these two, merge refuses too (same rules, engine.adapters.servable):
+    # integer/bool/float8 LoRA tensors would be merged as if they were weights, and use_dora without a module's
+    # magnitude vector would be merged as plain LoRA.
+    lora_dtypes = (wf.meta[k].dtype for k in wf.keys() if parse_lora_key(k) is not None)
+    issue = dtype_issue(lora_dtypes) or dora_magnitude_issue(cfg, wf.keys())
+    if issue:
+        wf.close()
+        raise AdapterError(f"{adir}: {issue}")
+    return AdapterSource(path=adir, weight=float(weight), config=cfg, file=wf)
 
 
 def _mismatch(module: str, want: tuple[int, ...], got: tuple[int, ...]) -> AdapterError:

@@ -6,7 +6,10 @@ import json
 import shutil
 
 import pytest
+import torch
+from safetensors.torch import load_file, save_file
 
+from engine.adapters import validate_adapter
 from engine.merge import AdapterSpec, MergeConfig
 from engine.merge.plan import build_plan
 from engine.merge.verify import verify_merge
@@ -14,8 +17,8 @@ from tests.merge.conftest import hash_dir, run_cli
 from tests.tiny import build_peft_adapter, build_tiny_model
 
 
-def _one_line_error(code: int, err: str) -> str:
-    assert code == 1
+def _one_line_error(code: int, err: str, expected: int = 1) -> str:
+    assert code == expected, (code, err)
     assert "Traceback" not in err
     lines = [line for line in err.splitlines() if line.strip()]
     assert lines[0].startswith("error: ") and len(lines) <= 2
@@ -106,7 +109,7 @@ def test_positional_adapter_uses_its_base_and_json_summary(bases, tmp_path, caps
     assert s["seconds"] > 0 and s["peak_rss_bytes"] > 0
     assert s["adapters"] == [{"path": str(adapter), "weight": 1.0}] and s["base"] == str(bases["llama"])
     code, text, err = run_cli("-a", str(adapter), "-a", str(adapter), "-w", "1", "-o", str(tmp_path / "x"), capsys=capsys)
-    assert "2 adapter(s) but 1 --weight" in _one_line_error(code, err)
+    assert "2 adapter(s) but 1 --weight" in _one_line_error(code, err, expected=2)  # a usage error
 
 
 @pytest.mark.parametrize(
@@ -150,3 +153,32 @@ def test_readme_shorthand_merges_a_shipped_demo_adapter(tmp_path):
     llm = LLM(str(out), device="cpu", enable_lora=False)
     got = llm.generate(["hello world"], SamplingParams(max_tokens=16, temperature=0.0))
     assert got[0].outputs[0].text == "HELLO WORLD"
+
+
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [("int8", "LoRA tensors of dtype torch.int8 (quantised adapters must be dequantised first)"),
+     ("bool", "LoRA tensors of dtype torch.bool"),
+     ("float8_e4m3fn", "LoRA tensors of dtype torch.float8_e4m3fn"),
+     ("dora_no_magnitude", "use_dora is set but some modules have no lora_magnitude_vector"),
+     ("dora_one_magnitude_missing", "use_dora is set but some modules have no lora_magnitude_vector (model.layers.0.self_attn.q_proj)")],
+)  # fmt: skip
+def test_merge_refuses_what_validate_fails_as_unservable(bases, tmp_path, capsys, case, fragment) -> None:
+    """Integer/bool/F8 LoRA tensors were merged as if they were weights, and use_dora without magnitude vectors
+    was merged as plain LoRA; validate fails both. Merge refuses them by the same rule: exit 1, one line."""
+    dora = case.startswith("dora")
+    adapter = build_peft_adapter(bases["llama"], tmp_path / "a", r=4, use_dora=dora, target_modules=["q_proj", "v_proj"])
+    weights = adapter / "adapter_model.safetensors"
+    sd = load_file(str(weights))
+    if dora:
+        mags = sorted(k for k in sd if "lora_magnitude_vector" in k)
+        sd = {k: v for k, v in sd.items() if k not in (mags if case == "dora_no_magnitude" else mags[:1])}
+    else:
+        sd = {k: v.to(getattr(torch, case)) for k, v in sd.items()}
+    save_file(sd, str(weights), metadata={"format": "pt"})
+    assert not validate_adapter(adapter).valid  # validate fails it (dtype / servable)
+    out = tmp_path / "out"
+    code, _, err = run_cli("--base", str(bases["llama"]), "--adapter", str(adapter), "--out", str(out), capsys=capsys)
+    line = _one_line_error(code, err)
+    assert fragment in line and str(adapter) in line, line
+    assert not out.exists() and list(tmp_path.glob(".out*")) == []
