@@ -1,6 +1,9 @@
 """Fast torch path for the LoRA ops (the "cpu" backend; `auto` picks it for non-CUDA tensors).
 
-Same semantics as `kernels.shrink` / `kernels.expand`. Never gathers per-row weights (a
+Same semantics as `kernels.shrink` / `kernels.expand`. Decode-shaped steps (short adapter segments, bf16, or
+fp32 over several adapters, few torch threads) go first to `kernels.native`'s C++ loops when they are built
+(`kernels.tuning.cpu_native_wants`; `*_cpu_slices` hand a fused projection's slices over in one call); the
+torch paths below serve everything else, and everything when the loops are off or cannot be built. Never gathers per-row weights (a
 [T, R, K] copy would turn a weight read of N adapters into a T-adapter copy); instead, using
 the step's `LoraBatchMeta`:
 
