@@ -5,12 +5,12 @@ Pure Python (no torch) so the CLI can build and validate it cheaply.
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from engine.errors import ConfigError, UsageError
+from engine.numbers import finite_number
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -219,11 +219,9 @@ def positive_number(value: object, what: str, *, zero_ok: bool = False,
                     error: type[ConfigError] = ConfigError) -> float:
     """`value` as a float > 0 (>= 0 with `zero_ok`), or an `error` that names `what` (e.g. a weight);
     UsageError where the value is an option's (exit 2 on the command line)."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-    try:
-        ok = ok and math.isfinite(value)  # type: ignore[arg-type]
-    except OverflowError:  # an integer too large for a float (a client's 401 digits): not finite
-        ok, value = False, "a number with more than 300 digits"
+    ok = finite_number(value)
+    if not ok and isinstance(value, int) and not isinstance(value, bool):  # an int is only too large for a float
+        value = "a number with more than 300 digits"
     if not ok or not (value >= 0 if zero_ok else value > 0):  # type: ignore[operator]
         raise error(f"{what} must be a number {'>= 0' if zero_ok else '> 0'}, got {value!r}")
     return float(value)  # type: ignore[arg-type]

@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 from engine.errors import ConfigError
+from engine.numbers import finite_number
 
 
 # The sampler applies repetition_penalty to fp32 logits: vLLM's rule (> 0, finite) must hold in fp32 too,
 # or a 1e-300 becomes 0 there (x / 0) and a 1e300 becomes inf (0 * inf = NaN).
 FP32_MAX = 3.4028234663852886e38
 FP32_MIN_PENALTY = 2.0**-149  # the smallest positive float32; anything at or below 2**-150 rounds to 0
-
-
-def _finite(v: int | float) -> bool:
-    """False for NaN, infinities and integers too large for a float (math.isfinite raises OverflowError on those)."""
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
 
 
 @dataclass
@@ -86,7 +78,7 @@ class SamplingParams:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)):
                 raise ConfigError(f"{name} must be a number, got {v!r}", param=name)
-            if not _finite(v):
+            if not finite_number(v):
                 raise ConfigError(f"{name} must be a finite number", param=name)
         for name in ("top_k", "max_tokens", "min_tokens"):
             v = getattr(self, name)
@@ -127,7 +119,7 @@ class SamplingParams:
                     tok = int(k)  # JSON object keys arrive as strings
                 except (TypeError, ValueError):
                     raise ConfigError(f"logit_bias keys must be token ids, got {k!r}", param="logit_bias") from None
-                if isinstance(v, bool) or not isinstance(v, (int, float)) or not _finite(v):
+                if not finite_number(v):
                     raise ConfigError(f"logit_bias values must be finite numbers (token {tok})", param="logit_bias")
                 bias[tok] = min(100.0, max(-100.0, float(v)))  # as vLLM: clamped to OpenAI's [-100, 100]
             self.logit_bias = bias

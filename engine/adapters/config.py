@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 from engine.planning.budget import LORA_MODULES
 from engine.errors import AdapterError
+from engine.numbers import finite_number
 
 # The linear layers of a Llama-family decoder layer that the engine serves LoRA on (budget's list).
 SERVABLE_MODULES: tuple[str, ...] = LORA_MODULES
@@ -159,16 +160,6 @@ def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_num(v: Any) -> bool:
-    """A finite int or float that fits a float (a 400-digit integer does not: alpha / r would overflow)."""
-    if not isinstance(v, (int, float)) or isinstance(v, bool):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:
-        return False
-
-
 def _str_list(raw: Mapping[str, Any], name: str, *, allow_str: bool) -> tuple[str, ...] | str | None:
     v = raw.get(name)
     if v is None:
@@ -200,7 +191,7 @@ def _pattern(raw: Mapping[str, Any], name: str, *, ints: bool) -> dict:
     if not isinstance(v, dict):
         raise _bad(name, "an object mapping module-name patterns to numbers", v)
     for k, x in v.items():
-        if not (_is_int(x) if ints else _is_num(x)):
+        if not (_is_int(x) if ints else finite_number(x)):
             raise _bad(f"{name}[{k!r}]", "an integer" if ints else "a number", x)
         try:
             re.compile(k)
@@ -233,7 +224,7 @@ def parse_adapter_config(raw: Any) -> AdapterConfig:
         raise AdapterError(f"adapter_config.json: peft_type is {peft_type!r}; mlora serves only LoRA adapters (peft_type 'LORA')")
     if not _is_int(raw["r"]):
         raise _bad("r", "an integer", raw["r"])
-    if not _is_num(raw["lora_alpha"]):
+    if not finite_number(raw["lora_alpha"]):
         raise _bad("lora_alpha", "a number", raw["lora_alpha"])
     ltt = raw.get("layers_to_transform")
     if ltt is not None:

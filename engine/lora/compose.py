@@ -9,11 +9,11 @@ Aliases (`--lora-compose NAME=a:0.7,b:0.5`) resolve to such a tuple before the e
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
 from engine.errors import ConfigError
+from engine.numbers import finite_number
 
 DEFAULT_MAX_COMPONENTS = 4  # K: (lora_slot, weight) pairs one request may carry
 # |w_i| at most this. A weight multiplies its adapter's delta: the adapter's own numbers are held to a LoRA
@@ -88,14 +88,10 @@ def normalize(value: Any, *, max_components: int | None = DEFAULT_MAX_COMPONENTS
 
 def _weight(name: str, weight: Any) -> float:
     """`weight` as a float in [-MAX_WEIGHT, MAX_WEIGHT], or a ConfigError naming the adapter."""
-    ok = isinstance(weight, (int, float)) and not isinstance(weight, bool)
-    try:
-        ok = ok and math.isfinite(weight)
-    except OverflowError:  # an integer too large for a float (a client's 401 digits): not finite
-        raise ConfigError(f"the weight of adapter {name!r} must be a finite number, got a number with more "
-                          "than 300 digits") from None
-    if not ok:
-        raise ConfigError(f"the weight of adapter {name!r} must be a finite number, got {weight!r}")
+    if not finite_number(weight):
+        got = ("a number with more than 300 digits" if isinstance(weight, int) and not isinstance(weight, bool)
+               else repr(weight))  # an int is only too large for a float
+        raise ConfigError(f"the weight of adapter {name!r} must be a finite number, got {got}")
     if not abs(weight) <= MAX_WEIGHT:
         raise ConfigError(f"the weight of adapter {name!r} must be between {-MAX_WEIGHT:g} and {MAX_WEIGHT:g}, "
                           f"got {weight:.6g}", hint="a weight scales the adapter's delta; trained adapters are "

@@ -18,6 +18,7 @@ from typing import Any
 
 from engine.config import ADAPTER_NAME_RULE, valid_adapter_name  # noqa: F401 - the wire format names them
 from engine.errors import ConfigError
+from engine.numbers import finite_number
 from engine.outputs import Logprob, RequestOutput, TokenLogprob
 from engine.sampling_params import SamplingParams
 
@@ -108,13 +109,9 @@ def _opt_num(body: dict[str, Any], key: str) -> float | None:
     value = _opt(body, key, (int, float), "a number")
     if value is None:
         return None
-    try:
-        out = float(value)
-    except OverflowError:
-        out = math.inf
-    if not math.isfinite(out):
+    if not finite_number(value):
         raise bad(f"'{key}' must be a finite number", key)
-    return out
+    return float(value)
 
 
 def _opt_bool(body: dict[str, Any], key: str, default: bool = False) -> bool:
